@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""snapbench: latency and throughput of Snapshots API calls on four targets, in one run.
+
+Targets, each started on a fresh temp root under /tmp:
+  (a) ours        our daemon's socket, called directly;
+  (b) go          the original Go program's socket, called directly;
+  (c) ctrd/ovl    containerd's built-in `overlayfs` snapshotter through containerd's socket;
+  (d) ctrd/ours   our daemon (a second instance) as containerd's proxy plugin, through containerd.
+(c) and (d) send the gRPC metadata `containerd-namespace` and `containerd-lease`: the lease keeps
+containerd's garbage collector from deleting the benchmark's snapshots. The Leases stubs are
+generated at run time from bench/leases.proto with grpc_tools.protoc into a temp dir.
+
+One synchronous gRPC client class (one channel per target) runs the same workload on every
+target, one call at a time. Op by op: set up every target, warm up every target, then run the N
+timed iterations (time.perf_counter around the calls named below) in 8 rounds interleaved over
+the targets, the order rotating each round, so drift does not favour one target. Keys are unique
+per run. The workload:
+  list-100, list-1000  List of the whole store when it holds exactly 100, then 1000 committed
+                       snapshots (run first on empty stores; the count is checked every time).
+                       These snapshots stay for the later ops.
+  stat                 Stat of a committed snapshot.
+  mounts               Mounts of an active snapshot with 3 committed parents.
+  prepare+remove       Prepare an active snapshot on a committed parent, then Remove it (timed together).
+  commit               Commit of an empty active snapshot (its Prepare is not timed).
+  chain-10x50          One chain of 10 layers: per layer Prepare on the previous layer, `mount` the
+                       returned mounts, write 50 small files, `umount`, Commit (time per chain).
+Reports ops/s (N / total timed seconds), p50 and p99 latency, the throughput ratios (a)/(b) and
+(d)/(c), and VmRSS/VmHWM of the daemons after the run. Needs root (mount, containerd).
+
+Usage: python3 bench/snapbench.py [--quick] [--json OUT] [--go-bin PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+from grpc_tools import protoc
+
+from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd
+
+HERE = Path(__file__).resolve().parent
+GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
+SOCKET_NAME = "grpc.socks"
+NAMESPACE = "snapbench"
+FILES_PER_LAYER = 50
+LAYERS_PER_CHAIN = 10
+MOUNTS_PARENTS = 3
+LIST_SIZES = (100, 1000)
+ROUNDS = 8
+
+
+# --- workload sizes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Timed iterations per op; the warm-up is a tenth of it (at least 1, at most 50)."""
+
+    stat: int
+    mounts: int
+    prepare_remove: int
+    list_small: int
+    list_large: int
+    commit: int
+    chain: int
+
+    @staticmethod
+    def warmup(n: int) -> int:
+        return min(50, max(1, n // 10))
+
+
+FULL = Sizes(stat=2000, mounts=2000, prepare_remove=500, list_small=200, list_large=40, commit=500, chain=10)
+QUICK = Sizes(stat=100, mounts=100, prepare_remove=30, list_small=10, list_large=3, commit=30, chain=1)
+
+
+# --- client -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    """The one client used for every target: thin synchronous wrappers over the Snapshots stub."""
+
+    channel: grpc.Channel
+    snapshotter: str
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.stub = snapshots_pb2_grpc.SnapshotsStub(self.channel)
+
+    def prepare(self, key: str, parent: str = "") -> Sequence[mount_pb2.Mount]:
+        req = pb.PrepareSnapshotRequest(snapshotter=self.snapshotter, key=key, parent=parent)
+        return self.stub.Prepare(req, metadata=self.metadata).mounts
+
+    def commit(self, name: str, key: str) -> None:
+        self.stub.Commit(pb.CommitSnapshotRequest(snapshotter=self.snapshotter, name=name, key=key),
+                         metadata=self.metadata)
+
+    def remove(self, key: str) -> None:
+        self.stub.Remove(pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self.metadata)
+
+    def stat(self, key: str) -> pb.Info:
+        return self.stub.Stat(pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key),
+                              metadata=self.metadata).info
+
+    def mounts(self, key: str) -> Sequence[mount_pb2.Mount]:
+        return self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self.metadata).mounts
+
+    def count(self) -> int:
+        """List every snapshot; returns how many came back."""
+        req = pb.ListSnapshotsRequest(snapshotter=self.snapshotter)
+        return sum(len(resp.info) for resp in self.stub.List(req, metadata=self.metadata))
+
+    def committed(self, name: str, parent: str = "") -> str:
+        """Prepare `name`-active on `parent` and commit it as `name`; returns `name`."""
+        self.prepare(f"{name}-active", parent)
+        self.commit(name, f"{name}-active")
+        return name
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    label: str  # a, b, c, d
+    name: str
+    client: Client
+    pid: int  # the process whose memory is reported
+    process: str  # what that process is
+
+
+@dataclass
+class Daemon:
+    """A snapshotter process serving on root/grpc.socks."""
+
+    command: list[str]
+    root: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.root / SOCKET_NAME
+
+    @property
+    def log_path(self) -> Path:
+        return self.root.with_suffix(".log")
+
+    def start(self, timeout: float = 30) -> "Daemon":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*self.command, "--root-dir", str(self.root)], stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self.socket.exists():
+                with grpc.insecure_channel(f"unix://{self.socket}") as ch:
+                    try:
+                        grpc.channel_ready_future(ch).result(timeout=0.5)
+                        return self
+                    except grpc.FutureTimeoutError:
+                        pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.command[0]} did not serve on {self.socket}:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def leases_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
+    """Generate and import the Python stubs of bench/leases.proto."""
+    args = ["protoc", f"-I{HERE}", f"--python_out={out}", f"--grpc_python_out={out}", str(HERE / "leases.proto")]
+    if protoc.main(args) != 0:
+        raise RuntimeError("grpc_tools.protoc failed on bench/leases.proto")
+    sys.path.insert(0, str(out))
+    return importlib.import_module("leases_pb2"), importlib.import_module("leases_pb2_grpc")
+
+
+def through_containerd(channel: grpc.Channel, snapshotter: str, namespace: str, leases: tuple[ModuleType, ModuleType]) -> Client:
+    """A client for `snapshotter` in containerd `namespace`, holding a fresh lease there."""
+    leases_pb2, leases_pb2_grpc = leases
+    ns = (("containerd-namespace", namespace),)
+    lease = leases_pb2_grpc.LeasesStub(channel).Create(leases_pb2.CreateRequest(id=f"{namespace}-lease"), metadata=ns)
+    return Client(channel, snapshotter, (*ns, ("containerd-lease", lease.lease.id)))
+
+
+@contextmanager
+def targets(work: Path, go_bin: Path, run_id: str) -> Iterator[list[Target]]:
+    """Start the three snapshotter processes and containerd; yield the four targets; stop all."""
+    ours_cmd = [sys.executable, "-m", "addlower.cli"]
+    with ExitStack() as stack:
+        ours = stack.enter_context(_running(Daemon(ours_cmd, work / "ours")))
+        go = stack.enter_context(_running(Daemon([str(go_bin)], work / "go")))
+        proxied = stack.enter_context(_running(Daemon(ours_cmd, work / "proxied")))
+        ctrd = stack.enter_context(PrivateContainerd(work / "ctrd", proxy_plugins={PROXY_PLUGIN: proxied.socket}))
+        channels = [stack.enter_context(grpc.insecure_channel(f"unix://{path}"))
+                    for path in (ours.socket, go.socket, ctrd.address)]
+        leases = leases_stubs(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work))))
+        assert ctrd.proc is not None and ours.proc is not None and go.proc is not None and proxied.proc is not None
+        yield [
+            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
+            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
+            Target("c", "ctrd/ovl", through_containerd(channels[2], "overlayfs", f"{NAMESPACE}-{run_id}-c", leases),
+                   ctrd.proc.pid, "containerd (serves c and d)"),
+            Target("d", "ctrd/ours", through_containerd(channels[2], PROXY_PLUGIN, f"{NAMESPACE}-{run_id}-d", leases),
+                   proxied.proc.pid, "our daemon as proxy plugin"),
+        ]
+
+
+@contextmanager
+def _running(daemon: Daemon) -> Iterator[Daemon]:
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# --- ops --------------------------------------------------------------------------------------
+
+
+Step = Callable[[str], float]  # one iteration; gets a unique tag, returns the seconds it timed
+
+
+def timed(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+@dataclass
+class Workload:
+    """The ops for one target's client. Each op method creates its fixtures and returns its Step.
+
+    `prefix` makes keys unique per run and per target.
+    """
+
+    client: Client
+    prefix: str
+    mountpoint: Path
+    stored: int = 0  # committed snapshots created by the list ops
+
+    def key(self, *parts: str) -> str:
+        return "-".join((self.prefix, *parts))
+
+    def list_all(self, size: int) -> Step:
+        while self.stored < size:
+            self.client.committed(self.key("list", str(self.stored)))
+            self.stored += 1
+
+        def step(_: str) -> float:
+            start = time.perf_counter()
+            count = self.client.count()
+            elapsed = time.perf_counter() - start
+            if count != size:
+                raise RuntimeError(f"List returned {count} snapshots, expected {size}")
+            return elapsed
+
+        return step
+
+    def stat(self) -> Step:
+        name = self.client.committed(self.key("stat"))
+        return lambda _: timed(lambda: self.client.stat(name))
+
+    def mounts(self) -> Step:
+        parent = ""
+        for i in range(MOUNTS_PARENTS):
+            parent = self.client.committed(self.key("mounts", f"p{i}"), parent)
+        active = self.key("mounts", "active")
+        self.client.prepare(active, parent)
+        return lambda _: timed(lambda: self.client.mounts(active))
+
+    def prepare_remove(self) -> Step:
+        parent = self.client.committed(self.key("prm", "parent"))
+
+        def step(tag: str) -> float:
+            key = self.key("prm", tag)
+            return timed(lambda: (self.client.prepare(key, parent), self.client.remove(key)))
+
+        return step
+
+    def commit(self) -> Step:
+        def step(tag: str) -> float:
+            key = self.key("commit", tag)
+            self.client.prepare(f"{key}-active")
+            return timed(lambda: self.client.commit(key, f"{key}-active"))
+
+        return step
+
+    def chain(self) -> Step:
+        return lambda tag: timed(lambda: self._one_chain(tag))
+
+    def _one_chain(self, tag: str) -> None:
+        parent = ""
+        for layer in range(LAYERS_PER_CHAIN):
+            name = self.key("chain", tag, str(layer))
+            mounts = self.client.prepare(f"{name}-active", parent)
+            with mounted(mounts, self.mountpoint):
+                for i in range(FILES_PER_LAYER):
+                    (self.mountpoint / f"l{layer}-f{i}").write_bytes(b"snapbench %d %d\n" % (layer, i))
+            self.client.commit(name, f"{name}-active")
+            parent = name
+
+
+@contextmanager
+def mounted(mounts: Sequence[mount_pb2.Mount], target: Path) -> Iterator[None]:
+    """Mount the one mount a snapshotter returns for an active snapshot (overlay or bind) on `target`."""
+    (m,) = mounts
+    type_args = [] if m.type == "bind" else ["-t", m.type]
+    subprocess.run(["mount", *type_args, "-o", ",".join(m.options), m.source, str(target)],
+                   check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(target)], check=True, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    iterations: Callable[[Sizes], int]
+    setup: Callable[[Workload], Step]
+
+    def run(self, loads: dict[str, Workload], sizes: Sizes) -> dict[str, list[float]]:
+        """Set up and warm up every target, then time the iterations in ROUNDS interleaved rounds.
+
+        Each round runs a slice of the iterations on every target, the target order rotating by
+        one per round, so drift (page cache, journal, containerd's GC) spreads over all targets.
+        """
+        n = self.iterations(sizes)
+        steps = {label: self.setup(load) for label, load in loads.items()}
+        for step in steps.values():
+            for i in range(Sizes.warmup(n)):
+                step(f"w{i}")
+        samples: dict[str, list[float]] = {label: [] for label in steps}
+        labels = list(steps)
+        for r in range(ROUNDS):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                samples[label] += [steps[label](str(i)) for i in range(r * n // ROUNDS, (r + 1) * n // ROUNDS)]
+        return samples
+
+
+OPS = (
+    Op("list-100", lambda s: s.list_small, lambda w: w.list_all(LIST_SIZES[0])),
+    Op("list-1000", lambda s: s.list_large, lambda w: w.list_all(LIST_SIZES[1])),
+    Op("stat", lambda s: s.stat, Workload.stat),
+    Op("mounts", lambda s: s.mounts, Workload.mounts),
+    Op("prepare+remove", lambda s: s.prepare_remove, Workload.prepare_remove),
+    Op("commit", lambda s: s.commit, Workload.commit),
+    Op(f"chain-{LAYERS_PER_CHAIN}x{FILES_PER_LAYER}", lambda s: s.chain, Workload.chain),
+)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    op: str
+    target: str
+    n: int
+    ops_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+    @staticmethod
+    def of(op: str, target: str, samples: list[float]) -> "Result":
+        ordered = sorted(samples)
+
+        def pct(p: float) -> float:  # nearest-rank percentile, in ms
+            return ordered[max(0, math.ceil(len(ordered) * p / 100) - 1)] * 1000
+
+        return Result(op, target, len(samples), len(samples) / sum(samples), pct(50), pct(99))
+
+
+@dataclass
+class Report:
+    sizes: Sizes
+    results: list[Result] = field(default_factory=list)
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # op -> {"a/b": x, "d/c": y}
+    memory_kib: dict[str, dict[str, int]] = field(default_factory=dict)  # "a: process" -> VmRSS, VmHWM
+    environment: dict[str, str] = field(default_factory=dict)
+
+    def add_ratios(self) -> None:
+        by = {(r.op, r.target): r.ops_per_s for r in self.results}
+        for op in dict.fromkeys(r.op for r in self.results):
+            self.ratios[op] = {"a/b": by[op, "a"] / by[op, "b"], "d/c": by[op, "d"] / by[op, "c"]}
+
+    def render(self, names: dict[str, str]) -> str:
+        lines = [f"{'op':<16}{'target':<14}{'n':>6}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+        for r in self.results:
+            lines.append(f"{r.op:<16}{r.target + ' ' + names[r.target]:<14}{r.n:>6}{r.ops_per_s:>10.1f}"
+                         f"{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}")
+        lines += ["", f"{'throughput ratio':<16}{'(a)/(b)':>9}{'(d)/(c)':>9}"]
+        lines += [f"{op:<16}{x['a/b']:>9.2f}{x['d/c']:>9.2f}" for op, x in self.ratios.items()]
+        lines += ["", "memory after the run, KiB: VmRSS (VmHWM = peak)"]
+        lines += [f"  {p:<36}{m['VmRSS']:>8} ({m['VmHWM']})" for p, m in self.memory_kib.items()]
+        return "\n".join(lines)
+
+
+def environment() -> dict[str, str]:
+    ctrd = subprocess.run(["containerd", "--version"], capture_output=True, text=True).stdout.strip()
+    return {"python": platform.python_version(), "grpcio": grpc.__version__, "containerd": ctrd,
+            "kernel": platform.release(), "cpus": str(os.cpu_count())}
+
+
+def bench(sizes: Sizes, go_bin: Path) -> tuple[Report, dict[str, str]]:
+    run_id = uuid.uuid4().hex[:8]
+    report = Report(sizes, environment=environment())
+    work = Path(tempfile.mkdtemp(prefix="snapbench-", dir="/tmp"))
+    try:
+        with targets(work, go_bin, run_id) as tgts:
+            loads = {}
+            for t in tgts:
+                (work / f"mnt-{t.label}").mkdir()
+                loads[t.label] = Workload(t.client, f"sb{run_id}{t.label}", work / f"mnt-{t.label}")
+            for op in OPS:
+                print(f"  {op.name} ...", file=sys.stderr, flush=True)
+                report.results += [Result.of(op.name, label, samples) for label, samples in op.run(loads, sizes).items()]
+            report.memory_kib = {f"{t.label}: {t.process}": memory_kib(t.pid) for t in tgts}
+            names = {t.label: t.name for t in tgts}
+    finally:
+        shutil.rmtree(work)
+    report.add_ratios()
+    return report, names
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small N, a smoke check (< 1 min)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--go-bin", type=Path, default=GO_BIN,
+                        help=f"the original Go program (default {GO_BIN}; build: bash /work/shared/peers/seedsnap/build.sh)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        parser.error("needs root (mount, containerd)")
+    if not args.go_bin.exists():
+        parser.error(f"{args.go_bin} is missing; build it with bash /work/shared/peers/seedsnap/build.sh")
+    report, names = bench(QUICK if args.quick else FULL, args.go_bin)
+    print(report.render(names))
+    if args.json:
+        args.json.write_text(json.dumps({**asdict(report), "targets": names}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install what addlower and its tests need on a Debian machine, as root: containerd, runc and a
+# static busybox from Debian, then this project (editable) with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq containerd runc busybox-static >/dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -1,0 +1,191 @@
+"""Fixtures for end-to-end tests: a real containerd driving our daemon through `ctr`.
+
+Every test that takes `target` runs twice: against containerd's built-in `overlayfs` (the
+reference our snapshotter must match) and against our daemon as the proxy plugin. Tests see the
+system as a user does (`ctr` output, directories on disk), never the daemon's internals.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from addlower import ociimage
+from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd
+from tests.support.daemon import Daemon
+
+BUILTIN = "overlayfs"
+REQUIRED_BINARIES = ("containerd", "ctr", "runc")
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    """One line of `ctr snapshots ls`."""
+
+    key: str
+    parent: str
+    kind: str
+
+
+@dataclass
+class Target:
+    """A snapshotter as a user reaches it: by name through a containerd, with snapshot dirs on disk."""
+
+    containerd: PrivateContainerd
+    snapshotter: str
+    snapshots_dir: Path
+    daemon: Daemon | None = None
+
+    def ctr(self, *args: str, namespace: str) -> subprocess.CompletedProcess[str]:
+        return self.containerd.ctr(*args, namespace=namespace)
+
+    def snapshots_ctr(self, *args: str, namespace: str) -> subprocess.CompletedProcess[str]:
+        """`ctr snapshots --snapshotter <ours or the built-in> *args`."""
+        return self.ctr("snapshots", "--snapshotter", self.snapshotter, *args, namespace=namespace)
+
+    def run(
+        self, image: str, container_id: str, *command: str, namespace: str, rm: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """`ctr run` on this snapshotter; raises CtrError if it failed."""
+        return self.containerd.run(
+            image, container_id, *command, namespace=namespace, rm=rm, snapshotter=self.snapshotter
+        )
+
+    def import_image(self, image: ociimage.OciImage, namespace: str) -> None:
+        self.ctr("images", "import", "--snapshotter", self.snapshotter, str(image.path), namespace=namespace)
+
+    def snapshots(self, namespace: str) -> dict[str, SnapshotRow]:
+        """`ctr snapshots ls`, keyed by snapshot key; the PARENT column is blank for base layers."""
+        out = self.snapshots_ctr("ls", namespace=namespace).stdout
+        rows = {}
+        for line in out.splitlines()[1:]:
+            fields = line.split()
+            key, parent, kind = fields if len(fields) == 3 else (fields[0], "", fields[1])
+            rows[key] = SnapshotRow(key, parent, kind)
+        return rows
+
+    def upperdir(self, key: str, namespace: str) -> Path:
+        """The upper dir named by the mount `ctr snapshots mounts` prints for an active snapshot."""
+        out = self.snapshots_ctr("mounts", "/mnt", key, namespace=namespace).stdout
+        match = re.search(r"upperdir=([^,\s]+)", out)
+        assert match, f"no upperdir in mounts of {key}: {out!r}"
+        return Path(match.group(1))
+
+    def snapshot_dirs(self) -> list[str]:
+        return sorted(os.listdir(self.snapshots_dir)) if self.snapshots_dir.exists() else []
+
+    def logs(self) -> dict[str, str]:
+        logs = {"containerd log": self.containerd.log_tail(200)}
+        if self.daemon:
+            logs["daemon log"] = "\n".join(self.daemon.log().splitlines()[-200:])
+        return logs
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    missing = [b for b in REQUIRED_BINARIES if shutil.which(b) is None]
+    reason = "needs root" if os.geteuid() != 0 else f"missing {', '.join(missing)}" if missing else ""
+    if not ociimage.BUSYBOX.exists():
+        reason = reason or f"missing {ociimage.BUSYBOX} (apt-get install busybox-static)"
+    if reason:
+        for item in items:
+            if item.get_closest_marker("e2e"):
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """On failure, attach the tails of containerd's and the daemon's logs to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            if isinstance(value, Target):
+                for title, text in value.logs().items():
+                    report.sections.append((f"{title} ({value.snapshotter})", text))
+
+
+def private_containerd(workdir: Path, daemon_root: Path) -> PrivateContainerd:
+    """A containerd that knows our daemon (which may start later: proxies are dialled lazily)."""
+    return PrivateContainerd(workdir, proxy_plugins={PROXY_PLUGIN: Daemon(root=daemon_root).socket})
+
+
+def builtin_snapshots_dir(containerd: PrivateContainerd) -> Path:
+    return containerd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+
+
+@contextmanager
+def running_target(workdir: Path, builtin: bool, daemon_args: Sequence[str] = ()) -> Iterator[Target]:
+    """A containerd of its own and, unless `builtin`, a daemon of its own with `daemon_args`."""
+    daemon_root = workdir / "snapshotter"
+    with private_containerd(workdir / "containerd", daemon_root) as containerd:
+        if builtin:
+            yield Target(containerd, BUILTIN, builtin_snapshots_dir(containerd))
+            return
+        daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
+        try:
+            yield Target(containerd, PROXY_PLUGIN, daemon_root / "snapshots", daemon)
+        finally:
+            containerd.stop()  # before the daemon, so nothing calls a dead proxy
+            daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def busybox_image(e2e_dir: Path) -> ociimage.OciImage:
+    return ociimage.build_busybox_image(e2e_dir / "images" / "busybox.tar")
+
+
+@pytest.fixture(scope="session")
+def daemon(e2e_dir: Path) -> Iterator[Daemon]:
+    """Our daemon for the whole session, with default flags."""
+    daemon = Daemon(root=e2e_dir / "snapshotter").start()
+    yield daemon
+    daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def containerd(e2e_dir: Path) -> Iterator[PrivateContainerd]:
+    """The session's containerd; serves both the built-in overlayfs and our proxy plugin."""
+    with private_containerd(e2e_dir / "containerd", e2e_dir / "snapshotter") as containerd:
+        yield containerd
+
+
+@pytest.fixture(scope="session", params=[BUILTIN, "ours"])
+def target(request: pytest.FixtureRequest, containerd: PrivateContainerd) -> Target:
+    """The session containerd with one snapshotter selected: the built-in reference, then ours."""
+    if request.param == BUILTIN:
+        return Target(containerd, BUILTIN, builtin_snapshots_dir(containerd))
+    daemon = request.getfixturevalue("daemon")
+    return Target(containerd, PROXY_PLUGIN, daemon.root / "snapshots", daemon)
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    """A containerd namespace of the test's own, so tests sharing a containerd do not meet."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param((True, ()), id=BUILTIN),
+        pytest.param((False, ()), id="ours"),
+        pytest.param((False, ("--async-remove=false",)), id="ours-sync-remove"),
+    ]
+)
+def fresh_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A target nobody else uses, for tests that check what is left on disk afterwards."""
+    builtin, daemon_args = request.param
+    with running_target(tmp_path_factory.mktemp("fresh"), builtin, daemon_args) as target:
+        yield target

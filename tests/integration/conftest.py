@@ -1,0 +1,37 @@
+"""Fixtures for integration tests: a real daemon process on a temp root, and a client for it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.support.client import SnapshotsClient
+from tests.support.daemon import Daemon
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.root)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root():
+    if os.geteuid() != 0:
+        pytest.fail("integration tests need root (real overlay mounts)")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(root=tmp_path / "root").start()
+    yield d
+    d.kill()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[SnapshotsClient]:
+    with daemon.channel() as channel:
+        yield SnapshotsClient(channel)

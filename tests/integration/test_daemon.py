@@ -1,0 +1,167 @@
+"""The daemon as an operator meets it: flags, socket handling, start-up failures, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.support.client import SnapshotsClient
+from tests.support.daemon import Daemon
+
+CMD = [sys.executable, "-m", "addlower.cli"]
+
+
+def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([*CMD, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_socket_is_created_with_mode_0660_and_startup_line_names_everything(daemon: Daemon):
+    mode = stat.S_IMODE(os.stat(daemon.socket).st_mode)
+    assert mode == 0o660
+    line = next(l for l in daemon.log().splitlines() if "serving" in l)
+    for part in ("addlower 0.", f"root={daemon.root}", f"socket={daemon.socket}", "async_remove=True"):
+        assert part in line
+
+
+def test_sigterm_exits_zero_and_removes_the_socket(daemon: Daemon):
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert not daemon.socket.exists()
+
+
+def test_sigint_exits_zero(daemon: Daemon):
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def test_in_flight_call_finishes_after_sigterm(daemon: Daemon, client: SnapshotsClient):
+    client.prepare("big")
+    root_fs = daemon.root / "snapshots" / "1" / "fs"
+    for i in range(200):
+        d = root_fs / f"d{i}"
+        d.mkdir()
+        for j in range(100):
+            (d / str(j)).touch()
+    result: dict[str, object] = {}
+    started = threading.Event()
+
+    def call() -> None:
+        started.set()
+        result["usage"] = client.usage("big")
+
+    t = threading.Thread(target=call)
+    t.start()
+    started.wait()
+    daemon.proc.send_signal(signal.SIGTERM)
+    t.join(timeout=30)
+    assert result["usage"].inodes == 1 + 200 + 200 * 100
+    assert daemon.proc.wait(timeout=30) == 0
+
+
+def test_stale_socket_file_is_replaced(tmp_path: Path):
+    root = tmp_path / "root"
+    root.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(root / "grpc.socks"))
+    stale.close()  # the file stays, nobody listens
+    d = Daemon(root=root).start()
+    try:
+        with d.channel() as ch:
+            assert SnapshotsClient(ch).list() == []
+    finally:
+        d.kill()
+
+
+def test_socket_held_by_a_live_daemon_is_not_taken(daemon: Daemon):
+    second = run_cli("--root-dir", str(daemon.root))
+    assert second.returncode != 0
+    assert "another process is serving" in second.stderr
+    with daemon.channel() as ch:  # the first one still serves
+        assert SnapshotsClient(ch).list() == []
+
+
+def test_listen_failure_exits_nonzero_with_a_message(tmp_path: Path):
+    bad = tmp_path / "not-a-socket"
+    bad.write_text("x")
+    r = run_cli("--root-dir", str(tmp_path / "root"), "--address", str(bad))
+    assert r.returncode != 0
+    assert f"cannot listen on {bad}" in r.stderr
+
+
+def test_unusable_root_exits_nonzero_with_a_message(tmp_path: Path):
+    root = tmp_path / "file-not-dir"
+    root.write_text("x")
+    r = run_cli("--root-dir", str(root))
+    assert r.returncode != 0
+    assert f"root {root} is unusable" in r.stderr
+
+
+def test_read_only_root_is_refused(tmp_path: Path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(ro)], check=True)
+    try:
+        r = run_cli("--root-dir", str(ro / "root"))
+        assert r.returncode != 0
+        assert "is unusable" in r.stderr and "Read-only file system" in r.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_address_flag_moves_the_socket(tmp_path: Path):
+    sock = tmp_path / "elsewhere" / "snap.sock"
+    proc = subprocess.Popen([*CMD, "--root-dir", str(tmp_path / "root"), "--address", str(sock)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=15)
+            assert SnapshotsClient(ch).list() == []
+        assert not (tmp_path / "root" / "grpc.socks").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+@pytest.mark.parametrize("flag", ["--async-remove=false", "-async-remove=false"])
+def test_async_remove_false_deletes_at_once(tmp_path: Path, flag: str):
+    d = Daemon(root=tmp_path / "root", args=[flag]).start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            c.prepare("a")
+            assert (d.root / "snapshots" / "1").is_dir()
+            c.remove("a")
+            assert os.listdir(d.root / "snapshots") == []
+        assert "async_remove=False" in d.log()
+    finally:
+        d.kill()
+
+
+def test_version_and_help():
+    v = run_cli("--version")
+    assert v.returncode == 0 and "0." in v.stdout
+    h = run_cli("--help")
+    assert h.returncode == 0
+    assert "Defer deleting removed snapshots" in h.stdout  # --async-remove's own help, not swapped
+    assert "overlay.upperdir" in h.stdout
+
+
+def test_admin_serve_runs_the_same_daemon(tmp_path: Path):
+    root = tmp_path / "root"
+    proc = subprocess.Popen(["addlower", "serve", "--root-dir", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with grpc.insecure_channel(f"unix://{root}/grpc.socks") as ch:
+            grpc.channel_ready_future(ch).result(timeout=15)
+            SnapshotsClient(ch).prepare("x")
+        assert (root / "snapshots" / "1" / "fs").is_dir()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0

@@ -1,0 +1,50 @@
+"""Mount computation for every case of containerd's overlayfs snapshotter."""
+
+from pathlib import PurePosixPath
+
+import pytest
+
+from addlower.mounts import Kind, Layout, Mount, compute_mounts
+
+L = Layout(PurePosixPath("/r"))
+
+
+def test_active_without_parent_is_rw_bind_of_own_fs():
+    assert compute_mounts(L, Kind.ACTIVE, 7, ()) == [Mount("bind", "/r/snapshots/7/fs", ("rw", "rbind"))]
+
+
+def test_view_without_parent_is_ro_bind_of_own_fs():
+    assert compute_mounts(L, Kind.VIEW, 7, ()) == [Mount("bind", "/r/snapshots/7/fs", ("ro", "rbind"))]
+
+
+def test_view_of_one_layer_binds_the_parent_read_only():
+    assert compute_mounts(L, Kind.VIEW, 7, (3,), ("index=off",)) == [
+        Mount("bind", "/r/snapshots/3/fs", ("ro", "rbind"))
+    ]
+
+
+def test_active_with_one_parent_is_overlay_with_upper_and_work():
+    [m] = compute_mounts(L, Kind.ACTIVE, 7, (3,))
+    assert (m.type, m.source) == ("overlay", "overlay")
+    assert m.options == ("workdir=/r/snapshots/7/work", "upperdir=/r/snapshots/7/fs", "lowerdir=/r/snapshots/3/fs")
+
+
+def test_active_with_parents_lists_nearest_parent_leftmost_after_extra_options():
+    [m] = compute_mounts(L, Kind.ACTIVE, 9, (5, 3, 1), ("userxattr", "index=off"))
+    assert m.options == (
+        "userxattr",
+        "index=off",
+        "workdir=/r/snapshots/9/work",
+        "upperdir=/r/snapshots/9/fs",
+        "lowerdir=/r/snapshots/5/fs:/r/snapshots/3/fs:/r/snapshots/1/fs",
+    )
+
+
+def test_view_with_two_parents_is_lowerdir_only_overlay():
+    [m] = compute_mounts(L, Kind.VIEW, 9, (5, 3), ("index=off",))
+    assert m == Mount("overlay", "overlay", ("index=off", "lowerdir=/r/snapshots/5/fs:/r/snapshots/3/fs"))
+
+
+def test_committed_snapshots_have_no_mount_rule():
+    with pytest.raises(KeyError):
+        compute_mounts(L, Kind.COMMITTED, 9, ())
