@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
     """On failure, attach the tails of containerd's and the daemon's logs to the report."""
     outcome = yield
     report = outcome.get_result()
@@ -113,28 +113,31 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 def private_containerd(workdir: Path, daemon_root: Path) -> PrivateContainerd:
-    """A containerd that knows our daemon (which may start later: proxies are dialled lazily)."""
+    """A containerd that knows the daemon at `daemon_root` as a proxy snapshotter.
+
+    Start the daemon first: containerd dials proxies at start-up and, if the socket is not there
+    yet, fails calls until its reconnect backoff (up to 3 s) retries.
+    """
     return PrivateContainerd(workdir, proxy_plugins={PROXY_PLUGIN: Daemon(root=daemon_root).socket})
 
 
-def builtin_snapshots_dir(containerd: PrivateContainerd) -> Path:
-    return containerd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
+def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
+    """Our daemon's snapshotter through `containerd`, or the built-in overlayfs when `daemon` is None."""
+    if daemon is None:
+        return Target(containerd, BUILTIN, containerd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots")
+    return Target(containerd, PROXY_PLUGIN, daemon.root / "snapshots", daemon)
 
 
 @contextmanager
 def running_target(workdir: Path, builtin: bool, daemon_args: Sequence[str] = ()) -> Iterator[Target]:
     """A containerd of its own and, unless `builtin`, a daemon of its own with `daemon_args`."""
     daemon_root = workdir / "snapshotter"
-    with private_containerd(workdir / "containerd", daemon_root) as containerd:
-        if builtin:
-            yield Target(containerd, BUILTIN, builtin_snapshots_dir(containerd))
-            return
-        daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
-        try:
-            yield Target(containerd, PROXY_PLUGIN, daemon_root / "snapshots", daemon)
-        finally:
-            containerd.stop()  # before the daemon, so nothing calls a dead proxy
-            daemon.stop()
+    with ExitStack() as stack:
+        daemon = None
+        if not builtin:
+            daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
+            stack.callback(daemon.stop)
+        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root)), daemon)
 
 
 @pytest.fixture(scope="session")
@@ -156,19 +159,16 @@ def daemon(e2e_dir: Path) -> Iterator[Daemon]:
 
 
 @pytest.fixture(scope="session")
-def containerd(e2e_dir: Path) -> Iterator[PrivateContainerd]:
-    """The session's containerd; serves both the built-in overlayfs and our proxy plugin."""
-    with private_containerd(e2e_dir / "containerd", e2e_dir / "snapshotter") as containerd:
+def containerd(e2e_dir: Path, daemon: Daemon) -> Iterator[PrivateContainerd]:
+    """The session's containerd; serves both the built-in overlayfs and our daemon (started first)."""
+    with private_containerd(e2e_dir / "containerd", daemon.root) as containerd:
         yield containerd
 
 
 @pytest.fixture(scope="session", params=[BUILTIN, "ours"])
-def target(request: pytest.FixtureRequest, containerd: PrivateContainerd) -> Target:
+def target(request: pytest.FixtureRequest, daemon: Daemon, containerd: PrivateContainerd) -> Target:
     """The session containerd with one snapshotter selected: the built-in reference, then ours."""
-    if request.param == BUILTIN:
-        return Target(containerd, BUILTIN, builtin_snapshots_dir(containerd))
-    daemon = request.getfixturevalue("daemon")
-    return Target(containerd, PROXY_PLUGIN, daemon.root / "snapshots", daemon)
+    return make_target(containerd, None if request.param == BUILTIN else daemon)
 
 
 @pytest.fixture
