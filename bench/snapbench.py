@@ -54,11 +54,13 @@ from types import ModuleType
 import grpc
 from grpc_tools import protoc
 
-from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from addlower.api import mount_pb2, snapshots_pb2_grpc
+from addlower.api import snapshots_pb2 as pb
 from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd
 
 HERE = Path(__file__).resolve().parent
 GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
+GO_BUILD = "bash /work/shared/peers/seedsnap/build.sh"
 SOCKET_NAME = "grpc.socks"
 NAMESPACE = "snapbench"
 FILES_PER_LAYER = 50
@@ -164,7 +166,13 @@ class Daemon:
     def log_path(self) -> Path:
         return self.root.with_suffix(".log")
 
-    def start(self, timeout: float = 30) -> "Daemon":
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("not started")
+        return self.proc.pid
+
+    def start(self, timeout: float = 30) -> Daemon:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([*self.command, "--root-dir", str(self.root)], stdout=log,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -181,7 +189,8 @@ class Daemon:
                         pass
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"{self.command[0]} did not serve on {self.socket}:\n{self.log_path.read_text()[-3000:]}")
+        log_tail = self.log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{self.command[0]} did not serve on {self.socket}:\n{log_tail}")
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -196,7 +205,7 @@ class Daemon:
 
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    fields = {}
+    fields: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
@@ -213,7 +222,8 @@ def leases_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
     return importlib.import_module("leases_pb2"), importlib.import_module("leases_pb2_grpc")
 
 
-def through_containerd(channel: grpc.Channel, snapshotter: str, namespace: str, leases: tuple[ModuleType, ModuleType]) -> Client:
+def through_containerd(channel: grpc.Channel, snapshotter: str, namespace: str,
+                       leases: tuple[ModuleType, ModuleType]) -> Client:
     """A client for `snapshotter` in containerd `namespace`, holding a fresh lease there."""
     leases_pb2, leases_pb2_grpc = leases
     ns = (("containerd-namespace", namespace),)
@@ -233,14 +243,14 @@ def targets(work: Path, go_bin: Path, run_id: str) -> Iterator[list[Target]]:
         channels = [stack.enter_context(grpc.insecure_channel(f"unix://{path}"))
                     for path in (ours.socket, go.socket, ctrd.address)]
         leases = leases_stubs(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work))))
-        assert ctrd.proc is not None and ours.proc is not None and go.proc is not None and proxied.proc is not None
+        assert ctrd.proc is not None
         yield [
-            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
-            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
+            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.pid, "our daemon"),
+            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.pid, "Go original"),
             Target("c", "ctrd/ovl", through_containerd(channels[2], "overlayfs", f"{NAMESPACE}-{run_id}-c", leases),
                    ctrd.proc.pid, "containerd (serves c and d)"),
             Target("d", "ctrd/ours", through_containerd(channels[2], PROXY_PLUGIN, f"{NAMESPACE}-{run_id}-d", leases),
-                   proxied.proc.pid, "our daemon as proxy plugin"),
+                   proxied.pid, "our daemon as proxy plugin"),
         ]
 
 
@@ -401,7 +411,7 @@ class Result:
     p99_ms: float
 
     @staticmethod
-    def of(op: str, target: str, samples: list[float]) -> "Result":
+    def of(op: str, target: str, samples: list[float]) -> Result:
         ordered = sorted(samples)
 
         def pct(p: float) -> float:  # nearest-rank percentile, in ms
@@ -424,7 +434,8 @@ class Report:
             self.ratios[op] = {"a/b": by[op, "a"] / by[op, "b"], "d/c": by[op, "d"] / by[op, "c"]}
 
     def render(self, names: dict[str, str]) -> str:
-        lines = [f"{'op':<16}{'target':<14}{'n':>6}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+        lines = [", ".join(f"{k} {v}" for k, v in self.environment.items()), ""]
+        lines += [f"{'op':<16}{'target':<14}{'n':>6}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
         for r in self.results:
             lines.append(f"{r.op:<16}{r.target + ' ' + names[r.target]:<14}{r.n:>6}{r.ops_per_s:>10.1f}"
                          f"{r.p50_ms:>9.3f}{r.p99_ms:>9.3f}")
@@ -436,7 +447,8 @@ class Report:
 
 
 def environment() -> dict[str, str]:
-    ctrd = subprocess.run(["containerd", "--version"], capture_output=True, text=True).stdout.strip()
+    # "containerd github.com/containerd/containerd 1.6.20~ds1 <revision>"
+    ctrd = subprocess.run(["containerd", "--version"], check=True, capture_output=True, text=True).stdout.split()[2]
     return {"python": platform.python_version(), "grpcio": grpc.__version__, "containerd": ctrd,
             "kernel": platform.release(), "cpus": str(os.cpu_count())}
 
@@ -447,13 +459,14 @@ def bench(sizes: Sizes, go_bin: Path) -> tuple[Report, dict[str, str]]:
     work = Path(tempfile.mkdtemp(prefix="snapbench-", dir="/tmp"))
     try:
         with targets(work, go_bin, run_id) as tgts:
-            loads = {}
+            loads: dict[str, Workload] = {}
             for t in tgts:
                 (work / f"mnt-{t.label}").mkdir()
                 loads[t.label] = Workload(t.client, f"sb{run_id}{t.label}", work / f"mnt-{t.label}")
             for op in OPS:
                 print(f"  {op.name} ...", file=sys.stderr, flush=True)
-                report.results += [Result.of(op.name, label, samples) for label, samples in op.run(loads, sizes).items()]
+                samples = op.run(loads, sizes)
+                report.results += [Result.of(op.name, label, samples[label]) for label in loads]
             report.memory_kib = {f"{t.label}: {t.process}": memory_kib(t.pid) for t in tgts}
             names = {t.label: t.name for t in tgts}
     finally:
@@ -467,12 +480,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small N, a smoke check (< 1 min)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the results as JSON")
     parser.add_argument("--go-bin", type=Path, default=GO_BIN,
-                        help=f"the original Go program (default {GO_BIN}; build: bash /work/shared/peers/seedsnap/build.sh)")
+                        help=f"the original Go program (default {GO_BIN}; build: {GO_BUILD})")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, containerd)")
     if not args.go_bin.exists():
-        parser.error(f"{args.go_bin} is missing; build it with bash /work/shared/peers/seedsnap/build.sh")
+        parser.error(f"{args.go_bin} is missing; build it with {GO_BUILD}")
     report, names = bench(QUICK if args.quick else FULL, args.go_bin)
     print(report.render(names))
     if args.json:

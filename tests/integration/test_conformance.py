@@ -515,7 +515,7 @@ def test_root_permission(client: SnapshotsClient, work: Path):
         assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o755, 1000, 1001)
 
 
-def test_close_twice(daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+def test_close_twice(daemon: Daemon, client: SnapshotsClient):
     """closeTwice, adapted: after some work the daemon stops cleanly (exit 0), stopping it again
     is harmless, and a daemon restarted on the same root sees the same state and serves again."""
     client.prepare("closeTwice-prepare", "", GC_ROOT)
