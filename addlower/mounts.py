@@ -7,9 +7,8 @@ store or gRPC; callers hand it the snapshot's kind, its parent chain and the opt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import PurePosixPath
 from typing import Sequence
 
 
@@ -34,22 +33,22 @@ class Mount:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where snapshot N's directories live under the snapshotter root."""
+    """Where snapshot N's directories live under the snapshotter root (plain strings: hot path)."""
 
-    root: PurePosixPath
+    root: str
 
     @property
-    def snapshots(self) -> PurePosixPath:
-        return self.root / "snapshots"
+    def snapshots(self) -> str:
+        return f"{self.root}/snapshots"
 
-    def dir(self, sid: int | str) -> PurePosixPath:
-        return self.snapshots / str(sid)
+    def dir(self, sid: int | str) -> str:
+        return f"{self.root}/snapshots/{sid}"
 
-    def upper(self, sid: int | str) -> PurePosixPath:
-        return self.dir(sid) / "fs"
+    def upper(self, sid: int | str) -> str:
+        return f"{self.root}/snapshots/{sid}/fs"
 
-    def work(self, sid: int | str) -> PurePosixPath:
-        return self.dir(sid) / "work"
+    def work(self, sid: int | str) -> str:
+        return f"{self.root}/snapshots/{sid}/work"
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,9 @@ def compute_mounts(
     rule = rule_for(kind, len(parent_ids))
     if rule.type == "bind":
         src = sid if rule.bind_of == "self" else parent_ids[0]
-        return [Mount("bind", str(layout.upper(src)), (rule.mode, "rbind"))]
+        return [Mount("bind", layout.upper(src), (rule.mode, "rbind"))]
     opts = list(options)
     if rule.upper:
         opts += [f"workdir={layout.work(sid)}", f"upperdir={layout.upper(sid)}"]
-    opts.append("lowerdir=" + ":".join(str(layout.upper(p)) for p in parent_ids))
+    opts.append("lowerdir=" + ":".join(layout.upper(p) for p in parent_ids))
     return [Mount("overlay", "overlay", tuple(opts))]

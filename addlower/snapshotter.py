@@ -12,12 +12,11 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from . import fsutil
-from .errors import InvalidArgument
 from .filters import parse_filters
 from .fsutil import Usage
 from .labels import UPPERDIR_LABEL, validate_labels
@@ -68,7 +67,7 @@ class Snapshotter:
     def __init__(self, root: Path, options: Options = Options()):
         self.root = root
         self.options = options
-        self.layout = Layout(PurePosixPath(root))
+        self.layout = Layout(str(root))
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not fsutil.supports_dtype(root):
             raise RuntimeError(
@@ -94,28 +93,28 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         validate_labels(labels)
-        with self.store.transaction() as tx:
-            temp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.snapshots_dir))
-            try:
-                os.chmod(temp, 0o755)
-                (temp / "fs").mkdir(mode=0o755)
+        tree: Path | None = None  # wherever the new snapshot's directory is at the moment
+        try:
+            with self.store.transaction() as tx:
+                # Made under the store's lock, so a concurrent Cleanup cannot take it for an orphan.
+                tree = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.snapshots_dir))
+                os.chmod(tree, 0o755)
+                (tree / "fs").mkdir(mode=0o755)
                 if kind == Kind.ACTIVE:
-                    (temp / "work").mkdir(mode=0o711)
+                    (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
                 if snap.parent_ids:
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
-                    os.lchown(temp / "fs", owner.st_uid, owner.st_gid)
+                    os.lchown(tree / "fs", owner.st_uid, owner.st_gid)
                 final = Path(self.layout.dir(snap.id))
-                os.rename(temp, final)
-            except BaseException:
-                fsutil.remove_tree(temp)
-                raise
-            try:
+                os.rename(tree, final)
+                tree = final
+                # The rename must be on disk before the row that points at it.
                 fsutil.fsync_dir(self.snapshots_dir)
-            except BaseException:
-                os.rename(final, temp)
-                fsutil.remove_tree(temp)
-                raise
+        except BaseException:
+            if tree is not None:
+                fsutil.remove_tree(tree)
+            raise
         return self._mounts(snap.kind, snap.id, snap.parent_ids)
 
     def _mounts(self, kind: Kind, sid: int, parent_ids: Sequence[int]) -> list[Mount]:
@@ -144,7 +143,7 @@ class Snapshotter:
         """Snapshots matching the filters, by key; reads the store once, then yields."""
         matcher = parse_filters(filters)
         with self.store.read() as tx:
-            rows = list(tx.walk())
+            rows = tx.walk()
         for sid, info in rows:
             if matcher.match(snapshot_fields(info)):
                 yield self._decorate(sid, info)
@@ -152,7 +151,7 @@ class Snapshotter:
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label to active snapshots when asked to."""
         if self.options.upperdir_label and info.kind == Kind.ACTIVE:
-            info.labels[UPPERDIR_LABEL] = str(self.layout.upper(sid))
+            return replace(info, labels={**info.labels, UPPERDIR_LABEL: self.layout.upper(sid)})
         return info
 
     # --- changes ------------------------------------------------------------------------------
@@ -160,8 +159,7 @@ class Snapshotter:
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
         validate_labels(labels)
         with self.store.transaction() as tx:
-            info = tx.update_info(name, labels, fieldpaths)
-            sid = tx.get_info(name)[0]
+            sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
@@ -178,16 +176,17 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 tx.remove(key)
             return
-        with self.store.transaction() as tx:
-            sid, _ = tx.remove(key)
-            current = Path(self.layout.dir(sid))
-            removed = self.snapshots_dir / f"{REMOVED_PREFIX}{sid}"
-            os.rename(current, removed)
-            try:
-                fsutil.fsync_dir(self.snapshots_dir)
-            except BaseException:
-                os.rename(removed, current)
-                raise
+        moved: tuple[Path, Path] | None = None
+        try:
+            with self.store.transaction() as tx:
+                sid, _ = tx.remove(key)
+                current, removed = Path(self.layout.dir(sid)), self.snapshots_dir / f"{REMOVED_PREFIX}{sid}"
+                os.rename(current, removed)
+                moved = (current, removed)
+        except BaseException:
+            if moved is not None:  # the row is still there: so is its directory
+                os.rename(moved[1], moved[0])
+            raise
         try:
             fsutil.remove_tree(removed)
         except OSError as exc:  # the metadata is gone already; Cleanup retries the directory
@@ -203,14 +202,20 @@ class Snapshotter:
         return doomed
 
     def _set_aside_unrecorded(self) -> None:
-        """At start-up, rename directories of creates that died before their commit.
+        """At start-up, undo what a kill between a directory rename and its COMMIT left behind.
 
-        Their ids were never acknowledged and will be handed out again; Cleanup deletes them.
+        A create that died leaves a temp dir or a dir whose id was never committed (it will be
+        handed out again): set it aside for Cleanup. A synchronous remove that died leaves a live
+        snapshot's dir renamed to rm-<id>: put it back.
         """
         with self.store.read() as tx:
-            last = tx.last_id()
+            last, live = tx.last_id(), tx.ids()
         for entry in os.listdir(self.snapshots_dir):
-            if entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
+            sid = entry.removeprefix(REMOVED_PREFIX)
+            if entry.startswith(REMOVED_PREFIX) and sid.isdigit() and int(sid) in live:
+                os.rename(self.snapshots_dir / entry, self.snapshots_dir / sid)
+                log.info("restored directory %s of live snapshot %s", entry, sid)
+            elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
 
     def _set_aside(self, entry: str) -> str:

@@ -1,7 +1,10 @@
-"""The metadata store: snapshots, their parents, labels and usage, in SQLite.
+"""The metadata store: snapshots, their parents, labels and usage.
 
-One transaction per operation, serialised by one lock; commits are durable (WAL with
-synchronous=FULL), ids come from AUTOINCREMENT and are never reused. The rules of containerd's
+SQLite at <root>/metadata.db is the record: one transaction per operation, durable (WAL with
+synchronous=FULL), ids from AUTOINCREMENT and never reused. Every committed row is mirrored in
+memory, and reads are served from the mirror only: Stat, Mounts and List are the hot paths (CRI
+stats every snapshot every 10 s), and this daemon is the database's only writer, so the mirror
+cannot drift. The mirror changes only after a COMMIT succeeds. The rules of containerd's
 snapshot storage (which errors, in which order) live here. This module must not touch snapshot
 directories or know about mounts or gRPC.
 """
@@ -13,9 +16,9 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from .fsutil import Usage
@@ -38,31 +41,27 @@ CREATE TABLE snapshots (
 CREATE INDEX snapshots_parent ON snapshots(parent_id);
 """
 
-_INFO_SELECT = """
-SELECT s.id, s.key, s.kind, p.key, s.created_at, s.updated_at, s.labels, s.size, s.inodes
-FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
-"""
 
-_CHAIN = """
-WITH RECURSIVE chain(id, parent_id, depth) AS (
-    SELECT id, parent_id, 0 FROM snapshots WHERE id = ?
-    UNION ALL
-    SELECT s.id, s.parent_id, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.parent_id
-)
-SELECT id FROM chain WHERE depth > 0 ORDER BY depth
-"""
-
-
-@dataclass
+@dataclass(frozen=True)
 class Info:
-    """What Stat returns: containerd's snapshots.Info."""
+    """What Stat returns: containerd's snapshots.Info. Shared with the mirror: never mutate."""
 
     name: str
     parent: str
     kind: Kind
     created_at: int
     updated_at: int
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One snapshot as the mirror holds it; replaced, never changed, when the row changes."""
+
+    id: int
+    parent_id: int | None
+    info: Info
+    usage: Usage = Usage()
 
 
 @dataclass(frozen=True)
@@ -74,108 +73,159 @@ class Snapshot:
     parent_ids: tuple[int, ...]
 
 
+class _Mirror:
+    """The committed rows, indexed the ways the operations look them up."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, Record] = {}
+        self.by_id: dict[int, Record] = {}
+        self.children: dict[int, int] = {}  # parent id -> number of children
+        self.last_id = 0
+        self._sorted: list[Record] | None = None
+
+    def put(self, rec: Record) -> None:
+        old = self.by_id.get(rec.id)
+        if old is not None:
+            del self.by_key[old.info.name]
+        elif rec.parent_id is not None:
+            self.children[rec.parent_id] = self.children.get(rec.parent_id, 0) + 1
+        self.by_key[rec.info.name] = rec
+        self.by_id[rec.id] = rec
+        self.last_id = max(self.last_id, rec.id)
+        self._sorted = None
+
+    def drop(self, rec: Record) -> None:
+        del self.by_key[rec.info.name]
+        del self.by_id[rec.id]
+        if rec.parent_id is not None:
+            left = self.children[rec.parent_id] - 1
+            if left:
+                self.children[rec.parent_id] = left
+            else:
+                del self.children[rec.parent_id]
+        self._sorted = None
+
+    def in_key_order(self) -> list[Record]:
+        if self._sorted is None:
+            self._sorted = sorted(self.by_key.values(), key=lambda r: r.info.name)
+        return self._sorted
+
+
 def _now() -> int:
     return time.time_ns()
 
 
-def _info(row: tuple) -> Info:
-    return Info(
-        name=row[1],
-        parent=row[3] or "",
-        kind=Kind(row[2]),
-        created_at=row[4],
-        updated_at=row[5],
-        labels=json.loads(row[6]),
-    )
+class Reader:
+    """Lookups over the committed state; what MetaStore.read() and .transaction() hand out."""
 
+    def __init__(self, mirror: _Mirror):
+        self._m = mirror
 
-class Tx:
-    """Operations inside one transaction; obtained from MetaStore.transaction()."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._db = conn
-
-    def _row(self, key: str) -> tuple | None:
-        return self._db.execute(_INFO_SELECT + " WHERE s.key = ?", (key,)).fetchone()
+    def _get(self, key: str) -> Record:
+        rec = self._m.by_key.get(key)
+        if rec is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return rec
 
     def get_info(self, key: str) -> tuple[int, Info, Usage]:
-        row = self._row(key)
-        if row is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
-        return row[0], _info(row), Usage(size=row[7], inodes=row[8])
+        rec = self._get(key)
+        return rec.id, rec.info, rec.usage
 
     def get_snapshot(self, key: str) -> Snapshot:
         """The snapshot behind an active or view key (mountable kinds only)."""
-        row = self._db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
-        kind = Kind(row[1])
+        rec = self._get(key)
+        kind = rec.info.kind
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"snapshot {key!r} is {kind.name.lower()}, not active or view")
-        return Snapshot(row[0], kind, self._parent_ids(row[0]))
+        return Snapshot(rec.id, kind, self._parent_ids(rec.parent_id))
 
-    def _parent_ids(self, sid: int) -> tuple[int, ...]:
-        return tuple(r[0] for r in self._db.execute(_CHAIN, (sid,)))
+    def _parent_ids(self, parent_id: int | None) -> tuple[int, ...]:
+        chain = []
+        while parent_id is not None:
+            chain.append(parent_id)
+            parent_id = self._m.by_id[parent_id].parent_id
+        return tuple(chain)
+
+    def walk(self) -> list[tuple[int, Info]]:
+        """Every snapshot, by key, as containerd's storage walks them."""
+        return [(r.id, r.info) for r in self._m.in_key_order()]
+
+    def ids(self) -> set[int]:
+        return set(self._m.by_id)
+
+    def last_id(self) -> int:
+        """The highest id ever handed out (committed), live or removed."""
+        return self._m.last_id
+
+
+class Tx(Reader):
+    """One write transaction: SQL now, mirror changes queued until COMMIT succeeds."""
+
+    def __init__(self, mirror: _Mirror, conn: sqlite3.Connection):
+        super().__init__(mirror)
+        self._db = conn
+        self.pending: list[Callable[[], None]] = []
 
     def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         parent_id = None
         if parent:
-            row = self._db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (parent,)).fetchone()
-            if row is None:
+            prec = self._m.by_key.get(parent)
+            if prec is None:
                 raise NotFound(f"parent snapshot {parent!r} does not exist")
-            if Kind(row[1]) != Kind.COMMITTED:
+            if prec.info.kind != Kind.COMMITTED:
                 raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
-            parent_id = row[0]
+            parent_id = prec.id
+        if key in self._m.by_key:
+            raise AlreadyExists(f"snapshot {key!r} already exists")
         now = _now()
-        try:
-            cur = self._db.execute(
-                "INSERT INTO snapshots(key, kind, parent_id, created_at, updated_at, labels)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (key, int(kind), parent_id, now, now, json.dumps(dict(labels))),
-            )
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"snapshot {key!r} already exists") from None
+        info = Info(key, parent, kind, now, now, dict(labels))
+        cur = self._db.execute(
+            "INSERT INTO snapshots(key, kind, parent_id, created_at, updated_at, labels) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, int(kind), parent_id, now, now, json.dumps(info.labels)),
+        )
         sid = cur.lastrowid
         assert sid is not None
-        parents = (parent_id, *self._parent_ids(parent_id)) if parent_id is not None else ()
-        return Snapshot(sid, kind, parents)
+        rec = Record(sid, parent_id, info)
+        self.pending.append(lambda: self._m.put(rec))
+        return Snapshot(sid, kind, self._parent_ids(parent_id))
 
     def commit_active(self, key: str, name: str, usage: Usage, labels: Mapping[str, str]) -> int:
         if not name:
             raise InvalidArgument("commit name must not be empty")
-        if self._db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
+        if name in self._m.by_key:
             raise AlreadyExists(f"snapshot {name!r} already exists")
-        row = self._db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
-        if Kind(row[1]) != Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key!r} is {Kind(row[1]).name.lower()}, not active")
+        rec = self._get(key)
+        if rec.info.kind != Kind.ACTIVE:
+            raise FailedPrecondition(f"snapshot {key!r} is {rec.info.kind.name.lower()}, not active")
         now = _now()
+        info = replace(rec.info, name=name, kind=Kind.COMMITTED, created_at=now, updated_at=now,
+                       labels=dict(labels))
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, created_at = ?, updated_at = ?, labels = ?,"
             " size = ?, inodes = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), now, now, json.dumps(dict(labels)), usage.size, usage.inodes, row[0]),
+            (name, int(Kind.COMMITTED), now, now, json.dumps(info.labels), usage.size, usage.inodes, rec.id),
         )
-        return row[0]
+        new = replace(rec, info=info, usage=usage)
+        self.pending.append(lambda: self._m.put(new))
+        return rec.id
 
     def remove(self, key: str) -> tuple[int, Kind]:
-        row = self._db.execute("SELECT id, kind FROM snapshots WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
-        if self._db.execute("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (row[0],)).fetchone():
+        rec = self._get(key)
+        if rec.id in self._m.children:
             raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
-        self._db.execute("DELETE FROM snapshots WHERE id = ?", (row[0],))
-        return row[0], Kind(row[1])
+        self._db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
+        self.pending.append(lambda: self._m.drop(rec))
+        return rec.id, rec.info.kind
 
-    def update_info(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
+    def update_info(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> tuple[int, Info]:
         """Apply a field-masked label update, as containerd's storage does."""
-        sid, info, _ = self.get_info(name)
+        rec = self._get(name)
         if not fieldpaths:
             new_labels = dict(labels)
         else:
-            new_labels = dict(info.labels)
+            new_labels = dict(rec.info.labels)
             for path in fieldpaths:
                 if path == "labels":
                     new_labels = dict(labels)
@@ -187,25 +237,14 @@ class Tx:
                         new_labels.pop(label, None)
                 else:
                     raise InvalidArgument(f"cannot update field {path!r} of snapshot {name!r}")
-        info.labels = new_labels
-        info.updated_at = _now()
+        info = replace(rec.info, labels=new_labels, updated_at=_now())
         self._db.execute(
             "UPDATE snapshots SET labels = ?, updated_at = ? WHERE id = ?",
-            (json.dumps(new_labels), info.updated_at, sid),
+            (json.dumps(new_labels), info.updated_at, rec.id),
         )
-        return info
-
-    def walk(self) -> Iterator[tuple[int, Info]]:
-        for row in self._db.execute(_INFO_SELECT + " ORDER BY s.key"):
-            yield row[0], _info(row)
-
-    def ids(self) -> set[int]:
-        return {r[0] for r in self._db.execute("SELECT id FROM snapshots")}
-
-    def last_id(self) -> int:
-        """The highest id ever handed out (committed), live or removed."""
-        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'").fetchone()
-        return row[0] if row else 0
+        new = replace(rec, info=info)
+        self.pending.append(lambda: self._m.put(new))
+        return rec.id, info
 
 
 class MetaStore:
@@ -219,38 +258,55 @@ class MetaStore:
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.execute("PRAGMA foreign_keys = ON")
         self._migrate()
+        self._mirror = self._load()
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"{self.path}: schema version {version} is newer than this daemon's {SCHEMA_VERSION}"
-            )
-        with self.transaction():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            raise RuntimeError(f"{self.path}: schema version {version} is newer than this daemon's {SCHEMA_VERSION}")
+        self._db.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                self._db.execute(statement)
+        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._db.execute("COMMIT")
+
+    def _load(self) -> _Mirror:
+        mirror = _Mirror()
+        rows = self._db.execute(
+            "SELECT s.id, s.key, s.kind, s.parent_id, p.key, s.created_at, s.updated_at, s.labels, s.size, s.inodes"
+            " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY s.id"
+        )
+        for sid, key, kind, parent_id, parent, created, updated, labels, size, inodes in rows:
+            info = Info(key, parent or "", Kind(kind), created, updated, json.loads(labels))
+            mirror.put(Record(sid, parent_id, info, Usage(size, inodes)))
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'").fetchone()
+        mirror.last_id = max(mirror.last_id, seq[0] if seq else 0)
+        return mirror
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """Hold the store's lock for one transaction; commit on success, roll back on error."""
         with self._lock:
+            tx = Tx(self._mirror, self._db)
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield Tx(self._db)
+                yield tx
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            for change in tx.pending:
+                change()
 
     @contextmanager
-    def read(self) -> Iterator[Tx]:
-        """Consistent reads without a transaction: the lock keeps every writer out."""
+    def read(self) -> Iterator[Reader]:
+        """Consistent reads of the committed state: the lock keeps every writer out."""
         with self._lock:
-            yield Tx(self._db)
+            yield Reader(self._mirror)
 
     def close(self) -> None:
         with self._lock:

@@ -12,25 +12,23 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 import pytest
 
 from tests.support.client import SnapshotsClient
-from tests.support.mounting import mounted, unmount
+from tests.support.mounting import mounted
 
 Op = Callable[[Path], None]
 
 # The label containerd's suite puts on every snapshot it creates (snapshots.WithLabels(opt)).
 GC_ROOT = {"containerd.io/gc.root": "2024-01-01T00:00:00Z"}
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 # --- fstest appliers ---------------------------------------------------------------------------
@@ -151,33 +149,11 @@ def assert_tree_is(actual: Path, *ops: Op) -> None:
 # --- mounting ----------------------------------------------------------------------------------
 
 
-def _needs_compaction(mounts: Sequence) -> bool:
-    return any(m.type == "overlay" and len(",".join(m.options)) >= PAGE_SIZE for m in mounts)
-
-
 @contextmanager
 def mount_snapshot(mounts: Sequence, target: Path) -> Iterator[Path]:
-    """Mount what the snapshotter returned on `target`, always unmounting afterwards.
-
-    Like containerd's mount.All, an overlay whose option string does not fit a page (128 layers)
-    is mounted from the lowerdirs' common directory with relative lowerdir paths.
-    """
-    if not _needs_compaction(mounts):
-        with mounted(mounts, target) as path:
-            yield path
-        return
-    (m,) = mounts
-    lowers = next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=").split(":")
-    common = os.path.commonpath(lowers)
-    rel = ":".join(os.path.relpath(p, common) for p in lowers)
-    opts = [f"lowerdir={rel}" if o.startswith("lowerdir=") else o for o in m.options]
-    target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "overlay", m.source, "-o", ",".join(opts), str(target)],
-                   check=True, cwd=common, capture_output=True, text=True)
-    try:
-        yield target
-    finally:
-        unmount(target)
+    """Mount what the snapshotter returned on `target`, always unmounting afterwards."""
+    with mounted(mounts, target) as path:
+        yield path
 
 
 # --- snapshot chains (testsuite/helpers.go) ----------------------------------------------------

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -44,10 +45,10 @@ def test_sigint_exits_zero(daemon: Daemon):
 def test_in_flight_call_finishes_after_sigterm(daemon: Daemon, client: SnapshotsClient):
     client.prepare("big")
     root_fs = daemon.root / "snapshots" / "1" / "fs"
-    for i in range(200):
+    for i in range(200):  # enough files that the walk takes a good fraction of a second
         d = root_fs / f"d{i}"
         d.mkdir()
-        for j in range(100):
+        for j in range(200):
             (d / str(j)).touch()
     result: dict[str, object] = {}
     started = threading.Event()
@@ -59,9 +60,10 @@ def test_in_flight_call_finishes_after_sigterm(daemon: Daemon, client: Snapshots
     t = threading.Thread(target=call)
     t.start()
     started.wait()
+    time.sleep(0.1)  # let the call reach the daemon
     daemon.proc.send_signal(signal.SIGTERM)
     t.join(timeout=30)
-    assert result["usage"].inodes == 1 + 200 + 200 * 100
+    assert result["usage"].inodes == 1 + 200 + 200 * 200
     assert daemon.proc.wait(timeout=30) == 0
 
 

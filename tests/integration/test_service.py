@@ -8,15 +8,21 @@ from __future__ import annotations
 import os
 import signal
 import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
-from tests.integration.layers import apply, create_file, expect_code, link, mount_snapshot
+from tests.integration.layers import (
+    apply,
+    create_file,
+    expect_code,
+    link,
+    mount_snapshot,
+)
 from tests.support.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -368,6 +374,7 @@ def test_sync_remove_deletes_at_once(tmp_path: Path):
         a = new_id(d.root, lambda: client.prepare("a"))
         client.commit("c", "a")
         b = new_id(d.root, lambda: client.prepare("b", "c"))
+        assert snapshot_ids(d.root) == {a, b}
         client.remove("b")
         assert snapshot_ids(d.root) == {a}
         client.remove("c")

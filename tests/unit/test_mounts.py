@@ -1,12 +1,10 @@
 """Mount computation for every case of containerd's overlayfs snapshotter."""
 
-from pathlib import PurePosixPath
-
 import pytest
 
 from addlower.mounts import Kind, Layout, Mount, compute_mounts
 
-L = Layout(PurePosixPath("/r"))
+L = Layout("/r")
 
 
 def test_active_without_parent_is_rw_bind_of_own_fs():
