@@ -6,21 +6,19 @@ rules (snapshotter.py) or flag parsing (cli.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import socket
 import stat
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from . import __version__
-from .api import snapshots_pb2_grpc
-from .service import SnapshotsService
+from .grpcserver import GrpcServer
+from .service import SnapshotsService, map_error, routes
 from .snapshotter import Options, Snapshotter
 
 log = logging.getLogger("addlower")
@@ -67,7 +65,7 @@ def _claim_socket(path: Path) -> None:
 
 
 class Daemon:
-    """A started snapshotter service; stop() drains in-flight calls."""
+    """The snapshotter and its server; serve() runs until SIGTERM or SIGINT."""
 
     def __init__(self, config: DaemonConfig):
         self.config = config
@@ -75,28 +73,36 @@ class Daemon:
             self.snapshotter = Snapshotter(config.root, config.options)
         except (OSError, RuntimeError) as exc:
             raise StartupError(f"root {config.root} is unusable: {exc}") from exc
-        path = config.socket_path
         try:
-            _claim_socket(path)
+            _claim_socket(config.socket_path)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
+        self.executor = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blocking")
+        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.executor, map_error)
+
+    async def serve(self) -> None:
+        path = self.config.socket_path
+        try:
+            await self.server.listen(str(path))
+            os.chmod(path, SOCKET_MODE)
         except OSError as exc:
             raise StartupError(f"cannot listen on {path}: {exc}") from exc
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers))
-        snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(self.snapshotter), self.server)
-        try:
-            self.server.add_insecure_port(f"unix:{path}")
-        except RuntimeError as exc:
-            raise StartupError(f"cannot listen on {path}: {exc}") from exc
-        self.server.start()
-        os.chmod(path, SOCKET_MODE)
-        opts = config.options
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        opts = self.config.options
         log.info(
             "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s",
-            __version__, config.root, path, opts.async_remove, opts.upperdir_label,
+            __version__, self.config.root, path, opts.async_remove, opts.upperdir_label,
             ",".join(self.snapshotter.overlay_options) or "-",
         )
+        await stopping.wait()
+        log.info("shutting down: no new calls, waiting up to %.0fs for those in flight", STOP_GRACE_SECONDS)
+        await self.server.shutdown(STOP_GRACE_SECONDS)
 
-    def stop(self) -> None:
-        self.server.stop(STOP_GRACE_SECONDS).wait()
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
         self.snapshotter.close()
         try:
             os.unlink(self.config.socket_path)
@@ -106,19 +112,14 @@ class Daemon:
 
 def run(config: DaemonConfig) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stopping.set())
     try:
         daemon = Daemon(config)
+        try:
+            asyncio.run(daemon.serve())
+        finally:
+            daemon.close()
     except StartupError as exc:
         log.error("%s", exc)
         return 1
-    # A signal may land on a gRPC worker thread; Python runs the handler only when the main thread
-    # wakes up, so wake it up regularly instead of blocking for good.
-    while not stopping.wait(0.2):
-        pass
-    log.info("shutting down: no new calls, waiting up to %.0fs for in-flight ones", STOP_GRACE_SECONDS)
-    daemon.stop()
     log.info("stopped")
     return 0

@@ -1,32 +1,31 @@
-"""The gRPC face of the snapshotter: containerd.services.snapshots.v1.Snapshots.
+"""The Snapshots API (containerd.services.snapshots.v1.Snapshots) as routes for grpcserver.
 
-A thin layer: it converts protobuf messages to plain values and back, calls the Snapshotter, and
-maps its errors to gRPC status codes (addlower.errors holds the table). It must not hold any
-snapshot logic of its own.
+A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
+protobuf, and the error -> status code mapping (the codes themselves live in addlower.errors).
+Which calls may block (tree walks and deletions) is stated per method in ROUTES. It must not
+hold snapshot logic or know how bytes reach the socket.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator
 
-import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from .api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from .api import mount_pb2, snapshots_pb2 as pb
 from .errors import SnapshotError, status_code
+from .grpcserver import Route
 from .mounts import Mount
 from .snapshotter import Snapshotter
 from .store import Info
 
 log = logging.getLogger(__name__)
 
+SERVICE = "containerd.services.snapshots.v1.Snapshots"
+
 # containerd's own service sends List results in batches of this many.
 LIST_BATCH = 100
-
-T = TypeVar("T")
 
 
 def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
@@ -48,103 +47,85 @@ def mounts_to_pb(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options) for m in mounts]
 
 
-def _abort(context: grpc.ServicerContext, method: str, key: str, exc: Exception) -> None:
-    code = status_code(exc)
-    if isinstance(exc, SnapshotError):
-        log.debug("%s key=%s failed: %s (%s)", method, key, exc, code.name)
-    else:
-        log.exception("%s key=%s failed unexpectedly", method, key)
-    context.abort(code, str(exc))
+def map_error(exc: BaseException) -> tuple[int, str]:
+    """The gRPC status (code number, message) for an exception raised by a handler."""
+    if not isinstance(exc, SnapshotError):
+        log.error("call failed unexpectedly", exc_info=exc)
+    return status_code(exc).value[0], str(exc)
 
 
-def rpc(key_of: Callable[[object], str]) -> Callable:
-    """Wrap a unary handler: log one debug line per call and map errors to status codes."""
-
-    def decorate(handler: Callable) -> Callable:
-        @functools.wraps(handler)
-        def wrapper(self: "SnapshotsService", request: object, context: grpc.ServicerContext):
-            start = time.perf_counter()
-            key = key_of(request)
-            try:
-                return handler(self, request, context)
-            except Exception as exc:
-                _abort(context, handler.__name__, key, exc)
-            finally:
-                log.debug("rpc method=%s key=%s duration=%.6fs", handler.__name__, key,
-                          time.perf_counter() - start)
-
-        return wrapper
-
-    return decorate
-
-
-_key = lambda r: r.key  # noqa: E731
-
-
-class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
+class SnapshotsService:
     def __init__(self, snapshotter: Snapshotter):
         self.sn = snapshotter
 
-    @rpc(_key)
-    def Prepare(self, request, context):
+    def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:
         mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
-    @rpc(_key)
-    def View(self, request, context):
+    def View(self, request: pb.ViewSnapshotRequest) -> pb.ViewSnapshotResponse:
         mounts = self.sn.view(request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
-    @rpc(_key)
-    def Mounts(self, request, context):
+    def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse:
         return pb.MountsResponse(mounts=mounts_to_pb(self.sn.mounts(request.key)))
 
-    @rpc(_key)
-    def Commit(self, request, context):
+    def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
         self.sn.commit(request.name, request.key, dict(request.labels))
         return empty_pb2.Empty()
 
-    @rpc(_key)
-    def Remove(self, request, context):
+    def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
         self.sn.remove(request.key)
         return empty_pb2.Empty()
 
-    @rpc(_key)
-    def Stat(self, request, context):
+    def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:
         return pb.StatSnapshotResponse(info=info_to_pb(self.sn.stat(request.key)))
 
-    @rpc(lambda r: r.info.name)
-    def Update(self, request, context):
+    def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    @rpc(_key)
-    def Usage(self, request, context):
+    def List(self, request: pb.ListSnapshotsRequest) -> Iterator[pb.ListSnapshotsResponse]:
+        batch: list[pb.Info] = []
+        for info in self.sn.list(list(request.filters)):
+            batch.append(info_to_pb(info))
+            if len(batch) == LIST_BATCH:
+                yield pb.ListSnapshotsResponse(info=batch)
+                batch = []
+        if batch:
+            yield pb.ListSnapshotsResponse(info=batch)
+
+    def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         usage = self.sn.usage(request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
-    @rpc(lambda r: "")
-    def Cleanup(self, request, context):
+    def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:
         removed = self.sn.cleanup()
         if removed:
             log.info("cleanup removed %d directories", len(removed))
         return empty_pb2.Empty()
 
-    def List(self, request, context) -> Iterator[pb.ListSnapshotsResponse]:
-        start = time.perf_counter()
-        try:
-            batch: list[pb.Info] = []
-            for info in self.sn.list(list(request.filters)):
-                batch.append(info_to_pb(info))
-                if len(batch) == LIST_BATCH:
-                    yield pb.ListSnapshotsResponse(info=batch)
-                    batch = []
-            if batch:
-                yield pb.ListSnapshotsResponse(info=batch)
-        except Exception as exc:
-            _abort(context, "List", "", exc)
-        finally:
-            log.debug("rpc method=List filters=%s duration=%.6fs", list(request.filters),
-                      time.perf_counter() - start)
 
+_key: Callable[[Any], str] = lambda r: r.key  # noqa: E731
+
+# method -> (request type, may block, streams, what to log as the key)
+ROUTES: dict[str, tuple[Any, bool, bool, Callable[[Any], str]]] = {
+    "Prepare": (pb.PrepareSnapshotRequest, False, False, _key),
+    "View": (pb.ViewSnapshotRequest, False, False, _key),
+    "Mounts": (pb.MountsRequest, False, False, _key),
+    "Commit": (pb.CommitSnapshotRequest, True, False, _key),  # walks the upper dir for usage
+    "Remove": (pb.RemoveSnapshotRequest, True, False, _key),  # deletes at once without async remove
+    "Stat": (pb.StatSnapshotRequest, False, False, _key),
+    "Update": (pb.UpdateSnapshotRequest, False, False, lambda r: r.info.name),
+    "List": (pb.ListSnapshotsRequest, False, True, lambda r: ",".join(r.filters)),
+    "Usage": (pb.UsageRequest, True, False, _key),  # walks an active snapshot's upper dir
+    "Cleanup": (pb.CleanupRequest, True, False, lambda r: ""),
+}
+
+
+def routes(service: SnapshotsService) -> dict[str, Route]:
+    return {
+        f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
+                                    blocking=blocks, describe=describe)
+        for name, (req, blocks, streams, describe) in ROUTES.items()
+    }
