@@ -80,7 +80,7 @@ class Route:
     """One method: how to parse its request, what answers it, and where to run it."""
 
     request: Any  # a protobuf message class
-    handler: Callable[[Any], Any]  # request -> response message, or an iterable of them
+    handler: Callable[[Any], Any]  # request -> response (a message or its bytes), or an iterable of them
     streaming: bool = False
     blocking: bool = False  # may take long (walks, deletions): run in the thread pool
     describe: Callable[[Any], str] = lambda request: ""  # for the per-call log line
@@ -363,7 +363,7 @@ class GrpcServer:
         try:
             result = route.handler(request)
             responses = list(result) if route.streaming else [result]
-            return [r.SerializeToString() for r in responses], OK, ""
+            return [r if isinstance(r, bytes) else r.SerializeToString() for r in responses], OK, ""
         except Exception as exc:
             code, message = self.errors(exc)
             return [], code, message

@@ -9,6 +9,7 @@ hold snapshot logic or know how bytes reach the socket.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -43,6 +44,30 @@ def info_to_pb(info: Info) -> pb.Info:
     )
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class InfoCache:
+    """Each Info's serialized form, as field 1 of a message (Stat and List replies carry
+    `Info info = 1`), kept as long as the Info itself lives."""
+
+    def __init__(self) -> None:
+        self._fields: weakref.WeakKeyDictionary[Info, bytes] = weakref.WeakKeyDictionary()
+
+    def field(self, info: Info) -> bytes:
+        data = self._fields.get(info)
+        if data is None:
+            body = info_to_pb(info).SerializeToString()
+            data = self._fields[info] = b"\x0a" + _varint(len(body)) + body
+        return data
+
+
 def mounts_to_pb(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options) for m in mounts]
 
@@ -57,6 +82,7 @@ def map_error(exc: BaseException) -> tuple[int, str]:
 class SnapshotsService:
     def __init__(self, snapshotter: Snapshotter):
         self.sn = snapshotter
+        self.infos = InfoCache()
 
     def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:
         mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
@@ -77,23 +103,20 @@ class SnapshotsService:
         self.sn.remove(request.key)
         return empty_pb2.Empty()
 
-    def Stat(self, request: pb.StatSnapshotRequest) -> pb.StatSnapshotResponse:
-        return pb.StatSnapshotResponse(info=info_to_pb(self.sn.stat(request.key)))
+    def Stat(self, request: pb.StatSnapshotRequest) -> bytes:
+        """A serialized StatSnapshotResponse (CRI stats every snapshot every 10 s)."""
+        return self.infos.field(self.sn.stat(request.key))
 
     def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
-    def List(self, request: pb.ListSnapshotsRequest) -> Iterator[pb.ListSnapshotsResponse]:
-        batch: list[pb.Info] = []
-        for info in self.sn.list(list(request.filters)):
-            batch.append(info_to_pb(info))
-            if len(batch) == LIST_BATCH:
-                yield pb.ListSnapshotsResponse(info=batch)
-                batch = []
-        if batch:
-            yield pb.ListSnapshotsResponse(info=batch)
+    def List(self, request: pb.ListSnapshotsRequest) -> Iterator[bytes]:
+        """Serialized ListSnapshotsResponses of up to LIST_BATCH infos each."""
+        fields = [self.infos.field(info) for info in self.sn.list(list(request.filters))]
+        for start in range(0, len(fields), LIST_BATCH):
+            yield b"".join(fields[start : start + LIST_BATCH])
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         usage = self.sn.usage(request.key)
@@ -124,8 +147,12 @@ ROUTES: dict[str, tuple[Any, bool, bool, Callable[[Any], str]]] = {
 
 
 def routes(service: SnapshotsService) -> dict[str, Route]:
+    table = dict(ROUTES)
+    if service.sn.options.async_remove:  # then Remove only changes metadata
+        req, _, streams, describe = table["Remove"]
+        table["Remove"] = (req, False, streams, describe)
     return {
         f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
                                     blocking=blocks, describe=describe)
-        for name, (req, blocks, streams, describe) in ROUTES.items()
+        for name, (req, blocks, streams, describe) in table.items()
     }

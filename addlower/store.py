@@ -42,9 +42,13 @@ CREATE INDEX snapshots_parent ON snapshots(parent_id);
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Info:
-    """What Stat returns: containerd's snapshots.Info. Shared with the mirror: never mutate."""
+    """What Stat returns: containerd's snapshots.Info. Shared with the mirror: never mutate.
+
+    Compared and hashed by identity: a changed snapshot gets a new Info, so callers may memoise
+    what they derive from one (the service keeps its serialized form).
+    """
 
     name: str
     parent: str
