@@ -97,15 +97,15 @@ class Snapshotter:
         try:
             with self.store.transaction() as tx:
                 # Made under the store's lock, so a concurrent Cleanup cannot take it for an orphan.
-                tree = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.snapshots_dir))
-                os.chmod(tree, 0o755)
+                tree = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.snapshots_dir))  # 0700, as containerd's
                 (tree / "fs").mkdir(mode=0o755)
                 if kind == Kind.ACTIVE:
                     (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
-                if snap.parent_ids:
+                if snap.parent_ids:  # the new root belongs to whoever owns the parent's
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
-                    os.lchown(tree / "fs", owner.st_uid, owner.st_gid)
+                    if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
+                        os.lchown(tree / "fs", owner.st_uid, owner.st_gid)
                 final = Path(self.layout.dir(snap.id))
                 os.rename(tree, final)
                 tree = final
