@@ -1,5 +1,5 @@
 """Filesystem facts and helpers the snapshotter needs: d_type support, overlay option probing,
-disk usage, durable directory changes.
+disk usage, tree removal.
 
 Everything here touches the host (files, /proc, /sys); nothing here knows about snapshots,
 metadata or gRPC.
@@ -111,15 +111,6 @@ def disk_usage(root: Path) -> Usage:
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(entry.path)
     return Usage(size=size, inodes=len(seen))
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_tree(path: Path) -> None:

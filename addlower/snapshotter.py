@@ -109,8 +109,9 @@ class Snapshotter:
                 final = Path(self.layout.dir(snap.id))
                 os.rename(tree, final)
                 tree = final
-                # The rename must be on disk before the row that points at it.
-                fsutil.fsync_dir(self.snapshots_dir)
+                # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
+                # rename from the row; only a power cut within the journal's commit interval can,
+                # and start-up reports a row whose directory is missing.
         except BaseException:
             if tree is not None:
                 fsutil.remove_tree(tree)
@@ -217,6 +218,10 @@ class Snapshotter:
                 log.info("restored directory %s of live snapshot %s", entry, sid)
             elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
+        for sid in sorted(live):
+            if not os.path.isdir(self.layout.upper(sid)):
+                log.error("snapshot id %d has no directory %s (lost in a power cut?); remove it "
+                          "with ctr snapshots rm and pull its image again", sid, self.layout.upper(sid))
 
     def _set_aside(self, entry: str) -> str:
         """Rename snapshots/<entry> to a name no snapshot can take; returns the new name."""
