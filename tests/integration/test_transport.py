@@ -1,0 +1,87 @@
+"""The daemon's own HTTP/2 gRPC server, seen from grpcio clients: flow control, concurrency,
+errors, unknown methods, and what happens to calls when a connection goes away."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from addlower.api import snapshots_pb2 as pb
+from tests.support.client import SnapshotsClient
+from tests.support.daemon import Daemon
+
+
+def test_list_larger_than_the_flow_control_window_arrives_whole(client: SnapshotsClient):
+    label = {"containerd.io/snapshot/pad": "x" * 200}
+    for i in range(1200):
+        client.view(f"v{i:04d}", labels=label)
+    infos = client.list()
+    assert [i.name for i in infos] == [f"v{i:04d}" for i in range(1200)]
+    assert all(i.labels == label for i in infos)  # ~300 KB, several times the 64 KiB window
+    assert client.list_batches() == [100] * 12
+
+
+def test_request_larger_than_a_frame_and_the_initial_window(client: SnapshotsClient):
+    labels = {f"containerd.io/snapshot/l{i}": "v" * 4000 for i in range(40)}  # ~160 KB request
+    client.prepare("big", labels=labels)
+    assert dict(client.stat("big").labels) == labels
+
+
+def test_concurrent_calls_on_one_connection(client: SnapshotsClient):
+    client.prepare("a")
+    client.commit("base", "a")
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(30):
+                client.prepare(f"w{n}-{i}", "base")
+                assert client.stat(f"w{n}-{i}").parent == "base"
+                client.remove(f"w{n}-{i}")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [i.name for i in client.list()] == ["base"]
+
+
+def test_error_messages_keep_non_ascii_text(client: SnapshotsClient):
+    with pytest.raises(grpc.RpcError) as err:
+        client.stat("schnapps-ü-日本")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "schnapps-ü-日本" in err.value.details()
+
+
+def test_unknown_method_is_unimplemented(daemon: Daemon):
+    with daemon.channel() as ch:
+        call = ch.unary_unary("/containerd.services.snapshots.v1.Snapshots/Rename",
+                              request_serializer=pb.StatSnapshotRequest.SerializeToString,
+                              response_deserializer=pb.StatSnapshotResponse.FromString)
+        with pytest.raises(grpc.RpcError) as err:
+            call(pb.StatSnapshotRequest(key="x"))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_garbage_on_the_socket_does_not_hurt_the_daemon(daemon: Daemon, client: SnapshotsClient):
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(daemon.socket))
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.settimeout(5)
+    s.recv(4096)  # the server's SETTINGS, then it closes on the bad preface
+    s.close()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(daemon.socket))
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x01\x05\x00\x00\x00\x01\xff\xff\xff\xff")
+    s.close()  # a HEADERS frame with an undecodable header block
+    client.prepare("still-fine")
+    assert client.stat("still-fine").name == "still-fine"
+    assert daemon.proc.poll() is None
