@@ -10,52 +10,25 @@ from __future__ import annotations
 
 import shlex
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import grpc
 
-from .devcontainerd import PROXY_PLUGIN, PrivateContainerd
+from .devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
 from .ociimage import BUSYBOX_REF, build_busybox_image
 
 NAMESPACE = "default"
 
 
-def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the snapshotter exited with code {proc.returncode}")
-        if path.exists():
-            with grpc.insecure_channel(f"unix://{path}") as ch:
-                try:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                    return
-                except grpc.FutureTimeoutError:
-                    pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the snapshotter did not listen on {path}")
-
-
 def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
     workdir = workdir.absolute()
-    root = workdir / "snapshotter"
-    socket = root / "grpc.socks"
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = open(workdir / "snapshotter.log", "ab")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "addlower.cli", "--root-dir", str(root), "--log-level", log_level],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: socket})
+    daemon = SnapshotterProcess(workdir / "snapshotter", args=["--log-level", log_level])
+    containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket})
     try:
-        _wait_for_socket(socket, daemon)
+        daemon.start()  # before containerd, which dials its proxy plugins as it starts
         containerd.start()
         image = build_busybox_image(workdir / "busybox.tar")
-        say(f"snapshotter  : {socket} (log {workdir / 'snapshotter.log'})")
+        say(f"snapshotter  : {daemon.socket} (log {daemon.log_path})")
         say(f"containerd   : {containerd.address} (log {containerd.log_path})")
         containerd.ctr("images", "import", "--snapshotter", PROXY_PLUGIN, str(image.path))
         containerd.ctr("namespaces", "create", NAMESPACE, check=False)
@@ -74,15 +47,13 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(1):
-            if daemon.poll() is not None:
-                say(f"the snapshotter exited with code {daemon.returncode}")
+            if daemon.proc.poll() is not None:
+                say(f"the snapshotter exited with code {daemon.proc.returncode}")
                 return 1
         return 0
     finally:
         containerd.stop()
-        daemon.terminate()
-        daemon.wait(timeout=30)
-        log.close()
+        daemon.stop()
 
 
 def say(text: str) -> None:

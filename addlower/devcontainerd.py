@@ -3,6 +3,7 @@
 It talks to containerd only through its command line (`containerd`, `ctr`) and never touches the
 host's containerd state. It knows how to declare proxy snapshotter plugins and CRI settings, but
 nothing about our snapshotter's internals. Standard library only.
+Also here: SnapshotterProcess, a snapshotter daemon (ours or the Go original) run the same way.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROXY_PLUGIN = "overlay-custom-add-lower-snapshotter"
@@ -235,3 +238,68 @@ class PrivateContainerd:
 def _unescape(field: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as octal."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+@dataclass
+class SnapshotterProcess:
+    """A snapshotter daemon serving on <root>/grpc.socks: ours by default, or any command that
+    takes --root-dir (the Go original). Logs go to <root>.log beside the root."""
+
+    root: Path
+    args: Sequence[str] = ()
+    command: Sequence[str] = (sys.executable, "-m", "addlower.cli")
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "grpc.socks"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root.parent / f"{self.root.name}.log"
+
+    def start(self, timeout: float = 30) -> "SnapshotterProcess":
+        """Start it and wait until its socket accepts connections."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*self.command, "--root-dir", str(self.root), *self.args],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command[-1]} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+            if self._accepts():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"{self.command[-1]} did not listen on {self.socket}:\n{self.log()[-3000:]}")
+
+    def _accepts(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal it and wait; SIGKILL if it does not exit in time. Returns its exit code."""
+        if self.proc is None:  # never started
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                return self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

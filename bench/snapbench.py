@@ -39,7 +39,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -56,12 +55,11 @@ from grpc_tools import protoc
 
 from addlower.api import mount_pb2, snapshots_pb2_grpc
 from addlower.api import snapshots_pb2 as pb
-from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd
+from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
 
 HERE = Path(__file__).resolve().parent
 GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
 GO_BUILD = "bash /work/shared/peers/seedsnap/build.sh"
-SOCKET_NAME = "grpc.socks"
 NAMESPACE = "snapbench"
 FILES_PER_LAYER = 50
 LAYERS_PER_CHAIN = 10
@@ -150,59 +148,6 @@ class Target:
     process: str  # what that process is
 
 
-@dataclass
-class Daemon:
-    """A snapshotter process serving on root/grpc.socks."""
-
-    command: list[str]
-    root: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def socket(self) -> Path:
-        return self.root / SOCKET_NAME
-
-    @property
-    def log_path(self) -> Path:
-        return self.root.with_suffix(".log")
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise RuntimeError("not started")
-        return self.proc.pid
-
-    def start(self, timeout: float = 30) -> Daemon:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*self.command, "--root-dir", str(self.root)], stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            if self.socket.exists():
-                with grpc.insecure_channel(f"unix://{self.socket}") as ch:
-                    try:
-                        grpc.channel_ready_future(ch).result(timeout=0.5)
-                        return self
-                    except grpc.FutureTimeoutError:
-                        pass
-            time.sleep(0.05)
-        self.stop()
-        log_tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{self.command[0]} did not serve on {self.socket}:\n{log_tail}")
-
-    def stop(self, timeout: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
     fields: dict[str, int] = {}
@@ -234,28 +179,27 @@ def through_containerd(channel: grpc.Channel, snapshotter: str, namespace: str,
 @contextmanager
 def targets(work: Path, go_bin: Path, run_id: str) -> Iterator[list[Target]]:
     """Start the three snapshotter processes and containerd; yield the four targets; stop all."""
-    ours_cmd = [sys.executable, "-m", "addlower.cli"]
     with ExitStack() as stack:
-        ours = stack.enter_context(_running(Daemon(ours_cmd, work / "ours")))
-        go = stack.enter_context(_running(Daemon([str(go_bin)], work / "go")))
-        proxied = stack.enter_context(_running(Daemon(ours_cmd, work / "proxied")))
+        ours = stack.enter_context(_running(SnapshotterProcess(work / "ours")))
+        go = stack.enter_context(_running(SnapshotterProcess(work / "go", command=[str(go_bin)])))
+        proxied = stack.enter_context(_running(SnapshotterProcess(work / "proxied")))
         ctrd = stack.enter_context(PrivateContainerd(work / "ctrd", proxy_plugins={PROXY_PLUGIN: proxied.socket}))
         channels = [stack.enter_context(grpc.insecure_channel(f"unix://{path}"))
                     for path in (ours.socket, go.socket, ctrd.address)]
         leases = leases_stubs(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work))))
         assert ctrd.proc is not None
         yield [
-            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.pid, "our daemon"),
-            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.pid, "Go original"),
+            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
+            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
             Target("c", "ctrd/ovl", through_containerd(channels[2], "overlayfs", f"{NAMESPACE}-{run_id}-c", leases),
                    ctrd.proc.pid, "containerd (serves c and d)"),
             Target("d", "ctrd/ours", through_containerd(channels[2], PROXY_PLUGIN, f"{NAMESPACE}-{run_id}-d", leases),
-                   proxied.pid, "our daemon as proxy plugin"),
+                   proxied.proc.pid, "our daemon as proxy plugin"),
         ]
 
 
 @contextmanager
-def _running(daemon: Daemon) -> Iterator[Daemon]:
+def _running(daemon: SnapshotterProcess) -> Iterator[SnapshotterProcess]:
     daemon.start()
     try:
         yield daemon
