@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .daemon import DEFAULT_ROOT, DaemonConfig, run
-from .snapshotter import Options
+from .config import DEFAULT_CONFIG, DEFAULT_ROOT, LOG_LEVELS, ConfigError, load_config
+from .daemon import run
 
 LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
 
@@ -26,28 +27,32 @@ def _setup_logging(level: str) -> None:
 
 @click.command(name="overlay-custom-add-lower-snapshotter",
                context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root-dir", type=click.Path(path_type=Path), default=DEFAULT_ROOT, show_default=True,
-              help="Directory for snapshots and metadata; the socket is <root-dir>/grpc.socks.")
-@click.option("--async-remove", type=click.BOOL, default=True, is_flag=False, flag_value=True,
-              show_default=True,
-              help="Defer deleting removed snapshots' directories until Cleanup (--async-remove=false to delete at once).")
-@click.option("--upperdir-label", type=click.BOOL, default=False, is_flag=False, flag_value=True,
-              show_default=True,
-              help='Add the label "containerd.io/snapshot/overlay.upperdir" to active snapshots\' info.')
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help=f"TOML configuration file [default: {DEFAULT_CONFIG}, if it exists]. Flags override it.")
+@click.option("--root-dir", type=click.Path(path_type=Path), default=None,
+              help=f"Directory for snapshots and metadata; the socket is <root-dir>/grpc.socks [default: {DEFAULT_ROOT}].")
+@click.option("--async-remove", type=click.BOOL, default=None, is_flag=False, flag_value=True,
+              help="Defer deleting removed snapshots' directories until Cleanup; --async-remove=false deletes "
+                   "at once [default: true].")
+@click.option("--upperdir-label", type=click.BOOL, default=None, is_flag=False, flag_value=True,
+              help='Add the label "containerd.io/snapshot/overlay.upperdir" to active snapshots\' info '
+                   "[default: false].")
 @click.option("--address", type=click.Path(path_type=Path), default=None,
               help="Listen on this unix socket instead of <root-dir>/grpc.socks.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None, help="[default: info]")
 @click.version_option(__version__, "--version", "-v", prog_name="overlay-custom-add-lower-snapshotter")
-def serve(root_dir: Path, async_remove: bool, upperdir_label: bool, address: Path | None,
-          log_level: str) -> None:
+def serve(config_path: Path | None, **flags: object) -> None:
     """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin."""
-    _setup_logging(log_level)
-    config = DaemonConfig(
-        root=root_dir.absolute(),
-        address=address.absolute() if address else None,
-        options=Options(async_remove=async_remove, upperdir_label=upperdir_label),
-    )
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _setup_logging("info")
+        logging.getLogger("addlower").error("bad configuration: %s", exc)
+        sys.exit(1)
+    config = replace(config, **{k: v for k, v in flags.items() if v is not None})
+    config = replace(config, root_dir=config.root_dir.absolute(),
+                     address=config.address.absolute() if config.address else None)
+    _setup_logging(config.log_level)
     sys.exit(run(config))
 
 

@@ -1,6 +1,6 @@
 """The daemon: owns the socket, the gRPC server, signals and the start-up checks.
 
-Turns a DaemonConfig into a serving process and back into exit codes. Must not know snapshot
+Turns a Config into a serving process and back into exit codes. Must not know snapshot
 rules (snapshotter.py) or flag parsing (cli.py).
 """
 
@@ -13,36 +13,24 @@ import signal
 import socket
 import stat
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .config import Config
+from .errors import SnapshotError
 from .grpcserver import GrpcServer
 from .service import SnapshotsService, map_error, routes
 from .snapshotter import Options, Snapshotter
 
 log = logging.getLogger("addlower")
 
-DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
-SOCKET_NAME = "grpc.socks"
 SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 30.0
+BLOCKING_WORKERS = 16
 
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and is shown to the operator."""
-
-
-@dataclass(frozen=True)
-class DaemonConfig:
-    root: Path = DEFAULT_ROOT
-    address: Path | None = None  # default: <root>/grpc.socks
-    options: Options = Options()
-    workers: int = 16
-
-    @property
-    def socket_path(self) -> Path:
-        return self.address or self.root / SOCKET_NAME
 
 
 def _claim_socket(path: Path) -> None:
@@ -67,17 +55,20 @@ def _claim_socket(path: Path) -> None:
 class Daemon:
     """The snapshotter and its server; serve() runs until SIGTERM or SIGINT."""
 
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: Config):
         self.config = config
+        options = Options(async_remove=config.async_remove, upperdir_label=config.upperdir_label,
+                          mount_options=config.mount_options, allowed_roots=config.allowed_roots,
+                          named_lowers=config.named_lowers)
         try:
-            self.snapshotter = Snapshotter(config.root, config.options)
-        except (OSError, RuntimeError) as exc:
-            raise StartupError(f"root {config.root} is unusable: {exc}") from exc
+            self.snapshotter = Snapshotter(config.root_dir, options)
+        except (OSError, RuntimeError, SnapshotError) as exc:
+            raise StartupError(f"root {config.root_dir} is unusable: {exc}") from exc
         try:
             _claim_socket(config.socket_path)
         except OSError as exc:
             raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
-        self.executor = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="blocking")
+        self.executor = futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking")
         self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.executor, map_error)
 
     async def serve(self) -> None:
@@ -91,11 +82,13 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        opts = self.config.options
+        c = self.config
         log.info(
-            "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s",
-            __version__, self.config.root, path, opts.async_remove, opts.upperdir_label,
-            ",".join(self.snapshotter.overlay_options) or "-",
+            "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s "
+            "allowed_roots=%s named_lowers=%s",
+            __version__, c.root_dir, path, c.async_remove, c.upperdir_label,
+            ",".join(self.snapshotter.overlay_options) or "-", ",".join(c.allowed_roots),
+            ",".join(f"{k}={v}" for k, v in c.named_lowers.items()) or "-",
         )
         await stopping.wait()
         log.info("shutting down: no new calls, waiting up to %.0fs for those in flight", STOP_GRACE_SECONDS)
@@ -110,7 +103,7 @@ class Daemon:
             pass
 
 
-def run(config: DaemonConfig) -> int:
+def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
     try:
         daemon = Daemon(config)

@@ -53,21 +53,21 @@ class Layout:
 
 @dataclass(frozen=True)
 class MountRule:
-    """How to mount one (kind, number of parents) case."""
+    """How to mount one (kind, number of parents) case when no extra lower dirs are asked for."""
 
     type: str  # "bind" or "overlay"
     bind_of: str = ""  # "self" or "parent": whose fs a bind mount exposes
     mode: str = ""  # "rw" or "ro", for bind mounts
-    upper: bool = False  # overlay with workdir= and upperdir=
 
 
 # (kind, parents) -> rule; parents is 0, 1 or "many" (>= 2). Committed snapshots have no mounts.
+# Active overlays get workdir= and upperdir=; with extra lower dirs every case is an overlay.
 MOUNT_RULES: dict[tuple[Kind, int | str], MountRule] = {
     (Kind.ACTIVE, 0): MountRule("bind", bind_of="self", mode="rw"),
     (Kind.VIEW, 0): MountRule("bind", bind_of="self", mode="ro"),
     (Kind.VIEW, 1): MountRule("bind", bind_of="parent", mode="ro"),
-    (Kind.ACTIVE, 1): MountRule("overlay", upper=True),
-    (Kind.ACTIVE, "many"): MountRule("overlay", upper=True),
+    (Kind.ACTIVE, 1): MountRule("overlay"),
+    (Kind.ACTIVE, "many"): MountRule("overlay"),
     (Kind.VIEW, "many"): MountRule("overlay"),
 }
 
@@ -83,18 +83,24 @@ def compute_mounts(
     sid: int,
     parent_ids: Sequence[int],
     options: Sequence[str] = (),
+    extra_lowers: Sequence[str] = (),
 ) -> list[Mount]:
     """The mounts for snapshot `sid` whose parents are `parent_ids`, nearest first.
 
     `options` are the leading overlay options (configured options, userxattr, index=off), placed
-    before workdir/upperdir/lowerdir in the order containerd uses.
+    before workdir/upperdir/lowerdir in the order containerd uses. `extra_lowers` (host dirs,
+    topmost first) go between the snapshot's own dir and its parents: under an active snapshot's
+    upper dir or a parentless view's own dir, above every image layer.
     """
     rule = rule_for(kind, len(parent_ids))
-    if rule.type == "bind":
+    if rule.type == "bind" and not extra_lowers:
         src = sid if rule.bind_of == "self" else parent_ids[0]
         return [Mount("bind", layout.upper(src), (rule.mode, "rbind"))]
     opts = list(options)
-    if rule.upper:
+    lowers = [*extra_lowers, *(layout.upper(p) for p in parent_ids)]
+    if kind == Kind.ACTIVE:
         opts += [f"workdir={layout.work(sid)}", f"upperdir={layout.upper(sid)}"]
-    opts.append("lowerdir=" + ":".join(layout.upper(p) for p in parent_ids))
+    elif not parent_ids:
+        lowers.insert(0, layout.upper(sid))
+    opts.append("lowerdir=" + ":".join(lowers))
     return [Mount("overlay", "overlay", tuple(opts))]

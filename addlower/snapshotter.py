@@ -12,16 +12,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from . import fsutil
 from .filters import parse_filters
+from .errors import InvalidArgument
 from .fsutil import Usage
-from .labels import UPPERDIR_LABEL, validate_labels
+from .labels import EXTRA_LOWERS_LABEL, UPPERDIR_LABEL, validate_labels
+from .lowers import LowerPolicy, check_mount_limits, parse_lowers
 from .mounts import Kind, Layout, Mount, compute_mounts
-from .store import Info, MetaStore
+from .store import Info, MetaStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ class Options:
     """Daemon options that change snapshotter behaviour (flags of the original)."""
 
     async_remove: bool = True
+    allowed_roots: tuple[str, ...] = ("/",)  # where extra lower dirs named by path may lie
+    named_lowers: Mapping[str, str] = field(default_factory=dict)  # name -> host dir
     upperdir_label: bool = False
     mount_options: tuple[str, ...] = ()
 
@@ -76,6 +80,7 @@ class Snapshotter:
             )
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
         self.store = MetaStore(root / "metadata.db")
         self.overlay_options = fsutil.overlay_options(options.mount_options)
         self._set_aside_unrecorded()
@@ -93,6 +98,7 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         validate_labels(labels)
+        extra = self._extra_lowers(labels)  # refused before anything is created
         tree: Path | None = None  # wherever the new snapshot's directory is at the moment
         try:
             with self.store.transaction() as tx:
@@ -102,6 +108,7 @@ class Snapshotter:
                 if kind == Kind.ACTIVE:
                     (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
+                mounts = self._mounts(snap, extra)
                 if snap.parent_ids:  # the new root belongs to whoever owns the parent's
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
                     if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
@@ -112,21 +119,48 @@ class Snapshotter:
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
+                self._ensure_dirs(extra)
         except BaseException:
             if tree is not None:
                 fsutil.remove_tree(tree)
             raise
-        return self._mounts(snap.kind, snap.id, snap.parent_ids)
+        return mounts
 
-    def _mounts(self, kind: Kind, sid: int, parent_ids: Sequence[int]) -> list[Mount]:
-        return compute_mounts(self.layout, kind, sid, parent_ids, self.overlay_options)
+    def _extra_lowers(self, labels: Mapping[str, str]) -> tuple[str, ...]:
+        """The host dirs the label asks for, checked against the policy, symlinks resolved."""
+        source = f"label {EXTRA_LOWERS_LABEL}"
+        dirs = parse_lowers(labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, source)
+        for d in dirs:
+            real = os.path.realpath(d)
+            if real != d:
+                self.lowers.check_outside_root(real, f"{source}: entry {d!r} resolves to")
+                if self.lowers.allows(d) and not self.lowers.allows(real):
+                    raise InvalidArgument(f"{source}: entry {d!r} resolves to {real!r}, outside the allowed roots")
+            if os.path.lexists(real) and not os.path.isdir(real):
+                raise InvalidArgument(f"{source}: entry {d!r} is not a directory")
+        return dirs
+
+    def _mounts(self, snap: Snapshot, extra: Sequence[str]) -> list[Mount]:
+        mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, extra)
+        if extra:
+            check_mount_limits(mounts, f"label {EXTRA_LOWERS_LABEL}")
+        return mounts
+
+    @staticmethod
+    def _ensure_dirs(dirs: Sequence[str]) -> None:
+        """Create missing extra lower dirs (0755); the policy allowed each of them."""
+        for d in dirs:
+            os.makedirs(d, mode=0o755, exist_ok=True)
 
     # --- queries ------------------------------------------------------------------------------
 
     def mounts(self, key: str) -> list[Mount]:
         with self.store.read() as tx:
             snap = tx.get_snapshot(key)
-        return self._mounts(snap.kind, snap.id, snap.parent_ids)
+        extra = self._extra_lowers(snap.labels)  # again: the policy may have changed
+        mounts = self._mounts(snap, extra)
+        self._ensure_dirs(extra)
+        return mounts
 
     def stat(self, key: str) -> Info:
         with self.store.read() as tx:
@@ -159,6 +193,7 @@ class Snapshotter:
 
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
         validate_labels(labels)
+        self._extra_lowers(labels)
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)

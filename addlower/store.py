@@ -70,11 +70,12 @@ class Record:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What mount computation needs: the id and the parent ids, nearest first."""
+    """What mount computation needs: the id, the parent ids (nearest first) and the labels."""
 
     id: int
     kind: Kind
     parent_ids: tuple[int, ...]
+    labels: Mapping[str, str]
 
 
 class _Mirror:
@@ -141,7 +142,7 @@ class Reader:
         kind = rec.info.kind
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"snapshot {key!r} is {kind.name.lower()}, not active or view")
-        return Snapshot(rec.id, kind, self._parent_ids(rec.parent_id))
+        return Snapshot(rec.id, kind, self._parent_ids(rec.parent_id), rec.info.labels)
 
     def _parent_ids(self, parent_id: int | None) -> tuple[int, ...]:
         chain = []
@@ -193,7 +194,7 @@ class Tx(Reader):
         assert sid is not None
         rec = Record(sid, parent_id, info)
         self.pending.append(lambda: self._m.put(rec))
-        return Snapshot(sid, kind, self._parent_ids(parent_id))
+        return Snapshot(sid, kind, self._parent_ids(parent_id), info.labels)
 
     def commit_active(self, key: str, name: str, usage: Usage, labels: Mapping[str, str]) -> int:
         if not name:

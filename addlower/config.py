@@ -1,0 +1,108 @@
+"""The daemon's TOML configuration file and how command-line flags override it.
+
+Reads and checks the file into plain values; a bad file is an error that names the key. Must not
+start anything or know about snapshots beyond the option names.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import InvalidArgument
+from .lowers import LowerPolicy
+
+DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
+DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
+SOCKET_NAME = "grpc.socks"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Config:
+    root_dir: Path = DEFAULT_ROOT
+    address: Path | None = None
+    async_remove: bool = True
+    upperdir_label: bool = False
+    log_level: str = "info"
+    mount_options: tuple[str, ...] = ()
+    allowed_roots: tuple[str, ...] = ("/",)
+    named_lowers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.address or self.root_dir / SOCKET_NAME
+
+
+# key -> (expected type, converter); everything else in the file is an error.
+_TOP = {
+    "root_dir": (str, Path),
+    "address": (str, Path),
+    "async_remove": (bool, bool),
+    "upperdir_label": (bool, bool),
+    "log_level": (str, str),
+    "mount_options": (list, tuple),
+}
+
+
+def _typed(key: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Check a parsed TOML document and turn it into a Config."""
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "lowers":
+            continue
+        if key not in _TOP:
+            raise ConfigError(f"{key}: unknown key")
+        kind, convert = _TOP[key]
+        values[key] = convert(_typed(key, value, kind))
+    if values.get("log_level", "info") not in LOG_LEVELS:
+        raise ConfigError(f"log_level: one of {', '.join(LOG_LEVELS)}, not {values['log_level']!r}")
+    for i, opt in enumerate(values.get("mount_options", ())):
+        _typed(f"mount_options[{i}]", opt, str)
+    lowers = _typed("lowers", data.get("lowers", {}), dict)
+    for key in lowers:
+        if key not in ("allowed_roots", "named"):
+            raise ConfigError(f"lowers.{key}: unknown key")
+    roots = _typed("lowers.allowed_roots", lowers.get("allowed_roots", ["/"]), list)
+    for i, root in enumerate(roots):
+        _typed(f"lowers.allowed_roots[{i}]", root, str)
+    named = _typed("lowers.named", lowers.get("named", {}), dict)
+    for name, path in named.items():
+        _typed(f"lowers.named.{name}", path, str)
+    config = Config(**values, allowed_roots=tuple(roots), named_lowers=dict(named))
+    try:  # the same checks the snapshotter applies
+        LowerPolicy(str(config.root_dir), config.allowed_roots, config.named_lowers)
+    except InvalidArgument as exc:
+        raise ConfigError(f"lowers: {exc}") from None
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """The file at `path`, or the default file if it exists, or the defaults."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return Config()
+        path = DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
