@@ -1,0 +1,187 @@
+"""Extra lower dirs through the daemon's socket, with real overlay mounts: every mount case,
+copy-on-write over host dirs, Update, refused labels that leave nothing behind, the config file."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from tests.integration.layers import expect_code, mount_snapshot
+from tests.support.client import SnapshotsClient
+from tests.support.daemon import Daemon
+
+Code = grpc.StatusCode
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Path:
+    """A host cache dir with one file, as a CI node would have."""
+    d = tmp_path / "host" / "m2"
+    d.mkdir(parents=True)
+    (d / "settings.xml").write_text("host\n")
+    return d
+
+
+def base_layer(client: SnapshotsClient, tmp_path: Path) -> str:
+    client.prepare("base-active")
+    with mount_snapshot(client.mounts("base-active"), tmp_path / "mnt-base") as m:
+        (m / "image-file").write_text("image\n")
+    client.commit("base", "base-active")
+    return "base"
+
+
+@pytest.mark.parametrize("case", ["active-no-parent", "active-on-image", "view-no-parent", "view-of-one-layer",
+                                  "view-of-two-layers"])
+def test_host_files_show_in_every_mount_case(client: SnapshotsClient, tmp_path: Path, host: Path, case: str):
+    labels = {LOWERS: str(host)}
+    if case == "active-no-parent":
+        mounts = client.prepare("c", labels=labels)
+    elif case == "active-on-image":
+        mounts = client.prepare("c", base_layer(client, tmp_path), labels=labels)
+    elif case == "view-no-parent":
+        mounts = client.view("c", labels=labels)
+    elif case == "view-of-one-layer":
+        mounts = client.view("c", base_layer(client, tmp_path), labels=labels)
+    else:
+        client.prepare("l2-active", base_layer(client, tmp_path))
+        client.commit("l2", "l2-active")
+        mounts = client.view("c", "l2", labels=labels)
+    assert [m.type for m in mounts] == ["overlay"]
+    assert client.mounts("c") == mounts
+    with mount_snapshot(mounts, tmp_path / "mnt") as m:
+        assert (m / "settings.xml").read_text() == "host\n"
+        if case != "active-no-parent" and case != "view-no-parent":
+            assert (m / "image-file").read_text() == "image\n"
+
+
+def test_writes_stay_in_the_container_and_host_changes_show_through(client: SnapshotsClient, tmp_path: Path,
+                                                                  host: Path):
+    client.prepare("c", labels={LOWERS: str(host)})
+    with mount_snapshot(client.mounts("c"), tmp_path / "mnt") as m:
+        (m / "settings.xml").write_text("container\n")
+        (m / "new").write_text("mine\n")
+        (host / "later").write_text("from host\n")
+        assert (m / "settings.xml").read_text() == "container\n"
+        assert (m / "later").read_text() == "from host\n"
+    assert (host / "settings.xml").read_text() == "host\n"
+    assert not (host / "new").exists()
+
+
+def test_leftmost_entry_is_on_top(client: SnapshotsClient, tmp_path: Path):
+    top, below = tmp_path / "top", tmp_path / "below"
+    for d, text in ((top, "top\n"), (below, "below\n")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    client.prepare("c", labels={LOWERS: f"{top}::{below}"})
+    with mount_snapshot(client.mounts("c"), tmp_path / "mnt") as m:
+        assert (m / "f").read_text() == "top\n"
+
+
+def test_missing_dirs_are_created_0755(client: SnapshotsClient, tmp_path: Path):
+    wanted = tmp_path / "not" / "yet"
+    client.prepare("c", labels={LOWERS: str(wanted)})
+    assert wanted.is_dir() and stat.S_IMODE(wanted.stat().st_mode) == 0o755
+
+
+def test_update_changes_what_the_next_mounts_returns(client: SnapshotsClient, tmp_path: Path, host: Path):
+    client.prepare("c")
+    assert client.mounts("c")[0].type == "bind"
+    client.update("c", {LOWERS: str(host)}, ["labels." + LOWERS])
+    with mount_snapshot(client.mounts("c"), tmp_path / "mnt") as m:
+        assert (m / "settings.xml").exists()
+    client.update("c", {}, ["labels." + LOWERS])
+    assert client.mounts("c")[0].type == "bind"
+
+
+def assert_nothing_created(daemon: Daemon, client: SnapshotsClient) -> None:
+    assert client.list() == []
+    assert os.listdir(daemon.root / "snapshots") == []
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{tmp}/x,upperdir=/etc", "character ','"),
+    ("{tmp}/a/../b", "must not contain '..'"),
+    ("cache", "'cache' is not a named lower"),
+    ("{root}/snapshots", "overlaps the snapshotter's root"),
+])
+def test_bad_label_is_refused_and_leaves_nothing_behind(daemon: Daemon, client: SnapshotsClient, tmp_path: Path,
+                                                       value: str, says: str):
+    value = value.format(tmp=tmp_path, root=daemon.root)
+    for call in (client.prepare, client.view):
+        err = expect_code(Code.INVALID_ARGUMENT, call, "c", labels={LOWERS: value})
+        assert LOWERS in err.details() and says in err.details()
+    assert_nothing_created(daemon, client)
+    assert not (tmp_path / "x,upperdir=").exists() and not (tmp_path / "x").exists()
+    client.prepare("ok")
+    err = expect_code(Code.INVALID_ARGUMENT, client.update, "ok", {LOWERS: value}, ["labels." + LOWERS])
+    assert says in err.details()
+    assert LOWERS not in client.stat("ok").labels
+
+
+def test_symlink_out_of_the_allowed_roots_is_refused(tmp_path: Path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "escape").symlink_to("/etc")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[lowers]\nallowed_roots = ["{allowed}"]\n')
+    d = Daemon(root=tmp_path / "root", args=["--config", str(config)]).start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/escape"})
+            assert "resolves to '/etc'" in err.details()
+            err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: "/etc"})
+            assert "outside the allowed roots" in err.details()
+            c.prepare("c", labels={LOWERS: f"{allowed}/fine"})
+            assert (allowed / "fine").is_dir()
+    finally:
+        d.kill()
+
+
+def test_named_lower_from_the_config_file(tmp_path: Path, host: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'[lowers]\nallowed_roots = ["/nowhere"]\n[lowers.named]\nmaven = "{host}"\n')
+    d = Daemon(root=tmp_path / "root", args=["--config", str(config)]).start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            c.prepare("c", labels={LOWERS: "maven"})
+            with mount_snapshot(c.mounts("c"), tmp_path / "mnt") as m:
+                assert (m / "settings.xml").read_text() == "host\n"
+        assert f"named_lowers=maven={host}" in d.log()
+    finally:
+        d.kill()
+
+
+def run_daemon(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "addlower.cli", *args], capture_output=True, text=True, timeout=20)
+
+
+def test_missing_explicit_config_file_is_a_startup_error(tmp_path: Path):
+    r = run_daemon("--root-dir", str(tmp_path / "root"), "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 1 and "nope.toml: No such file or directory" in r.stderr
+
+
+def test_bad_config_key_is_a_startup_error_naming_it(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[lowers]\nallowed_roots = "/srv"\n')
+    r = run_daemon("--root-dir", str(tmp_path / "root"), "--config", str(config))
+    assert r.returncode == 1 and "lowers.allowed_roots: expected a list" in r.stderr
+
+
+def test_flags_override_the_config_file(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'root_dir = "{tmp_path / "from-file"}"\nasync_remove = true\n')
+    d = Daemon(root=tmp_path / "from-flag", args=["--config", str(config), "--async-remove=false"]).start()
+    try:
+        assert "async_remove=False" in d.log() and f"root={tmp_path / 'from-flag'}" in d.log()
+        assert not (tmp_path / "from-file").exists()
+    finally:
+        d.kill()
