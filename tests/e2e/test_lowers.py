@@ -1,0 +1,117 @@
+"""The original's verification of extra lower dirs, step by step, through a real containerd and
+`ctr`, plus what the original did not do: sharing, named lowers, refused labels."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from addlower.devcontainerd import PROXY_PLUGIN, CtrError, PrivateContainerd
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.ociimage import OciImage
+from tests.support.daemon import Daemon
+
+from .conftest import Target, make_target, running_target
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ours(daemon: Daemon, containerd: PrivateContainerd, busybox_image: OciImage, namespace: str) -> Target:
+    """Our snapshotter as the namespace's default, the image imported into it (the original's setup)."""
+    t = make_target(containerd, daemon)
+    t.ctr("namespaces", "create", namespace, namespace="default")
+    t.ctr("namespaces", "label", namespace, f"containerd.io/defaults/snapshotter={PROXY_PLUGIN}", namespace="default")
+    t.ctr("images", "import", str(busybox_image.path), namespace=namespace)
+    return t
+
+
+def start(t: Target, image: OciImage, cid: str, namespace: str, lowers: str) -> None:
+    """`ctr run -d --snapshotter-label <lowers label>=<lowers>` of a container that idles."""
+    t.containerd.run(image.ref, cid, "sleep", "3600", rm=False, namespace=namespace,
+                     options=["-d", "--snapshotter-label", f"{LOWERS}={lowers}"])
+
+
+def sh(t: Target, cid: str, script: str, namespace: str) -> str:
+    """Run a shell script inside the running container, as `ctr tasks exec`."""
+    return t.ctr("tasks", "exec", "--exec-id", f"e{uuid.uuid4().hex[:8]}", cid, "sh", "-c", script,
+                 namespace=namespace).stdout
+
+
+def stop(t: Target, cid: str, namespace: str) -> None:
+    t.ctr("tasks", "kill", "-s", "SIGKILL", cid, namespace=namespace)
+    t.ctr("tasks", "delete", "-f", cid, namespace=namespace)
+    t.ctr("containers", "rm", cid, namespace=namespace)
+
+
+def test_the_originals_demo(ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
+    lower = tmp_path / "overlayfs-custom-lower"
+    top = busybox_image.chain_ids[-1]
+    assert ours.snapshots(namespace)[top].kind == "Committed"  # the default snapshotter took the image
+
+    start(ours, busybox_image, "nginx-with-custom-lower", namespace, str(lower))
+    try:
+        info = json.loads(ours.snapshots_ctr("info", "nginx-with-custom-lower", namespace=namespace).stdout)
+        assert info["Labels"][LOWERS] == str(lower)
+        assert lower.is_dir()  # created for the container
+        assert set(sh(ours, "nginx-with-custom-lower", "ls /", namespace).split()) >= {"bin", "etc", "proc", "tmp"}
+
+        (lower / "test_dir").mkdir()
+        assert "test_dir" in sh(ours, "nginx-with-custom-lower", "ls /", namespace).split()
+        sh(ours, "nginx-with-custom-lower", "touch /test_dir/incontainer", namespace)
+        assert list((lower / "test_dir").iterdir()) == []  # the host never sees the container's file
+        (lower / "test_dir" / "after-outcontainer").touch()
+        seen = sh(ours, "nginx-with-custom-lower", "ls /test_dir", namespace).split()
+        assert sorted(seen) == ["after-outcontainer", "incontainer"]
+    finally:
+        stop(ours, "nginx-with-custom-lower", namespace)
+
+
+def test_two_containers_sharing_a_lower_do_not_see_each_others_changes(
+        ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "dep.jar").write_text("v1\n")
+    for cid in ("ci-a", "ci-b"):
+        start(ours, busybox_image, cid, namespace, str(cache))
+    try:
+        sh(ours, "ci-a", "echo patched-by-a > /dep.jar; echo a > /only-a", namespace)
+        assert sh(ours, "ci-a", "cat /dep.jar /only-a", namespace) == "patched-by-a\na\n"
+        assert sh(ours, "ci-b", "cat /dep.jar; ls /only-a 2>/dev/null || echo none", namespace) == "v1\nnone\n"
+        assert (cache / "dep.jar").read_text() == "v1\n" and not (cache / "only-a").exists()
+    finally:
+        for cid in ("ci-a", "ci-b"):
+            stop(ours, cid, namespace)
+
+
+def test_bad_label_fails_the_container_and_leaves_nothing(
+        ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
+    before_dirs = ours.snapshot_dirs()
+    with pytest.raises(CtrError) as err:
+        start(ours, busybox_image, "evil", namespace, f"{tmp_path}/x,upperdir=/etc")
+    assert LOWERS in err.value.stderr and "character ','" in err.value.stderr
+    assert "evil" not in ours.snapshots(namespace)
+    assert "evil" not in ours.ctr("containers", "ls", "-q", namespace=namespace).stdout.split()
+    assert ours.snapshot_dirs() == before_dirs
+    assert not any(p.name.startswith("x") for p in tmp_path.iterdir())
+
+
+def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage) -> None:
+    work = tmp_path_factory.mktemp("named")
+    m2 = work / "m2"
+    m2.mkdir()
+    (m2 / "settings.xml").write_text("<settings/>\n")
+    config = work / "config.toml"
+    config.write_text(f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\n')
+    with running_target(work, builtin=False, daemon_args=["--config", str(config)]) as t:
+        t.import_image(busybox_image, "ci")
+        out = t.containerd.run(busybox_image.ref, "build", "sh", "-c", "cat /settings.xml", namespace="ci",
+                               snapshotter=PROXY_PLUGIN, options=["--snapshotter-label", f"{LOWERS}=maven"])
+        assert out.stdout == "<settings/>\n"
+        with pytest.raises(CtrError) as err:  # a path is refused: no allowed roots on this node
+            t.containerd.run(busybox_image.ref, "build2", "true", namespace="ci", snapshotter=PROXY_PLUGIN,
+                             options=["--snapshotter-label", f"{LOWERS}={m2}"])
+        assert "outside the allowed roots" in err.value.stderr
