@@ -15,6 +15,7 @@ from pathlib import Path
 
 
 from .devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from .labels import EXTRA_LOWERS_LABEL
 from .ociimage import BUSYBOX_REF, build_busybox_image
 
 NAMESPACE = "default"
@@ -36,12 +37,23 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         out = containerd.run(BUSYBOX_REF, "addlower-demo", "sh", "-c", "echo hello from a container on addlower; ls /",
                              snapshotter=PROXY_PLUGIN)
         say(out.stdout.rstrip())
+        lower = workdir / "host-cache"
+        lower.mkdir(exist_ok=True)
+        (lower / "from-the-host.txt").write_text("a file in a host dir, seen copy-on-write\n")
+        out = containerd.run(BUSYBOX_REF, "addlower-lower-demo", "sh", "-c",
+                             "cat /from-the-host.txt; echo changed > /from-the-host.txt; cat /from-the-host.txt",
+                             options=["--snapshotter-label", f"{EXTRA_LOWERS_LABEL}={lower}"])
+        say(f"\nwith --snapshotter-label {EXTRA_LOWERS_LABEL}={lower}:")
+        say(out.stdout.rstrip())
+        say(f"on the host, still: {(lower / 'from-the-host.txt').read_text().rstrip()}\n")
         say(containerd.ctr("snapshots", "--snapshotter", PROXY_PLUGIN, "ls").stdout.rstrip())
         if not keep_running:
             return 0
         ctr = f"ctr --address {shlex.quote(str(containerd.address))}"
         say("\nTry it (Ctrl-C here stops everything):")
         say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} {BUSYBOX_REF} demo1 sh")
+        say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} --snapshotter-label "
+            f"{EXTRA_LOWERS_LABEL}={lower} {BUSYBOX_REF} demo2 sh")
         say(f"  {ctr} snapshots --snapshotter {PROXY_PLUGIN} ls")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
