@@ -7,6 +7,8 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -125,39 +127,39 @@ def test_bad_label_is_refused_and_leaves_nothing_behind(daemon: Daemon, client: 
     assert LOWERS not in client.stat("ok").labels
 
 
+@contextmanager
+def configured(tmp_path: Path, toml: str) -> Iterator[tuple[Daemon, SnapshotsClient]]:
+    """A daemon started with `--config` holding `toml`, and a client for it."""
+    config = tmp_path / "config.toml"
+    config.write_text(toml)
+    d = Daemon(root=tmp_path / "root", args=["--config", str(config)]).start()
+    try:
+        with d.channel() as ch:
+            yield d, SnapshotsClient(ch)
+    finally:
+        d.kill()
+
+
 def test_symlink_out_of_the_allowed_roots_is_refused(tmp_path: Path):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "escape").symlink_to("/etc")
-    config = tmp_path / "config.toml"
-    config.write_text(f'[lowers]\nallowed_roots = ["{allowed}"]\n')
-    d = Daemon(root=tmp_path / "root", args=["--config", str(config)]).start()
-    try:
-        with d.channel() as ch:
-            c = SnapshotsClient(ch)
-            err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/escape"})
-            assert "resolves to '/etc'" in err.details()
-            err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: "/etc"})
-            assert "outside the allowed roots" in err.details()
-            c.prepare("c", labels={LOWERS: f"{allowed}/fine"})
-            assert (allowed / "fine").is_dir()
-    finally:
-        d.kill()
+    with configured(tmp_path, f'[lowers]\nallowed_roots = ["{allowed}"]\n') as (_, c):
+        err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/escape"})
+        assert "resolves to '/etc'" in err.details()
+        err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: "/etc"})
+        assert "outside the allowed roots" in err.details()
+        c.prepare("c", labels={LOWERS: f"{allowed}/fine"})
+        assert (allowed / "fine").is_dir()
 
 
 def test_named_lower_from_the_config_file(tmp_path: Path, host: Path):
-    config = tmp_path / "config.toml"
-    config.write_text(f'[lowers]\nallowed_roots = ["/nowhere"]\n[lowers.named]\nmaven = "{host}"\n')
-    d = Daemon(root=tmp_path / "root", args=["--config", str(config)]).start()
-    try:
-        with d.channel() as ch:
-            c = SnapshotsClient(ch)
-            c.prepare("c", labels={LOWERS: "maven"})
-            with mount_snapshot(c.mounts("c"), tmp_path / "mnt") as m:
-                assert (m / "settings.xml").read_text() == "host\n"
+    toml = f'[lowers]\nallowed_roots = ["/nowhere"]\n[lowers.named]\nmaven = "{host}"\n'
+    with configured(tmp_path, toml) as (d, c):
+        c.prepare("c", labels={LOWERS: "maven"})
+        with mount_snapshot(c.mounts("c"), tmp_path / "mnt") as m:
+            assert (m / "settings.xml").read_text() == "host\n"
         assert f"named_lowers=maven={host}" in d.log()
-    finally:
-        d.kill()
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess:
