@@ -17,6 +17,7 @@ import struct
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Callable, Iterable
 
 import hpack
@@ -40,8 +41,21 @@ RECEIVE_WINDOW = 1 << 20  # what we let peers send before we acknowledge
 MAX_FRAME = 16_384
 MAX_MESSAGE = 16 << 20  # largest request message accepted
 
-# gRPC status codes used by the transport itself.
-OK, UNKNOWN, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 2, 8, 12, 13
+
+
+class Code(IntEnum):
+    """gRPC status codes (the numbers are the wire protocol's)."""
+
+    OK = 0
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+
 
 
 def _hpack_int(value: int, prefix_bits: int) -> bytes:
@@ -86,7 +100,7 @@ class Route:
     describe: Callable[[Any], str] = lambda request: ""  # for the per-call log line
 
 
-ErrorMapper = Callable[[BaseException], tuple[int, str]]
+ErrorMapper = Callable[[BaseException], tuple[Code, str]]
 
 
 @dataclass
@@ -273,7 +287,7 @@ class _Connection(asyncio.Protocol):
         if stream is None:  # reset by the client meanwhile
             return
         if len(stream.body) + len(data) > MAX_MESSAGE + 5:
-            self._finish(sid, [], RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE} bytes")
+            self._finish(sid, [], Code.RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE} bytes")
             return
         stream.body += data
         if flags & END_STREAM:
@@ -284,16 +298,16 @@ class _Connection(asyncio.Protocol):
     def _dispatch(self, sid: int, stream: _Stream) -> None:
         route = self.server.routes.get(stream.path.decode("latin-1"))
         if route is None:
-            self._finish(sid, [], UNIMPLEMENTED, f"unknown method {stream.path.decode('latin-1')}")
+            self._finish(sid, [], Code.UNIMPLEMENTED, f"unknown method {stream.path.decode('latin-1')}")
             return
         body = stream.body
         if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-            self._finish(sid, [], INTERNAL, "expected one uncompressed gRPC message")
+            self._finish(sid, [], Code.INTERNAL, "expected one uncompressed gRPC message")
             return
         try:
             request = route.request.FromString(bytes(body[5:]))
         except Exception as exc:  # protobuf's DecodeError and friends
-            self._finish(sid, [], INTERNAL, f"cannot parse request: {exc}")
+            self._finish(sid, [], Code.INTERNAL, f"cannot parse request: {exc}")
             return
         started = time.perf_counter()
         if not route.blocking:
@@ -304,14 +318,14 @@ class _Connection(asyncio.Protocol):
         future.add_done_callback(lambda f: self._complete(sid, route, request, started, *f.result()))
 
     def _complete(self, sid: int, route: Route, request: Any, started: float,
-                  messages: list[bytes], code: int, message: str) -> None:
+                  messages: list[bytes], code: Code, message: str) -> None:
         if route.blocking:
             self.server.inflight -= 1
-        log.debug("rpc method=%s key=%s duration=%.6fs code=%d", route.handler.__name__,
-                  route.describe(request), time.perf_counter() - started, code)
+        log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.handler.__name__,
+                  route.describe(request), time.perf_counter() - started, code.name)
         self._finish(sid, messages, code, message)
 
-    def _finish(self, sid: int, messages: list[bytes], code: int, message: str) -> None:
+    def _finish(self, sid: int, messages: list[bytes], code: Code, message: str) -> None:
         stream = self.streams.get(sid)
         if stream is None or stream.answered:
             return
@@ -319,10 +333,10 @@ class _Connection(asyncio.Protocol):
         self._write(_frame(HEADERS, END_HEADERS, sid, RESPONSE_HEADERS))
         for m in messages:
             stream.outbox += b"\x00" + struct.pack(">I", len(m)) + m
-        if code == OK:
+        if code == Code.OK:
             stream.trailers = OK_TRAILERS
         else:
-            stream.trailers = header_block([(b"grpc-status", str(code).encode()),
+            stream.trailers = header_block([(b"grpc-status", str(int(code)).encode()),
                                             (b"grpc-message", _grpc_message(message))])
         self._flush(sid)
 
@@ -358,12 +372,12 @@ class GrpcServer:
         self.inflight = 0
         self._server: asyncio.AbstractServer | None = None
 
-    def call(self, route: Route, request: Any) -> tuple[list[bytes], int, str]:
+    def call(self, route: Route, request: Any) -> tuple[list[bytes], Code, str]:
         """Run a handler; returns the serialized responses and the status (code, message)."""
         try:
             result = route.handler(request)
             responses = list(result) if route.streaming else [result]
-            return [r if isinstance(r, bytes) else r.SerializeToString() for r in responses], OK, ""
+            return [r if isinstance(r, bytes) else r.SerializeToString() for r in responses], Code.OK, ""
         except Exception as exc:
             code, message = self.errors(exc)
             return [], code, message

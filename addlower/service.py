@@ -16,7 +16,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from .api import mount_pb2, snapshots_pb2 as pb
 from .errors import SnapshotError, status_code
-from .grpcserver import Route
+from .grpcserver import Code, Route
 from .mounts import Mount
 from .snapshotter import Snapshotter
 from .store import Info
@@ -72,11 +72,11 @@ def mounts_to_pb(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options) for m in mounts]
 
 
-def map_error(exc: BaseException) -> tuple[int, str]:
+def map_error(exc: BaseException) -> tuple[Code, str]:
     """The gRPC status (code number, message) for an exception raised by a handler."""
     if not isinstance(exc, SnapshotError):
         log.error("call failed unexpectedly", exc_info=exc)
-    return status_code(exc).value[0], str(exc)
+    return status_code(exc), str(exc)
 
 
 class SnapshotsService:
