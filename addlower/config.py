@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InvalidArgument
-from .lowers import LowerPolicy
+from .kubernetes import KubernetesConfig
+from .lowers import LowerPolicy, check_path, is_within
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
@@ -34,6 +35,7 @@ class Config:
     mount_options: tuple[str, ...] = ()
     allowed_roots: tuple[str, ...] = ("/",)
     named_lowers: Mapping[str, str] = field(default_factory=dict)
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @property
     def socket_path(self) -> Path:
@@ -61,7 +63,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     """Check a parsed TOML document and turn it into a Config."""
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key == "lowers":
+        if key in ("lowers", "kubernetes"):
             continue
         if key not in _TOP:
             raise ConfigError(f"{key}: unknown key")
@@ -81,12 +83,42 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     named = _typed("lowers.named", lowers.get("named", {}), dict)
     for name, path in named.items():
         _typed(f"lowers.named.{name}", path, str)
-    config = Config(**values, allowed_roots=tuple(roots), named_lowers=dict(named))
+    config = Config(**values, allowed_roots=tuple(roots), named_lowers=dict(named),
+                    kubernetes=_kubernetes(_typed("kubernetes", data.get("kubernetes", {}), dict), tuple(roots)))
     try:  # the same checks the snapshotter applies
         LowerPolicy(str(config.root_dir), config.allowed_roots, config.named_lowers)
     except InvalidArgument as exc:
         raise ConfigError(f"lowers: {exc}") from None
     return config
+
+
+# [kubernetes] key -> expected type
+_KUBERNETES = {"enabled": bool, "containerd_address": str, "namespace": str, "annotation": str,
+               "allowed_roots": list, "timeout": (int, float)}
+
+
+def _kubernetes(section: Mapping[str, Any], label_roots: tuple[str, ...]) -> KubernetesConfig:
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in _KUBERNETES:
+            raise ConfigError(f"kubernetes.{key}: unknown key")
+        kind = _KUBERNETES[key]
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise ConfigError(f"kubernetes.{key}: expected a {getattr(kind, '__name__', 'number')}, got {value!r}")
+        values[key] = value
+    roots = tuple(values.pop("allowed_roots", ()))
+    for i, root in enumerate(roots):
+        key = f"kubernetes.allowed_roots[{i}]"
+        try:
+            check_path(_typed(key, root, str), key)
+        except InvalidArgument as exc:
+            raise ConfigError(str(exc)) from None
+        # A pod's lowers are recorded as the snapshot's label, which the label policy then checks.
+        if not any(is_within(root, r) for r in label_roots):
+            raise ConfigError(f"{key}: {root!r} is outside lowers.allowed_roots {list(label_roots)}")
+    if values.get("timeout", 1) <= 0:
+        raise ConfigError("kubernetes.timeout: must be positive")
+    return KubernetesConfig(**values, allowed_roots=roots)
 
 
 def load_config(path: Path | None) -> Config:

@@ -59,7 +59,7 @@ class Daemon:
         self.config = config
         options = Options(async_remove=config.async_remove, upperdir_label=config.upperdir_label,
                           mount_options=config.mount_options, allowed_roots=config.allowed_roots,
-                          named_lowers=config.named_lowers)
+                          named_lowers=config.named_lowers, kubernetes=config.kubernetes)
         try:
             self.snapshotter = Snapshotter(config.root_dir, options)
         except (OSError, RuntimeError, SnapshotError) as exc:
@@ -85,10 +85,11 @@ class Daemon:
         c = self.config
         log.info(
             "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s "
-            "allowed_roots=%s named_lowers=%s",
+            "allowed_roots=%s named_lowers=%s kubernetes=%s",
             __version__, c.root_dir, path, c.async_remove, c.upperdir_label,
             ",".join(self.snapshotter.overlay_options) or "-", ",".join(c.allowed_roots),
             ",".join(f"{k}={v}" for k, v in c.named_lowers.items()) or "-",
+            f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
         )
         await stopping.wait()
         log.info("shutting down: no new calls, waiting up to %.0fs for those in flight", STOP_GRACE_SECONDS)

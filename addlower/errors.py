@@ -32,6 +32,12 @@ class FailedPrecondition(SnapshotError):
     code = Code.FAILED_PRECONDITION
 
 
+class Unavailable(SnapshotError):
+    """A service we depend on (containerd, for Kubernetes pods) did not answer in time."""
+
+    code = Code.UNAVAILABLE
+
+
 def status_code(exc: BaseException) -> Code:
     """The gRPC code for an exception; anything unexpected is UNKNOWN, as containerd's errdefs does."""
     return exc.code if isinstance(exc, SnapshotError) else Code.UNKNOWN

@@ -55,6 +55,7 @@ class Code(IntEnum):
     FAILED_PRECONDITION = 9
     UNIMPLEMENTED = 12
     INTERNAL = 13
+    UNAVAILABLE = 14
 
 
 

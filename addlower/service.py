@@ -153,6 +153,9 @@ def routes(service: SnapshotsService) -> dict[str, Route]:
     if service.sn.options.async_remove:  # then Remove only changes metadata
         req, _, streams, describe = table["Remove"]
         table["Remove"] = (req, False, streams, describe)
+    if service.sn.pods is not None:  # then Mounts may wait for containerd
+        req, _, streams, describe = table["Mounts"]
+        table["Mounts"] = (req, True, streams, describe)
     return {
         f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
                                     blocking=blocks, describe=describe)

@@ -20,6 +20,7 @@ from . import fsutil
 from .filters import parse_filters
 from .errors import InvalidArgument
 from .fsutil import Usage
+from .kubernetes import KubernetesConfig, PodLowers
 from .labels import EXTRA_LOWERS_LABEL, UPPERDIR_LABEL, validate_labels
 from .lowers import LowerPolicy, check_mount_limits, parse_lowers
 from .mounts import Kind, Layout, Mount, compute_mounts
@@ -40,6 +41,7 @@ class Options:
     async_remove: bool = True
     allowed_roots: tuple[str, ...] = ("/",)  # where extra lower dirs named by path may lie
     named_lowers: Mapping[str, str] = field(default_factory=dict)  # name -> host dir
+    kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled
     upperdir_label: bool = False
     mount_options: tuple[str, ...] = ()
 
@@ -81,6 +83,8 @@ class Snapshotter:
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
+        k8s = options.kubernetes
+        self.pods = PodLowers(k8s, LowerPolicy(str(root), k8s.allowed_roots, self.lowers.named)) if k8s.enabled else None
         self.store = MetaStore(root / "metadata.db")
         self.overlay_options = fsutil.overlay_options(options.mount_options)
         self._set_aside_unrecorded()
@@ -157,10 +161,25 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         with self.store.read() as tx:
             snap = tx.get_snapshot(key)
+        if self.pods is not None and snap.kind == Kind.ACTIVE and EXTRA_LOWERS_LABEL not in snap.labels:
+            snap = self._record_pod_lowers(key, snap)
         extra = self._extra_lowers(snap.labels)  # again: the policy may have changed
         mounts = self._mounts(snap, extra)
         self._ensure_dirs(extra)
         return mounts
+
+    def _record_pod_lowers(self, key: str, snap: Snapshot) -> Snapshot:
+        """Ask containerd what the container's pod wants; record it as the label, so that later
+        Mounts calls are stable and `ctr snapshots info` shows it."""
+        assert self.pods is not None
+        value = self.pods.for_key(key)
+        if value is None:
+            return snap
+        with self.store.transaction() as tx:
+            tx.update_info(key, {EXTRA_LOWERS_LABEL: value}, [f"labels.{EXTRA_LOWERS_LABEL}"])
+        log.info("recorded lowers %r for %s from its pod's annotation", value, key)
+        with self.store.read() as tx:
+            return tx.get_snapshot(key)
 
     def stat(self, key: str) -> Info:
         with self.store.read() as tx:
