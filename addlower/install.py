@@ -1,0 +1,91 @@
+"""`addlower install`: point a node's containerd at the snapshotter (what the DaemonSet's init
+container runs), without breaking the node's config.
+
+The pure part edits the config text: it adds the proxy plugin and sets CRI's snapshotter in the
+table containerd's config version uses, leaving everything else as written, and refuses (changing
+nothing) when the result would not parse or not say what it must. Must not know the daemon.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .devcontainerd import PROXY_PLUGIN
+
+
+class InstallError(Exception):
+    """The config cannot be changed safely; nothing was written."""
+
+
+def _cri_table(version: int) -> tuple[tuple[str, ...], str]:
+    """Where CRI's snapshotter setting lives: the key path and the table header as written."""
+    if version >= 3:
+        return ("plugins", "io.containerd.cri.v1.images"), "[plugins.'io.containerd.cri.v1.images']"
+    return ("plugins", "io.containerd.grpc.v1.cri", "containerd"), '[plugins."io.containerd.grpc.v1.cri".containerd]'
+
+
+def _lookup(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for part in path:
+        if not isinstance(doc, dict) or part not in doc:
+            return None
+        doc = doc[part]
+    return doc
+
+
+def configure(text: str, socket: str, cri: bool = True) -> str:
+    """The config `text` with our proxy plugin (and CRI's snapshotter) set; unchanged if already so."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InstallError(f"the current config does not parse: {exc}") from None
+    version = int(doc.get("version", 1))
+    if version < 2:
+        raise InstallError("config version 1 is not supported: migrate it with `containerd config migrate`")
+    out = text if text.endswith("\n") or not text else text + "\n"
+    plugin = _lookup(doc, ("proxy_plugins", PROXY_PLUGIN))
+    if plugin is None:
+        out += f'\n[proxy_plugins.{PROXY_PLUGIN}]\n  type = "snapshot"\n  address = "{socket}"\n'
+    elif plugin.get("address") != socket:
+        raise InstallError(f"proxy_plugins.{PROXY_PLUGIN} already points at {plugin.get('address')!r}, not {socket!r}")
+    if cri:
+        path, header = _cri_table(version)
+        table = _lookup(doc, path)
+        setting = f'  snapshotter = "{PROXY_PLUGIN}"'
+        if table is None:
+            out += f"\n{header}\n{setting}\n"
+        elif table.get("snapshotter") != PROXY_PLUGIN:
+            pattern = re.compile(r"^[ \t]*" + re.escape(header) + r"[ \t]*$", re.M)
+            found = pattern.search(out)
+            if found is None:
+                raise InstallError(f"cannot find the table {header} as a header to set its snapshotter")
+            body_end = re.compile(r"^[ \t]*\[", re.M).search(out, found.end())
+            body = out[found.end(): body_end.start() if body_end else len(out)]
+            body = re.sub(r"^[ \t]*snapshotter[ \t]*=.*\n?", "", body, flags=re.M)
+            out = out[: found.end()] + "\n" + setting + body + (out[body_end.start():] if body_end else "")
+    check = tomllib.loads(out)
+    if _lookup(check, ("proxy_plugins", PROXY_PLUGIN, "address")) != socket or (
+            cri and _lookup(check, (*_cri_table(version)[0], "snapshotter")) != PROXY_PLUGIN):
+        raise InstallError("the edited config would not say what it must; nothing written")
+    return out
+
+
+def install(host_root: Path, socket: str, cri: bool, restart: bool) -> str:
+    """Edit <host_root>/etc/containerd/config.toml (backup beside it); restart containerd if asked."""
+    config = host_root / "etc/containerd/config.toml"
+    text = config.read_text() if config.exists() else "version = 2\n"
+    new = configure(text, socket, cri)
+    if new == text:
+        return f"{config}: already configured"
+    if config.exists():
+        shutil.copy2(config, config.with_name(config.name + ".bak-addlower"))
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(new)
+    if restart:
+        subprocess.run(["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
+                        "systemctl", "restart", "containerd"], check=True)
+    return f"{config}: configured" + (", containerd restarted" if restart else "")
