@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIG, DEFAULT_ROOT, LOG_LEVELS, ConfigError, load_config
+from .config import DEFAULT_CONFIG, DEFAULT_ROOT, LOG_LEVELS, SOCKET_NAME, ConfigError, load_config
 from .daemon import run
 
 LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
@@ -88,3 +88,32 @@ def snapshotter_main() -> None:
 
 if __name__ == "__main__":
     snapshotter_main()
+
+
+@admin.command()
+@click.option("--host-root", type=click.Path(path_type=Path, file_okay=False), default=Path("/host"), show_default=True,
+              help="Where the node's / is mounted.")
+@click.option("--socket", default=str(DEFAULT_ROOT / SOCKET_NAME), show_default=True,
+              help="The snapshotter's socket, as containerd on the node will dial it.")
+@click.option("--unit", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=Path("/deploy/systemd/overlay-custom-add-lower-snapshotter.service"), show_default=True,
+              help="systemd unit template to install.")
+@click.option("--wheels", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+              help="Directory of wheels (addlower and its dependencies) to install on the node.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help=f"Daemon config file to install as {DEFAULT_CONFIG} (checked first).")
+@click.option("--start/--no-start", default=True, show_default=True,
+              help="Build the venv, start the unit and restart containerd in the node's namespaces.")
+def install(host_root: Path, socket: str, unit: Path, wheels: Path | None, config_path: Path | None,
+            start: bool) -> None:
+    """Put the daemon on a node and point its containerd at it (the DaemonSet's init container)."""
+    from .install import InstallError, install as run_install
+
+    try:
+        if config_path is not None:
+            load_config(config_path)  # a bad file stops here, not in the node's daemon
+        config_text = config_path.read_text() if config_path else None
+        for line in run_install(host_root, socket, unit.read_text(), wheels, start, config_text):
+            click.echo(line)
+    except (InstallError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None

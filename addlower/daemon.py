@@ -52,6 +52,20 @@ def _claim_socket(path: Path) -> None:
     raise StartupError(f"cannot listen on {path}: another process is serving on it")
 
 
+def notify_systemd(state: bytes) -> None:
+    """Tell systemd (Type=notify units) how we are, when it asked by setting NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state, address)
+        except OSError as exc:
+            log.warning("could not notify systemd at %s: %s", address, exc)
+
+
 class Daemon:
     """The snapshotter and its server; serve() runs until SIGTERM or SIGINT."""
 
@@ -91,7 +105,9 @@ class Daemon:
             ",".join(f"{k}={v}" for k, v in c.named_lowers.items()) or "-",
             f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
         )
+        notify_systemd(b"READY=1")
         await stopping.wait()
+        notify_systemd(b"STOPPING=1")
         log.info("shutting down: no new calls, waiting up to %.0fs for those in flight", STOP_GRACE_SECONDS)
         await self.server.shutdown(STOP_GRACE_SECONDS)
 

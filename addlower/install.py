@@ -74,18 +74,74 @@ def configure(text: str, socket: str, cri: bool = True) -> str:
     return out
 
 
-def install(host_root: Path, socket: str, cri: bool, restart: bool) -> str:
-    """Edit <host_root>/etc/containerd/config.toml (backup beside it); restart containerd if asked."""
+UNIT_NAME = "overlay-custom-add-lower-snapshotter.service"
+HOST_PREFIX = "/opt/addlower"  # on the host: wheels/ and venv/
+DAEMON_CONFIG = "/etc/overlay-custom-add-lower-snapshotter/config.toml"
+NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
+
+
+def unit_file(template: str) -> str:
+    """The systemd unit, running the daemon from the host venv the installer made."""
+    return template.replace("ExecStart=/usr/local/bin/", f"ExecStart={HOST_PREFIX}/venv/bin/")
+
+
+def _listing(directory: Path) -> set[tuple[str, int]]:
+    return {(p.name, p.stat().st_size) for p in directory.iterdir()} if directory.is_dir() else set()
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return True
+
+
+def install(host_root: Path, socket: str, unit_template: str, wheels: Path | None, start: bool,
+            config_text: str | None = None) -> list[str]:
+    """Put the daemon on the host (a venv from `wheels`, the systemd unit), point containerd at it.
+
+    `host_root` is where the host's / is mounted (the DaemonSet mounts it at /host). With `start`,
+    commands run in the host's namespaces (nsenter into pid 1): build the venv, enable and start
+    the unit (restarted when its files changed), then restart containerd if its config changed, in
+    that order, so containerd finds the socket. `config_text` becomes the daemon's config file.
+    """
+    done = []
+    daemon_changed = False
+    if config_text is not None:
+        if _write_if_changed(host_root / DAEMON_CONFIG.lstrip("/"), config_text):
+            daemon_changed = True
+            done.append(f"wrote {DAEMON_CONFIG}")
+    target = host_root / HOST_PREFIX.lstrip("/") / "wheels"
+    if wheels is not None and _listing(wheels) != _listing(target):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(wheels, target)
+        daemon_changed = True
+        done.append(f"copied {len(list(target.iterdir()))} wheels to {HOST_PREFIX}/wheels")
+    if _write_if_changed(host_root / "etc/systemd/system" / UNIT_NAME, unit_file(unit_template)):
+        daemon_changed = True
+        done.append(f"wrote /etc/systemd/system/{UNIT_NAME}")
     config = host_root / "etc/containerd/config.toml"
     text = config.read_text() if config.exists() else "version = 2\n"
-    new = configure(text, socket, cri)
-    if new == text:
-        return f"{config}: already configured"
-    if config.exists():
-        shutil.copy2(config, config.with_name(config.name + ".bak-addlower"))
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(new)
-    if restart:
-        subprocess.run(["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
-                        "systemctl", "restart", "containerd"], check=True)
-    return f"{config}: configured" + (", containerd restarted" if restart else "")
+    new = configure(text, socket)
+    changed = new != text
+    if changed:
+        if config.exists():
+            shutil.copy2(config, config.with_name(config.name + ".bak-addlower"))
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(new)
+        done.append("configured /etc/containerd/config.toml (backup: config.toml.bak-addlower)")
+    if start:
+        steps = [
+            ["python3", "-m", "venv", f"{HOST_PREFIX}/venv"],
+            [f"{HOST_PREFIX}/venv/bin/pip", "install", "-q", "--no-index", "--find-links", f"{HOST_PREFIX}/wheels",
+             "--upgrade", "addlower"],
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "enable", UNIT_NAME],
+            ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME],
+            *([["systemctl", "restart", "containerd"]] if changed else []),
+        ]
+        for step in steps:
+            subprocess.run([*NSENTER, *step], check=True)
+            done.append("ran " + " ".join(step))
+    return done

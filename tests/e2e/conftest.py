@@ -11,7 +11,8 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from addlower import ociimage
-from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd
+from addlower.devcontainerd import PROXY_PLUGIN, CriSettings, PrivateContainerd
+from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon
 
 BUILTIN = "overlayfs"
@@ -190,3 +192,68 @@ def fresh_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     builtin, daemon_args = request.param
     with running_target(tmp_path_factory.mktemp("fresh"), builtin, daemon_args) as target:
         yield target
+
+
+# CRI (Kubernetes runtime.v1): pods and containers on a containerd with its CRI plugin on.
+
+CRI_NAMESPACE = "k8s.io"
+
+
+@dataclass(frozen=True)
+class CriOptions:
+    """A CRI node's set-up: CRI's snapshotter (the built-in or ours), our daemon's extra flags, and
+    the runtime's `pod_annotations` patterns (pod annotations copied into containers' specs)."""
+
+    builtin: bool
+    daemon_args: Sequence[str] = ()
+    pod_annotations: Sequence[str] = ()
+
+
+@contextmanager
+def running_cri_target(workdir: Path, options: CriOptions) -> Iterator[Target]:
+    """Our daemon (always, debug log), then a containerd of its own with CRI on, whose snapshotter is
+    the built-in overlayfs (`options.builtin`) or our daemon; the Target is the snapshotter CRI uses."""
+    daemon = Daemon(root=workdir / "snapshotter", args=["--log-level", "debug", *options.daemon_args])
+    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PROXY_PLUGIN, pod_annotations=options.pod_annotations)
+    with ExitStack() as stack:
+        daemon.start()
+        stack.callback(daemon.stop)
+        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket}, cri=cri)
+        yield make_target(stack.enter_context(containerd), None if options.builtin else daemon)
+
+
+def eventually(condition: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+@pytest.fixture(scope="session")
+def pause_image(e2e_dir: Path) -> ociimage.OciImage:
+    """The sandbox image the CRI containerds are configured with (CriSettings.sandbox_image)."""
+    return ociimage.build_pause_image(e2e_dir / "images" / "pause.tar")
+
+
+@pytest.fixture(
+    params=[pytest.param(CriOptions(builtin=True), id=BUILTIN), pytest.param(CriOptions(builtin=False), id="ours")]
+)
+def cri_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pause_image: ociimage.OciImage
+) -> Iterator[Target]:
+    """A CRI node of the test's own (see running_cri_target) with the pause image imported into
+    `k8s.io`. Other set-ups: `@pytest.mark.parametrize("cri_target", [CriOptions(...)], indirect=True)`."""
+    with running_cri_target(tmp_path_factory.mktemp("cri"), request.param) as target:
+        target.import_image(pause_image, CRI_NAMESPACE)
+        yield target
+
+
+@pytest.fixture
+def cri(cri_target: Target, tmp_path: Path) -> Iterator[CriClient]:
+    """A CRI client for `cri_target`'s containerd; pod logs go under the test's tmp_path."""
+    client = CriClient(cri_target.containerd.address, log_root=tmp_path / "pod-logs")
+    yield client
+    client.close()

@@ -167,3 +167,21 @@ def test_admin_serve_runs_the_same_daemon(tmp_path: Path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0
+
+
+def test_readiness_is_sent_to_systemd_when_asked(tmp_path: Path):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(15)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc = subprocess.Popen([*CMD, "--root-dir", str(tmp_path / "root")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert notify.recv(100) == b"READY=1"
+        assert (tmp_path / "root" / "grpc.socks").exists()  # ready means listening
+        proc.terminate()
+        assert notify.recv(100) == b"STOPPING=1"
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        notify.close()
