@@ -6,6 +6,7 @@ Only flag parsing and logging setup live here; serving is daemon.py's job.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -15,14 +16,37 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIG, DEFAULT_ROOT, LOG_LEVELS, SOCKET_NAME, ConfigError, load_config
+from .config import (
+    DEFAULT_CONFIG,
+    DEFAULT_ROOT,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    SOCKET_NAME,
+    ConfigError,
+    check_metrics_address,
+    load_config,
+)
 from .daemon import run
 
-LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+TEXT_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the keys log shippers expect."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
+                 "msg": record.getMessage()}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))  # ~20 lines a call
 
 
 @click.command(name="overlay-custom-add-lower-snapshotter",
@@ -40,6 +64,9 @@ def _setup_logging(level: str) -> None:
 @click.option("--address", type=click.Path(path_type=Path), default=None,
               help="Listen on this unix socket instead of <root-dir>/grpc.socks.")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None, help="[default: info]")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), default=None, help="[default: text]")
+@click.option("--metrics-address", default=None,
+              help="Serve Prometheus metrics on this host:port (e.g. 127.0.0.1:9101) [default: off].")
 @click.version_option(__version__, "--version", "-v", prog_name="overlay-custom-add-lower-snapshotter")
 def serve(config_path: Path | None, **flags: object) -> None:
     """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin."""
@@ -50,9 +77,13 @@ def serve(config_path: Path | None, **flags: object) -> None:
         logging.getLogger("addlower").error("bad configuration: %s", exc)
         sys.exit(1)
     config = replace(config, **{k: v for k, v in flags.items() if v is not None})
+    try:
+        check_metrics_address(config.metrics_address)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
     config = replace(config, root_dir=config.root_dir.absolute(),
                      address=config.address.absolute() if config.address else None)
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     sys.exit(run(config))
 
 

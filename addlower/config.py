@@ -6,6 +6,7 @@ start anything or know about snapshots beyond the option names.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
 SOCKET_NAME = "grpc.socks"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(Exception):
@@ -32,6 +34,8 @@ class Config:
     async_remove: bool = True
     upperdir_label: bool = False
     log_level: str = "info"
+    log_format: str = "text"
+    metrics_address: str | None = None  # host:port serving Prometheus metrics; off when None
     mount_options: tuple[str, ...] = ()
     allowed_roots: tuple[str, ...] = ("/",)
     named_lowers: Mapping[str, str] = field(default_factory=dict)
@@ -49,6 +53,8 @@ _TOP = {
     "async_remove": (bool, bool),
     "upperdir_label": (bool, bool),
     "log_level": (str, str),
+    "log_format": (str, str),
+    "metrics_address": (str, str),
     "mount_options": (list, tuple),
 }
 
@@ -57,6 +63,11 @@ def _typed(key: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
         raise ConfigError(f"{key}: expected a {kind.__name__}, got {value!r}")
     return value
+
+
+def check_metrics_address(address: str | None) -> None:
+    if address is not None and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]*):\d{1,5}", address):
+        raise ConfigError(f"metrics_address: host:port, not {address!r}")
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -71,6 +82,9 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         values[key] = convert(_typed(key, value, kind))
     if values.get("log_level", "info") not in LOG_LEVELS:
         raise ConfigError(f"log_level: one of {', '.join(LOG_LEVELS)}, not {values['log_level']!r}")
+    if values.get("log_format", "text") not in LOG_FORMATS:
+        raise ConfigError(f"log_format: one of {', '.join(LOG_FORMATS)}, not {values['log_format']!r}")
+    check_metrics_address(values.get("metrics_address"))
     for i, opt in enumerate(values.get("mount_options", ())):
         _typed(f"mount_options[{i}]", opt, str)
     lowers = _typed("lowers", data.get("lowers", {}), dict)

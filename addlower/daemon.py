@@ -15,7 +15,7 @@ import stat
 from concurrent import futures
 from pathlib import Path
 
-from . import __version__
+from . import __version__, metrics
 from .config import Config
 from .errors import SnapshotError
 from .grpcserver import GrpcServer
@@ -83,7 +83,14 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
         self.executor = futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking")
-        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.executor, map_error)
+        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.executor, map_error,
+                                 metrics.observe_call)
+        if config.metrics_address:
+            try:
+                metrics.serve(config.metrics_address, self.snapshotter.store.counts_by_kind,
+                              self.snapshotter.store.path)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 
     async def serve(self) -> None:
         path = self.config.socket_path
@@ -99,11 +106,12 @@ class Daemon:
         c = self.config
         log.info(
             "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s "
-            "allowed_roots=%s named_lowers=%s kubernetes=%s",
+            "allowed_roots=%s named_lowers=%s kubernetes=%s metrics=%s",
             __version__, c.root_dir, path, c.async_remove, c.upperdir_label,
             ",".join(self.snapshotter.overlay_options) or "-", ",".join(c.allowed_roots),
             ",".join(f"{k}={v}" for k, v in c.named_lowers.items()) or "-",
             f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
+            c.metrics_address or "off",
         )
         notify_systemd(b"READY=1")
         await stopping.wait()

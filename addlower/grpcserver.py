@@ -322,8 +322,10 @@ class _Connection(asyncio.Protocol):
                   messages: list[bytes], code: Code, message: str) -> None:
         if route.blocking:
             self.server.inflight -= 1
+        seconds = time.perf_counter() - started
+        self.server.observe(route.handler.__name__, seconds, code.name)
         log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.handler.__name__,
-                  route.describe(request), time.perf_counter() - started, code.name)
+                  route.describe(request), seconds, code.name)
         self._finish(sid, messages, code, message)
 
     def _finish(self, sid: int, messages: list[bytes], code: Code, message: str) -> None:
@@ -365,10 +367,12 @@ class _Connection(asyncio.Protocol):
 class GrpcServer:
     """Serves `routes` ("/package.Service/Method" -> Route) on a unix socket."""
 
-    def __init__(self, routes: dict[str, Route], executor: Executor, errors: ErrorMapper):
+    def __init__(self, routes: dict[str, Route], executor: Executor, errors: ErrorMapper,
+                 observe: Callable[[str, float, str], None] = lambda method, seconds, code: None):
         self.routes = routes
         self.executor = executor
         self.errors = errors
+        self.observe = observe  # (method, seconds, code name) after each call, for metrics
         self.connections: set[_Connection] = set()
         self.inflight = 0
         self._server: asyncio.AbstractServer | None = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from . import fsutil
+from . import fsutil, metrics
 from .filters import parse_filters
 from .errors import InvalidArgument
 from .fsutil import Usage
@@ -132,6 +132,14 @@ class Snapshotter:
 
     def _extra_lowers(self, labels: Mapping[str, str]) -> tuple[str, ...]:
         """The host dirs the label asks for, checked against the policy, symlinks resolved."""
+        try:
+            return self._check_lowers(labels)
+        except InvalidArgument as exc:
+            metrics.LOWERS_REFUSED.labels("label").inc()
+            log.warning("refused extra lowers: %s", exc)
+            raise
+
+    def _check_lowers(self, labels: Mapping[str, str]) -> tuple[str, ...]:
         source = f"label {EXTRA_LOWERS_LABEL}"
         dirs = parse_lowers(labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, source)
         for d in dirs:
@@ -148,6 +156,7 @@ class Snapshotter:
         mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, extra)
         if extra:
             check_mount_limits(mounts, f"label {EXTRA_LOWERS_LABEL}")
+            metrics.LOWERS_RESOLVED.labels("label").inc()
         return mounts
 
     @staticmethod
@@ -172,9 +181,15 @@ class Snapshotter:
         """Ask containerd what the container's pod wants; record it as the label, so that later
         Mounts calls are stable and `ctr snapshots info` shows it."""
         assert self.pods is not None
-        value = self.pods.for_key(key)
+        try:
+            value = self.pods.for_key(key)
+        except InvalidArgument as exc:
+            metrics.LOWERS_REFUSED.labels("annotation").inc()
+            log.warning("refused extra lowers for %s: %s", key, exc)
+            raise
         if value is None:
             return snap
+        metrics.LOWERS_RESOLVED.labels("annotation").inc()
         with self.store.transaction() as tx:
             tx.update_info(key, {EXTRA_LOWERS_LABEL: value}, [f"labels.{EXTRA_LOWERS_LABEL}"])
         log.info("recorded lowers %r for %s from its pod's annotation", value, key)

@@ -313,6 +313,13 @@ class MetaStore:
         with self._lock:
             yield Reader(self._mirror)
 
+    def counts_by_kind(self) -> dict[str, int]:
+        counts = {kind.name.lower(): 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
+        with self._lock:
+            for rec in self._mirror.by_id.values():
+                counts[rec.info.kind.name.lower()] += 1
+        return counts
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 
-from tests.support.cri import api_pb2 as cri, api_pb2_grpc
+from tests.support.cri import api_pb2 as pb
+from tests.support.cri import api_pb2_grpc
 
 # Generous: the first call on a container may unpack its image.
 RPC_TIMEOUT = 120.0
@@ -26,7 +27,7 @@ class Pod:
     """A running pod sandbox: its id and the config it was created with (CreateContainer needs both)."""
 
     id: str
-    config: cri.PodSandboxConfig
+    config: pb.PodSandboxConfig
 
 
 @dataclass
@@ -44,12 +45,12 @@ class CriClient:
     def close(self) -> None:
         self.channel.close()
 
-    def version(self) -> cri.VersionResponse:
-        return self.runtime.Version(cri.VersionRequest(version="v1"), timeout=RPC_TIMEOUT)
+    def version(self) -> pb.VersionResponse:
+        return self.runtime.Version(pb.VersionRequest(version="v1"), timeout=RPC_TIMEOUT)
 
-    def image_status(self, image: str) -> cri.Image | None:
+    def image_status(self, image: str) -> pb.Image | None:
         """What CRI knows of `image` (a reference or id), or None if it does not know it."""
-        resp = self.images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=image)), timeout=RPC_TIMEOUT)
+        resp = self.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=image)), timeout=RPC_TIMEOUT)
         return resp.image if resp.HasField("image") else None
 
     def run_pod(
@@ -64,31 +65,31 @@ class CriClient:
         uid = uid or str(uuid.uuid4())
         log_dir = self.log_root / f"{namespace}_{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
-        config = cri.PodSandboxConfig(
-            metadata=cri.PodSandboxMetadata(name=name, uid=uid, namespace=namespace),
+        config = pb.PodSandboxConfig(
+            metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace),
             log_directory=str(log_dir),
             labels=dict(labels or {}),
             annotations=dict(annotations or {}),
-            linux=cri.LinuxPodSandboxConfig(
-                security_context=cri.LinuxSandboxSecurityContext(
-                    namespace_options=cri.NamespaceOption(network=cri.NODE)
+            linux=pb.LinuxPodSandboxConfig(
+                security_context=pb.LinuxSandboxSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.NODE)
                 )
             ),
         )
-        resp = self.runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=RPC_TIMEOUT)
+        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=RPC_TIMEOUT)
         return Pod(resp.pod_sandbox_id, config)
 
     def pod_state(self, pod_id: str) -> str:
         """`SANDBOX_READY` or `SANDBOX_NOTREADY`."""
-        resp = self.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
-        return cri.PodSandboxState.Name(resp.status.state)
+        resp = self.runtime.PodSandboxStatus(pb.PodSandboxStatusRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        return pb.PodSandboxState.Name(resp.status.state)
 
     def stop_pod(self, pod_id: str) -> None:
-        self.runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        self.runtime.StopPodSandbox(pb.StopPodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
 
     def remove_pod(self, pod_id: str) -> None:
         """RemovePodSandbox: removes its containers too; containerd's GC removes snapshots later."""
-        self.runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
+        self.runtime.RemovePodSandbox(pb.RemovePodSandboxRequest(pod_sandbox_id=pod_id), timeout=RPC_TIMEOUT)
 
     @contextmanager
     def pod(
@@ -110,44 +111,44 @@ class CriClient:
     def create_container(
         self,
         pod_id: str,
-        pod_config: cri.PodSandboxConfig,
+        pod_config: pb.PodSandboxConfig,
         name: str,
         image: str,
         command: Sequence[str],
         annotations: Mapping[str, str] | None = None,
     ) -> str:
         """CreateContainer in the pod; it logs to <pod log dir>/<name>/0.log. Returns its id."""
-        config = cri.ContainerConfig(
-            metadata=cri.ContainerMetadata(name=name),
-            image=cri.ImageSpec(image=image),
+        config = pb.ContainerConfig(
+            metadata=pb.ContainerMetadata(name=name),
+            image=pb.ImageSpec(image=image),
             command=list(command),
             annotations=dict(annotations or {}),
             log_path=f"{name}/0.log",
         )
-        req = cri.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
+        req = pb.CreateContainerRequest(pod_sandbox_id=pod_id, config=config, sandbox_config=pod_config)
         return self.runtime.CreateContainer(req, timeout=RPC_TIMEOUT).container_id
 
     def start(self, container_id: str) -> None:
-        self.runtime.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=RPC_TIMEOUT)
+        self.runtime.StartContainer(pb.StartContainerRequest(container_id=container_id), timeout=RPC_TIMEOUT)
 
     def stop(self, container_id: str, timeout: int = 0) -> None:
         """StopContainer: SIGTERM, then SIGKILL after `timeout` seconds (0: at once)."""
-        req = cri.StopContainerRequest(container_id=container_id, timeout=timeout)
+        req = pb.StopContainerRequest(container_id=container_id, timeout=timeout)
         self.runtime.StopContainer(req, timeout=RPC_TIMEOUT + timeout)
 
     def remove(self, container_id: str) -> None:
-        self.runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=container_id), timeout=RPC_TIMEOUT)
+        self.runtime.RemoveContainer(pb.RemoveContainerRequest(container_id=container_id), timeout=RPC_TIMEOUT)
 
-    def container_status(self, container_id: str) -> cri.ContainerStatus:
-        req = cri.ContainerStatusRequest(container_id=container_id)
+    def container_status(self, container_id: str) -> pb.ContainerStatus:
+        req = pb.ContainerStatusRequest(container_id=container_id)
         return self.runtime.ContainerStatus(req, timeout=RPC_TIMEOUT).status
 
     def container_state(self, container_id: str) -> str:
         """`CONTAINER_CREATED`, `CONTAINER_RUNNING`, `CONTAINER_EXITED` or `CONTAINER_UNKNOWN`."""
-        return cri.ContainerState.Name(self.container_status(container_id).state)
+        return pb.ContainerState.Name(self.container_status(container_id).state)
 
     def exec_sync(self, container_id: str, cmd: Sequence[str], timeout: int = 30) -> tuple[int, str, str]:
         """ExecSync: run `cmd` in the container; (exit code, stdout, stderr) as text."""
-        req = cri.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout)
+        req = pb.ExecSyncRequest(container_id=container_id, cmd=list(cmd), timeout=timeout)
         resp = self.runtime.ExecSync(req, timeout=timeout + RPC_TIMEOUT)
         return resp.exit_code, resp.stdout.decode(errors="replace"), resp.stderr.decode(errors="replace")

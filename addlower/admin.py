@@ -1,0 +1,648 @@
+"""The operator's commands of `addlower`: ls, info, tree, du, cleanup and doctor.
+
+They talk to the daemon through its socket with containerd's Snapshots API, like any client. When
+the daemon does not answer, ls, info, tree and du read <root>/metadata.db read-only instead
+(loaded by store.MetaStore, so the loading rules stay in store.py) and measure active snapshots'
+upper dirs themselves. This module is presentation and plumbing: it must not know snapshot rules
+(errors, mounts, removal), must never write the store or a snapshot directory, and must not import
+the daemon or its server. The commands are listed in COMMANDS, for cli.py to register.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import textwrap
+import time
+import tomllib
+from contextlib import closing, contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+
+import click
+import grpc
+
+from . import fsutil
+from .api import snapshots_pb2 as pb
+from .api.snapshots_pb2_grpc import SnapshotsStub
+from .config import DEFAULT_CONFIG, DEFAULT_ROOT, Config, ConfigError, load_config
+from .errors import NotFound, SnapshotError
+from .filters import parse_filters
+from .fsutil import Usage
+from .labels import EXTRA_LOWERS_LABEL
+from .mounts import Kind, Layout
+from .snapshotter import KIND_NAMES, snapshot_fields
+from .store import Info, MetaStore, Reader
+
+SNAPSHOTTER = "overlay-custom-add-lower-snapshotter"
+DB_NAME = "metadata.db"  # as Snapshotter names it
+DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
+PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
+WIDTH = 80  # tables and trees fit a terminal this wide
+GAP = "  "  # between table columns
+MIN_FLEXIBLE = 8  # a shrinking column keeps at least this many characters
+INDENT = 4  # tree: characters per level
+MAX_INDENT = WIDTH // 2  # tree: deeper indentation is cut on the left
+PROGRESS_THRESHOLD = 50  # measure more snapshots than this with a progress bar (on a terminal)
+
+T = TypeVar("T")
+
+
+# --- where the snapshotter lives -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """The snapshotter's root and socket, as the daemon would resolve them."""
+
+    root: Path
+    socket: Path
+
+    @classmethod
+    def of(cls, config: Config) -> "Target":
+        return cls(config.root_dir.absolute(), config.socket_path.absolute())
+
+    @property
+    def db(self) -> Path:
+        return self.root / DB_NAME
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(str(self.root))
+
+
+@dataclass(frozen=True)
+class Invocation:
+    """The options every admin command takes."""
+
+    config_path: Path | None
+    root_dir: Path | None
+    address: Path | None
+    as_json: bool
+
+    def load(self) -> Config:
+        """The daemon's configuration file (or the defaults) with this command's overrides."""
+        return self.override(load_config(self.config_path))
+
+    def override(self, config: Config) -> Config:
+        flags = {"root_dir": self.root_dir, "address": self.address}
+        return replace(config, **{k: v for k, v in flags.items() if v is not None})
+
+    def target(self) -> Target:
+        try:
+            return Target.of(self.load())
+        except ConfigError as exc:
+            raise click.ClickException(f"bad configuration: {exc}") from None
+
+
+def admin_command(name: str) -> Callable[[Callable[..., None]], click.Command]:
+    """A click command with the common options, handed to the function as an Invocation."""
+
+    def decorate(fn: Callable[..., None]) -> click.Command:
+        @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+        @click.option("--address", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                      help="The daemon's socket [default: the config file's, or <root-dir>/grpc.socks].")
+        @click.option("--root-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                      help=f"The snapshotter's root [default: the config file's, or {DEFAULT_ROOT}].")
+        @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                      help=f"The daemon's configuration file [default: {DEFAULT_CONFIG}, if it exists].")
+        @functools.wraps(fn)
+        def command(config_path: Path | None, root_dir: Path | None, address: Path | None, as_json: bool,
+                    **kwargs: Any) -> None:
+            try:
+                fn(Invocation(config_path, root_dir, address, as_json), **kwargs)
+            except SnapshotError as exc:
+                raise click.ClickException(str(exc)) from None
+
+        return click.command(name, context_settings={"help_option_names": ["-h", "--help"]})(command)
+
+    return decorate
+
+
+# --- where snapshots come from: the daemon, or its store read-only -------------------------------
+
+
+class Source(Protocol):
+    def list(self, filters: Sequence[str]) -> list[Info]: ...
+
+    def stat(self, key: str) -> Info: ...
+
+    def usage(self, key: str) -> Usage | None:
+        """None when the snapshot went away (or its directory did) after it was listed."""
+
+
+_ERRORS = {cls.code.value: cls for cls in SnapshotError.__subclasses__()}
+
+
+def _call(thunk: Callable[[], T]) -> T:
+    """Run RPCs, raising the daemon's errors as the addlower.errors types its codes stand for."""
+    try:
+        return thunk()
+    except grpc.RpcError as exc:
+        raise _ERRORS.get(exc.code().value[0], SnapshotError)(exc.details()) from None
+
+
+def _info(msg: pb.Info) -> Info:
+    return Info(msg.name, msg.parent, Kind(msg.kind), msg.created_at.ToNanoseconds(),
+                msg.updated_at.ToNanoseconds(), dict(msg.labels))
+
+
+@dataclass
+class DaemonSource:
+    """The daemon, through containerd's Snapshots API on its socket."""
+
+    stub: SnapshotsStub
+
+    def probe(self) -> str | None:
+        """None if the snapshotter answers, else why not. The empty key, which no snapshot can
+        have, must give NOT_FOUND."""
+        try:
+            self.stub.Stat(pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=""), timeout=PROBE_TIMEOUT)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                return f"{exc.code().name}: {exc.details()}"
+        return None
+
+    def list(self, filters: Sequence[str]) -> list[Info]:
+        request = pb.ListSnapshotsRequest(snapshotter=SNAPSHOTTER, filters=list(filters))
+        return _call(lambda: [_info(i) for reply in self.stub.List(request) for i in reply.info])
+
+    def stat(self, key: str) -> Info:
+        return _info(_call(lambda: self.stub.Stat(pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=key))).info)
+
+    def usage(self, key: str) -> Usage | None:
+        try:
+            reply = _call(lambda: self.stub.Usage(pb.UsageRequest(snapshotter=SNAPSHOTTER, key=key)))
+        except NotFound:
+            return None
+        return Usage(reply.size, reply.inodes)
+
+    def cleanup(self) -> None:
+        _call(lambda: self.stub.Cleanup(pb.CleanupRequest(snapshotter=SNAPSHOTTER)))
+
+
+@dataclass
+class StoreSource:
+    """The committed metadata, read from the store; active snapshots measured on disk."""
+
+    reader: Reader
+    layout: Layout
+
+    def list(self, filters: Sequence[str]) -> list[Info]:
+        matcher = parse_filters(filters)
+        return [info for _, info in self.reader.walk() if matcher.match(snapshot_fields(info))]
+
+    def stat(self, key: str) -> Info:
+        return self.reader.get_info(key)[1]
+
+    def usage(self, key: str) -> Usage | None:
+        sid, info, stored = self.reader.get_info(key)
+        if info.kind != Kind.ACTIVE:
+            return stored
+        try:
+            return fsutil.disk_usage(Path(self.layout.upper(sid)))
+        except FileNotFoundError:
+            return None
+
+
+@contextmanager
+def connect(socket: Path) -> Iterator[DaemonSource]:
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        yield DaemonSource(SnapshotsStub(channel))
+
+
+@contextmanager
+def read_only_store(db: Path) -> Iterator[Reader]:
+    """The committed metadata in `db`, read without writing it or blocking its daemon.
+
+    One read transaction on a mode=ro connection (WAL readers never block the writer) copies a
+    consistent image of the database with sqlite's backup API into a temp file, which MetaStore
+    loads.
+    """
+    if not db.is_file():
+        raise click.ClickException(f"no metadata at {db}")
+    with tempfile.TemporaryDirectory(prefix="addlower-admin-") as tmp:
+        copy = Path(tmp, DB_NAME)
+        try:
+            with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as source, \
+                    closing(sqlite3.connect(copy)) as image:
+                source.backup(image)
+            store = MetaStore(copy)
+        except (sqlite3.Error, RuntimeError) as exc:
+            raise click.ClickException(f"cannot read {db}: {exc}") from None
+        try:
+            with store.read() as reader:
+                yield reader
+        finally:
+            store.close()
+
+
+@contextmanager
+def open_source(target: Target) -> Iterator[Source]:
+    """The daemon if it answers on its socket, else its store read-only (said on stderr)."""
+    with connect(target.socket) as daemon:
+        if daemon.probe() is None:
+            yield daemon
+            return
+    click.echo(f"daemon not reachable; reading {target.db} read-only", err=True)
+    with read_only_store(target.db) as reader:
+        yield StoreSource(reader, target.layout)
+
+
+def measure(source: Source, infos: Sequence[Info]) -> list[tuple[Info, Usage | None]]:
+    """Each snapshot's usage; a progress bar on stderr for many snapshots on a terminal."""
+    shown = len(infos) > PROGRESS_THRESHOLD and sys.stderr.isatty()
+    bar = click.progressbar(infos, label="measuring", file=sys.stderr) if shown else nullcontext(infos)
+    with bar as items:
+        return [(info, source.usage(info.name)) for info in items]
+
+
+# --- presentation --------------------------------------------------------------------------------
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+_AGE_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def human_age(seconds: float) -> str:
+    for suffix, length in _AGE_UNITS:
+        if seconds >= length:
+            return f"{int(seconds // length)}{suffix}"
+    return "0s"
+
+
+def ellipsize(text: str, width: int) -> str:
+    """`text` cut to `width` characters by an ellipsis in the middle."""
+    if len(text) <= width:
+        return text
+    keep = max(width - 1, 0)
+    head = (keep + 1) // 2
+    return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+
+
+def _age(ns: int) -> str:
+    return human_age((time.time_ns() - ns) / 1e9)
+
+
+def _kind(info: Info) -> str:
+    return KIND_NAMES.get(info.kind, "unknown")
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    flexible: bool = False  # shrinks, by an ellipsis in the middle, for the table to fit
+    right: bool = False
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows under headers, fitting WIDTH by shrinking the widest flexible column first."""
+    table = [[c.header for c in columns], *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    excess = sum(widths) + len(GAP) * (len(columns) - 1) - WIDTH
+    while excess > 0:
+        shrinkable = [i for i, c in enumerate(columns) if c.flexible and widths[i] > MIN_FLEXIBLE]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+        excess -= 1
+    return [
+        GAP.join(
+            ellipsize(cell, w).rjust(w) if c.right else ellipsize(cell, w).ljust(w)
+            for cell, w, c in zip(row, widths, columns)
+        ).rstrip()
+        for row in table
+    ]
+
+
+def snapshot_json(info: Info, usage: Usage | None) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "kind": _kind(info),
+        "parent": info.parent,
+        "created_at": _iso(info.created_at),
+        "updated_at": _iso(info.updated_at),
+        "size": usage.size if usage else None,
+        "inodes": usage.inodes if usage else None,
+        "extra_lowers": info.labels.get(EXTRA_LOWERS_LABEL, ""),
+        "labels": dict(info.labels),
+    }
+
+
+def _size(usage: Usage | None) -> str:
+    return human_size(usage.size) if usage else "?"
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+# --- ls, info, tree, du, cleanup -----------------------------------------------------------------
+
+LS_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("PARENT", flexible=True),
+              Column("SIZE", right=True), Column("EXTRA LOWERS", flexible=True), Column("AGE", right=True))
+
+
+@admin_command("ls")
+@click.option("--filter", "filters", multiple=True, metavar="FILTER",
+              help="containerd filter, e.g. kind==active or labels.\"a.b\"~=x; repeated: any may match.")
+def ls(inv: Invocation, filters: tuple[str, ...]) -> None:
+    """List snapshots: kind, parent, size, extra lower dirs, age."""
+    with open_source(inv.target()) as source:
+        measured = measure(source, source.list(filters))
+    if inv.as_json:
+        _print_json([snapshot_json(info, usage) for info, usage in measured])
+        return
+    rows = [[info.name, _kind(info), info.parent or "-", _size(usage),
+             info.labels.get(EXTRA_LOWERS_LABEL) or "-", _age(info.created_at)] for info, usage in measured]
+    click.echo("\n".join(render_table(LS_COLUMNS, rows)))
+
+
+@admin_command("info")
+@click.argument("key")
+def info(inv: Invocation, key: str) -> None:
+    """Show one snapshot: every field, its usage and its labels."""
+    with open_source(inv.target()) as source:
+        snapshot = source.stat(key)
+        usage = source.usage(key)
+    if inv.as_json:
+        _print_json(snapshot_json(snapshot, usage))
+        return
+    fields = [
+        ("name", snapshot.name),
+        ("kind", _kind(snapshot)),
+        ("parent", snapshot.parent or "-"),
+        ("created", f"{_iso(snapshot.created_at)} ({_age(snapshot.created_at)} ago)"),
+        ("updated", f"{_iso(snapshot.updated_at)} ({_age(snapshot.updated_at)} ago)"),
+        ("size", f"{_size(usage)} ({usage.inodes if usage else '?'} inodes)"),
+        ("labels", "" if snapshot.labels else "-"),
+    ]
+    lines = [f"{name + ':':<9}{value}".rstrip() for name, value in fields]
+    lines += [f"  {k}={v}" for k, v in sorted(snapshot.labels.items())]
+    click.echo("\n".join(lines))
+
+
+@dataclass
+class Node:
+    info: Info
+    children: list["Node"] = field(default_factory=list)
+
+
+def build_forest(infos: Sequence[Info]) -> list[Node]:
+    """Parent chains as trees: roots have no parent (or one not listed), children sorted by name."""
+    nodes = {info.name: Node(info) for info in sorted(infos, key=lambda i: i.name)}
+    roots: list[Node] = []
+    for node in nodes.values():
+        parent = nodes.get(node.info.parent)
+        (parent.children if parent else roots).append(node)
+    return roots
+
+
+def _tree_line(prefix: str, info: Info) -> str:
+    if len(prefix) > MAX_INDENT:  # keep the innermost levels, whole
+        prefix = "…" + prefix[len(prefix) - (MAX_INDENT - 1) // INDENT * INDENT:]
+    suffix = "" if info.kind == Kind.COMMITTED else f" ({_kind(info)})"
+    return prefix + ellipsize(info.name, max(WIDTH - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
+
+
+def draw_tree(node: Node, prefix: str = "", continuation: str = "") -> list[str]:
+    """`node` and its descendants in box-drawing characters."""
+    lines = [_tree_line(prefix, node.info)]
+    for i, child in enumerate(node.children):
+        last = i == len(node.children) - 1
+        lines += draw_tree(child, continuation + ("└── " if last else "├── "),
+                           continuation + ("    " if last else "│   "))
+    return lines
+
+
+def tree_json(node: Node) -> dict[str, Any]:
+    return {"name": node.info.name, "kind": _kind(node.info), "children": [tree_json(c) for c in node.children]}
+
+
+@admin_command("tree")
+def tree(inv: Invocation) -> None:
+    """Draw the snapshots' parent chains as trees."""
+    with open_source(inv.target()) as source:
+        roots = build_forest(source.list(()))
+    if inv.as_json:
+        _print_json([tree_json(root) for root in roots])
+        return
+    for root in roots:
+        click.echo("\n".join(draw_tree(root)))
+
+
+DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", right=True),
+              Column("INODES", right=True))
+
+
+@admin_command("du")
+def du(inv: Invocation) -> None:
+    """Disk usage of every snapshot, largest first, and the total."""
+    with open_source(inv.target()) as source:
+        measured = measure(source, source.list(()))
+    measured.sort(key=lambda m: (-(m[1].size if m[1] else 0), m[0].name))
+    known = [usage for _, usage in measured if usage]
+    total = Usage(sum(u.size for u in known), sum(u.inodes for u in known))
+    if inv.as_json:
+        _print_json({"snapshots": [snapshot_json(info, usage) for info, usage in measured], "total": asdict(total)})
+        return
+    rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage else "?"] for info, usage in measured]
+    rows.append(["total", "", human_size(total.size), str(total.inodes)])
+    click.echo("\n".join(render_table(DU_COLUMNS, rows)))
+
+
+def _entries(directory: str) -> set[str]:
+    try:
+        return set(os.listdir(directory))
+    except FileNotFoundError:
+        return set()
+
+
+@admin_command("cleanup")
+def cleanup(inv: Invocation) -> None:
+    """Have the daemon delete directories no snapshot owns (needs the daemon)."""
+    target = inv.target()
+    snapshots_dir = target.layout.snapshots
+    with connect(target.socket) as daemon:
+        reason = daemon.probe()
+        if reason is not None:
+            raise click.ClickException(f"cleanup needs the daemon, which does not answer on {target.socket}: {reason}")
+        before = _entries(snapshots_dir)
+        daemon.cleanup()
+    removed = sorted(before - _entries(snapshots_dir))
+    if inv.as_json:
+        _print_json({"removed": len(removed), "directories": removed})
+        return
+    click.echo(f"removed {len(removed)} director{'y' if len(removed) == 1 else 'ies'} from {snapshots_dir}"
+               + (f": {', '.join(removed)}" if removed else ""))
+
+
+# --- doctor ---------------------------------------------------------------------------------------
+
+PASS, FAIL, INFO = "PASS", "FAIL", "INFO"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    hint: str = ""  # how to fix a FAIL; may span lines
+
+
+def check_config(inv: Invocation) -> tuple[Config, Check]:
+    """The configuration the daemon would read; the defaults (with the flags) if it is bad."""
+    shown = inv.config_path or DEFAULT_CONFIG
+    try:
+        config = inv.load()
+    except ConfigError as exc:
+        return inv.override(Config()), Check("config file", FAIL, str(exc), f"fix {shown}: see README.md")
+    found = inv.config_path is not None or DEFAULT_CONFIG.exists()
+    return config, Check("config file", PASS, f"{shown} is valid" if found else f"no {shown}: defaults")
+
+
+def check_kernel_overlay() -> Check:
+    try:
+        filesystems = {line.split()[-1] for line in Path("/proc/filesystems").read_text().splitlines() if line.strip()}
+    except OSError as exc:
+        return Check("kernel overlay", FAIL, f"cannot read /proc/filesystems: {exc}", "is /proc mounted?")
+    if "overlay" in filesystems:
+        return Check("kernel overlay", PASS, "overlay is in /proc/filesystems")
+    return Check("kernel overlay", FAIL, "overlay is not in /proc/filesystems",
+                 "modprobe overlay (and add overlay to /etc/modules-load.d/ to load it at boot)")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_dtype(root: Path) -> Check:
+    where = _nearest_existing(root)  # the filesystem the daemon would create the root on
+    hint = f"put {root} on a filesystem with d_type (ext4; xfs made with mkfs.xfs -n ftype=1)"
+    try:
+        supported = fsutil.supports_dtype(where)
+    except OSError as exc:
+        return Check("d_type", FAIL, f"cannot test {where}: {exc}", hint)
+    if supported:
+        return Check("d_type", PASS, f"the filesystem of {where} supports d_type")
+    return Check("d_type", FAIL, f"the filesystem of {where} does not support d_type", hint)
+
+
+def check_overlay_options(config: Config) -> list[Check]:
+    param = Path("/sys/module/overlay/parameters/index")
+    index = param.read_text().strip() if param.exists() else "absent"
+    options = fsutil.overlay_options(config.mount_options)
+    userxattr = "needed (user namespace, kernel >= 5.11)" if "userxattr" in options else "not needed"
+    return [
+        Check("overlay index", INFO, f"module parameter index={index}; mounts use {','.join(options) or 'no extra options'}"),
+        Check("userxattr", INFO, userxattr),
+    ]
+
+
+def check_root(root: Path) -> Check:
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        return Check("root dir", FAIL, f"{root} does not exist", "start the daemon: it creates the root")
+    if not root.is_dir():
+        return Check("root dir", FAIL, f"{root} is not a directory", "move it away, or choose another --root-dir")
+    mode = st.st_mode & 0o7777
+    problems = ([f"mode {mode:04o}, not 0700"] if mode != 0o700 else []) + \
+               ([f"owner uid {st.st_uid}, not root"] if st.st_uid != 0 else [])
+    if problems:
+        return Check("root dir", FAIL, f"{root}: {'; '.join(problems)}", f"chown root:root {root} && chmod 0700 {root}")
+    return Check("root dir", PASS, f"{root} exists, mode 0700, owned by root")
+
+
+def check_socket(socket: Path, root: Path) -> Check:
+    hint = f"start the daemon: overlay-custom-add-lower-snapshotter --root-dir {root} (and look at its log)"
+    if not socket.exists():
+        return Check("socket", FAIL, f"no socket at {socket}", hint)
+    with connect(socket) as daemon:
+        reason = daemon.probe()
+    if reason is not None:
+        return Check("socket", FAIL, f"{socket} does not answer: {reason}", hint)
+    return Check("socket", PASS, f"the snapshotter answers on {socket}")
+
+
+def _proxy_plugins(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    plugins = document.get("proxy_plugins", {})
+    return {n: p for n, p in plugins.items() if isinstance(p, dict)} if isinstance(plugins, dict) else {}
+
+
+def check_containerd(path: Path, socket: Path) -> Check:
+    hint = (f"add to {path}, then restart containerd:\n"
+            f"[proxy_plugins.{SNAPSHOTTER}]\n"
+            f'  type = "snapshot"\n'
+            f'  address = "{socket}"')
+    try:
+        with open(path, "rb") as f:
+            plugins = _proxy_plugins(tomllib.load(f))
+    except OSError as exc:
+        return Check("containerd config", FAIL, f"cannot read {path}: {exc.strerror}", hint)
+    except tomllib.TOMLDecodeError as exc:
+        return Check("containerd config", FAIL, f"{path}: {exc}", f"fix the TOML syntax of {path}")
+    for name, plugin in plugins.items():
+        if plugin.get("type") == "snapshot" and os.path.normpath(str(plugin.get("address", ""))) == str(socket):
+            return Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")
+    return Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)
+
+
+def print_check(check: Check) -> None:
+    indent = " " * 6
+    head = f"{check.status:<6}{check.name + ':'} {check.detail}"
+    click.echo(textwrap.fill(head, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+    if check.status == FAIL and check.hint:
+        click.echo("\n".join(indent + ("fix: " if i == 0 else "  ") + line
+                             for i, line in enumerate(check.hint.splitlines())))
+
+
+@admin_command("doctor")
+@click.option("--containerd-config", type=click.Path(path_type=Path, dir_okay=False),
+              default=DEFAULT_CONTAINERD_CONFIG, show_default=True,
+              help="containerd's configuration file, which must declare the proxy plugin.")
+def doctor(inv: Invocation, containerd_config: Path) -> None:
+    """Check the host, the root, the daemon and containerd's configuration; exit 1 on a FAIL."""
+    config, config_check = check_config(inv)
+    target = Target.of(config)
+    checks = [
+        config_check,
+        check_kernel_overlay(),
+        check_dtype(target.root),
+        *check_overlay_options(config),
+        check_root(target.root),
+        check_socket(target.socket, target.root),
+        check_containerd(containerd_config, target.socket),
+    ]
+    ok = all(c.status != FAIL for c in checks)
+    if inv.as_json:
+        _print_json({"ok": ok, "checks": [asdict(c) for c in checks]})
+    else:
+        for check in checks:
+            print_check(check)
+    if not ok:
+        sys.exit(1)
+
+
+COMMANDS: list[click.Command] = [ls, info, tree, du, cleanup, doctor]

@@ -1,0 +1,88 @@
+"""What an operator watches: the Prometheus endpoint after a workload, and the logs' formats."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from tests.support.client import SnapshotsClient
+from tests.support.daemon import Daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    want = ",".join(f"{k}=\"{v}\"" for k, v in sorted(labels.items()))  # the exposition sorts labels
+    pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_move_with_a_workload(tmp_path: Path):
+    port = free_port()
+    d = Daemon(root=tmp_path / "root", args=["--metrics-address", f"127.0.0.1:{port}"]).start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            c.prepare("a")
+            c.commit("base", "a")
+            c.prepare("b", "base", labels={LOWERS: str(tmp_path / "cache")})
+            c.view("v", "base")
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError):
+                    c.stat("missing")
+            with pytest.raises(grpc.RpcError):
+                c.prepare("bad", labels={LOWERS: "/x,upperdir=/etc"})
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        d.kill()
+    assert metric(text, "addlower_rpc_duration_seconds_count", method="Prepare") == 3
+    assert metric(text, "addlower_rpc_duration_seconds_count", method="Commit") == 1
+    assert metric(text, "addlower_rpc_errors_total", method="Stat", code="NOT_FOUND") == 3
+    assert metric(text, "addlower_rpc_errors_total", method="Prepare", code="INVALID_ARGUMENT") == 1
+    assert metric(text, "addlower_snapshots", kind="active") == 1
+    assert metric(text, "addlower_snapshots", kind="committed") == 1
+    assert metric(text, "addlower_snapshots", kind="view") == 1
+    assert metric(text, "addlower_extra_lowers_resolved_total", source="label") == 1
+    assert metric(text, "addlower_extra_lowers_refused_total", source="label") == 1
+    assert metric(text, "addlower_metadata_bytes") > 0
+
+
+def test_metrics_are_off_by_default(daemon: Daemon):
+    assert "metrics=off" in daemon.log()
+
+
+def test_bad_metrics_address_is_refused(tmp_path: Path):
+    d = Daemon(root=tmp_path / "root", args=["--metrics-address", "nonsense"])
+    with pytest.raises(RuntimeError, match="metrics_address: host:port"):
+        d.start()
+
+
+def test_json_logs_with_one_debug_line_per_call(tmp_path: Path):
+    d = Daemon(root=tmp_path / "root", args=["--log-format", "json", "--log-level", "debug"]).start()
+    try:
+        with d.channel() as ch:
+            SnapshotsClient(ch).prepare("k1")
+            with pytest.raises(grpc.RpcError):
+                SnapshotsClient(ch).prepare("k2", labels={LOWERS: "relative"})
+    finally:
+        d.stop()
+    entries = [json.loads(line) for line in d.log().splitlines()]
+    assert {"time", "level", "logger", "msg"} <= set(entries[0])
+    calls = [e["msg"] for e in entries if e["msg"].startswith("rpc ")]
+    assert any("method=Prepare key=k1" in m and "code=OK" in m for m in calls)
+    assert any("method=Prepare key=k2" in m and "code=INVALID_ARGUMENT" in m for m in calls)
+    warnings = [e for e in entries if e["level"] == "warning"]
+    assert any("refused extra lowers" in e["msg"] and "'relative'" in e["msg"] for e in warnings)
