@@ -157,11 +157,14 @@ def _info(msg: pb.Info) -> Info:
 class DaemonSource:
     """The daemon, through containerd's Snapshots API on its socket."""
 
+    socket: Path
     stub: SnapshotsStub
 
     def probe(self) -> str | None:
         """None if the snapshotter answers, else why not. The empty key, which no snapshot can
         have, must give NOT_FOUND."""
+        if not self.socket.exists():
+            return f"no socket at {self.socket}"
         try:
             self.stub.Stat(pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=""), timeout=PROBE_TIMEOUT)
         except grpc.RpcError as exc:
@@ -214,7 +217,7 @@ class StoreSource:
 @contextmanager
 def connect(socket: Path) -> Iterator[DaemonSource]:
     with grpc.insecure_channel(f"unix://{socket}") as channel:
-        yield DaemonSource(SnapshotsStub(channel))
+        yield DaemonSource(socket, SnapshotsStub(channel))
 
 
 @contextmanager
@@ -393,7 +396,8 @@ def info(inv: Invocation, key: str) -> None:
         ("parent", snapshot.parent or "-"),
         ("created", f"{_iso(snapshot.created_at)} ({_age(snapshot.created_at)} ago)"),
         ("updated", f"{_iso(snapshot.updated_at)} ({_age(snapshot.updated_at)} ago)"),
-        ("size", f"{_size(usage)} ({usage.inodes if usage else '?'} inodes)"),
+        ("size", _size(usage)),
+        ("inodes", str(usage.inodes) if usage else "?"),
         ("labels", "" if snapshot.labels else "-"),
     ]
     lines = [f"{name + ':':<9}{value}".rstrip() for name, value in fields]
@@ -485,7 +489,7 @@ def cleanup(inv: Invocation) -> None:
     with connect(target.socket) as daemon:
         reason = daemon.probe()
         if reason is not None:
-            raise click.ClickException(f"cleanup needs the daemon, which does not answer on {target.socket}: {reason}")
+            raise click.ClickException(f"cleanup needs the daemon, which does not answer: {reason}")
         before = _entries(snapshots_dir)
         daemon.cleanup()
     removed = sorted(before - _entries(snapshots_dir))
@@ -576,13 +580,11 @@ def check_root(root: Path) -> Check:
 
 
 def check_socket(socket: Path, root: Path) -> Check:
-    hint = f"start the daemon: overlay-custom-add-lower-snapshotter --root-dir {root} (and look at its log)"
-    if not socket.exists():
-        return Check("socket", FAIL, f"no socket at {socket}", hint)
     with connect(socket) as daemon:
         reason = daemon.probe()
     if reason is not None:
-        return Check("socket", FAIL, f"{socket} does not answer: {reason}", hint)
+        return Check("socket", FAIL, f"the snapshotter does not answer: {reason}",
+                     f"start the daemon: overlay-custom-add-lower-snapshotter --root-dir {root} (and read its log)")
     return Check("socket", PASS, f"the snapshotter answers on {socket}")
 
 
@@ -611,8 +613,8 @@ def check_containerd(path: Path, socket: Path) -> Check:
 
 def print_check(check: Check) -> None:
     indent = " " * 6
-    head = f"{check.status:<6}{check.name + ':'} {check.detail}"
-    click.echo(textwrap.fill(head, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+    click.echo(textwrap.fill(check.detail, WIDTH, initial_indent=f"{check.status:<6}{check.name}: ",
+                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
     if check.status == FAIL and check.hint:
         click.echo("\n".join(indent + ("fix: " if i == 0 else "  ") + line
                              for i, line in enumerate(check.hint.splitlines())))

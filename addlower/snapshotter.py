@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 from . import fsutil, metrics
-from .filters import parse_filters
 from .errors import InvalidArgument
+from .filters import parse_filters
 from .fsutil import Usage
 from .kubernetes import KubernetesConfig, PodLowers
 from .labels import EXTRA_LOWERS_LABEL, UPPERDIR_LABEL, validate_labels
@@ -36,14 +36,14 @@ KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "committ
 
 @dataclass(frozen=True)
 class Options:
-    """Daemon options that change snapshotter behaviour (flags of the original)."""
+    """What the configuration says about snapshot behaviour (the original's flags first)."""
 
     async_remove: bool = True
+    upperdir_label: bool = False
+    mount_options: tuple[str, ...] = ()
     allowed_roots: tuple[str, ...] = ("/",)  # where extra lower dirs named by path may lie
     named_lowers: Mapping[str, str] = field(default_factory=dict)  # name -> host dir
     kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled
-    upperdir_label: bool = False
-    mount_options: tuple[str, ...] = ()
 
 
 def snapshot_fields(info: Info):  # -> filters.Adaptor

@@ -1,0 +1,322 @@
+"""The admin commands as an operator uses them, against a real daemon and, with the daemon
+stopped, against its store read-only.
+
+Each test builds the same snapshots: a committed chain base <- middle <- top with files written
+into their fs dirs, an active container snapshot on top with the extra-lowers label (and a name
+too long for the tables), and a view of top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from addlower import admin
+from addlower.labels import EXTRA_LOWERS_LABEL
+from tests.support.client import SNAPSHOTTER, SnapshotsClient
+from tests.support.daemon import Daemon
+
+# The lead registers admin.COMMANDS on addlower.cli:admin; then this becomes that group.
+GROUP = click.Group("addlower", commands=admin.COMMANDS)
+
+CONTAINER = "default/42/container-" + "0123456789abcdef" * 4  # longer than any column
+CHAIN = {"base": ("", 64 * 1024), "middle": ("base", 256 * 1024), "top": ("middle", 8 * 1024)}
+KINDS = {"base": ("committed", "-"), "middle": ("committed", "base"), "top": ("committed", "middle"),
+         CONTAINER: ("active", "top"), "top-view": ("view", "top")}
+
+
+@dataclass
+class Setup:
+    daemon: Daemon
+    client: SnapshotsClient
+    lowers: str  # the container's extra-lowers label
+
+    def run(self, *args: str, code: int = 0) -> Result:
+        result = CliRunner().invoke(GROUP, [*args, "--root-dir", str(self.daemon.root)])
+        assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def sizes(self) -> dict[str, int]:
+        """What the daemon's Usage says, for every snapshot."""
+        return {name: self.client.usage(name).size for name in KINDS}
+
+
+def _upper(mounts: Sequence) -> Path:
+    """The fs dir of the active snapshot these mounts belong to."""
+    m = mounts[0]
+    if m.type == "bind":
+        return Path(m.source)
+    return Path(next(o for o in m.options if o.startswith("upperdir=")).removeprefix("upperdir="))
+
+
+@pytest.fixture
+def setup(daemon: Daemon, client: SnapshotsClient, tmp_path: Path) -> Setup:
+    for name, (parent, size) in CHAIN.items():
+        key = f"{name}-prepare"
+        (_upper(client.prepare(key, parent)) / f"{name}.bin").write_bytes(os.urandom(size))
+        client.commit(name, key)
+    lowers = f"{tmp_path}/lower-a:{tmp_path}/lower-b"
+    (_upper(client.prepare(CONTAINER, "top", {EXTRA_LOWERS_LABEL: lowers})) / "log").write_bytes(b"x" * 20000)
+    client.view("top-view", "top")
+    return Setup(daemon, client, lowers)
+
+
+def _table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A table's header cells and its rows by their first cell (cells are 2+ spaces apart)."""
+    lines = stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(line for line in lines if len(line) > 80)
+    rows = [re.split(r" {2,}", line.strip()) for line in lines]
+    return rows[0], {row[0]: row for row in rows[1:]}
+
+
+def _row_of_container(rows: dict[str, list[str]]) -> list[str]:
+    """The long name is cut in the middle: its start and end stay."""
+    (name,) = [n for n in rows if n.startswith("default/42")]
+    assert "…" in name and name.endswith("cdef") and len(name) < len(CONTAINER)
+    return rows[name]
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:.1f} KiB"
+
+
+# --- ls ------------------------------------------------------------------------------------------
+
+
+def test_ls_shows_every_snapshot_with_kind_parent_size_extra_lowers_and_age(setup: Setup):
+    header, rows = _table(setup.run("ls").stdout)
+    assert header == ["NAME", "KIND", "PARENT", "SIZE", "EXTRA LOWERS", "AGE"]
+    assert len(rows) == len(KINDS)
+    sizes = setup.sizes()
+    for name, (kind, parent) in KINDS.items():
+        row = _row_of_container(rows) if name == CONTAINER else rows[name]
+        assert row[1:3] == [kind, parent], row
+        assert row[3] == (_kib(sizes[name]) if sizes[name] else "0 B"), row
+        assert re.fullmatch(r"\d+[smhd]", row[5]), row
+    lowers_cell = _row_of_container(rows)[4]
+    assert lowers_cell.startswith(setup.lowers[:8]) and lowers_cell.endswith("lower-b")
+    assert [rows[n][4] for n in CHAIN] == ["-"] * 3
+    assert sizes["middle"] >= 256 * 1024 and sizes[CONTAINER] >= 20000  # the files written count
+
+
+def test_ls_filter_is_containerd_syntax_and_repeats_as_or(setup: Setup):
+    _, rows = _table(setup.run("ls", "--filter", "kind==active").stdout)
+    assert [r[1] for r in rows.values()] == ["active"]
+    _, rows = _table(setup.run("ls", "--filter", "kind==view", "--filter", "name==base").stdout)
+    assert set(rows) == {"top-view", "base"}
+    labelled = setup.json("ls", "--filter", f'labels."{EXTRA_LOWERS_LABEL}"')
+    assert [s["name"] for s in labelled] == [CONTAINER]
+    bad = setup.run("ls", "--filter", "name~=(", code=1)
+    assert "Error:" in bad.stderr and "name~=(" in bad.stderr
+
+
+def test_ls_json_is_a_list_of_complete_objects(setup: Setup):
+    listed = {s["name"]: s for s in setup.json("ls")}
+    assert set(listed) == set(KINDS)
+    sizes = setup.sizes()
+    for name, (kind, parent) in KINDS.items():
+        assert (listed[name]["kind"], listed[name]["parent"] or "-") == (kind, parent)
+        assert listed[name]["size"] == sizes[name]
+    container = listed[CONTAINER]
+    assert container["extra_lowers"] == setup.lowers
+    assert container["labels"] == {EXTRA_LOWERS_LABEL: setup.lowers}
+    assert container["inodes"] == setup.client.usage(CONTAINER).inodes
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def test_info_shows_fields_usage_and_labels(setup: Setup):
+    lines = setup.run("info", CONTAINER).stdout.splitlines()
+    fields = dict(re.match(r"(\w+):\s*(.*)", line).groups() for line in lines if not line.startswith(" "))
+    usage = setup.client.usage(CONTAINER)
+    assert fields["name"] == CONTAINER
+    assert (fields["kind"], fields["parent"]) == ("active", "top")
+    assert fields["size"] == _kib(usage.size) and fields["inodes"] == str(usage.inodes)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 \(\d+[smhd] ago\)", fields["created"])
+    assert f"  {EXTRA_LOWERS_LABEL}={setup.lowers}" in lines
+
+    shown = setup.json("info", "middle")
+    stat = setup.client.stat("middle")
+    assert (shown["name"], shown["kind"], shown["parent"], shown["labels"]) == ("middle", "committed", "base", {})
+    assert shown["size"] == setup.client.usage("middle").size
+    assert shown["created_at"].startswith(stat.created_at.ToDatetime().strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def test_info_of_an_unknown_key_fails_naming_it(setup: Setup):
+    result = setup.run("info", "nope", code=1)
+    assert "nope" in result.stderr and "not exist" in result.stderr
+
+
+# --- tree ----------------------------------------------------------------------------------------
+
+
+def test_tree_draws_the_parent_chains(setup: Setup):
+    lines = setup.run("tree").stdout.splitlines()
+    assert lines[:3] == ["base", "└── middle", "    └── top"]
+    assert lines[3].startswith("        ├── default/42/container-") and lines[3].endswith("cdef (active)")
+    assert "…" in lines[3] and len(lines[3]) == 80
+    assert lines[4:] == ["        └── top-view (view)"]
+
+    (root,) = setup.json("tree")
+    top = root["children"][0]["children"][0]
+    assert (root["name"], top["name"]) == ("base", "top")
+    assert [(c["name"], c["kind"], c["children"]) for c in top["children"]] == [
+        (CONTAINER, "active", []), ("top-view", "view", [])]
+
+
+def test_tree_roots_are_snapshots_without_parent(setup: Setup):
+    setup.client.prepare("another-root")
+    lines = setup.run("tree").stdout.splitlines()
+    assert [line for line in lines if not line.startswith((" ", "└", "├"))] == ["another-root (active)", "base"]
+
+
+# --- du ------------------------------------------------------------------------------------------
+
+
+def test_du_total_is_the_sum_of_the_snapshots(setup: Setup):
+    shown = setup.json("du")
+    sizes = setup.sizes()
+    assert {s["name"]: s["size"] for s in shown["snapshots"]} == sizes
+    assert shown["total"]["size"] == sum(sizes.values())
+    assert shown["total"]["inodes"] == sum(s["inodes"] for s in shown["snapshots"])
+
+    header, rows = _table(setup.run("du").stdout)
+    assert header == ["NAME", "KIND", "SIZE", "INODES"]
+    assert list(rows)[0] == "middle"  # largest first
+    assert rows["total"] == ["total", _kib(sum(sizes.values())), str(shown["total"]["inodes"])]
+
+
+# --- cleanup -------------------------------------------------------------------------------------
+
+
+def test_cleanup_removes_the_directory_of_a_removed_snapshot(setup: Setup):
+    snapshots = setup.daemon.root / "snapshots"
+    before = set(os.listdir(snapshots))
+    setup.client.remove("top-view")
+    assert set(os.listdir(snapshots)) == before  # async remove: the directory stays for Cleanup
+    result = setup.run("cleanup")
+    (gone,) = before - set(os.listdir(snapshots))
+    assert result.stdout.startswith(f"removed 1 directory from {snapshots}")
+    assert gone in result.stdout or f"rm-{gone}" in result.stdout
+    assert setup.json("cleanup") == {"removed": 0, "directories": []}
+
+
+def test_cleanup_needs_the_daemon(setup: Setup):
+    setup.daemon.stop()
+    assert "cleanup needs the daemon" in setup.run("cleanup", code=1).stderr
+
+
+# --- doctor --------------------------------------------------------------------------------------
+
+
+def _containerd_config(tmp_path: Path, socket: Path | None) -> Path:
+    path = tmp_path / "containerd.toml"
+    plugin = f'[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{socket}"\n' if socket else ""
+    path.write_text(f"version = 2\n\n{plugin}")
+    return path
+
+
+def _doctor(setup: Setup, containerd_config: Path, code: int) -> dict[str, str]:
+    """Each check's lines (status, name, detail, hint), by the check's name."""
+    stdout = setup.run("doctor", "--containerd-config", str(containerd_config), code=code).stdout
+    blocks = re.split(r"\n(?=\S)", stdout.strip())
+    return {re.match(r"(?:PASS|FAIL|INFO)  (.+?): ", block)[1]: block for block in blocks}
+
+
+def test_doctor_passes_on_a_healthy_setup(setup: Setup, tmp_path: Path):
+    config = _containerd_config(tmp_path, setup.daemon.socket)
+    checks = _doctor(setup, config, code=0)
+    assert set(checks) == {"config file", "kernel overlay", "d_type", "overlay index", "userxattr", "root dir",
+                           "socket", "containerd config"}
+    assert {name: line[:4] for name, line in checks.items()} == {
+        **{name: "PASS" for name in checks}, "overlay index": "INFO", "userxattr": "INFO"}
+    assert "[proxy_plugins.addlower]" in checks["containerd config"]
+    shown = json.loads(setup.run("doctor", "--containerd-config", str(config), "--json").stdout)
+    assert shown["ok"] is True and all(c["status"] != "FAIL" for c in shown["checks"])
+
+
+def test_doctor_fails_with_a_hint_when_containerd_lacks_the_proxy_plugin(setup: Setup, tmp_path: Path):
+    checks = _doctor(setup, _containerd_config(tmp_path, None), code=1)
+    line = checks["containerd config"]
+    assert line.startswith("FAIL")
+    assert "fix:" in line and f"[proxy_plugins.{SNAPSHOTTER}]" in line
+    assert f'address = "{setup.daemon.socket}"' in line
+    assert checks["socket"].startswith("PASS")
+
+    elsewhere = _containerd_config(tmp_path, tmp_path / "other.sock")
+    assert _doctor(setup, elsewhere, code=1)["containerd config"].startswith("FAIL")
+
+
+def test_doctor_fails_with_a_hint_when_the_socket_is_down(setup: Setup, tmp_path: Path):
+    setup.daemon.stop()
+    checks = _doctor(setup, _containerd_config(tmp_path, setup.daemon.socket), code=1)
+    assert checks["socket"].startswith("FAIL") and "start the daemon" in checks["socket"]
+    assert [name for name, line in checks.items() if line.startswith("FAIL")] == ["socket"]
+
+
+def test_doctor_fails_on_a_bad_config_file_and_checks_the_rest(setup: Setup, tmp_path: Path):
+    bad = tmp_path / "config.toml"
+    bad.write_text('log_level = "loud"\n')
+    result = CliRunner().invoke(GROUP, ["doctor", "--config", str(bad), "--root-dir", str(setup.daemon.root),
+                                        "--containerd-config", str(_containerd_config(tmp_path, setup.daemon.socket))])
+    assert result.exit_code == 1
+    assert re.search(r"^FAIL  config file: .*log_level", result.stdout, re.M)
+    assert re.search(r"^PASS  socket: ", result.stdout, re.M)
+
+
+# --- the same file and root as the daemon ----------------------------------------------------------
+
+
+def test_config_file_gives_root_and_socket(setup: Setup, tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'root_dir = "{setup.daemon.root}"\n')
+    result = CliRunner().invoke(GROUP, ["ls", "--config", str(config), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "read-only" not in result.stderr
+    assert {s["name"] for s in json.loads(result.stdout)} == set(KINDS)
+
+
+# --- the daemon down: the store, read-only ---------------------------------------------------------
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_ls_info_tree_du_read_the_store_when_the_daemon_is_down(setup: Setup, sig: int):
+    with_daemon = {cmd: setup.json(*cmd) for cmd in [("ls",), ("info", CONTAINER), ("tree",), ("du",)]}
+    setup.daemon.stop(sig)
+    db = setup.daemon.root / "metadata.db"
+    digest = _digest(db)
+    for cmd, expected in with_daemon.items():
+        result = setup.run(*cmd, "--json")
+        assert f"daemon not reachable; reading {db} read-only" in result.stderr
+        assert json.loads(result.stdout) == expected, cmd  # active sizes: walked on disk, the same
+    _, rows = _table(setup.run("ls").stdout)
+    assert _row_of_container(rows)[1:3] == ["active", "top"]
+    assert setup.run("tree").stdout.splitlines()[:3] == ["base", "└── middle", "    └── top"]
+    assert _digest(db) == digest
+
+
+def test_reading_the_store_beside_a_live_daemon_does_not_block_it(setup: Setup, tmp_path: Path):
+    result = CliRunner().invoke(GROUP, ["ls", "--json", "--root-dir", str(setup.daemon.root),
+                                        "--address", str(tmp_path / "nobody.sock")])
+    assert result.exit_code == 0 and "read-only" in result.stderr
+    assert {s["name"] for s in json.loads(result.stdout)} == set(KINDS)
+    setup.client.prepare("after")  # the daemon still writes
+    assert "after" in {s["name"] for s in setup.json("ls")}
