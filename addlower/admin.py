@@ -15,11 +15,10 @@ import json
 import os
 import sqlite3
 import sys
-import tempfile
 import textwrap
 import time
 import tomllib
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,17 +30,15 @@ import grpc
 from . import fsutil
 from .api import snapshots_pb2 as pb
 from .api.snapshots_pb2_grpc import SnapshotsStub
-from .config import DEFAULT_CONFIG, DEFAULT_ROOT, Config, ConfigError, load_config
+from .config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
 from .errors import NotFound, SnapshotError
 from .filters import parse_filters
 from .fsutil import Usage
 from .labels import EXTRA_LOWERS_LABEL
 from .mounts import Kind, Layout
 from .snapshotter import KIND_NAMES, snapshot_fields
-from .store import Info, MetaStore, Reader
+from .store import DB_NAME, Info, MetaStore, Reader
 
-SNAPSHOTTER = "overlay-custom-add-lower-snapshotter"
-DB_NAME = "metadata.db"  # as Snapshotter names it
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
 WIDTH = 80  # tables and trees fit a terminal this wide
@@ -65,7 +62,7 @@ class Target:
     socket: Path
 
     @classmethod
-    def of(cls, config: Config) -> "Target":
+    def of(cls, config: Config) -> Target:
         return cls(config.root_dir.absolute(), config.socket_path.absolute())
 
     @property
@@ -166,28 +163,28 @@ class DaemonSource:
         if not self.socket.exists():
             return f"no socket at {self.socket}"
         try:
-            self.stub.Stat(pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=""), timeout=PROBE_TIMEOUT)
+            self.stub.Stat(pb.StatSnapshotRequest(snapshotter=PLUGIN_NAME, key=""), timeout=PROBE_TIMEOUT)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 return f"{exc.code().name}: {exc.details()}"
         return None
 
     def list(self, filters: Sequence[str]) -> list[Info]:
-        request = pb.ListSnapshotsRequest(snapshotter=SNAPSHOTTER, filters=list(filters))
+        request = pb.ListSnapshotsRequest(snapshotter=PLUGIN_NAME, filters=list(filters))
         return _call(lambda: [_info(i) for reply in self.stub.List(request) for i in reply.info])
 
     def stat(self, key: str) -> Info:
-        return _info(_call(lambda: self.stub.Stat(pb.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=key))).info)
+        return _info(_call(lambda: self.stub.Stat(pb.StatSnapshotRequest(snapshotter=PLUGIN_NAME, key=key))).info)
 
     def usage(self, key: str) -> Usage | None:
         try:
-            reply = _call(lambda: self.stub.Usage(pb.UsageRequest(snapshotter=SNAPSHOTTER, key=key)))
+            reply = _call(lambda: self.stub.Usage(pb.UsageRequest(snapshotter=PLUGIN_NAME, key=key)))
         except NotFound:
             return None
         return Usage(reply.size, reply.inodes)
 
     def cleanup(self) -> None:
-        _call(lambda: self.stub.Cleanup(pb.CleanupRequest(snapshotter=SNAPSHOTTER)))
+        _call(lambda: self.stub.Cleanup(pb.CleanupRequest(snapshotter=PLUGIN_NAME)))
 
 
 @dataclass
@@ -222,28 +219,18 @@ def connect(socket: Path) -> Iterator[DaemonSource]:
 
 @contextmanager
 def read_only_store(db: Path) -> Iterator[Reader]:
-    """The committed metadata in `db`, read without writing it or blocking its daemon.
-
-    One read transaction on a mode=ro connection (WAL readers never block the writer) copies a
-    consistent image of the database with sqlite's backup API into a temp file, which MetaStore
-    loads.
-    """
+    """The committed metadata in `db`, read without writing it or blocking its daemon."""
     if not db.is_file():
         raise click.ClickException(f"no metadata at {db}")
-    with tempfile.TemporaryDirectory(prefix="addlower-admin-") as tmp:
-        copy = Path(tmp, DB_NAME)
-        try:
-            with closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)) as source, \
-                    closing(sqlite3.connect(copy)) as image:
-                source.backup(image)
-            store = MetaStore(copy)
-        except (sqlite3.Error, RuntimeError) as exc:
-            raise click.ClickException(f"cannot read {db}: {exc}") from None
-        try:
-            with store.read() as reader:
-                yield reader
-        finally:
-            store.close()
+    try:
+        store = MetaStore(db, readonly=True)
+    except (sqlite3.Error, RuntimeError) as exc:
+        raise click.ClickException(f"cannot read {db}: {exc}") from None
+    try:
+        with store.read() as reader:
+            yield reader
+    finally:
+        store.close()
 
 
 @contextmanager
@@ -344,15 +331,15 @@ def snapshot_json(info: Info, usage: Usage | None) -> dict[str, Any]:
         "parent": info.parent,
         "created_at": _iso(info.created_at),
         "updated_at": _iso(info.updated_at),
-        "size": usage.size if usage else None,
-        "inodes": usage.inodes if usage else None,
+        "size": usage.size if usage is not None else None,
+        "inodes": usage.inodes if usage is not None else None,
         "extra_lowers": info.labels.get(EXTRA_LOWERS_LABEL, ""),
         "labels": dict(info.labels),
     }
 
 
 def _size(usage: Usage | None) -> str:
-    return human_size(usage.size) if usage else "?"
+    return human_size(usage.size) if usage is not None else "?"
 
 
 def _print_json(value: Any) -> None:
@@ -397,7 +384,7 @@ def info(inv: Invocation, key: str) -> None:
         ("created", f"{_iso(snapshot.created_at)} ({_age(snapshot.created_at)} ago)"),
         ("updated", f"{_iso(snapshot.updated_at)} ({_age(snapshot.updated_at)} ago)"),
         ("size", _size(usage)),
-        ("inodes", str(usage.inodes) if usage else "?"),
+        ("inodes", str(usage.inodes) if usage is not None else "?"),
         ("labels", "" if snapshot.labels else "-"),
     ]
     lines = [f"{name + ':':<9}{value}".rstrip() for name, value in fields]
@@ -408,7 +395,7 @@ def info(inv: Invocation, key: str) -> None:
 @dataclass
 class Node:
     info: Info
-    children: list["Node"] = field(default_factory=list)
+    children: list[Node] = field(default_factory=list)
 
 
 def build_forest(infos: Sequence[Info]) -> list[Node]:
@@ -463,13 +450,14 @@ def du(inv: Invocation) -> None:
     """Disk usage of every snapshot, largest first, and the total."""
     with open_source(inv.target()) as source:
         measured = measure(source, source.list(()))
-    measured.sort(key=lambda m: (-(m[1].size if m[1] else 0), m[0].name))
-    known = [usage for _, usage in measured if usage]
+    measured.sort(key=lambda m: (-(m[1].size if m[1] is not None else 0), m[0].name))
+    known = [usage for _, usage in measured if usage is not None]
     total = Usage(sum(u.size for u in known), sum(u.inodes for u in known))
     if inv.as_json:
         _print_json({"snapshots": [snapshot_json(info, usage) for info, usage in measured], "total": asdict(total)})
         return
-    rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage else "?"] for info, usage in measured]
+    rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage is not None else "?"]
+            for info, usage in measured]
     rows.append(["total", "", human_size(total.size), str(total.inodes)])
     click.echo("\n".join(render_table(DU_COLUMNS, rows)))
 
@@ -583,8 +571,9 @@ def check_socket(socket: Path, root: Path) -> Check:
     with connect(socket) as daemon:
         reason = daemon.probe()
     if reason is not None:
+        address = "" if socket == root / SOCKET_NAME else f" --address {socket}"
         return Check("socket", FAIL, f"the snapshotter does not answer: {reason}",
-                     f"start the daemon: overlay-custom-add-lower-snapshotter --root-dir {root} (and read its log)")
+                     f"start the daemon: {PLUGIN_NAME} --root-dir {root}{address} (and read its log)")
     return Check("socket", PASS, f"the snapshotter answers on {socket}")
 
 
@@ -595,7 +584,7 @@ def _proxy_plugins(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def check_containerd(path: Path, socket: Path) -> Check:
     hint = (f"add to {path}, then restart containerd:\n"
-            f"[proxy_plugins.{SNAPSHOTTER}]\n"
+            f"[proxy_plugins.{PLUGIN_NAME}]\n"
             f'  type = "snapshot"\n'
             f'  address = "{socket}"')
     try:
@@ -613,11 +602,18 @@ def check_containerd(path: Path, socket: Path) -> Check:
 
 def print_check(check: Check) -> None:
     indent = " " * 6
-    click.echo(textwrap.fill(check.detail, WIDTH, initial_indent=f"{check.status:<6}{check.name}: ",
-                             subsequent_indent=indent, break_long_words=False, break_on_hyphens=False))
+    click.echo(_fill(check.detail, f"{check.status:<6}{check.name}: ", indent))
     if check.status == FAIL and check.hint:
-        click.echo("\n".join(indent + ("fix: " if i == 0 else "  ") + line
-                             for i, line in enumerate(check.hint.splitlines())))
+        advice, *verbatim = check.hint.splitlines()  # verbatim: text to copy, such as TOML
+        click.echo(_fill(advice, indent + "fix: ", indent + "  "))
+        for line in verbatim:
+            click.echo(indent + "  " + line)
+
+
+def _fill(text: str, first: str, rest: str) -> str:
+    """Wrapped to WIDTH, except for words (paths) longer than a line."""
+    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 @admin_command("doctor")

@@ -26,6 +26,7 @@ from .config import (
     check_metrics_address,
     load_config,
 )
+from .admin import COMMANDS
 from .daemon import run
 
 TEXT_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
@@ -94,6 +95,8 @@ def admin() -> None:
 
 
 admin.add_command(serve, name="serve")
+for _command in COMMANDS:
+    admin.add_command(_command)
 
 
 @admin.command()

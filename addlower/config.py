@@ -18,6 +18,7 @@ from .lowers import LowerPolicy, check_path, is_within
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
+PLUGIN_NAME = "overlay-custom-add-lower-snapshotter"  # as containerd configs and docs name it
 SOCKET_NAME = "grpc.socks"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")

@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROXY_PLUGIN = "overlay-custom-add-lower-snapshotter"
+from .config import PLUGIN_NAME
+
+PROXY_PLUGIN = PLUGIN_NAME
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 # sun_path is 108 bytes including the trailing NUL.
 MAX_SOCKET_PATH = 107

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .devcontainerd import PROXY_PLUGIN
+from .config import PLUGIN_NAME as PROXY_PLUGIN
 
 
 class InstallError(Exception):

@@ -24,7 +24,7 @@ from .kubernetes import KubernetesConfig, PodLowers
 from .labels import EXTRA_LOWERS_LABEL, UPPERDIR_LABEL, validate_labels
 from .lowers import LowerPolicy, check_mount_limits, parse_lowers
 from .mounts import Kind, Layout, Mount, compute_mounts
-from .store import Info, MetaStore, Snapshot
+from .store import DB_NAME, Info, MetaStore, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Snapshotter:
         self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
         k8s = options.kubernetes
         self.pods = PodLowers(k8s, LowerPolicy(str(root), k8s.allowed_roots, self.lowers.named)) if k8s.enabled else None
-        self.store = MetaStore(root / "metadata.db")
+        self.store = MetaStore(root / DB_NAME)
         self.overlay_options = fsutil.overlay_options(options.mount_options)
         self._set_aside_unrecorded()
 

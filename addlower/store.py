@@ -25,6 +25,7 @@ from .fsutil import Usage
 from .mounts import Kind
 
 SCHEMA_VERSION = 1
+DB_NAME = "metadata.db"  # under the snapshotter root
 
 _SCHEMA = """
 CREATE TABLE snapshots (
@@ -255,22 +256,30 @@ class Tx(Reader):
 class MetaStore:
     """The SQLite database at <root>/metadata.db, used by one daemon at a time."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, readonly: bool = False):
+        """`readonly` is for tools reading beside (or instead of) the daemon: the file is opened
+        with mode=ro, never migrated or written, and (WAL) such a reader never blocks the daemon."""
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        if readonly:
+            self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+        self._migrate(readonly)
         self._mirror = self._load()
 
-    def _migrate(self) -> None:
+    def _migrate(self, readonly: bool) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this daemon's {SCHEMA_VERSION}")
+        if readonly:
+            raise RuntimeError(f"{self.path}: schema version {version}, not {SCHEMA_VERSION}: start the daemon once")
         self._db.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA.split(";"):
             if statement.strip():

@@ -10,7 +10,7 @@ from google.protobuf import field_mask_pb2
 
 from addlower.api import snapshots_pb2 as pb, snapshots_pb2_grpc
 
-SNAPSHOTTER = "overlay-custom-add-lower-snapshotter"
+from addlower.config import PLUGIN_NAME as SNAPSHOTTER
 
 
 @dataclass
