@@ -4,9 +4,11 @@ copy-on-write over host dirs, Update, refused labels that leave nothing behind, 
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,3 +189,23 @@ def test_flags_override_the_config_file(tmp_path: Path):
         assert not (tmp_path / "from-file").exists()
     finally:
         d.kill()
+
+
+def test_kubernetes_lookup_waits_no_longer_than_the_timeout(tmp_path: Path):
+    """containerd hangs (its socket accepts, nothing answers): Mounts fails UNAVAILABLE, in time."""
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(tmp_path / "hung.sock"))
+    hung.listen(16)
+    toml = f'[kubernetes]\nenabled = true\ncontainerd_address = "{tmp_path / "hung.sock"}"\ntimeout = 1.0\n'
+    try:
+        with configured(tmp_path, toml) as (d, c):
+            c.prepare("k8s.io/7/abc")
+            c.prepare("default/7/abc")
+            assert c.mounts("default/7/abc")[0].type == "bind"  # other namespaces never ask containerd
+            started = time.monotonic()
+            err = expect_code(Code.UNAVAILABLE, c.mounts, "k8s.io/7/abc")
+            assert time.monotonic() - started < 5
+            assert "looking up container abc in containerd" in err.details()
+            assert c.stat("k8s.io/7/abc").name == "k8s.io/7/abc"  # the daemon still serves
+    finally:
+        hung.close()
