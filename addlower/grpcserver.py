@@ -33,13 +33,14 @@ PRIORITY_FLAG = 0x20
 SETTINGS_INITIAL_WINDOW_SIZE = 0x4
 SETTINGS_MAX_FRAME_SIZE = 0x5
 SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
-PROTOCOL_ERROR, FLOW_CONTROL_ERROR, COMPRESSION_ERROR = 0x1, 0x3, 0x9
+PROTOCOL_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x1, 0x7, 0x9
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65_535
 RECEIVE_WINDOW = 1 << 20  # what we let peers send before we acknowledge
 MAX_FRAME = 16_384
 MAX_MESSAGE = 16 << 20  # largest request message accepted
+MAX_STREAMS = 1024  # calls one connection may have open at once
 
 
 
@@ -139,7 +140,7 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
         settings = struct.pack(">HIHI", SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW,
-                               SETTINGS_MAX_CONCURRENT_STREAMS, 1024)
+                               SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS)
         self._write(_frame(SETTINGS, 0, 0, settings)
                     + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECEIVE_WINDOW - DEFAULT_WINDOW)))
 
@@ -275,6 +276,10 @@ class _Connection(asyncio.Protocol):
         stream = self.streams[sid]
         headers = self.decoder.decode(bytes(stream.header_block), raw=True)
         stream.header_block.clear()
+        if len(self.streams) > MAX_STREAMS:  # as advertised; decoded all the same, to keep HPACK in step
+            del self.streams[sid]
+            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            return
         stream.path = next((v for k, v in headers if k == b":path"), b"")
         if flags & END_STREAM:
             self._dispatch(sid, stream)
