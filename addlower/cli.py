@@ -26,7 +26,6 @@ from .config import (
     check_metrics_address,
     load_config,
 )
-from .admin import COMMANDS
 from .daemon import run
 
 TEXT_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
@@ -88,15 +87,30 @@ def serve(config_path: Path | None, **flags: object) -> None:
     sys.exit(run(config))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class AdminGroup(click.Group):
+    """Loads the admin subcommands, and the gRPC client they use, only when one is asked for:
+    the daemon shares this module and need not carry them."""
+
+    @staticmethod
+    def _admin() -> dict[str, click.Command]:
+        from .admin import COMMANDS
+
+        return {command.name: command for command in COMMANDS if command.name}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._admin()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or self._admin().get(name)
+
+
+@click.group(cls=AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="addlower")
 def admin() -> None:
     """Administer the addlower snapshotter."""
 
 
 admin.add_command(serve, name="serve")
-for _command in COMMANDS:
-    admin.add_command(_command)
 
 
 @admin.command()
