@@ -8,4 +8,6 @@ if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! dpkg 
   apt-get update -qq
   apt-get install -y -qq containerd runc busybox-static >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+# A distribution's own python3 (PEP 668) refuses pip installs unless told this is wanted.
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>/dev/null \
+  || python3 -m pip install -q --disable-pip-version-check --break-system-packages -e '.[test]'
