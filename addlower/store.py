@@ -261,6 +261,14 @@ class MetaStore:
         with mode=ro, never migrated or written, and (WAL) such a reader never blocks the daemon."""
         self.path = path
         self._lock = threading.Lock()
+        try:
+            self._open(readonly)
+        except sqlite3.DatabaseError as exc:
+            raise RuntimeError(f"{path}: {exc}; if this root was the Go original's (a bolt database), "
+                               "move it aside or use another root: its snapshots cannot be read") from None
+
+    def _open(self, readonly: bool) -> None:
+        path = self.path
         if readonly:
             self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)

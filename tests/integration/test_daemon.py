@@ -185,3 +185,13 @@ def test_readiness_is_sent_to_systemd_when_asked(tmp_path: Path):
     finally:
         proc.kill()
         notify.close()
+
+
+def test_a_root_with_a_foreign_metadata_db_is_refused_clearly(tmp_path: Path):
+    root = tmp_path / "root"
+    (root / "snapshots").mkdir(parents=True)
+    (root / "metadata.db").write_bytes(b"\x00bolt" * 2000)  # what the Go original leaves: not SQLite
+    r = run_cli("--root-dir", str(root))
+    assert r.returncode == 1
+    assert "file is not a database" in r.stderr and "Go original" in r.stderr
+    assert "Traceback" not in r.stderr
