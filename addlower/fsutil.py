@@ -114,10 +114,8 @@ def disk_usage(root: Path) -> Usage:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a directory tree; a tree that is already gone is fine."""
-    shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
-
-
-def _ignore_missing(func, path, exc_info) -> None:  # type: ignore[no-untyped-def]
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]
+    """Remove a directory tree; a tree that is already gone is fine (Cleanup retries the rest)."""
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
