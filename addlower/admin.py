@@ -32,11 +32,10 @@ from .api import snapshots_pb2 as pb
 from .api.snapshots_pb2_grpc import SnapshotsStub
 from .config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
 from .errors import NotFound, SnapshotError
-from .filters import parse_filters
 from .fsutil import Usage
 from .labels import EXTRA_LOWERS_LABEL
 from .mounts import Kind, Layout
-from .snapshotter import KIND_NAMES, snapshot_fields
+from .snapshotter import KIND_NAMES, matching, measured_usage
 from .store import DB_NAME, Info, MetaStore, Reader
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
@@ -195,18 +194,14 @@ class StoreSource:
     layout: Layout
 
     def list(self, filters: Sequence[str]) -> list[Info]:
-        matcher = parse_filters(filters)
-        return [info for _, info in self.reader.walk() if matcher.match(snapshot_fields(info))]
+        return [info for _, info in matching(self.reader.walk(), filters)]
 
     def stat(self, key: str) -> Info:
         return self.reader.get_info(key)[1]
 
     def usage(self, key: str) -> Usage | None:
-        sid, info, stored = self.reader.get_info(key)
-        if info.kind != Kind.ACTIVE:
-            return stored
         try:
-            return fsutil.disk_usage(Path(self.layout.upper(sid)))
+            return measured_usage(self.layout, *self.reader.get_info(key))
         except FileNotFoundError:
             return None
 

@@ -67,6 +67,17 @@ def snapshot_fields(info: Info):  # -> filters.Adaptor
     return field
 
 
+def matching(rows: Sequence[tuple[int, Info]], filters: Sequence[str]) -> list[tuple[int, Info]]:
+    """The (id, info) rows a List with these filters returns."""
+    matcher = parse_filters(filters)
+    return [(sid, info) for sid, info in rows if matcher.match(snapshot_fields(info))]
+
+
+def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
+    """Usage as containerd reports it: a live walk for an active snapshot, stored for the rest."""
+    return fsutil.disk_usage(Path(layout.upper(sid))) if info.kind == Kind.ACTIVE else stored
+
+
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
@@ -204,18 +215,14 @@ class Snapshotter:
     def usage(self, key: str) -> Usage:
         with self.store.read() as tx:
             sid, info, stored = tx.get_info(key)
-        if info.kind != Kind.ACTIVE:
-            return stored
-        return fsutil.disk_usage(Path(self.layout.upper(sid)))
+        return measured_usage(self.layout, sid, info, stored)  # the walk, outside the lock
 
     def list(self, filters: Sequence[str]) -> Iterator[Info]:
         """Snapshots matching the filters, by key; reads the store once, then yields."""
-        matcher = parse_filters(filters)
         with self.store.read() as tx:
             rows = tx.walk()
-        for sid, info in rows:
-            if matcher.match(snapshot_fields(info)):
-                yield self._decorate(sid, info)
+        for sid, info in matching(rows, filters):
+            yield self._decorate(sid, info)
 
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label to active snapshots when asked to."""
