@@ -29,10 +29,11 @@ import grpc
 
 from . import fsutil
 from .api import snapshots_pb2 as pb
-from .api.snapshots_pb2_grpc import SnapshotsStub
+from .client import SnapshotsClient
 from .config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
 from .errors import NotFound, SnapshotError
 from .fsutil import Usage
+from .install import plugin_table
 from .labels import EXTRA_LOWERS_LABEL
 from .mounts import Kind, Layout
 from .snapshotter import KIND_NAMES, matching, measured_usage
@@ -154,7 +155,7 @@ class DaemonSource:
     """The daemon, through containerd's Snapshots API on its socket."""
 
     socket: Path
-    stub: SnapshotsStub
+    client: SnapshotsClient
 
     def probe(self) -> str | None:
         """None if the snapshotter answers, else why not. The empty key, which no snapshot can
@@ -162,28 +163,27 @@ class DaemonSource:
         if not self.socket.exists():
             return f"no socket at {self.socket}"
         try:
-            self.stub.Stat(pb.StatSnapshotRequest(snapshotter=PLUGIN_NAME, key=""), timeout=PROBE_TIMEOUT)
+            self.client.stub.Stat(pb.StatSnapshotRequest(snapshotter=PLUGIN_NAME, key=""), timeout=PROBE_TIMEOUT)
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 return f"{exc.code().name}: {exc.details()}"
         return None
 
     def list(self, filters: Sequence[str]) -> list[Info]:
-        request = pb.ListSnapshotsRequest(snapshotter=PLUGIN_NAME, filters=list(filters))
-        return _call(lambda: [_info(i) for reply in self.stub.List(request) for i in reply.info])
+        return _call(lambda: [_info(i) for i in self.client.list(*filters)])
 
     def stat(self, key: str) -> Info:
-        return _info(_call(lambda: self.stub.Stat(pb.StatSnapshotRequest(snapshotter=PLUGIN_NAME, key=key))).info)
+        return _info(_call(lambda: self.client.stat(key)))
 
     def usage(self, key: str) -> Usage | None:
         try:
-            reply = _call(lambda: self.stub.Usage(pb.UsageRequest(snapshotter=PLUGIN_NAME, key=key)))
+            reply = _call(lambda: self.client.usage(key))
         except NotFound:
             return None
         return Usage(reply.size, reply.inodes)
 
     def cleanup(self) -> None:
-        _call(lambda: self.stub.Cleanup(pb.CleanupRequest(snapshotter=PLUGIN_NAME)))
+        _call(self.client.cleanup)
 
 
 @dataclass
@@ -209,7 +209,7 @@ class StoreSource:
 @contextmanager
 def connect(socket: Path) -> Iterator[DaemonSource]:
     with grpc.insecure_channel(f"unix://{socket}") as channel:
-        yield DaemonSource(socket, SnapshotsStub(channel))
+        yield DaemonSource(socket, SnapshotsClient(channel))
 
 
 @contextmanager
@@ -578,10 +578,7 @@ def _proxy_plugins(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def check_containerd(path: Path, socket: Path) -> Check:
-    hint = (f"add to {path}, then restart containerd:\n"
-            f"[proxy_plugins.{PLUGIN_NAME}]\n"
-            f'  type = "snapshot"\n'
-            f'  address = "{socket}"')
+    hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket)).rstrip("\n")
     try:
         with open(path, "rb") as f:
             plugins = _proxy_plugins(tomllib.load(f))

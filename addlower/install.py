@@ -22,6 +22,11 @@ class InstallError(Exception):
     """The config cannot be changed safely; nothing was written."""
 
 
+def plugin_table(socket: str) -> str:
+    """The config table that declares the snapshotter to containerd."""
+    return f'[proxy_plugins.{PROXY_PLUGIN}]\n  type = "snapshot"\n  address = "{socket}"\n'
+
+
 def _cri_table(version: int) -> tuple[tuple[str, ...], str]:
     """Where CRI's snapshotter setting lives: the key path and the table header as written."""
     if version >= 3:
@@ -49,7 +54,7 @@ def configure(text: str, socket: str, cri: bool = True) -> str:
     out = text if text.endswith("\n") or not text else text + "\n"
     plugin = _lookup(doc, ("proxy_plugins", PROXY_PLUGIN))
     if plugin is None:
-        out += f'\n[proxy_plugins.{PROXY_PLUGIN}]\n  type = "snapshot"\n  address = "{socket}"\n'
+        out += "\n" + plugin_table(socket)
     elif plugin.get("address") != socket:
         raise InstallError(f"proxy_plugins.{PROXY_PLUGIN} already points at {plugin.get('address')!r}, not {socket!r}")
     if cri:

@@ -135,11 +135,11 @@ _key: Callable[[Any], str] = lambda r: r.key  # noqa: E731
 ROUTES: dict[str, tuple[Any, bool, bool, Callable[[Any], str]]] = {
     "Prepare": (pb.PrepareSnapshotRequest, False, False, _key),
     "View": (pb.ViewSnapshotRequest, False, False, _key),
-    "Mounts": (pb.MountsRequest, False, False, _key),
+    "Mounts": (pb.MountsRequest, False, False, _key),  # but see routes(): Kubernetes lookups wait
     # Commit walks the upper dir for its usage, on the loop all the same: the walk holds the GIL
     # anyway, and a thread hop costs a quarter of a typical Commit.
     "Commit": (pb.CommitSnapshotRequest, False, False, _key),
-    "Remove": (pb.RemoveSnapshotRequest, True, False, _key),  # deletes at once without async remove
+    "Remove": (pb.RemoveSnapshotRequest, True, False, _key),  # but see routes(): async remove is quick
     "Stat": (pb.StatSnapshotRequest, False, False, _key),
     "Update": (pb.UpdateSnapshotRequest, False, False, lambda r: r.info.name),
     "List": (pb.ListSnapshotsRequest, False, True, lambda r: ",".join(r.filters)),
@@ -149,15 +149,11 @@ ROUTES: dict[str, tuple[Any, bool, bool, Callable[[Any], str]]] = {
 
 
 def routes(service: SnapshotsService) -> dict[str, Route]:
-    table = dict(ROUTES)
-    if service.sn.options.async_remove:  # then Remove only changes metadata
-        req, _, streams, describe = table["Remove"]
-        table["Remove"] = (req, False, streams, describe)
-    if service.sn.pods is not None:  # then Mounts may wait for containerd
-        req, _, streams, describe = table["Mounts"]
-        table["Mounts"] = (req, True, streams, describe)
+    # Where the configuration decides: Remove deletes trees only without async remove, and Mounts
+    # waits for containerd only when Kubernetes lookups are on.
+    blocking = {"Remove": not service.sn.options.async_remove, "Mounts": service.sn.pods is not None}
     return {
         f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
-                                    blocking=blocks, describe=describe)
-        for name, (req, blocks, streams, describe) in table.items()
+                                    blocking=blocking.get(name, blocks), describe=describe)
+        for name, (req, blocks, streams, describe) in ROUTES.items()
     }

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,9 +53,9 @@ from types import ModuleType
 import grpc
 from grpc_tools import protoc
 
-from addlower.api import mount_pb2, snapshots_pb2_grpc
-from addlower.api import snapshots_pb2 as pb
+from addlower.client import SnapshotsClient
 from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from addlower.mounting import mounted
 
 HERE = Path(__file__).resolve().parent
 GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
@@ -95,45 +95,11 @@ QUICK = Sizes(stat=100, mounts=100, prepare_remove=30, list_small=10, list_large
 # --- client -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Client:
-    """The one client used for every target: thin synchronous wrappers over the Snapshots stub."""
-
-    channel: grpc.Channel
-    snapshotter: str
-    metadata: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        self.stub = snapshots_pb2_grpc.SnapshotsStub(self.channel)
-
-    def prepare(self, key: str, parent: str = "") -> Sequence[mount_pb2.Mount]:
-        req = pb.PrepareSnapshotRequest(snapshotter=self.snapshotter, key=key, parent=parent)
-        return self.stub.Prepare(req, metadata=self.metadata).mounts
-
-    def commit(self, name: str, key: str) -> None:
-        self.stub.Commit(pb.CommitSnapshotRequest(snapshotter=self.snapshotter, name=name, key=key),
-                         metadata=self.metadata)
-
-    def remove(self, key: str) -> None:
-        self.stub.Remove(pb.RemoveSnapshotRequest(snapshotter=self.snapshotter, key=key), metadata=self.metadata)
-
-    def stat(self, key: str) -> pb.Info:
-        return self.stub.Stat(pb.StatSnapshotRequest(snapshotter=self.snapshotter, key=key),
-                              metadata=self.metadata).info
-
-    def mounts(self, key: str) -> Sequence[mount_pb2.Mount]:
-        return self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self.metadata).mounts
-
-    def count(self) -> int:
-        """List every snapshot; returns how many came back."""
-        req = pb.ListSnapshotsRequest(snapshotter=self.snapshotter)
-        return sum(len(resp.info) for resp in self.stub.List(req, metadata=self.metadata))
-
-    def committed(self, name: str, parent: str = "") -> str:
-        """Prepare `name`-active on `parent` and commit it as `name`; returns `name`."""
-        self.prepare(f"{name}-active", parent)
-        self.commit(name, f"{name}-active")
-        return name
+def committed(client: SnapshotsClient, name: str, parent: str = "") -> str:
+    """Prepare `name`-active on `parent` and commit it as `name`; returns `name`."""
+    client.prepare(f"{name}-active", parent)
+    client.commit(name, f"{name}-active")
+    return name
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -143,7 +109,7 @@ class Client:
 class Target:
     label: str  # a, b, c, d
     name: str
-    client: Client
+    client: SnapshotsClient
     pid: int  # the process whose memory is reported
     process: str  # what that process is
 
@@ -168,12 +134,12 @@ def leases_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
 
 
 def through_containerd(channel: grpc.Channel, snapshotter: str, namespace: str,
-                       leases: tuple[ModuleType, ModuleType]) -> Client:
+                       leases: tuple[ModuleType, ModuleType]) -> SnapshotsClient:
     """A client for `snapshotter` in containerd `namespace`, holding a fresh lease there."""
     leases_pb2, leases_pb2_grpc = leases
     ns = (("containerd-namespace", namespace),)
     lease = leases_pb2_grpc.LeasesStub(channel).Create(leases_pb2.CreateRequest(id=f"{namespace}-lease"), metadata=ns)
-    return Client(channel, snapshotter, (*ns, ("containerd-lease", lease.lease.id)))
+    return SnapshotsClient(channel, snapshotter, (*ns, ("containerd-lease", lease.lease.id)))
 
 
 @contextmanager
@@ -189,8 +155,8 @@ def targets(work: Path, go_bin: Path, run_id: str) -> Iterator[list[Target]]:
         leases = leases_stubs(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work))))
         assert ctrd.proc is not None
         yield [
-            Target("a", "ours", Client(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
-            Target("b", "go", Client(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
+            Target("a", "ours", SnapshotsClient(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
+            Target("b", "go", SnapshotsClient(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
             Target("c", "ctrd/ovl", through_containerd(channels[2], "overlayfs", f"{NAMESPACE}-{run_id}-c", leases),
                    ctrd.proc.pid, "containerd (serves c and d)"),
             Target("d", "ctrd/ours", through_containerd(channels[2], PROXY_PLUGIN, f"{NAMESPACE}-{run_id}-d", leases),
@@ -226,7 +192,7 @@ class Workload:
     `prefix` makes keys unique per run and per target.
     """
 
-    client: Client
+    client: SnapshotsClient
     prefix: str
     mountpoint: Path
     stored: int = 0  # committed snapshots created by the list ops
@@ -236,12 +202,12 @@ class Workload:
 
     def list_all(self, size: int) -> Step:
         while self.stored < size:
-            self.client.committed(self.key("list", str(self.stored)))
+            committed(self.client, self.key("list", str(self.stored)))
             self.stored += 1
 
         def step(_: str) -> float:
             start = time.perf_counter()
-            count = self.client.count()
+            count = sum(self.client.list_batches())
             elapsed = time.perf_counter() - start
             if count != size:
                 raise RuntimeError(f"List returned {count} snapshots, expected {size}")
@@ -250,19 +216,19 @@ class Workload:
         return step
 
     def stat(self) -> Step:
-        name = self.client.committed(self.key("stat"))
+        name = committed(self.client, self.key("stat"))
         return lambda _: timed(lambda: self.client.stat(name))
 
     def mounts(self) -> Step:
         parent = ""
         for i in range(MOUNTS_PARENTS):
-            parent = self.client.committed(self.key("mounts", f"p{i}"), parent)
+            parent = committed(self.client, self.key("mounts", f"p{i}"), parent)
         active = self.key("mounts", "active")
         self.client.prepare(active, parent)
         return lambda _: timed(lambda: self.client.mounts(active))
 
     def prepare_remove(self) -> Step:
-        parent = self.client.committed(self.key("prm", "parent"))
+        parent = committed(self.client, self.key("prm", "parent"))
 
         def step(tag: str) -> float:
             key = self.key("prm", tag)
@@ -291,19 +257,6 @@ class Workload:
                     (self.mountpoint / f"l{layer}-f{i}").write_bytes(b"snapbench %d %d\n" % (layer, i))
             self.client.commit(name, f"{name}-active")
             parent = name
-
-
-@contextmanager
-def mounted(mounts: Sequence[mount_pb2.Mount], target: Path) -> Iterator[None]:
-    """Mount the one mount a snapshotter returns for an active snapshot (overlay or bind) on `target`."""
-    (m,) = mounts
-    type_args = [] if m.type == "bind" else ["-t", m.type]
-    subprocess.run(["mount", *type_args, "-o", ",".join(m.options), m.source, str(target)],
-                   check=True, capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["umount", str(target)], check=True, capture_output=True)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.support.client import SnapshotsClient
-from tests.support.mounting import mounted
+from addlower.client import SnapshotsClient
+from addlower.mounting import mounted
 
 Op = Callable[[Path], None]
 

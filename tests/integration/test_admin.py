@@ -25,7 +25,7 @@ from addlower.cli import admin as GROUP
 from addlower.labels import EXTRA_LOWERS_LABEL
 from addlower.mounts import Kind
 from addlower.store import Info
-from tests.support.client import SNAPSHOTTER, SnapshotsClient
+from addlower.client import SNAPSHOTTER, SnapshotsClient
 from tests.support.daemon import Daemon
 
 

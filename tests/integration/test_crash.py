@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from addlower.mounts import Kind
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 ROUNDS = 12

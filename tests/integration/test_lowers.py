@@ -18,7 +18,7 @@ import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
 from tests.integration.layers import expect_code, mount_snapshot
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode

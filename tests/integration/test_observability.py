@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 

@@ -23,7 +23,7 @@ from tests.integration.layers import (
     link,
     mount_snapshot,
 )
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
-from tests.support.client import SnapshotsClient
+from addlower.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 

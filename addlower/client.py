@@ -1,4 +1,8 @@
-"""A small synchronous client for the Snapshots API, so tests read like containerd's test suite."""
+"""A small synchronous client for the Snapshots API (the daemon's socket, or containerd's with
+namespace and lease metadata): what the admin commands, the tests and the benchmark call.
+
+Errors stay grpc.RpcError; callers decide what a code means to them. Must not know the server.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,8 @@ from typing import Mapping, Sequence
 import grpc
 from google.protobuf import field_mask_pb2
 
-from addlower.api import snapshots_pb2 as pb, snapshots_pb2_grpc
-
-from addlower.config import PLUGIN_NAME as SNAPSHOTTER
+from .api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from .config import PLUGIN_NAME as SNAPSHOTTER
 
 
 @dataclass
@@ -21,19 +24,20 @@ class SnapshotsClient:
 
     def __post_init__(self) -> None:
         self.stub = snapshots_pb2_grpc.SnapshotsStub(self.channel)
+        self._metadata = list(self.metadata) or None
 
-    def _md(self):
-        return list(self.metadata) or None
+    def _md(self) -> list[tuple[str, str]] | None:
+        return self._metadata
 
-    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None):
+    def prepare(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[mount_pb2.Mount]:
         req = pb.PrepareSnapshotRequest(snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {})
         return list(self.stub.Prepare(req, metadata=self._md()).mounts)
 
-    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None):
+    def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[mount_pb2.Mount]:
         req = pb.ViewSnapshotRequest(snapshotter=self.snapshotter, key=key, parent=parent, labels=labels or {})
         return list(self.stub.View(req, metadata=self._md()).mounts)
 
-    def mounts(self, key: str):
+    def mounts(self, key: str) -> list[mount_pb2.Mount]:
         return list(self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self._md()).mounts)
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Apply the mounts a snapshotter returns, the way containerd's mount package would."""
+"""Apply the mounts a snapshotter returns, the way containerd's mount package would: for tests
+and the benchmark, which mount snapshots without containerd. The daemon never mounts anything."""
 
 from __future__ import annotations
 
