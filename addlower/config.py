@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidArgument
 from .kubernetes import KubernetesConfig
-from .lowers import LowerPolicy, check_path, is_within
+from .lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, LowerPolicy, NamedLower
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
@@ -38,8 +38,8 @@ class Config:
     log_format: str = "text"
     metrics_address: str | None = None  # host:port serving Prometheus metrics; off when None
     mount_options: tuple[str, ...] = ()
-    allowed_roots: tuple[str, ...] = ("/",)
-    named_lowers: Mapping[str, str] = field(default_factory=dict)
+    allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
+    named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()
 
     @property
@@ -92,27 +92,57 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     for key in lowers:
         if key not in ("allowed_roots", "named"):
             raise ConfigError(f"lowers.{key}: unknown key")
-    roots = _typed("lowers.allowed_roots", lowers.get("allowed_roots", ["/"]), list)
-    for i, root in enumerate(roots):
-        _typed(f"lowers.allowed_roots[{i}]", root, str)
-    named = _typed("lowers.named", lowers.get("named", {}), dict)
-    for name, path in named.items():
-        _typed(f"lowers.named.{name}", path, str)
-    config = Config(**values, allowed_roots=tuple(roots), named_lowers=dict(named),
-                    kubernetes=_kubernetes(_typed("kubernetes", data.get("kubernetes", {}), dict), tuple(roots)))
+    roots = _strings("lowers.allowed_roots", lowers.get("allowed_roots", list(DEFAULT_ALLOWED_ROOTS)))
+    named = {name: _named_lower(f"lowers.named.{name}", value)
+             for name, value in _typed("lowers.named", lowers.get("named", {}), dict).items()}
+    config = Config(**values, allowed_roots=roots, named_lowers=named,
+                    kubernetes=_kubernetes(_typed("kubernetes", data.get("kubernetes", {}), dict)))
+    root = str(config.root_dir)
     try:  # the same checks the snapshotter applies
-        LowerPolicy(str(config.root_dir), config.allowed_roots, config.named_lowers)
+        LowerPolicy(root, config.allowed_roots, config.named_lowers)
     except InvalidArgument as exc:
         raise ConfigError(f"lowers: {exc}") from None
+    k8s = config.kubernetes
+    for where, ns_roots in (("kubernetes", k8s.allowed_roots),
+                            *((f"kubernetes.namespaces.{ns}", r) for ns, r in k8s.namespaces.items())):
+        try:
+            LowerPolicy(root, ns_roots)
+        except InvalidArgument as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return config
+
+
+def _strings(key: str, value: Any) -> tuple[str, ...]:
+    return tuple(_typed(f"{key}[{i}]", item, str) for i, item in enumerate(_typed(key, value, list)))
+
+
+def _named_lower(key: str, value: Any) -> NamedLower:
+    """A named lower: a path, or a table {path = "...", namespaces = [...]}."""
+    if isinstance(value, str):
+        return NamedLower(value)
+    table = _typed(key, value, dict)
+    for k in table:
+        if k not in ("path", "namespaces"):
+            raise ConfigError(f"{key}.{k}: unknown key")
+    if "path" not in table:
+        raise ConfigError(f"{key}: a table needs a path")
+    namespaces = _strings(f"{key}.namespaces", table["namespaces"]) if "namespaces" in table else None
+    for ns in namespaces or ():
+        _check_namespace(f"{key}.namespaces", ns)
+    return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces)
+
+
+def _check_namespace(key: str, namespace: str) -> None:
+    if not NAMESPACE.fullmatch(namespace):
+        raise ConfigError(f"{key}: {namespace!r} is not a Kubernetes namespace name")
 
 
 # [kubernetes] key -> expected type
 _KUBERNETES = {"enabled": bool, "containerd_address": str, "namespace": str, "annotation": str,
-               "allowed_roots": list, "timeout": (int, float)}
+               "allowed_roots": list, "namespaces": dict, "timeout": (int, float)}
 
 
-def _kubernetes(section: Mapping[str, Any], label_roots: tuple[str, ...]) -> KubernetesConfig:
+def _kubernetes(section: Mapping[str, Any]) -> KubernetesConfig:
     values: dict[str, Any] = {}
     for key, value in section.items():
         if key not in _KUBERNETES:
@@ -121,19 +151,18 @@ def _kubernetes(section: Mapping[str, Any], label_roots: tuple[str, ...]) -> Kub
         if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
             raise ConfigError(f"kubernetes.{key}: expected a {getattr(kind, '__name__', 'number')}, got {value!r}")
         values[key] = value
-    roots = tuple(values.pop("allowed_roots", ()))
-    for i, root in enumerate(roots):
-        key = f"kubernetes.allowed_roots[{i}]"
-        try:
-            check_path(_typed(key, root, str), key)
-        except InvalidArgument as exc:
-            raise ConfigError(str(exc)) from None
-        # A pod's lowers are recorded as the snapshot's label, which the label policy then checks.
-        if not any(is_within(root, r) for r in label_roots):
-            raise ConfigError(f"{key}: {root!r} is outside lowers.allowed_roots {list(label_roots)}")
+    roots = _strings("kubernetes.allowed_roots", values.pop("allowed_roots", []))
+    namespaces = {}
+    for ns, table in values.pop("namespaces", {}).items():
+        key = f"kubernetes.namespaces.{ns}"
+        _check_namespace("kubernetes.namespaces", ns)
+        for k in _typed(key, table, dict):
+            if k != "allowed_roots":
+                raise ConfigError(f"{key}.{k}: unknown key")
+        namespaces[ns] = _strings(f"{key}.allowed_roots", table.get("allowed_roots", []))
     if values.get("timeout", 1) <= 0:
         raise ConfigError("kubernetes.timeout: must be positive")
-    return KubernetesConfig(**values, allowed_roots=roots)
+    return KubernetesConfig(**values, allowed_roots=roots, namespaces=namespaces)
 
 
 def load_config(path: Path | None) -> Config:

@@ -109,7 +109,7 @@ class Daemon:
             "allowed_roots=%s named_lowers=%s kubernetes=%s metrics=%s",
             __version__, c.root_dir, path, c.async_remove, c.upperdir_label,
             ",".join(self.snapshotter.overlay_options) or "-", ",".join(c.allowed_roots),
-            ",".join(f"{k}={v}" for k, v in c.named_lowers.items()) or "-",
+            ",".join(f"{k}={v.path}" for k, v in c.named_lowers.items()) or "-",
             f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
             c.metrics_address or "off",
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fsutil
 from .config import PLUGIN_NAME
 
 PROXY_PLUGIN = PLUGIN_NAME
@@ -230,16 +230,14 @@ class PrivateContainerd:
 
     def _unmount_leftovers(self) -> None:
         """Lazily unmount anything still mounted under our root or state, deepest first."""
-        prefixes = (f"{self.root}/", f"{self.state}/")
-        with open("/proc/self/mountinfo") as f:
-            targets = [_unescape(line.split()[4]) for line in f]
-        for target in sorted((t for t in targets if t.startswith(prefixes)), key=len, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
+        unmount_under(self.root, self.state)
 
 
-def _unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+def unmount_under(*dirs: Path) -> None:
+    """Lazily unmount anything mounted inside `dirs`, deepest first."""
+    prefixes = tuple(f"{d}/" for d in dirs)
+    for target in sorted((t for t in fsutil.mount_points() if t.startswith(prefixes)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 @dataclass
@@ -290,18 +288,22 @@ class SnapshotterProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Signal it and wait; SIGKILL if it does not exit in time. Returns its exit code."""
+        """Signal it and wait; SIGKILL if it does not exit in time. Returns its exit code.
+        Pinned lowers outlive the daemon by design; a harness unmounts them once it is done."""
         if self.proc is None:  # never started
             return 0
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
-                return self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.wait()
+        code = self.proc.wait()
+        unmount_under(self.root)
+        return code
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        unmount_under(self.root)

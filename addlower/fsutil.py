@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
+import re
 import platform
 import shutil
 import stat
@@ -113,8 +115,21 @@ def disk_usage(root: Path) -> Usage:
     return Usage(size=size, inodes=len(seen))
 
 
+def mount_points() -> list[str]:
+    """Every mount point this process sees, from /proc/self/mountinfo (which escapes space, tab,
+    newline and backslash in octal)."""
+    with open("/proc/self/mountinfo") as f:
+        return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
+
+
 def remove_tree(path: Path) -> None:
-    """Remove a directory tree; a tree that is already gone is fine (Cleanup retries the rest)."""
+    """Remove a directory tree; a tree that is already gone is fine (Cleanup retries the rest).
+
+    Refuses (EBUSY) a tree with anything mounted in it: a walk through a mount would delete what
+    the mount shows, a host dir for all it knows."""
+    inside = [m for m in mount_points() if m == str(path) or m.startswith(f"{path}/")]
+    if inside:
+        raise OSError(errno.EBUSY, f"{len(inside)} mount(s) inside, such as {inside[0]}: not removing it", str(path))
     try:
         shutil.rmtree(path)
     except FileNotFoundError:

@@ -3,18 +3,20 @@
 An unmodified kubelet and containerd pass no snapshot labels for pods, so the snapshotter asks
 containerd itself, at the Mounts call CRI makes when it starts a container: the container record
 names its pod sandbox, whose CRI metadata holds the pod's annotations (SPEC section 5). The pure
-part turns containerd's records into a request; PodLowers does the one lookup, with a bounded
-timeout, and keeps nothing between calls but its connection. Must not know the store or mounts.
+part turns containerd's records into a request and holds it to the policy of the pod's
+Kubernetes namespace; PodLowers does the lookup, with a bounded timeout, and keeps nothing
+between calls but its connection. Must not know the store, mounts or the filesystem.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Mapping
 
 from .errors import InvalidArgument, Unavailable
-from .lowers import LowerPolicy, parse_lowers
+from .lowers import Lower, LowerPolicy, NamedLower, parse_lowers
 
 KIND_LABEL = "io.cri-containerd.kind"  # "sandbox" or "container"
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
@@ -28,10 +30,19 @@ SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"
 class KubernetesConfig:
     enabled: bool = False
     containerd_address: str = "/run/containerd/containerd.sock"
-    namespace: str = "k8s.io"
+    namespace: str = "k8s.io"  # containerd's CRI namespace
     annotation: str = "addlower.io/lowers"
-    allowed_roots: tuple[str, ...] = ()  # absolute paths pods may use; named lowers always may
+    allowed_roots: tuple[str, ...] = ()  # absolute paths every pod may use
+    # Kubernetes namespace -> further roots its pods may use.
+    namespaces: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     timeout: float = 3.0  # seconds a Mounts call may wait for containerd
+
+    def policy(self, root: str, named: Mapping[str, NamedLower], namespace: str | None) -> LowerPolicy:
+        """What pods of `namespace` may use; with None, what some pod may use (a first check
+        before the pod is known)."""
+        extra = self.namespaces.get(namespace, ()) if namespace is not None else \
+            tuple(r for roots in self.namespaces.values() for r in roots)
+        return LowerPolicy(root, (*self.allowed_roots, *extra), named, namespace)
 
 
 @dataclass(frozen=True)
@@ -43,10 +54,43 @@ class AppContainer:
     annotations: Mapping[str, str]  # of its OCI spec (pod annotations copied by `pod_annotations`)
 
 
+@dataclass(frozen=True)
+class PodSandbox:
+    """A pod as its sandbox's CRI metadata describes it."""
+
+    namespace: str
+    name: str
+    annotations: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class PodContainer:
+    """A pod's app container found at Mounts time, and the annotation that applies to it."""
+
+    namespace: str
+    pod: str
+    container: str
+    request: tuple[str, str] | None  # (annotation key, value)
+
+    def describe(self) -> str:
+        return f"namespace {self.namespace!r} pod {self.pod!r} container {self.container!r}"
+
+
+class Lookup(Enum):
+    """Why a Mounts call found no pod's container behind a snapshot key."""
+
+    NO_RECORD = "no container record (yet)"
+    NOT_A_POD = "a container that is not a pod's"
+
+
 def container_id(key: str, namespace: str) -> str | None:
     """The container id in a snapshot key `<namespace>/<n>/<id>`, if it is in that namespace."""
     parts = key.split("/", 2)
     return parts[2] if len(parts) == 3 and parts[0] == namespace and parts[2] else None
+
+
+def in_namespace(key: str, namespace: str) -> bool:
+    return key.startswith(namespace + "/")
 
 
 def _json(blob: bytes) -> dict[str, Any]:
@@ -57,24 +101,38 @@ def _json(blob: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(value: Any) -> dict[str, str]:
+    return {k: v for k, v in _dict(value).items() if isinstance(k, str) and isinstance(v, str)}
+
+
 def app_container(labels: Mapping[str, str], spec: bytes, extensions: Mapping[str, bytes],
                   sandbox: str = "") -> AppContainer | None:
     """The app container behind a containerd record; None for a pod sandbox or a non-CRI record."""
-    annotations = _json(spec).get("annotations") or {}
+    annotations = _strings(_json(spec).get("annotations"))
     kind = labels.get(KIND_LABEL) or annotations.get(CONTAINER_TYPE_ANNOTATION)
     if kind != "container":
         return None
-    metadata = _json(extensions.get(CONTAINER_METADATA, b"")).get("Metadata") or {}
+    metadata = _dict(_json(extensions.get(CONTAINER_METADATA, b"")).get("Metadata"))
     sandbox_id = annotations.get(SANDBOX_ID_ANNOTATION) or metadata.get("SandboxID") or sandbox
     name = annotations.get(CONTAINER_NAME_ANNOTATION) or \
-        ((metadata.get("Config") or {}).get("metadata") or {}).get("name", "")
-    return AppContainer(name=name, sandbox_id=sandbox_id, annotations=annotations) if sandbox_id else None
+        _dict(_dict(metadata.get("Config")).get("metadata")).get("name", "")
+    if not isinstance(sandbox_id, str) or not sandbox_id or not isinstance(name, str):
+        return None
+    return AppContainer(name=name, sandbox_id=sandbox_id, annotations=annotations)
 
 
-def pod_annotations(sandbox_extensions: Mapping[str, bytes]) -> Mapping[str, str]:
-    """The pod's annotations, from its sandbox's CRI metadata (the whole PodSandboxConfig)."""
-    metadata = _json(sandbox_extensions.get(SANDBOX_METADATA, b"")).get("Metadata") or {}
-    return (metadata.get("Config") or {}).get("annotations") or {}
+def pod_sandbox(sandbox_extensions: Mapping[str, bytes]) -> PodSandbox | None:
+    """The pod, from its sandbox's CRI metadata (the whole PodSandboxConfig); None without one."""
+    config = _dict(_dict(_json(sandbox_extensions.get(SANDBOX_METADATA, b"")).get("Metadata")).get("Config"))
+    meta = _dict(config.get("metadata"))
+    namespace, name = meta.get("namespace"), meta.get("name")
+    if not isinstance(namespace, str) or not namespace or not isinstance(name, str):
+        return None
+    return PodSandbox(namespace, name, _strings(config.get("annotations")))
 
 
 def requested_lowers(container: AppContainer, pod: Mapping[str, str], annotation: str) -> tuple[str, str] | None:
@@ -86,18 +144,25 @@ def requested_lowers(container: AppContainer, pod: Mapping[str, str], annotation
     return None
 
 
-def label_value(key: str, value: str, policy: LowerPolicy) -> str:
-    """Check an annotation's value against the pods' policy; the label value to record."""
-    parse_lowers(value, policy, f"pod annotation {key}")
+def normalised_value(value: str) -> str:
+    """A lowers value as recorded in the label: empty segments dropped."""
     return ":".join(entry for entry in value.split(":") if entry)
+
+
+def check_for_pod(found: PodContainer, source: str, value: str, policy: LowerPolicy) -> tuple[Lower, ...]:
+    """The entries of `value` (from `source`) that the pod's policy allows; the refusal names the
+    namespace, pod, container, source and entry."""
+    try:
+        return parse_lowers(value, policy, source)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{found.describe()}: {exc}") from None
 
 
 class PodLowers:
     """Looks up a container's pod through containerd's Containers API (connects on first use)."""
 
-    def __init__(self, config: KubernetesConfig, policy: LowerPolicy):
+    def __init__(self, config: KubernetesConfig):
         self.config = config
-        self.policy = policy
         self._stub: Any = None
 
     def _get(self, cid: str) -> Any:
@@ -117,23 +182,20 @@ class PodLowers:
             raise Unavailable(f"looking up container {cid} in containerd at {self.config.containerd_address}: "
                               f"{exc.code().name}: {exc.details()}") from None
 
-    def for_key(self, key: str) -> str | None:
-        """The label value a container's pod asks for, or None (not a pod's app container, no
-        record yet, or no annotation). Raises InvalidArgument when the policy refuses it."""
+    def find(self, key: str) -> PodContainer | Lookup:
+        """The pod's app container behind a snapshot key of the CRI namespace, or why there is none."""
         cid = container_id(key, self.config.namespace)
         record = self._get(cid) if cid else None
         if record is None:
-            return None
+            return Lookup.NO_RECORD
         container = app_container(record.labels, record.spec.value, {k: v.value for k, v in record.extensions.items()},
                                   record.sandbox)
         if container is None:
-            return None
+            return Lookup.NOT_A_POD
         sandbox = self._get(container.sandbox_id)
-        pod = pod_annotations({k: v.value for k, v in sandbox.extensions.items()}) if sandbox is not None else {}
-        found = requested_lowers(container, pod, self.config.annotation)
-        if found is None:
-            return None
-        try:
-            return label_value(*found, self.policy)
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"container {container.name!r} of pod sandbox {container.sandbox_id}: {exc}") from None
+        pod = pod_sandbox({k: v.value for k, v in sandbox.extensions.items()}) if sandbox is not None else None
+        if pod is None:  # a sandbox without CRI metadata: no namespace to hold it to
+            raise InvalidArgument(f"container {container.name!r}: its pod sandbox {container.sandbox_id} has no "
+                                  "CRI metadata naming its namespace")
+        return PodContainer(pod.namespace, pod.name, container.name,
+                            requested_lowers(container, pod.annotations, self.config.annotation))

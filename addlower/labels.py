@@ -19,6 +19,10 @@ UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
 # The original's label: colon-separated host dirs stacked as extra lower layers.
 EXTRA_LOWERS_LABEL = "containerd.io/snapshot/overlay-custom-add-lower.paths"
 
+# "<namespace>/<pod>" of the Kubernetes pod whose policy a CRI container's lowers are held to;
+# recorded by the snapshotter when it found the pod, never accepted from a client.
+POD_LABEL = "containerd.io/snapshot/overlay-custom-add-lower.pod"
+
 
 def validate_labels(labels: Mapping[str, str]) -> None:
     """Refuse any label whose key and value exceed containerd's size limit, naming the key."""

@@ -1,17 +1,19 @@
-"""Extra lower dirs: what the label `containerd.io/snapshot/overlay-custom-add-lower.paths` may
-name, and the limits of the mount it produces.
+"""Extra lower dirs: what the label `containerd.io/snapshot/overlay-custom-add-lower.paths` (or a
+pod's annotation) may name, and the limits of the mount it produces.
 
 Pure rules, tested without root: parsing the colon-separated value, the path policy (absolute,
-normalised, no characters that could splice options into the mount, not inside the
-snapshotter's root, under an allowed root), named lowers, and the kernel's limits. Whatever a
-container creator writes in the label is untrusted. Resolving symlinks and creating directories
-is the snapshotter's job; this module must not touch the filesystem.
+normalised, bounded, no character that could splice options into the mount or forge a log line,
+never a system dir or the snapshotter's root, under an allowed root), named lowers and who may
+use them, and the kernel's limits. Whatever a container creator writes is untrusted. Opening,
+creating and pinning the dirs is addlower.pinning's job; this module must not touch the
+filesystem.
 """
 
 from __future__ import annotations
 
 import posixpath
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -20,57 +22,127 @@ from .mounts import Mount
 
 # overlayfs stacks at most this many lower layers (OVL_MAX_STACK).
 MAX_OVERLAY_LAYERS = 500
-# mount(2) takes the option string in one page.
-MAX_OPTIONS_BYTES = 4096
+# mount(2) takes its option string in one page.
+PAGE_SIZE = 4096
+# containerd shortens a lowerdir= list once the options come this close to a page (mount_linux.go).
+COMPACT_THRESHOLD = PAGE_SIZE - 512
+# PATH_MAX counts the trailing NUL; NAME_MAX bounds one component.
+MAX_PATH_BYTES = 4095
+MAX_NAME_BYTES = 255
+
+# With no configuration: a root for caches and the original's demo dir.
+DEFAULT_ALLOWED_ROOTS = ("/var/cache/addlower", "/tmp/overlayfs-custom-lower")
+# Never an extra lower, whatever the configuration says: the host's system dirs and other
+# workloads' state (pod volumes and secrets under kubelet's dir, container runtimes' data, logs).
+# A root that is one of these, lies inside one or contains one is refused.
+PROTECTED_DIRS = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
+    "/sbin", "/sys", "/usr", "/var/lib/containerd", "/var/lib/docker", "/var/lib/kubelet", "/var/log",
+    "/var/run",
+)
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-# Characters that would split or extend overlay options, or that no sane cache path needs.
-FORBIDDEN = re.compile(r"[,:\\=\s\x00-\x1f\x7f]")
+# Kubernetes namespace names (RFC 1123 labels).
+NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# Characters that would split or extend overlay options: `,` separates options, `:` lowerdirs,
+# `\` escapes both, `=` ends a key.
+OPTION_SYNTAX = frozenset(",:\\=")
+
+
+@dataclass(frozen=True)
+class NamedLower:
+    """A host dir the admin named; `namespaces` limits which Kubernetes namespaces' pods may use
+    it (None: every pod; label users are trusted with all of them)."""
+
+    path: str
+    namespaces: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Lower:
+    """One checked entry: the host dir, and the dir at and below which missing dirs may be created."""
+
+    path: str
+    create_root: str
 
 
 @dataclass(frozen=True)
 class LowerPolicy:
-    """What the node's admin allows: roots label paths must lie under, and named lowers."""
+    """What the node's admin allows one kind of requester: the roots paths must lie under, and the
+    named lowers. `namespace` is the requesting pod's namespace (None for label users)."""
 
     root: str  # the snapshotter's own root: never usable
-    allowed_roots: tuple[str, ...] = ("/",)
-    named: Mapping[str, str] = field(default_factory=dict)
+    allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
+    named: Mapping[str, NamedLower] = field(default_factory=dict)
+    namespace: str | None = None
 
     def __post_init__(self) -> None:
         for r in self.allowed_roots:
-            check_path(r, "allowed root")
-        for name, path in self.named.items():
+            check_host_dir(r, "allowed root", self.root)
+        for name, lower in self.named.items():
             if not NAME.fullmatch(name):
                 raise InvalidArgument(f"named lower {name!r}: a name is letters, digits, '.', '_' or '-'")
-            check_path(path, f"named lower {name!r}")
-            self.check_outside_root(path, f"named lower {name!r}")
+            check_host_dir(lower.path, f"named lower {name!r}", self.root)
 
-    def allows(self, path: str) -> bool:
-        return any(is_within(path, r) for r in self.allowed_roots)
+    def allowing_root(self, path: str) -> str | None:
+        """The allowed root `path` lies in (the deepest one), if any."""
+        roots = [r for r in self.allowed_roots if is_within(path, r)]
+        return max(roots, key=len) if roots else None
 
-    def check_outside_root(self, path: str, what: str) -> None:
-        if is_within(path, self.root) or is_within(self.root, path):
-            raise InvalidArgument(f"{what} {path!r}: overlaps the snapshotter's root {self.root}")
+    def named_lower(self, name: str) -> NamedLower | None:
+        """The named lower this requester may use, or None; refuses one kept for other namespaces."""
+        lower = self.named.get(name)
+        if lower is not None and self.namespace is not None and lower.namespaces is not None \
+                and self.namespace not in lower.namespaces:
+            raise InvalidArgument(f"named lower {name!r} is not available to namespace {self.namespace!r}")
+        return lower
+
+    def allowed_text(self) -> str:
+        return f"outside the allowed roots {list(self.allowed_roots)}"
 
 
 def is_within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def forbidden_character(text: str) -> str | None:
+    """The first character that must not appear in a path: option syntax, whitespace, and every
+    control, format, unassigned or private-use character (Unicode categories Z and C)."""
+    for ch in text:
+        if ch in OPTION_SYNTAX or unicodedata.category(ch)[0] in "CZ":
+            return ch
+    return None
+
+
 def check_path(path: str, what: str) -> None:
-    """An absolute, normalised path with no character that could change the mount options."""
-    bad = FORBIDDEN.search(path)
+    """An absolute, normalised, bounded path with no character that could change the mount options."""
+    bad = forbidden_character(path)
     if bad:
-        raise InvalidArgument(f"{what} {path!r}: character {bad.group()!r} is not allowed")
+        raise InvalidArgument(f"{what} {path!r}: character {bad!r} is not allowed")
     if not path.startswith("/"):
         raise InvalidArgument(f"{what} {path!r}: must be an absolute path")
     if ".." in path.split("/"):
         raise InvalidArgument(f"{what} {path!r}: must not contain '..'")
     if posixpath.normpath(path) != path or path.startswith("//"):
         raise InvalidArgument(f"{what} {path!r}: must be normalised (no '.', '//' or trailing '/')")
+    if len(path.encode()) > MAX_PATH_BYTES:
+        raise InvalidArgument(f"{what} {path[:64]!r}...: longer than {MAX_PATH_BYTES} bytes")
+    long = next((c for c in path.split("/") if len(c.encode()) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise InvalidArgument(f"{what} {path!r}: component {long[:32]!r}... is longer than {MAX_NAME_BYTES} bytes")
 
 
-def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[str, ...]:
+def check_host_dir(path: str, what: str, root: str) -> None:
+    """A dir an admin may offer: a checked path that is no system dir and does not overlap the
+    snapshotter's root."""
+    check_path(path, what)
+    for protected in (*PROTECTED_DIRS, root):
+        if is_within(path, protected) or is_within(protected, path):
+            whose = "the snapshotter's root" if protected == root else "the system dir"
+            raise InvalidArgument(f"{what} {path!r}: overlaps {whose} {protected}")
+
+
+def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, ...]:
     """The host dirs a label value asks for, leftmost on top; empty segments are ignored.
 
     Each entry is a named lower or an absolute path under an allowed root. `source` names where
@@ -80,18 +152,42 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[str, ...
     for entry in value.split(":"):
         if not entry:
             continue
-        if entry in policy.named:
-            dirs.append(policy.named[entry])
-            continue
-        if not entry.startswith("/") and NAME.fullmatch(entry):
-            raise InvalidArgument(f"{source}: {entry!r} is not a named lower of this node")
         what = f"{source}: entry"
+        if not entry.startswith("/") and NAME.fullmatch(entry):
+            try:
+                named = policy.named_lower(entry)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"{source}: {exc}") from None
+            if named is None:
+                raise InvalidArgument(f"{source}: {entry!r} is not a named lower of this node")
+            dirs.append(Lower(named.path, named.path))
+            continue
         check_path(entry, what)
-        policy.check_outside_root(entry, what)
-        if not policy.allows(entry):
-            raise InvalidArgument(f"{what} {entry!r}: outside the allowed roots {list(policy.allowed_roots)}")
-        dirs.append(entry)
+        root = policy.allowing_root(entry)
+        if root is None:
+            raise InvalidArgument(f"{what} {entry!r}: {policy.allowed_text()}; the node's admin allows more "
+                                  "with lowers.allowed_roots (or kubernetes.allowed_roots for pods) in the "
+                                  "snapshotter's config file")
+        dirs.append(Lower(entry, root))
     return tuple(dirs)
+
+
+def compact_lowerdirs(options: Sequence[str]) -> tuple[list[str], str | None]:
+    """The options and working dir containerd mounts an overlay with: when the options come near a
+    page, it mounts from the lowerdirs' common parent with relative paths (mount_linux.go)."""
+    opts = list(options)
+    if len(",".join(opts)) < COMPACT_THRESHOLD:
+        return opts, None
+    i = next((n for n, o in enumerate(opts) if o.startswith("lowerdir=")), None)
+    dirs = opts[i].removeprefix("lowerdir=").split(":") if i is not None else []
+    if len(dirs) <= 1:
+        return opts, None
+    common = posixpath.dirname(posixpath.commonprefix(dirs))  # by characters, as containerd does
+    if common in ("", "/"):
+        return opts, None
+    common += "/"
+    opts[i] = "lowerdir=" + ":".join(d[len(common):] for d in dirs)
+    return opts, common
 
 
 def check_mount_limits(mounts: Sequence[Mount], source: str) -> None:
@@ -99,10 +195,11 @@ def check_mount_limits(mounts: Sequence[Mount], source: str) -> None:
     for m in mounts:
         if m.type != "overlay":
             continue
-        options = ",".join(m.options)
-        if len(options.encode()) > MAX_OPTIONS_BYTES:
-            raise InvalidArgument(f"{source}: the overlay options would be {len(options.encode())} bytes, "
-                                  f"more than the {MAX_OPTIONS_BYTES} bytes mount accepts")
+        compacted, _ = compact_lowerdirs(m.options)
+        size = len(",".join(compacted).encode())
+        if size > PAGE_SIZE:
+            raise InvalidArgument(f"{source}: the overlay options would be {size} bytes, "
+                                  f"more than the {PAGE_SIZE} bytes mount accepts")
         lowers = next(o for o in m.options if o.startswith("lowerdir=")).count(":") + 1
         if lowers > MAX_OVERLAY_LAYERS:
             raise InvalidArgument(f"{source}: {lowers} lower layers, more than overlayfs's "

@@ -14,17 +14,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from . import fsutil, metrics
 from .errors import InvalidArgument
 from .filters import parse_filters
 from .fsutil import Usage
-from .kubernetes import KubernetesConfig, PodLowers
-from .labels import EXTRA_LOWERS_LABEL, UPPERDIR_LABEL, validate_labels
-from .lowers import LowerPolicy, check_mount_limits, parse_lowers
+from .kubernetes import KubernetesConfig, Lookup, PodLowers, check_for_pod, in_namespace, normalised_value
+from .labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
+from .lowers import DEFAULT_ALLOWED_ROOTS, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
 from .mounts import Kind, Layout, Mount, compute_mounts
-from .store import DB_NAME, Info, MetaStore, Snapshot
+from .pinning import Pins
+from .store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ TEMP_PREFIX = "new-"
 REMOVED_PREFIX = "rm-"
 
 KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "committed"}
+LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
+
+
+class LostMetadata(RuntimeError):
+    """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,8 @@ class Options:
     async_remove: bool = True
     upperdir_label: bool = False
     mount_options: tuple[str, ...] = ()
-    allowed_roots: tuple[str, ...] = ("/",)  # where extra lower dirs named by path may lie
-    named_lowers: Mapping[str, str] = field(default_factory=dict)  # name -> host dir
+    allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS  # where extra lower dirs named by path may lie
+    named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled
 
 
@@ -94,9 +100,10 @@ class Snapshotter:
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
-        k8s = options.kubernetes
-        self.pods = PodLowers(k8s, LowerPolicy(str(root), k8s.allowed_roots, self.lowers.named)) if k8s.enabled else None
+        self.pods = PodLowers(options.kubernetes) if options.kubernetes.enabled else None
+        self._refuse_lost_metadata()
         self.store = MetaStore(root / DB_NAME)
+        self.pins = Pins(str(root))
         self.overlay_options = fsutil.overlay_options(options.mount_options)
         self._set_aside_unrecorded()
 
@@ -113,8 +120,10 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         validate_labels(labels)
-        extra = self._extra_lowers(labels)  # refused before anything is created
+        self._refuse_reserved(labels, {})
+        lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels))
         tree: Path | None = None  # wherever the new snapshot's directory is at the moment
+        sid: int | None = None
         try:
             with self.store.transaction() as tx:
                 # Made under the store's lock, so a concurrent Cleanup cannot take it for an orphan.
@@ -123,7 +132,8 @@ class Snapshotter:
                 if kind == Kind.ACTIVE:
                     (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
-                mounts = self._mounts(snap, extra)
+                sid = snap.id
+                mounts = self._mounts(snap, lowers, LABEL_SOURCE)
                 if snap.parent_ids:  # the new root belongs to whoever owns the parent's
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
                     if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
@@ -134,78 +144,111 @@ class Snapshotter:
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
-                self._ensure_dirs(extra)
         except BaseException:
+            if sid is not None:
+                self.pins.release(sid)
             if tree is not None:
                 fsutil.remove_tree(tree)
             raise
         return mounts
 
-    def _extra_lowers(self, labels: Mapping[str, str]) -> tuple[str, ...]:
-        """The host dirs the label asks for, checked against the policy, symlinks resolved."""
+    # --- extra lowers: which entries, checked against which policy -----------------------------
+
+    def _held_for_pods(self, key: str) -> bool:
+        """Whether a snapshot's lowers answer to the pods' policy: with Kubernetes lookups on,
+        everything in containerd's CRI namespace (a direct CRI client can set the label there)."""
+        return self.pods is not None and in_namespace(key, self.pods.config.namespace)
+
+    def _pod_policy(self, namespace: str | None) -> LowerPolicy:
+        assert self.pods is not None
+        return self.pods.config.policy(str(self.root), self.lowers.named, namespace)
+
+    def _created_lowers(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
+        """The entries a new snapshot's label asks for, refused before anything is created. In the
+        CRI namespace they wait for the container's pod (none before), so none for now."""
+        value = labels.get(EXTRA_LOWERS_LABEL, "")
+        if not self._held_for_pods(key):
+            return parse_lowers(value, self.lowers, LABEL_SOURCE)
+        if value and kind != Kind.ACTIVE:
+            raise InvalidArgument(f"{LABEL_SOURCE}: a {KIND_NAMES[kind]} in containerd's CRI namespace cannot "
+                                  "have extra lowers; only pods' containers can")
+        parse_lowers(value, self._pod_policy(None), LABEL_SOURCE)  # fails early what no pod may use
+        return ()
+
+    def _refused_counted(self, source: str, check: Callable[[], tuple[Lower, ...]]) -> tuple[Lower, ...]:
         try:
-            return self._check_lowers(labels)
+            return check()
         except InvalidArgument as exc:
-            metrics.LOWERS_REFUSED.labels("label").inc()
+            metrics.LOWERS_REFUSED.labels(source).inc()
             log.warning("refused extra lowers: %s", exc)
             raise
 
-    def _check_lowers(self, labels: Mapping[str, str]) -> tuple[str, ...]:
-        source = f"label {EXTRA_LOWERS_LABEL}"
-        dirs = parse_lowers(labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, source)
-        for d in dirs:
-            real = os.path.realpath(d)
-            if real != d:
-                self.lowers.check_outside_root(real, f"{source}: entry {d!r} resolves to")
-                if self.lowers.allows(d) and not self.lowers.allows(real):
-                    raise InvalidArgument(f"{source}: entry {d!r} resolves to {real!r}, outside the allowed roots")
-            if os.path.lexists(real) and not os.path.isdir(real):
-                raise InvalidArgument(f"{source}: entry {d!r} is not a directory")
-        return dirs
+    @staticmethod
+    def _refuse_reserved(labels: Mapping[str, str], current: Mapping[str, str]) -> None:
+        if POD_LABEL in labels and labels[POD_LABEL] != current.get(POD_LABEL):
+            raise InvalidArgument(f"label {POD_LABEL} is set by the snapshotter only")
 
-    def _mounts(self, snap: Snapshot, extra: Sequence[str]) -> list[Mount]:
-        mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, extra)
-        if extra:
-            check_mount_limits(mounts, f"label {EXTRA_LOWERS_LABEL}")
+    def _mounts(self, snap: Snapshot, lowers: Sequence[Lower], source: str) -> list[Mount]:
+        """The mounts of `snap` with `lowers` pinned; drops pins of entries it no longer has."""
+        pins = self.pins.pin(snap.id, lowers, f"{source}: entry")
+        try:
+            mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, pins)
+            if pins:
+                check_mount_limits(mounts, source)
+        except BaseException:
+            self.pins.release(snap.id)
+            raise
+        if pins:
             metrics.LOWERS_RESOLVED.labels("label").inc()
         return mounts
-
-    @staticmethod
-    def _ensure_dirs(dirs: Sequence[str]) -> None:
-        """Create missing extra lower dirs (0755); the policy allowed each of them."""
-        for d in dirs:
-            os.makedirs(d, mode=0o755, exist_ok=True)
 
     # --- queries ------------------------------------------------------------------------------
 
     def mounts(self, key: str) -> list[Mount]:
+        """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
+        or the host may have changed) and, for a pod's container, records what it got."""
         with self.store.read() as tx:
             snap = tx.get_snapshot(key)
-        if self.pods is not None and snap.kind == Kind.ACTIVE and EXTRA_LOWERS_LABEL not in snap.labels:
-            snap = self._record_pod_lowers(key, snap)
-        extra = self._extra_lowers(snap.labels)  # again: the policy may have changed
-        mounts = self._mounts(snap, extra)
-        self._ensure_dirs(extra)
-        return mounts
+        if self._held_for_pods(key):
+            snap, lowers, source = self._pod_lowers(key, snap)
+        else:
+            lowers = self._refused_counted("label", lambda: parse_lowers(
+                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE))
+            source = LABEL_SOURCE
+        return self._mounts(snap, lowers, source)
 
-    def _record_pod_lowers(self, key: str, snap: Snapshot) -> Snapshot:
-        """Ask containerd what the container's pod wants; record it as the label, so that later
-        Mounts calls are stable and `ctr snapshots info` shows it."""
+    def _pod_lowers(self, key: str, snap: Snapshot) -> tuple[Snapshot, tuple[Lower, ...], str]:
+        """A CRI-namespace snapshot's lowers: checked against its pod's namespace, found through
+        containerd until recorded in POD_LABEL; none while no pod is known."""
         assert self.pods is not None
-        try:
-            value = self.pods.for_key(key)
-        except InvalidArgument as exc:
-            metrics.LOWERS_REFUSED.labels("annotation").inc()
-            log.warning("refused extra lowers for %s: %s", key, exc)
-            raise
-        if value is None:
-            return snap
+        label = snap.labels.get(EXTRA_LOWERS_LABEL)
+        recorded = snap.labels.get(POD_LABEL)
+        if recorded is not None:
+            namespace = recorded.split("/", 1)[0]
+            source = f"pod {recorded}: {LABEL_SOURCE}"
+            return snap, self._refused_counted("label", lambda: parse_lowers(
+                label or "", self._pod_policy(namespace), source)), source
+        found = self.pods.find(key)
+        if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
+            return snap, self._refused_counted("label", lambda: parse_lowers(
+                label or "", self.lowers, LABEL_SOURCE)), LABEL_SOURCE
+        if isinstance(found, Lookup):
+            return snap, (), LABEL_SOURCE
+        if label is not None:
+            source, value = LABEL_SOURCE, label
+        elif found.request is not None:
+            source, value = f"pod annotation {found.request[0]}", found.request[1]
+        else:
+            return snap, (), LABEL_SOURCE
+        lowers = self._refused_counted("annotation", lambda: check_for_pod(
+            found, source, value, self._pod_policy(found.namespace)))
         metrics.LOWERS_RESOLVED.labels("annotation").inc()
+        recorded = f"{found.namespace}/{found.pod}"
         with self.store.transaction() as tx:
-            tx.update_info(key, {EXTRA_LOWERS_LABEL: value}, [f"labels.{EXTRA_LOWERS_LABEL}"])
-        log.info("recorded lowers %r for %s from its pod's annotation", value, key)
-        with self.store.read() as tx:
-            return tx.get_snapshot(key)
+            tx.update_info(key, {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: recorded},
+                           [f"labels.{EXTRA_LOWERS_LABEL}", f"labels.{POD_LABEL}"])
+        log.info("recorded lowers %r for %s (%s) from its %s", value, key, found.describe(), source)
+        return snap, lowers, f"pod {recorded}: {source}"
 
     def stat(self, key: str) -> Info:
         with self.store.read() as tx:
@@ -233,8 +276,15 @@ class Snapshotter:
     # --- changes ------------------------------------------------------------------------------
 
     def update(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> Info:
+        """A label update; a new lowers value is checked now (against the pods' policy in the CRI
+        namespace) and pinned at the next Mounts."""
         validate_labels(labels)
-        self._extra_lowers(labels)
+        with self.store.read() as tx:
+            _, current, _ = tx.get_info(name)
+        self._refuse_reserved(labels, current.labels)
+        if EXTRA_LOWERS_LABEL in labels:
+            policy = self._pod_policy(None) if self._held_for_pods(name) else self.lowers
+            self._refused_counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE))
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
@@ -246,12 +296,14 @@ class Snapshotter:
         # The walk happens outside the lock; the transaction re-checks everything.
         usage = fsutil.disk_usage(Path(self.layout.upper(sid))) if info.kind == Kind.ACTIVE else Usage()
         with self.store.transaction() as tx:
-            tx.commit_active(key, name, usage, labels)
+            sid = tx.commit_active(key, name, usage, labels)
+        self.pins.release(sid)  # a committed snapshot has no mounts
 
     def remove(self, key: str) -> None:
         if self.options.async_remove:
             with self.store.transaction() as tx:
-                tx.remove(key)
+                sid, _ = tx.remove(key)
+            self.pins.release(sid)
             return
         moved: tuple[Path, Path] | None = None
         try:
@@ -264,29 +316,58 @@ class Snapshotter:
             if moved is not None:  # the row is still there: so is its directory
                 os.rename(moved[1], moved[0])
             raise
+        self.pins.release(sid)
         try:
             fsutil.remove_tree(removed)
         except OSError as exc:  # the metadata is gone already; Cleanup retries the directory
             log.warning("removing %s failed, Cleanup will retry: %s", removed, exc)
 
     def cleanup(self) -> list[str]:
-        """Delete every directory under snapshots/ that is not a live snapshot; returns their names."""
+        """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
+        snapshots that are gone; returns the names of the directories removed."""
         with self.store.read() as tx:
-            live = {str(i) for i in tx.ids()}
+            ids = tx.ids()
+            live = {str(i) for i in ids}
             doomed = [self._set_aside(e) for e in os.listdir(self.snapshots_dir) if e not in live]
+            self.pins.release_all_but(ids)  # under the lock: creates pin inside their transaction
+        removed = []
         for name in doomed:
-            fsutil.remove_tree(self.snapshots_dir / name)
-        return doomed
+            try:
+                fsutil.remove_tree(self.snapshots_dir / name)
+                removed.append(name)
+            except OSError as exc:  # left for the next Cleanup, and for the operator to look at
+                log.error("cleanup could not remove %s: %s", self.snapshots_dir / name, exc)
+        return removed
+
+    def _refuse_lost_metadata(self) -> None:
+        """Refuse a root whose snapshots/ holds directories while metadata.db is missing, empty or
+        never initialised: taken for a fresh store, every directory would go at the next Cleanup."""
+        entries = os.listdir(self.snapshots_dir)
+        db = self.root / DB_NAME
+        if entries and stored_schema_version(db) == 0:
+            raise LostMetadata(
+                f"{self.snapshots_dir} holds {len(entries)} snapshot directories but {db} is missing or empty: "
+                "the metadata was lost and starting would delete them. Nothing was changed. Restore "
+                f"{DB_NAME} from a backup, or move {self.root} aside and start on an empty root (then remove "
+                "the containers and images that used it and let containerd unpack them again)")
 
     def _set_aside_unrecorded(self) -> None:
         """At start-up, undo what a kill between a directory rename and its COMMIT left behind.
 
-        A create that died leaves a temp dir or a dir whose id was never committed (it will be
-        handed out again): set it aside for Cleanup. A synchronous remove that died leaves a live
-        snapshot's dir renamed to rm-<id>: put it back.
+        A create that died leaves a temp dir or the dir of the one id after the last committed one
+        (creates hold the store's lock, so there is at most one, and the id will be handed out
+        again): set it aside for Cleanup. A synchronous remove that died leaves a live snapshot's
+        dir renamed to rm-<id>: put it back. Dirs of higher ids mean metadata.db is older than
+        snapshots/ (restored from an old copy?): refuse, rather than delete them.
         """
         with self.store.read() as tx:
             last, live = tx.last_id(), tx.ids()
+        ahead = sorted(int(e) for e in os.listdir(self.snapshots_dir) if e.isdigit() and int(e) > last + 1)
+        if ahead:
+            raise LostMetadata(
+                f"{self.snapshots_dir} holds directories {ahead[:5]} of ids that {DB_NAME} never handed out "
+                f"(its last is {last}): it is older than the snapshots. Nothing was changed. Restore the "
+                f"{DB_NAME} that belongs to them, or move {self.root} aside and start on an empty root")
         for entry in os.listdir(self.snapshots_dir):
             sid = entry.removeprefix(REMOVED_PREFIX)
             if entry.startswith(REMOVED_PREFIX) and sid.isdigit() and int(sid) in live:
@@ -294,6 +375,8 @@ class Snapshotter:
                 log.info("restored directory %s of live snapshot %s", entry, sid)
             elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
+        for sid in self.pins.release_all_but(live):
+            log.info("released the pinned lowers of snapshot %s, which is gone", sid)
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
                 log.error("snapshot id %d has no directory %s (lost in a power cut?); remove it "

@@ -43,6 +43,22 @@ CREATE INDEX snapshots_parent ON snapshots(parent_id);
 """
 
 
+def stored_schema_version(path: Path) -> int:
+    """The schema version of the database at `path`: 0 when it is missing, empty or was never
+    initialised; -1 when it is no SQLite database (MetaStore says more). Opens it read-only, so it
+    creates nothing."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            return db.execute("PRAGMA user_version").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError:
+        return -1
+
+
 @dataclass(frozen=True, eq=False)
 class Info:
     """What Stat returns: containerd's snapshots.Info. Shared with the mirror: never mutate.

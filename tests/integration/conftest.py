@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 
 from addlower.client import SnapshotsClient
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, allowing
 
 
 def pytest_collection_modifyitems(items):
@@ -25,8 +25,11 @@ def _needs_root():
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(root=tmp_path / "root").start()
+def daemon(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon whose root lies beside the test's tmp_path, and which allows extra lowers from
+    anywhere under tmp_path."""
+    where = tmp_path_factory.mktemp("snapshotter")
+    d = Daemon(root=where / "root", args=allowing(where / "config.toml", tmp_path)).start()
     yield d
     d.kill()
 

@@ -113,7 +113,7 @@ def assert_nothing_created(daemon: Daemon, client: SnapshotsClient) -> None:
     ("{tmp}/x,upperdir=/etc", "character ','"),
     ("{tmp}/a/../b", "must not contain '..'"),
     ("cache", "'cache' is not a named lower"),
-    ("{root}/snapshots", "overlaps the snapshotter's root"),
+    ("{root}/snapshots", "outside the allowed roots"),
 ])
 def test_bad_label_is_refused_and_leaves_nothing_behind(daemon: Daemon, client: SnapshotsClient, tmp_path: Path,
                                                        value: str, says: str):
@@ -142,17 +142,19 @@ def configured(tmp_path: Path, toml: str) -> Iterator[tuple[Daemon, SnapshotsCli
         d.kill()
 
 
-def test_symlink_out_of_the_allowed_roots_is_refused(tmp_path: Path):
+def test_symlinks_are_refused_wherever_they_point(tmp_path: Path):
     allowed = tmp_path / "allowed"
-    allowed.mkdir()
+    (allowed / "fine").mkdir(parents=True)
     (allowed / "escape").symlink_to("/etc")
-    with configured(tmp_path, f'[lowers]\nallowed_roots = ["{allowed}"]\n') as (_, c):
-        err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/escape"})
-        assert "resolves to '/etc'" in err.details()
+    (allowed / "inner").symlink_to(allowed / "fine")
+    with configured(tmp_path, f'[lowers]\nallowed_roots = ["{allowed}"]\n') as (d, c):
+        for link in ("escape", "inner"):
+            err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/{link}/sub"})
+            assert f"{allowed}/{link} is a symlink or not a directory" in err.details()
         err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: "/etc"})
         assert "outside the allowed roots" in err.details()
         c.prepare("c", labels={LOWERS: f"{allowed}/fine"})
-        assert (allowed / "fine").is_dir()
+        assert os.listdir(d.root / "snapshots") == ["1"]
 
 
 def test_named_lower_from_the_config_file(tmp_path: Path, host: Path):

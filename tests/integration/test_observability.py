@@ -13,7 +13,7 @@ import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.client import SnapshotsClient
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, allowing
 
 
 def free_port() -> int:
@@ -32,7 +32,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_metrics_move_with_a_workload(tmp_path: Path):
     port = free_port()
-    d = Daemon(root=tmp_path / "root", args=["--metrics-address", f"127.0.0.1:{port}"]).start()
+    args = allowing(tmp_path / "config.toml", tmp_path / "cache")
+    d = Daemon(root=tmp_path / "root", args=[*args, "--metrics-address", f"127.0.0.1:{port}"]).start()
     try:
         with d.channel() as ch:
             c = SnapshotsClient(ch)

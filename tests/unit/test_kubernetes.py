@@ -9,13 +9,17 @@ import pytest
 from addlower.errors import InvalidArgument
 from addlower.kubernetes import (
     AppContainer,
+    KubernetesConfig,
+    PodContainer,
+    PodSandbox,
     app_container,
+    check_for_pod,
     container_id,
-    label_value,
-    pod_annotations,
+    normalised_value,
+    pod_sandbox,
     requested_lowers,
 )
-from addlower.lowers import LowerPolicy
+from addlower.lowers import Lower, NamedLower
 
 SPEC = json.dumps({"annotations": {"io.kubernetes.cri.container-type": "container",
                                    "io.kubernetes.cri.sandbox-id": "sb1",
@@ -23,7 +27,8 @@ SPEC = json.dumps({"annotations": {"io.kubernetes.cri.container-type": "containe
 CONTAINER_META = json.dumps({"Version": "v1", "Metadata": {"ID": "c1", "SandboxID": "sb2",
                                                            "Config": {"metadata": {"name": "test"}}}}).encode()
 SANDBOX_META = json.dumps({"Version": "v1", "Metadata": {"ID": "sb1", "Config": {
-    "metadata": {"name": "pod"}, "annotations": {"addlower.io/lowers": "maven"}}}}).encode()
+    "metadata": {"name": "pod", "namespace": "team-a", "uid": "u1"},
+    "annotations": {"addlower.io/lowers": "maven"}}}}).encode()
 
 
 def test_container_id_is_the_last_key_segment_in_the_namespace():
@@ -48,9 +53,15 @@ def test_sandboxes_and_foreign_records_are_not_app_containers():
     assert app_container({"io.cri-containerd.kind": "container"}, b"not json", {}) is None  # no sandbox id
 
 
-def test_pod_annotations_from_sandbox_metadata():
-    assert pod_annotations({"io.cri-containerd.sandbox.metadata": SANDBOX_META}) == {"addlower.io/lowers": "maven"}
-    assert pod_annotations({}) == {}
+def test_pod_from_sandbox_metadata():
+    assert pod_sandbox({"io.cri-containerd.sandbox.metadata": SANDBOX_META}) == \
+        PodSandbox("team-a", "pod", {"addlower.io/lowers": "maven"})
+
+
+@pytest.mark.parametrize("extensions", [{}, {"io.cri-containerd.sandbox.metadata": b"[]"},
+                                        {"io.cri-containerd.sandbox.metadata": b'{"Metadata": {"Config": {}}}'}])
+def test_a_sandbox_without_a_namespace_is_no_pod(extensions):
+    assert pod_sandbox(extensions) is None
 
 
 def test_per_container_annotation_wins_over_the_pod_wide_one():
@@ -61,16 +72,44 @@ def test_per_container_annotation_wins_over_the_pod_wide_one():
     assert requested_lowers(c, {}, "addlower.io/lowers") is None
 
 
-POLICY = LowerPolicy("/var/lib/addlower", ("/srv/ci",), {"maven": "/var/cache/m2"})
+ROOT = "/var/lib/addlower"
+NAMED = {"maven": NamedLower("/var/cache/m2"), "teamb": NamedLower("/var/cache/teamb", ("team-b",))}
+K8S = KubernetesConfig(enabled=True, allowed_roots=("/srv/ci",), namespaces={"team-a": ("/srv/team-a",)})
+BUILD = PodContainer("team-a", "web-1", "build", None)
 
 
-def test_label_value_keeps_names_and_allowed_paths():
-    assert label_value("addlower.io/lowers", "maven::/srv/ci/npm", POLICY) == "maven:/srv/ci/npm"
+def pod_policy(namespace):
+    return K8S.policy(ROOT, NAMED, namespace)
 
 
-@pytest.mark.parametrize("value, says", [("/etc", "outside the allowed roots"), ("gradle", "not a named lower"),
-                                         ("/srv/ci/x,upperdir=/", "character ','")])
-def test_refused_annotation_names_the_annotation_and_the_entry(value, says):
+def test_values_are_recorded_without_empty_entries():
+    assert normalised_value("maven::/srv/ci/npm:") == "maven:/srv/ci/npm"
+
+
+def test_a_namespace_gets_the_pod_roots_its_own_roots_and_the_named_lowers_meant_for_it():
+    assert check_for_pod(BUILD, "a", "maven:/srv/ci/x:/srv/team-a/y", pod_policy("team-a")) == (
+        Lower("/var/cache/m2", "/var/cache/m2"), Lower("/srv/ci/x", "/srv/ci"), Lower("/srv/team-a/y", "/srv/team-a"))
+    check_for_pod(BUILD, "a", "teamb", pod_policy("team-b"))
+
+
+@pytest.mark.parametrize("namespace, value, says", [
+    ("team-a", "/etc", "outside the allowed roots"),
+    ("team-a", "gradle", "not a named lower"),
+    ("team-a", "/srv/ci/x,upperdir=/", "character ','"),
+    ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
+    ("team-b", "/srv/team-a/cache", "outside the allowed roots"),
+])
+def test_refusal_names_namespace_pod_container_annotation_and_entry(namespace, value, says):
+    found = PodContainer(namespace, "web-1", "build", None)
     with pytest.raises(InvalidArgument) as err:
-        label_value("addlower.io/lowers.build", value, POLICY)
-    assert "pod annotation addlower.io/lowers.build" in str(err.value) and says in str(err.value)
+        check_for_pod(found, "pod annotation addlower.io/lowers.build", value, pod_policy(namespace))
+    text = str(err.value)
+    assert text.startswith(f"namespace {namespace!r} pod 'web-1' container 'build': "
+                           "pod annotation addlower.io/lowers.build")
+    assert says in text
+
+
+def test_before_the_pod_is_known_anything_some_pod_may_use_passes():
+    check_for_pod(BUILD, "a", "teamb:/srv/team-a/x:/srv/ci/y", pod_policy(None))
+    with pytest.raises(InvalidArgument, match="outside the allowed roots"):
+        check_for_pod(BUILD, "a", "/srv/other", pod_policy(None))

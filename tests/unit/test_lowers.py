@@ -6,20 +6,37 @@ import pytest
 
 from addlower.config import ConfigError, parse_config
 from addlower.errors import InvalidArgument
-from addlower.lowers import LowerPolicy, check_mount_limits, parse_lowers
+from addlower.lowers import (
+    DEFAULT_ALLOWED_ROOTS,
+    Lower,
+    LowerPolicy,
+    NamedLower,
+    check_mount_limits,
+    compact_lowerdirs,
+    parse_lowers,
+)
 from addlower.mounts import Kind, Layout, Mount, compute_mounts
 
 ROOT = "/var/lib/addlower"
-POLICY = LowerPolicy(ROOT, ("/srv/cache", "/tmp"), {"maven": "/var/cache/ci/m2"})
+POLICY = LowerPolicy(ROOT, ("/srv/cache", "/tmp", "/srv/cache/deep"), {"maven": NamedLower("/var/cache/ci/m2")})
 SRC = "label x"
 
 
+def paths(lowers):
+    return tuple(lower.path for lower in lowers)
+
+
 def test_entries_keep_their_order_and_empty_segments_are_ignored():
-    assert parse_lowers(":/srv/cache/a::/tmp/b:", POLICY, SRC) == ("/srv/cache/a", "/tmp/b")
+    assert paths(parse_lowers(":/srv/cache/a::/tmp/b:", POLICY, SRC)) == ("/srv/cache/a", "/tmp/b")
 
 
 def test_named_lower_resolves_to_its_host_dir():
-    assert parse_lowers("maven:/tmp/x", POLICY, SRC) == ("/var/cache/ci/m2", "/tmp/x")
+    assert paths(parse_lowers("maven:/tmp/x", POLICY, SRC)) == ("/var/cache/ci/m2", "/tmp/x")
+
+
+def test_missing_dirs_may_be_made_only_within_the_allowed_root_or_as_the_named_dir_itself():
+    assert parse_lowers("/srv/cache/deep/a/b:maven", POLICY, SRC) == (
+        Lower("/srv/cache/deep/a/b", "/srv/cache/deep"), Lower("/var/cache/ci/m2", "/var/cache/ci/m2"))
 
 
 @pytest.mark.parametrize(
@@ -31,12 +48,19 @@ def test_named_lower_resolves_to_its_host_dir():
         ("/tmp/a\tb", "character '\\t'"),
         ("/tmp/a\\b", "character '\\\\'"),
         ("/tmp/a\x01", "character '\\x01'"),
+        ("/tmp/a\x85b", "character '\\x85'"),  # C1 control (NEL)
+        ("/tmp/a\u202eb", "character '\\u202e'"),  # bidi override, a format character
+        ("/tmp/a\u2028b", "character '\\u2028'"),  # line separator
+        ("/tmp/a\u00a0b", "character '\\xa0'"),  # no-break space
+        ("/tmp/" + "x" * 256, "is longer than 255 bytes"),
+        ("/tmp" + "/x" * 2100, "longer than 4095 bytes"),
         ("relative/dir", "must be an absolute path"),
         ("/tmp/../etc", "must not contain '..'"),
         ("/tmp/./x", "must be normalised"),
         ("/tmp//x", "must be normalised"),
         ("/tmp/x/", "must be normalised"),
         ("/etc", "outside the allowed roots"),
+        ("/etc", "lowers.allowed_roots"),  # says how to allow more
         ("/tmpfoo", "outside the allowed roots"),
         ("gradle", "'gradle' is not a named lower"),
     ],
@@ -48,22 +72,47 @@ def test_bad_entries_are_refused_naming_the_entry(value, says):
     assert str(err.value).startswith(SRC)
 
 
-@pytest.mark.parametrize("path", [ROOT, f"{ROOT}/snapshots/1/fs", "/var/lib", "/"])
-def test_the_snapshotters_root_its_insides_and_its_ancestors_are_refused(path):
-    policy = LowerPolicy(ROOT)
+@pytest.mark.parametrize("path", [ROOT, f"{ROOT}/snapshots/1/fs", "/srv/lib"])
+def test_the_snapshotters_root_its_insides_and_its_ancestors_are_never_allowed(path):
+    root = "/srv/lib/addlower"
     with pytest.raises(InvalidArgument, match="overlaps the snapshotter's root"):
-        parse_lowers(path, policy, SRC)
+        LowerPolicy(root if path == "/srv/lib" else ROOT, allowed_roots=(path,))
+    with pytest.raises(InvalidArgument, match="overlaps the snapshotter's root"):
+        LowerPolicy(root if path == "/srv/lib" else ROOT, named={"n": NamedLower(path)})
 
 
-def test_default_policy_allows_any_absolute_path_outside_the_root():
-    assert parse_lowers("/opt/cache", LowerPolicy(ROOT), SRC) == ("/opt/cache",)
+@pytest.mark.parametrize("path", ["/", "/etc", "/etc/ssl", "/var", "/var/lib", "/var/lib/kubelet/pods", "/run",
+                                  "/proc/1/root", "/usr/local", "/root/.m2", "/var/lib/containerd"])
+def test_system_dirs_and_other_workloads_data_are_never_allowed(path):
+    with pytest.raises(InvalidArgument, match="overlaps the system dir"):
+        LowerPolicy(ROOT, allowed_roots=(path,))
+    with pytest.raises(InvalidArgument, match="overlaps the system dir"):
+        LowerPolicy(ROOT, named={"n": NamedLower(path)})
+
+
+def test_the_default_policy_allows_the_cache_root_and_the_originals_demo_dir_only():
+    policy = LowerPolicy(ROOT)
+    assert policy.allowed_roots == DEFAULT_ALLOWED_ROOTS == ("/var/cache/addlower", "/tmp/overlayfs-custom-lower")
+    assert paths(parse_lowers("/var/cache/addlower/m2:/tmp/overlayfs-custom-lower", policy, SRC)) == (
+        "/var/cache/addlower/m2", "/tmp/overlayfs-custom-lower")
+    for other in ("/opt/cache", "/tmp/x", "/home/ci"):
+        with pytest.raises(InvalidArgument, match="outside the allowed roots"):
+            parse_lowers(other, policy, SRC)
 
 
 def test_policy_refuses_bad_named_lowers():
     with pytest.raises(InvalidArgument, match="named lower 'm2'"):
-        LowerPolicy(ROOT, named={"m2": "cache/m2"})
+        LowerPolicy(ROOT, named={"m2": NamedLower("cache/m2")})
     with pytest.raises(InvalidArgument, match="named lower 'a b'"):
-        LowerPolicy(ROOT, named={"a b": "/x"})
+        LowerPolicy(ROOT, named={"a b": NamedLower("/x")})
+
+
+def test_a_named_lower_kept_for_some_namespaces_is_refused_to_others_but_not_to_label_users():
+    named = {"teamb": NamedLower("/srv/teamb", ("team-b",))}
+    assert paths(parse_lowers("teamb", LowerPolicy(ROOT, named=named), SRC)) == ("/srv/teamb",)
+    assert paths(parse_lowers("teamb", LowerPolicy(ROOT, named=named, namespace="team-b"), SRC)) == ("/srv/teamb",)
+    with pytest.raises(InvalidArgument, match="'teamb' is not available to namespace 'team-a'"):
+        parse_lowers("teamb", LowerPolicy(ROOT, named=named, namespace="team-a"), SRC)
 
 
 L = Layout("/r")
@@ -91,9 +140,20 @@ def test_extra_lowers_in_every_mount_case(kind, parents, lowerdir, upper):
 
 
 def test_options_longer_than_a_page_are_refused():
-    m = Mount("overlay", "overlay", ("lowerdir=" + ":".join(f"/cache/{'x' * 60}{i}" for i in range(70)),))
+    m = Mount("overlay", "overlay", ("lowerdir=" + ":".join(f"/c{i}/{'x' * 60}" for i in range(70)),))
     with pytest.raises(InvalidArgument, match=r"label x: the overlay options would be \d+ bytes"):
         check_mount_limits([m], SRC)
+
+
+def test_long_lowerdir_lists_under_one_root_are_shortened_as_containerd_does():
+    dirs = [f"/r/lowers/7/{i}" for i in range(40)] + [f"/r/snapshots/{i}/fs" for i in range(100, 300)]
+    opts = ("index=off", "workdir=/r/snapshots/9/work", "upperdir=/r/snapshots/9/fs", "lowerdir=" + ":".join(dirs))
+    compacted, cwd = compact_lowerdirs(opts)
+    assert cwd == "/r/"
+    assert compacted[:3] == list(opts[:3])
+    assert compacted[3] == "lowerdir=" + ":".join(d.removeprefix("/r/") for d in dirs)
+    check_mount_limits([Mount("overlay", "overlay", opts)], SRC)  # 5.7 kB before, under a page after
+    assert compact_lowerdirs(opts[:3] + ("lowerdir=/r/a:/r/b",)) == (list(opts[:3]) + ["lowerdir=/r/a:/r/b"], None)
 
 
 def test_more_layers_than_overlayfs_stacks_are_refused():
@@ -103,8 +163,16 @@ def test_more_layers_than_overlayfs_stacks_are_refused():
 
 
 def test_config_file_values():
-    c = parse_config({"async_remove": False, "lowers": {"allowed_roots": ["/srv"], "named": {"npm": "/srv/npm"}}})
-    assert (c.async_remove, c.allowed_roots, dict(c.named_lowers)) == (False, ("/srv",), {"npm": "/srv/npm"})
+    c = parse_config({"async_remove": False, "lowers": {"allowed_roots": ["/srv"], "named": {
+        "npm": "/srv/npm", "teamb": {"path": "/srv/teamb", "namespaces": ["team-b"]}}},
+        "kubernetes": {"allowed_roots": ["/srv/pods"], "namespaces": {"team-a": {"allowed_roots": ["/srv/a"]}}}})
+    assert (c.async_remove, c.allowed_roots) == (False, ("/srv",))
+    assert dict(c.named_lowers) == {"npm": NamedLower("/srv/npm"), "teamb": NamedLower("/srv/teamb", ("team-b",))}
+    assert (c.kubernetes.allowed_roots, dict(c.kubernetes.namespaces)) == (("/srv/pods",), {"team-a": ("/srv/a",)})
+
+
+def test_without_a_config_file_only_the_default_roots_are_allowed():
+    assert parse_config({}).allowed_roots == DEFAULT_ALLOWED_ROOTS
 
 
 @pytest.mark.parametrize(
@@ -114,7 +182,15 @@ def test_config_file_values():
         ({"rootdir": "/x"}, "rootdir: unknown key"),
         ({"lowers": {"allowed": []}}, "lowers.allowed: unknown key"),
         ({"lowers": {"allowed_roots": ["srv"]}}, "allowed root 'srv': must be an absolute path"),
-        ({"lowers": {"named": {"m2": 3}}}, "lowers.named.m2: expected a str"),
+        ({"lowers": {"named": {"m2": 3}}}, "lowers.named.m2: expected a dict"),
+        ({"lowers": {"named": {"m2": {"namespaces": []}}}}, "lowers.named.m2: a table needs a path"),
+        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "ns": []}}}}, "lowers.named.m2.ns: unknown key"),
+        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "namespaces": ["Team_A"]}}}}, "not a Kubernetes namespace"),
+        ({"lowers": {"allowed_roots": ["/"]}}, "overlaps the system dir"),
+        ({"lowers": {"named": {"etc": "/etc"}}}, "named lower 'etc' '/etc': overlaps the system dir /etc"),
+        ({"kubernetes": {"allowed_roots": ["/var/lib/kubelet"]}}, "kubernetes: allowed root"),
+        ({"kubernetes": {"namespaces": {"a": {"allowed_roots": ["/run"]}}}}, "kubernetes.namespaces.a: allowed root"),
+        ({"kubernetes": {"namespaces": {"a": {"roots": []}}}}, "kubernetes.namespaces.a.roots: unknown key"),
         ({"log_level": "loud"}, "log_level: one of"),
     ],
 )

@@ -1,0 +1,217 @@
+"""Pinned lowers: the very host dirs the policy checked, bind-mounted under the snapshotter's root,
+so that the paths containerd hands the kernel cannot be changed by anyone who can write under an
+allowed root (a CI job filling a cache can swap a dir for a symlink at any instant).
+
+Opening walks from "/" one component at a time, each opened with O_NOFOLLOW relative to its
+parent's fd: a symlink anywhere in the path is refused, and whatever is renamed afterwards, the
+fd stays on the dir that was checked. Missing dirs are made with mkdirat under the parent's fd,
+only at or below the entry's create root, and removed again (rmdirat, empty dirs only) when a
+later entry fails. A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
+<root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody else can touch the path. Pins go
+away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays into a
+pin meets a read-only mount.
+
+Must not know about the store, labels, policy or gRPC: callers hand it checked Lower entries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .errors import InvalidArgument
+from .lowers import Lower, is_within
+
+log = logging.getLogger(__name__)
+
+PINS_DIR = "lowers"  # under the snapshotter's root
+DIR_MODE = 0o755  # of dirs created for missing lowers, as the original
+PIN_DIR_MODE = 0o700
+# An O_PATH fd of a directory, never through a symlink.
+_O_WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A pin may carry stacked mounts after a crash between two mounts; unmount at most this many.
+MAX_STACKED_MOUNTS = 16
+
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def _mount(source: str | None, target: str, flags: int) -> None:
+    if _libc.mount(source.encode() if source else None, target.encode(), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+def _unmount(target: str) -> bool:
+    """Detach the top mount at `target`; False when nothing is mounted there."""
+    if _libc.umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return False
+    raise OSError(err, os.strerror(err), target)
+
+
+@dataclass
+class _Opened:
+    """fds of the entries opened so far, and the dirs made for them (parent fd, name)."""
+
+    fds: list[int] = field(default_factory=list)
+    created: list[tuple[int, str]] = field(default_factory=list)
+
+    def close(self, undo: bool) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        for parent, name in reversed(self.created):
+            if undo:
+                try:
+                    os.rmdir(name, dir_fd=parent)
+                except OSError as exc:  # filled or replaced meanwhile: not ours to remove any more
+                    log.warning("could not remove the dir %s made for a refused lower: %s", name, exc)
+            os.close(parent)
+
+
+def _refusal(what: str, path: str, exc: OSError) -> InvalidArgument:
+    return InvalidArgument(f"{what} {path!r}: {exc.strerror.lower() if exc.strerror else exc}")
+
+
+def _open_one(lower: Lower, what: str, opened: _Opened) -> int:
+    """An O_PATH fd of `lower.path`, walked without following symlinks; missing dirs at or below
+    its create root are made."""
+    fd = os.open("/", _O_WALK)
+    current = ""
+    try:
+        for name in lower.path.strip("/").split("/"):
+            current += "/" + name
+            try:
+                child = os.open(name, _O_WALK, dir_fd=fd)
+            except FileNotFoundError:
+                if not is_within(current, lower.create_root):
+                    raise InvalidArgument(f"{what} {lower.path!r}: {current} does not exist") from None
+                made = True
+                try:
+                    os.mkdir(name, DIR_MODE, dir_fd=fd)
+                    opened.created.append((os.dup(fd), name))
+                except FileExistsError:  # made meanwhile by someone else: open checks what it is
+                    made = False
+                child = os.open(name, _O_WALK, dir_fd=fd)
+                if made:
+                    os.chmod(f"/proc/self/fd/{child}", DIR_MODE)  # mkdir's mode went through the umask
+            os.close(fd)
+            fd = child
+        return fd
+    except NotADirectoryError:  # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR too
+        os.close(fd)
+        raise InvalidArgument(f"{what} {lower.path!r}: {current} is a symlink or not a directory; "
+                              "name the directory itself") from None
+    except OSError as exc:
+        os.close(fd)
+        raise _refusal(what, lower.path, exc) from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class Pins:
+    """The pins under <root>/lowers, one dir per snapshot that has extra lowers."""
+
+    def __init__(self, root: str):
+        self.dir = f"{root}/{PINS_DIR}"
+        os.makedirs(self.dir, mode=PIN_DIR_MODE, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def path(self, sid: int, n: int) -> str:
+        return f"{self.dir}/{sid}/{n}"
+
+    def pin(self, sid: int, lowers: Sequence[Lower], what: str) -> tuple[str, ...]:
+        """Open each entry (making missing dirs), pin it for snapshot `sid`, and return the pins'
+        paths in order. Refuses with InvalidArgument naming the entry; then nothing is left made."""
+        opened = _Opened()
+        ok = False
+        try:
+            for lower in lowers:
+                opened.fds.append(_open_one(lower, what, opened))
+            with self._lock:
+                paths = self._sync(sid, opened.fds)
+            ok = True
+            return paths
+        finally:
+            opened.close(undo=not ok)
+
+    def _sync(self, sid: int, fds: Sequence[int]) -> tuple[str, ...]:
+        base = f"{self.dir}/{sid}"
+        if not fds:
+            self._release(sid)
+            return ()
+        os.makedirs(base, mode=PIN_DIR_MODE, exist_ok=True)
+        paths = []
+        for n, fd in enumerate(fds):
+            pin = self.path(sid, n)
+            wanted = os.fstat(fd)
+            try:
+                current = os.stat(pin)
+            except FileNotFoundError:
+                os.mkdir(pin, PIN_DIR_MODE)
+                current = None
+            if current is None or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino):
+                self._unmount_all(pin)
+                _mount(f"/proc/self/fd/{fd}", pin, MS_BIND)
+                _mount(None, pin, MS_REMOUNT | MS_BIND | MS_RDONLY)
+            paths.append(pin)
+        for entry in os.listdir(base):  # pins of entries the snapshot no longer has
+            if not entry.isdigit() or int(entry) >= len(fds):
+                self._remove_pin(f"{base}/{entry}")
+        return tuple(paths)
+
+    def release(self, sid: int) -> None:
+        """Unmount and remove snapshot `sid`'s pins, if it has any."""
+        with self._lock:
+            self._release(sid)
+
+    def release_all_but(self, live: set[int]) -> list[str]:
+        """Release the pins of every snapshot not in `live`; returns the ids released."""
+        released = []
+        with self._lock:
+            for entry in os.listdir(self.dir):
+                if not (entry.isdigit() and int(entry) in live):
+                    self._release(entry)
+                    released.append(entry)
+        return released
+
+    def _release(self, sid: int | str) -> None:
+        base = f"{self.dir}/{sid}"
+        try:
+            entries = os.listdir(base)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            self._remove_pin(f"{base}/{entry}")
+        try:
+            os.rmdir(base)
+        except OSError as exc:
+            log.warning("could not remove %s: %s", base, exc)
+
+    def _remove_pin(self, pin: str) -> None:
+        try:
+            self._unmount_all(pin)
+            os.rmdir(pin)  # an empty mountpoint dir; anything else stays
+        except OSError as exc:
+            log.warning("could not remove the pin %s: %s", pin, exc)
+
+    @staticmethod
+    def _unmount_all(pin: str) -> None:
+        for _ in range(MAX_STACKED_MOUNTS):
+            if not _unmount(pin):
+                return

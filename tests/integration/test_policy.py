@@ -1,0 +1,272 @@
+"""Attacks on the extra-lowers policy, through the daemon's socket with real mounts: whoever can
+write under an allowed root swaps dirs for symlinks while the daemon checks them, hostile labels
+and keys, a lost metadata.db, and removals that must never reach into a host dir."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+
+from addlower.client import SnapshotsClient
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
+from addlower.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.devcontainerd import unmount_under
+from addlower.mounting import mounted
+from tests.integration.layers import expect_code
+from tests.support.daemon import Daemon, allowing, config_args
+
+Code = grpc.StatusCode
+RACE_SECONDS = 3.0
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two names atomically (renameat2 RENAME_EXCHANGE), as an attacker's loop would."""
+    if _libc.renameat2(-100, bytes(a), -100, bytes(b), RENAME_EXCHANGE) != 0:
+        raise OSError(ctypes.get_errno(), "renameat2")
+
+
+@contextmanager
+def swapping(a: Path, b: Path) -> Iterator[None]:
+    """Keep swapping `a` and `b` in a thread for the duration of the block."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            exchange(a, b)
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+@contextmanager
+def serving(root: Path, args: list[str]) -> Iterator[tuple[Daemon, SnapshotsClient]]:
+    d = Daemon(root=root, args=args).start()
+    try:
+        with d.channel() as ch:
+            yield d, SnapshotsClient(ch)
+    finally:
+        d.kill()
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> tuple[Path, Path]:
+    """An allowed root with a job-writable dir in it, and a host dir outside it with a secret."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "cache").mkdir(parents=True)
+    (allowed / "cache" / "which").write_text("inside\n")
+    outside.mkdir()
+    (outside / "which").write_text("outside\n")
+    return allowed, outside
+
+
+def test_swapping_a_checked_dir_for_a_symlink_never_mounts_the_symlinks_target(
+        tmp_path: Path, layout: tuple[Path, Path]):
+    allowed, outside = layout
+    (allowed / "link").symlink_to(outside)
+    seen: dict[str, int] = {}
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c), \
+            swapping(allowed / "cache", allowed / "link"):
+        deadline, n = time.monotonic() + RACE_SECONDS, 0
+        while time.monotonic() < deadline:
+            n += 1
+            try:
+                mounts = c.prepare(f"c{n}", labels={LOWERS: str(allowed / "cache")})
+            except grpc.RpcError as err:
+                assert err.code() == Code.INVALID_ARGUMENT and "is a symlink or not a directory" in err.details()
+                seen["refused"] = seen.get("refused", 0) + 1
+                continue
+            with mounted(mounts, tmp_path / "mnt") as m:  # the mount comes after the check, as containerd's
+                which = (m / "which").read_text().strip()
+            seen[which] = seen.get(which, 0) + 1
+            c.remove(f"c{n}")
+    assert "outside" not in seen, seen
+    assert seen.get("inside") and seen.get("refused"), f"the race did not run both ways: {seen}"
+
+
+def test_missing_dirs_are_never_made_outside_the_allowed_root_however_the_path_moves(
+        tmp_path: Path, layout: tuple[Path, Path]):
+    allowed, outside = layout
+    (allowed / "link").symlink_to(outside)
+    made = 0
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c), \
+            swapping(allowed / "cache", allowed / "link"):
+        deadline, n = time.monotonic() + RACE_SECONDS, 0
+        while time.monotonic() < deadline:
+            n += 1
+            try:
+                c.prepare(f"c{n}", labels={LOWERS: str(allowed / "cache" / f"new{n}")})
+                made += 1
+            except grpc.RpcError as err:
+                assert err.code() == Code.INVALID_ARGUMENT, err.details()
+    assert sorted(os.listdir(outside)) == ["which"]
+    assert made and len(list(allowed.glob("*/new*"))) == made
+
+
+def test_pins_show_host_changes_and_cannot_be_written_through(
+        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+    host = tmp_path / "host"
+    host.mkdir()
+    [m] = client.prepare("c", labels={LOWERS: str(host)})
+    lowerdir = next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
+    assert lowerdir == f"{daemon.root}/lowers/1/0"  # a path only root can reach, not the host path
+    assert stat.S_IMODE(os.stat(daemon.root).st_mode) == 0o700
+    (host / "later").write_text("live\n")
+    assert (Path(lowerdir) / "later").read_text() == "live\n"
+    with pytest.raises(OSError, match="Read-only file system"):
+        (Path(lowerdir) / "x").write_text("no")
+    client.remove("c")
+    assert not Path(lowerdir).exists() and (host / "later").exists()
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_removal_and_cleanup_never_delete_through_a_mount(tmp_path: Path, sync: bool):
+    """A snapshot dir with a host dir mounted inside (a stray mount, or a bug that put a pin
+    there): Remove and Cleanup leave it, and the host dir keeps every file."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "precious").write_text("keep\n")
+    args = allowing(tmp_path / "c.toml", host) + (["--async-remove=false"] if sync else [])
+    with serving(tmp_path / "root", args) as (d, c):
+        c.prepare("with-lower", labels={LOWERS: str(host)})
+        c.prepare("victim")
+        inside = d.root / "snapshots" / "2" / "fs" / "mnt"
+        inside.mkdir()
+        subprocess.run(["mount", "--bind", str(host), str(inside)], check=True)
+        try:
+            for key in ("with-lower", "victim"):
+                c.remove(key)
+            c.cleanup()
+            assert (host / "precious").read_text() == "keep\n"
+            assert "not removing it" in d.log()
+        finally:  # wherever the removal renamed the dir to
+            unmount_under(d.root / "snapshots")
+        c.cleanup()  # unmounted: now it goes
+        assert os.listdir(d.root / "snapshots") == [] and os.listdir(d.root / "lowers") == []
+    assert (host / "precious").read_text() == "keep\n"
+
+
+@pytest.mark.parametrize("value, says", [
+    ("{allowed}/afile/x", "{allowed}/afile is a symlink or not a directory"),
+    ("{allowed}/" + "y" * 300, "is longer than 255 bytes"),
+    ("{allowed}/a\u0085b", "character '\\x85'"),
+    ("{allowed}/a\u202eb", "character '\\u202e'"),
+])
+def test_filesystem_and_character_refusals_are_invalid_argument_naming_the_entry(
+        tmp_path: Path, value: str, says: str):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "afile").write_text("x")
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
+        value = value.format(allowed=allowed)
+        err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: value})
+        assert says.format(allowed=allowed) in err.details() and LOWERS in err.details()
+        assert c.list() == [] and os.listdir(d.root / "snapshots") == []
+        assert "Traceback" not in d.log()
+
+
+def test_a_refused_entry_leaves_no_dir_made_for_an_earlier_one(tmp_path: Path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "afile").write_text("x")
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
+        expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/new/deep:{allowed}/afile/x"})
+        assert sorted(os.listdir(allowed)) == ["afile"]
+        assert os.listdir(d.root / "lowers") == []
+
+
+def test_the_default_policy_takes_the_cache_root_and_nothing_else(tmp_path: Path):
+    """With no settings (an empty config file is the defaults, as no file at all)."""
+    mine = Path(DEFAULT_ALLOWED_ROOTS[0]) / f"test-{os.getpid()}-{time.monotonic_ns()}"
+    made_root = not mine.parent.exists()
+    try:
+        with serving(tmp_path / "root", config_args(tmp_path / "c.toml", "")) as (_, c):
+            for path in ("/etc", "/var/lib/kubelet/pods/x", "/opt/cache"):
+                err = expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: path})
+                assert "outside the allowed roots" in err.details() and "lowers.allowed_roots" in err.details()
+            assert not Path("/var/lib/kubelet/pods/x").exists() and not Path("/opt/cache").exists()
+            c.prepare("c", labels={LOWERS: f"{mine}/m2"})
+            assert (mine / "m2").is_dir()
+            c.remove("c")
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        if made_root:
+            os.rmdir(mine.parent)
+
+
+def test_the_pod_label_is_the_snapshotters_own(client: SnapshotsClient):
+    err = expect_code(Code.INVALID_ARGUMENT, client.prepare, "c", labels={POD_LABEL: "team-a/x"})
+    assert f"label {POD_LABEL} is set by the snapshotter only" in err.details()
+    client.prepare("c")
+    expect_code(Code.INVALID_ARGUMENT, client.update, "c", {POD_LABEL: "team-a/x"}, [f"labels.{POD_LABEL}"])
+
+
+def test_a_newline_in_a_key_cannot_forge_a_log_line(tmp_path: Path):
+    with serving(tmp_path / "root", ["--log-level", "debug"]) as (d, c):
+        forged = "k\ntime=2026 level=ERROR logger=addlower msg=forged"
+        expect_code(Code.NOT_FOUND, c.stat, forged)
+    lines = d.log().splitlines()
+    assert not any(line.startswith("time=2026 level=ERROR") for line in lines)
+    assert any("k\\x0atime=2026 level=ERROR" in line for line in lines)
+
+
+def populated(tmp_path: Path) -> tuple[Path, list[str]]:
+    root = tmp_path / "root"
+    with serving(root, []) as (_, c):
+        c.prepare("a")
+        c.commit("base", "a")
+        c.prepare("b", "base")
+    return root, sorted(os.listdir(root / "snapshots"))
+
+
+@pytest.mark.parametrize("damage", ["emptied", "deleted"])
+def test_a_root_whose_metadata_is_lost_is_refused_and_kept(tmp_path: Path, damage: str):
+    root, dirs = populated(tmp_path)
+    for suffix in ("-wal", "-shm"):
+        (root / f"metadata.db{suffix}").unlink(missing_ok=True)
+    if damage == "emptied":
+        (root / "metadata.db").write_bytes(b"")
+    else:
+        (root / "metadata.db").unlink()
+    d = Daemon(root=root)
+    with pytest.raises(RuntimeError, match="exited 1") as err:
+        d.start()
+    assert "metadata.db is missing or empty" in str(err.value) and "Nothing was changed" in str(err.value)
+    assert sorted(os.listdir(root / "snapshots")) == dirs == ["1", "2"]
+
+
+def test_a_root_whose_metadata_is_older_than_its_snapshots_is_refused(tmp_path: Path):
+    root = tmp_path / "root"
+    with serving(root, []) as (_, c):
+        c.prepare("a")
+    old = tmp_path / "old.db"
+    with sqlite3.connect(root / "metadata.db") as src, sqlite3.connect(old) as dst:
+        src.backup(dst)
+    with serving(root, []) as (_, c):
+        for key in ("b", "c", "d"):
+            c.prepare(key)
+    for suffix in ("-wal", "-shm"):
+        (root / f"metadata.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(old, root / "metadata.db")
+    with pytest.raises(RuntimeError, match="never handed out") as err:
+        Daemon(root=root).start()
+    assert "[3, 4]" in str(err.value)
+    assert sorted(os.listdir(root / "snapshots")) == ["1", "2", "3", "4"]
