@@ -8,6 +8,7 @@ operator can try `ctr` by hand. Nothing here is used by the daemon itself.
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import threading
@@ -23,13 +24,17 @@ NAMESPACE = "default"
 
 def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
     workdir = workdir.absolute()
-    daemon = SnapshotterProcess(workdir / "snapshotter", args=["--log-level", log_level])
+    lower = workdir / "host-cache"
+    config = workdir / "snapshotter.toml"  # the default policy allows no dir of ours: allow this one
+    workdir.mkdir(parents=True, exist_ok=True)
+    config.write_text(f"[lowers]\nallowed_roots = [{json.dumps(str(lower))}]\n")
+    daemon = SnapshotterProcess(workdir / "snapshotter", args=["--log-level", log_level, "--config", str(config)])
     containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket})
     try:
         daemon.start()  # before containerd, which dials its proxy plugins as it starts
         containerd.start()
         image = build_busybox_image(workdir / "busybox.tar")
-        say(f"snapshotter  : {daemon.socket} (log {daemon.log_path})")
+        say(f"snapshotter  : {daemon.socket} (log {daemon.log_path}, config {config})")
         say(f"containerd   : {containerd.address} (log {containerd.log_path})")
         containerd.ctr("images", "import", "--snapshotter", PROXY_PLUGIN, str(image.path))
         containerd.ctr("namespaces", "create", NAMESPACE, check=False)
@@ -37,7 +42,6 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         out = containerd.run(BUSYBOX_REF, "addlower-demo", "sh", "-c", "echo hello from a container on addlower; ls /",
                              snapshotter=PROXY_PLUGIN)
         say(out.stdout.rstrip())
-        lower = workdir / "host-cache"
         lower.mkdir(exist_ok=True)
         (lower / "from-the-host.txt").write_text("a file in a host dir, seen copy-on-write\n")
         out = containerd.run(BUSYBOX_REF, "addlower-lower-demo", "sh", "-c",

@@ -131,6 +131,8 @@ class Pins:
         self.dir = f"{root}/{PINS_DIR}"
         os.makedirs(self.dir, mode=PIN_DIR_MODE, exist_ok=True)
         self._lock = threading.Lock()
+        # Snapshots that may have pins: most have none, and their Mounts calls skip the disk.
+        self._pinned: set[str] = set(os.listdir(self.dir))
 
     def path(self, sid: int, n: int) -> str:
         return f"{self.dir}/{sid}/{n}"
@@ -138,6 +140,8 @@ class Pins:
     def pin(self, sid: int, lowers: Sequence[Lower], what: str) -> tuple[str, ...]:
         """Open each entry (making missing dirs), pin it for snapshot `sid`, and return the pins'
         paths in order. Refuses with InvalidArgument naming the entry; then nothing is left made."""
+        if not lowers and str(sid) not in self._pinned:
+            return ()
         opened = _Opened()
         ok = False
         try:
@@ -156,6 +160,7 @@ class Pins:
             self._release(sid)
             return ()
         os.makedirs(base, mode=PIN_DIR_MODE, exist_ok=True)
+        self._pinned.add(str(sid))
         paths = []
         for n, fd in enumerate(fds):
             pin = self.path(sid, n)
@@ -177,6 +182,8 @@ class Pins:
 
     def release(self, sid: int) -> None:
         """Unmount and remove snapshot `sid`'s pins, if it has any."""
+        if str(sid) not in self._pinned:
+            return
         with self._lock:
             self._release(sid)
 
@@ -195,11 +202,13 @@ class Pins:
         try:
             entries = os.listdir(base)
         except FileNotFoundError:
+            self._pinned.discard(str(sid))
             return
         for entry in entries:
             self._remove_pin(f"{base}/{entry}")
         try:
             os.rmdir(base)
+            self._pinned.discard(str(sid))
         except OSError as exc:
             log.warning("could not remove %s: %s", base, exc)
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from . import fsutil, metrics
 from .errors import InvalidArgument
@@ -34,6 +34,20 @@ REMOVED_PREFIX = "rm-"
 
 KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "committed"}
 LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The extra lowers a Mounts call resolved: the entries, where they came from (for messages
+    and the refusal metric), and the labels to record once they are pinned."""
+
+    lowers: tuple[Lower, ...] = ()
+    source: str = LABEL_SOURCE
+    metric: str = "label"
+    record: Mapping[str, str] = field(default_factory=dict)
 
 
 class LostMetadata(RuntimeError):
@@ -133,7 +147,7 @@ class Snapshotter:
                     (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
                 sid = snap.id
-                mounts = self._mounts(snap, lowers, LABEL_SOURCE)
+                mounts = self._refused_counted("label", lambda: self._mounts(snap, lowers, LABEL_SOURCE))
                 if snap.parent_ids:  # the new root belongs to whoever owns the parent's
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
                     if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
@@ -175,7 +189,9 @@ class Snapshotter:
         parse_lowers(value, self._pod_policy(None), LABEL_SOURCE)  # fails early what no pod may use
         return ()
 
-    def _refused_counted(self, source: str, check: Callable[[], tuple[Lower, ...]]) -> tuple[Lower, ...]:
+    @staticmethod
+    def _refused_counted(source: str, check: Callable[[], T]) -> T:
+        """check(), with a refusal counted by `source` ("label" or "annotation") and logged."""
         try:
             return check()
         except InvalidArgument as exc:
@@ -210,45 +226,43 @@ class Snapshotter:
         with self.store.read() as tx:
             snap = tx.get_snapshot(key)
         if self._held_for_pods(key):
-            snap, lowers, source = self._pod_lowers(key, snap)
+            request = self._pod_lowers(key, snap)
         else:
-            lowers = self._refused_counted("label", lambda: parse_lowers(
-                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE))
-            source = LABEL_SOURCE
-        return self._mounts(snap, lowers, source)
+            request = Request(self._refused_counted("label", lambda: parse_lowers(
+                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE)))
+        mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, request.lowers, request.source))
+        if request.record:  # only once the dirs are pinned: a refusal records nothing
+            with self.store.transaction() as tx:
+                tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
+            log.info("recorded %s for %s", " ".join(f"{k}={v!r}" for k, v in request.record.items()), key)
+        return mounts
 
-    def _pod_lowers(self, key: str, snap: Snapshot) -> tuple[Snapshot, tuple[Lower, ...], str]:
-        """A CRI-namespace snapshot's lowers: checked against its pod's namespace, found through
-        containerd until recorded in POD_LABEL; none while no pod is known."""
+    def _pod_lowers(self, key: str, snap: Snapshot) -> Request:
+        """A CRI-namespace snapshot's lowers: held to its pod's namespace, found through containerd
+        until POD_LABEL records it; none while no pod is known."""
         assert self.pods is not None
         label = snap.labels.get(EXTRA_LOWERS_LABEL)
         recorded = snap.labels.get(POD_LABEL)
         if recorded is not None:
-            namespace = recorded.split("/", 1)[0]
             source = f"pod {recorded}: {LABEL_SOURCE}"
-            return snap, self._refused_counted("label", lambda: parse_lowers(
-                label or "", self._pod_policy(namespace), source)), source
+            policy = self._pod_policy(recorded.split("/", 1)[0])
+            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", policy, source)), source)
         found = self.pods.find(key)
         if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            return snap, self._refused_counted("label", lambda: parse_lowers(
-                label or "", self.lowers, LABEL_SOURCE)), LABEL_SOURCE
+            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.lowers, LABEL_SOURCE)))
         if isinstance(found, Lookup):
-            return snap, (), LABEL_SOURCE
+            return Request()
         if label is not None:
             source, value = LABEL_SOURCE, label
         elif found.request is not None:
             source, value = f"pod annotation {found.request[0]}", found.request[1]
         else:
-            return snap, (), LABEL_SOURCE
+            return Request()
         lowers = self._refused_counted("annotation", lambda: check_for_pod(
             found, source, value, self._pod_policy(found.namespace)))
         metrics.LOWERS_RESOLVED.labels("annotation").inc()
-        recorded = f"{found.namespace}/{found.pod}"
-        with self.store.transaction() as tx:
-            tx.update_info(key, {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: recorded},
-                           [f"labels.{EXTRA_LOWERS_LABEL}", f"labels.{POD_LABEL}"])
-        log.info("recorded lowers %r for %s (%s) from its %s", value, key, found.describe(), source)
-        return snap, lowers, f"pod {recorded}: {source}"
+        return Request(lowers, f"{found.describe()}: {source}", "annotation",
+                       {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"})
 
     def stat(self, key: str) -> Info:
         with self.store.read() as tx:

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from addlower import ociimage
+from addlower.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.devcontainerd import PROXY_PLUGIN, CriSettings, PrivateContainerd
 from tests.support.cri.client import CriClient
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, allowing
 
 BUILTIN = "overlayfs"
 REQUIRED_BINARIES = ("containerd", "ctr", "runc")
@@ -154,9 +155,23 @@ def busybox_image(e2e_dir: Path) -> ociimage.OciImage:
 
 
 @pytest.fixture(scope="session")
-def daemon(e2e_dir: Path) -> Iterator[Daemon]:
-    """Our daemon for the whole session, with default flags."""
-    daemon = Daemon(root=e2e_dir / "snapshotter").start()
+def host_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where tests keep host dirs for extra lowers: allowed to the session's daemon."""
+    return tmp_path_factory.mktemp("host")
+
+
+@pytest.fixture
+def host_dir(host_root: Path, namespace: str) -> Path:
+    """A host dir of the test's own under host_root (not made yet)."""
+    return host_root / namespace
+
+
+@pytest.fixture(scope="session")
+def daemon(e2e_dir: Path, host_root: Path) -> Iterator[Daemon]:
+    """Our daemon for the whole session, with default flags; its config allows host_root beside
+    the default roots."""
+    args = allowing(e2e_dir / "snapshotter.toml", *DEFAULT_ALLOWED_ROOTS, host_root)
+    daemon = Daemon(root=e2e_dir / "snapshotter", args=args).start()
     yield daemon
     daemon.stop()
 

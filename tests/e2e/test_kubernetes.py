@@ -4,13 +4,15 @@ finds the pod through containerd's Containers API at container start (SPEC secti
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
 from addlower.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
@@ -27,14 +29,17 @@ def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, 
     """This module's CRI node (conftest's `cri` client talks to it): our snapshotter with Kubernetes
     enabled, two named lowers and one allowed root for pods."""
     work = tmp_path_factory.mktemp("k8s")
-    for name in ("maven", "npm", "allowed/team"):
+    for name in ("maven", "npm", "allowed/team", "teamb", "team-a/cache", "secret"):
         (work / name).mkdir(parents=True)
         (work / name / "which").write_text(f"{name}\n")
+    (work / "allowed" / "link").symlink_to(work / "secret")
     config = work / "config.toml"
     config.write_text(
         f'[lowers.named]\nmaven = "{work / "maven"}"\nnpm = "{work / "npm"}"\n'
+        f'teamb = {{ path = "{work / "teamb"}", namespaces = ["team-b"] }}\n'
         f'[kubernetes]\nenabled = true\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
         f'allowed_roots = ["{work / "allowed"}"]\n'
+        f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
     )
     with running_cri_target(work, CriOptions(builtin=False, daemon_args=["--config", str(config)])) as t:
         t.import_image(pause_image, CRI_NAMESPACE)
@@ -42,10 +47,27 @@ def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, 
         yield t
 
 
-def start(cri: CriClient, pod, name: str, image: OciImage) -> str:
-    cid = cri.create_container(pod.id, pod.config, name, image.ref, ["sleep", "3600"])
+def start(cri: CriClient, pod, name: str, image: OciImage, annotations: dict[str, str] | None = None) -> str:
+    cid = cri.create_container(pod.id, pod.config, name, image.ref, ["sleep", "3600"], annotations)
     cri.start(cid)
     return cid
+
+
+def work_dir(t: Target) -> Path:
+    return Path(t.containerd.workdir).parent
+
+
+def labels(t: Target, cid: str) -> dict[str, str]:
+    return json.loads(t.snapshots_ctr("info", cid, namespace=CRI_NAMESPACE).stdout).get("Labels") or {}
+
+
+def refused_start(cri: CriClient, pod, image: OciImage, annotations: dict[str, str] | None = None) -> str:
+    """Create the container `app` in `pod` and start it; the start must fail. Its error text."""
+    cid = cri.create_container(pod.id, pod.config, "app", image.ref, ["sleep", "3600"], annotations)
+    with pytest.raises(grpc.RpcError) as err:
+        cri.start(cid)
+    assert cri.container_state(cid) != "CONTAINER_RUNNING"
+    return err.value.details()
 
 
 def test_annotated_pod_sees_the_host_dir_copy_on_write(cri_target: Target, cri: CriClient, busybox_image: OciImage):
@@ -96,3 +118,61 @@ def test_disallowed_request_fails_the_start_with_the_policy_error(
         assert cri.container_state(cid) != "CONTAINER_RUNNING"
         info = json.loads(cri_target.snapshots_ctr("info", cid, namespace=CRI_NAMESPACE).stdout)
         assert LOWERS not in (info.get("Labels") or {})
+
+
+def test_a_symlink_under_the_pods_root_is_refused_wherever_it_points(
+        cri_target: Target, cri: CriClient, busybox_image: OciImage):
+    link = work_dir(cri_target) / "allowed" / "link"
+    with cri.pod("sneaky", namespace="team-a", annotations={ANNOTATION: str(link)}) as pod:
+        says = refused_start(cri, pod, busybox_image)
+        assert "namespace 'team-a' pod 'sneaky' container 'app'" in says
+        assert f"pod annotation {ANNOTATION}" in says and f"{link} is a symlink or not a directory" in says
+
+
+@pytest.mark.parametrize("namespace, value, outcome", [
+    ("team-b", "teamb", "teamb"),
+    ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
+    ("team-a", "{work}/team-a/cache", "team-a/cache"),
+    ("team-b", "{work}/team-a/cache", "outside the allowed roots"),
+])
+def test_named_lowers_and_roots_of_one_namespace_are_that_namespaces_own(
+        cri_target: Target, cri: CriClient, busybox_image: OciImage, namespace: str, value: str, outcome: str):
+    value = value.format(work=work_dir(cri_target))
+    with cri.pod("ns-pod", namespace=namespace, annotations={ANNOTATION: value}) as pod:
+        if "/" in outcome or outcome == "teamb":  # allowed: the container sees the dir
+            app = start(cri, pod, "app", busybox_image)
+            assert cri.exec_sync(app, CAT) == (0, f"{outcome}\n", "")
+            assert labels(cri_target, app)[POD_LABEL] == f"{namespace}/ns-pod"
+        else:
+            says = refused_start(cri, pod, busybox_image)
+            assert f"namespace {namespace!r} pod 'ns-pod'" in says and outcome in says
+
+
+def forwards_snapshot_annotations() -> bool:
+    """containerd 1.6's CRI turns container annotations `containerd.io/snapshot/*` into rootfs labels."""
+    out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
+    major, minor = (int(n) for n in re.search(r" v?(\d+)\.(\d+)\.", out).groups())
+    return (major, minor) < (1, 7)
+
+
+def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
+        cri_target: Target, cri: CriClient, busybox_image: OciImage):
+    work = work_dir(cri_target)
+    with cri.pod("direct", namespace="team-b") as pod:
+        # Allowed to label users (the default roots), to no pod: refused as the container is created.
+        demo = {LOWERS: "/tmp/overlayfs-custom-lower/direct"}
+        if forwards_snapshot_annotations():
+            with pytest.raises(grpc.RpcError) as err:
+                cri.create_container(pod.id, pod.config, "a", busybox_image.ref, ["true"], demo)
+            assert "outside the allowed roots" in err.value.details()
+            assert not Path("/tmp/overlayfs-custom-lower/direct").exists()
+            # Another namespace's root: refused at the start, once the pod is known.
+            says = refused_start(cri, pod, busybox_image, {LOWERS: str(work / "team-a" / "cache")})
+            assert "namespace 'team-b' pod 'direct'" in says and "outside the allowed roots" in says
+            # The pods' own root: the container gets it, and the snapshot records whose policy held.
+            app = start(cri, pod, "ok", busybox_image, {LOWERS: str(work / "allowed" / "team")})
+            assert cri.exec_sync(app, CAT) == (0, "allowed/team\n", "")
+            assert labels(cri_target, app)[POD_LABEL] == "team-b/direct"
+        else:  # newer CRI drops such annotations: the container gets nothing
+            app = start(cri, pod, "ok", busybox_image, {LOWERS: str(work / "team-a" / "cache")})
+            assert cri.exec_sync(app, CAT) == (0, "nothing\n", "")

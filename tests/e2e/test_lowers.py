@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from addlower.devcontainerd import PROXY_PLUGIN, CtrError, PrivateContainerd
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.ociimage import OciImage
 from tests.support.daemon import Daemon
 
@@ -47,8 +52,16 @@ def stop(t: Target, cid: str, namespace: str) -> None:
     t.ctr("containers", "rm", cid, namespace=namespace)
 
 
-def test_the_originals_demo(ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
-    lower = tmp_path / "overlayfs-custom-lower"
+@pytest.fixture
+def demo_lower(namespace: str) -> Iterator[Path]:
+    """A dir of the test's own under the original's demo dir, which the default policy allows."""
+    lower = Path(DEFAULT_ALLOWED_ROOTS[1]) / namespace
+    yield lower
+    shutil.rmtree(lower, ignore_errors=True)
+
+
+def test_the_originals_demo(ours: Target, busybox_image: OciImage, namespace: str, demo_lower: Path) -> None:
+    lower = demo_lower
     top = busybox_image.chain_ids[-1]
     assert ours.snapshots(namespace)[top].kind == "Committed"  # the default snapshotter took the image
 
@@ -71,8 +84,8 @@ def test_the_originals_demo(ours: Target, busybox_image: OciImage, namespace: st
 
 
 def test_two_containers_sharing_a_lower_do_not_see_each_others_changes(
-        ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
+        ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path) -> None:
+    cache = host_dir
     cache.mkdir()
     (cache / "dep.jar").write_text("v1\n")
     for cid in ("ci-a", "ci-b"):
@@ -87,16 +100,44 @@ def test_two_containers_sharing_a_lower_do_not_see_each_others_changes(
             stop(ours, cid, namespace)
 
 
+@pytest.mark.parametrize("value, says", [("{host}/x,upperdir=/etc", "character ','"),
+                                         ("/etc", "outside the allowed roots"),
+                                         ("{host}/link/x", "is a symlink or not a directory")],
+                         ids=["comma", "etc", "symlink"])
 def test_bad_label_fails_the_container_and_leaves_nothing(
-        ours: Target, busybox_image: OciImage, namespace: str, tmp_path: Path) -> None:
-    before_dirs = ours.snapshot_dirs()
+        ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path, value: str, says: str) -> None:
+    host_dir.mkdir()
+    (host_dir / "link").symlink_to("/etc")
     with pytest.raises(CtrError) as err:
-        start(ours, busybox_image, "evil", namespace, f"{tmp_path}/x,upperdir=/etc")
-    assert LOWERS in err.value.stderr and "character ','" in err.value.stderr
+        start(ours, busybox_image, "evil", namespace, value.format(host=host_dir))
+    assert LOWERS in err.value.stderr and says in err.value.stderr
     assert "evil" not in ours.snapshots(namespace)
     assert "evil" not in ours.ctr("containers", "ls", "-q", namespace=namespace).stdout.split()
-    assert ours.snapshot_dirs() == before_dirs
-    assert not any(p.name.startswith("x") for p in tmp_path.iterdir())
+    # Our refusal comes before any dir is made: no snapshot dir of "evil", none in the host dir.
+    assert not [i for i in ours_infos(ours, namespace) if i["name"].endswith("/evil")]
+    assert sorted(os.listdir(host_dir)) == ["link"]
+
+
+def ours_infos(t: Target, namespace: str) -> list[dict]:
+    """What our daemon itself holds (not containerd's view): every snapshot's Info, as JSON."""
+    out = subprocess.run(["addlower", "ls", "--root-dir", str(t.daemon.root), "--json"], check=True,
+                         capture_output=True, text=True).stdout
+    return [i for i in json.loads(out) if i["name"].startswith(f"{namespace}/")]
+
+
+def test_with_no_configuration_only_the_default_roots_are_allowed(
+        tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage) -> None:
+    """An empty config file is the defaults, as no file at all."""
+    work = tmp_path_factory.mktemp("defaults")
+    (work / "empty.toml").write_text("")
+    with running_target(work, builtin=False, daemon_args=["--config", str(work / "empty.toml")]) as t:
+        t.import_image(busybox_image, "ci")
+        for path in ("/etc", "/var/lib/kubelet/pods/evil"):
+            with pytest.raises(CtrError) as err:
+                t.containerd.run(busybox_image.ref, "read-host", "cat", "/shadow", namespace="ci",
+                                 snapshotter=PROXY_PLUGIN, options=["--snapshotter-label", f"{LOWERS}={path}"])
+            assert "outside the allowed roots" in err.value.stderr and "lowers.allowed_roots" in err.value.stderr
+        assert not Path("/var/lib/kubelet/pods/evil").exists()
 
 
 def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage) -> None:
