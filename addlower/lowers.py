@@ -22,6 +22,9 @@ from .mounts import Mount
 
 # overlayfs stacks at most this many lower layers (OVL_MAX_STACK).
 MAX_OVERLAY_LAYERS = 500
+# Extra lowers one snapshot may ask for: each is a bind mount on the host (a pin), and a pod must
+# not fill the host's mount table (fs.mount-max) with them.
+MAX_EXTRA_LOWERS = 128
 # mount(2) takes its option string in one page.
 PAGE_SIZE = 4096
 # containerd shortens a lowerdir= list once the options come this close to a page (mount_linux.go).
@@ -148,10 +151,12 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
     Each entry is a named lower or an absolute path under an allowed root. `source` names where
     the value came from (a label, an annotation) in error messages.
     """
-    dirs = []
+    dirs: list[Lower] = []
     for entry in value.split(":"):
         if not entry:
             continue
+        if len(dirs) == MAX_EXTRA_LOWERS:
+            raise InvalidArgument(f"{source}: more than {MAX_EXTRA_LOWERS} entries")
         what = f"{source}: entry"
         if not entry.startswith("/") and NAME.fullmatch(entry):
             try:

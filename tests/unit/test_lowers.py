@@ -30,6 +30,12 @@ def test_entries_keep_their_order_and_empty_segments_are_ignored():
     assert paths(parse_lowers(":/srv/cache/a::/tmp/b:", POLICY, SRC)) == ("/srv/cache/a", "/tmp/b")
 
 
+def test_at_most_so_many_entries_each_a_bind_mount_on_the_host():
+    assert len(parse_lowers(":".join(f"/tmp/{i}" for i in range(128)), POLICY, SRC)) == 128
+    with pytest.raises(InvalidArgument, match="label x: more than 128 entries"):
+        parse_lowers(":".join(f"/tmp/{i}" for i in range(129)), POLICY, SRC)
+
+
 def test_named_lower_resolves_to_its_host_dir():
     assert paths(parse_lowers("maven:/tmp/x", POLICY, SRC)) == ("/var/cache/ci/m2", "/tmp/x")
 
