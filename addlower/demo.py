@@ -36,7 +36,7 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         image = build_busybox_image(workdir / "busybox.tar")
         say(f"snapshotter  : {daemon.socket} (log {daemon.log_path}, config {config})")
         say(f"containerd   : {containerd.address} (log {containerd.log_path})")
-        containerd.ctr("images", "import", "--snapshotter", PROXY_PLUGIN, str(image.path))
+        containerd.import_image(image.path, NAMESPACE, PROXY_PLUGIN)
         containerd.ctr("namespaces", "create", NAMESPACE, check=False)
         containerd.ctr("namespaces", "label", NAMESPACE, f"containerd.io/defaults/snapshotter={PROXY_PLUGIN}")
         out = containerd.run(BUSYBOX_REF, "addlower-demo", "sh", "-c", "echo hello from a container on addlower; ls /",

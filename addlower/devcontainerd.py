@@ -1,15 +1,17 @@
 """Run a private containerd (own config, root, state, sockets) for demos, tests and benchmarks.
 
 It talks to containerd only through its command line (`containerd`, `ctr`) and never touches the
-host's containerd state. It knows how to declare proxy snapshotter plugins and CRI settings, but
-nothing about our snapshotter's internals. Standard library only.
+host's containerd state. It knows how to declare proxy snapshotter plugins and CRI settings in the
+config version the containerd at hand reads (addlower.ctrdconfig), but nothing about our
+snapshotter's internals. Which containerd: the one on PATH, or the binaries in
+$ADDLOWER_CONTAINERD_BIN_DIR (scripts/containerd-versions.sh unpacks other Debian suites' there).
 Also here: SnapshotterProcess, a snapshotter daemon (ours or the Go original) run the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import os
 import signal
 import socket
@@ -20,13 +22,48 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsutil
+import tomlkit
+
+from . import ctrdconfig, fsutil
 from .config import PLUGIN_NAME
 
 PROXY_PLUGIN = PLUGIN_NAME
-CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 # sun_path is 108 bytes including the trailing NUL.
 MAX_SOCKET_PATH = 107
+BIN_DIR_ENV = "ADDLOWER_CONTAINERD_BIN_DIR"
+# ctr 2.2+ warns about cgroup v1 on stderr, which would mix into what tests read.
+CTR_ENV = {"CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS": "1"}
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """One containerd line: containerd, ctr and containerd-shim-runc-v2 from `bin_dir`, or from
+    PATH when it is None."""
+
+    bin_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> Binaries:
+        value = os.environ.get(BIN_DIR_ENV)
+        return cls(Path(value)) if value else cls()
+
+    def command(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name
+
+    def env(self) -> dict[str, str]:
+        """The environment to run them in: containerd finds its shims on PATH."""
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        return {**os.environ, **CTR_ENV, "PATH": f"{self.bin_dir}:{path}" if self.bin_dir else path}
+
+    @functools.cached_property
+    def version(self) -> tuple[int, int, int]:
+        out = subprocess.run([self.command("containerd"), "--version"], capture_output=True, text=True,
+                             check=True).stdout
+        return ctrdconfig.parse_version(out)
+
+    @property
+    def label(self) -> str:
+        return "containerd-" + ".".join(map(str, self.version))
 
 
 @dataclass(frozen=True)
@@ -36,6 +73,8 @@ class CriSettings:
     snapshotter: str = "overlayfs"
     sandbox_image: str = "localhost/addlower/pause:latest"
     pod_annotations: Sequence[str] = ()
+    # RuntimeClass handlers (besides runc, the default) -> the snapshotter their pods use (1.7+).
+    runtime_snapshotters: Mapping[str, str] = field(default_factory=dict)
 
 
 class CtrError(subprocess.CalledProcessError):
@@ -57,12 +96,12 @@ class PrivateContainerd:
         workdir: Path,
         proxy_plugins: Mapping[str, Path] | None = None,
         cri: CriSettings | bool = False,
-        extra_config: str = "",
+        binaries: Binaries | None = None,
     ) -> None:
         self.workdir = workdir.absolute()
-        self.proxy_plugins = dict(proxy_plugins or {})
+        self.proxy_plugins = dict(proxy_plugins or {})  # name -> socket, in the snapshotter's root
         self.cri = CriSettings() if cri is True else cri or None
-        self.extra_config = extra_config
+        self.binaries = binaries or Binaries.from_env()
         self.address = self.workdir / "containerd.sock"
         self.ttrpc_address = self.workdir / "containerd.sock.ttrpc"
         self.root = self.workdir / "root"
@@ -78,46 +117,57 @@ class PrivateContainerd:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def config_version(self) -> int:
+        return ctrdconfig.config_version(self.binaries.version)
+
     def config(self) -> str:
-        """The config.toml text (version 2, as containerd 1.6 and 1.7 read it)."""
-        q = json.dumps  # a JSON string is a valid TOML basic string
-        lines = [
-            "version = 2",
-            f"root = {q(str(self.root))}",
-            f"state = {q(str(self.state))}",
-            f"disabled_plugins = {json.dumps([] if self.cri else [CRI_PLUGIN])}",
-            "[grpc]",
-            f"  address = {q(str(self.address))}",
-            "[ttrpc]",
-            f"  address = {q(str(self.ttrpc_address))}",
-            "[debug]",
-            '  level = "debug"',
-            '[plugins."io.containerd.internal.v1.opt"]',
-            f"  path = {q(str(self.workdir / 'opt'))}",
-        ]
+        """The config.toml text, in the version this containerd reads."""
+        version = self.config_version
+        doc: dict = {
+            "version": version,
+            "root": str(self.root),
+            "state": str(self.state),
+            "disabled_plugins": [] if self.cri else [ctrdconfig.CRI_SERVICE],
+            "grpc": {"address": str(self.address)},
+            "ttrpc": {"address": str(self.ttrpc_address)},
+            "debug": {"level": "debug"},
+            "plugins": {"io.containerd.internal.v1.opt": {"path": str(self.workdir / "opt")}},
+            "proxy_plugins": {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
+                              for name, address in self.proxy_plugins.items()},
+        }
+        if ctrdconfig.uses_transfer_unpack(self.binaries.version):
+            ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "unpack_config",
+                                ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)))
         if self.cri:
-            cri = f'[plugins."{CRI_PLUGIN}"'
-            lines += [
-                f"{cri}]",
-                f"  sandbox_image = {q(self.cri.sandbox_image)}",
-                # runc fails to set the sandbox's oom_score_adj on these machines without it.
-                "  restrict_oom_score_adj = true",
-                '  stream_server_port = "0"',
-                f"{cri}.cni]",
-                f"  bin_dir = {q(str(self.workdir / 'cni' / 'bin'))}",
-                f"  conf_dir = {q(str(self.workdir / 'cni' / 'conf'))}",
-                f"{cri}.containerd]",
-                f"  snapshotter = {q(self.cri.snapshotter)}",
-                '  default_runtime_name = "runc"',
-                f"{cri}.containerd.runtimes.runc]",
-                '  runtime_type = "io.containerd.runc.v2"',
-                f"  pod_annotations = {json.dumps(list(self.cri.pod_annotations))}",
-                f"{cri}.containerd.runtimes.runc.options]",
-                f"  Root = {q(str(self.runc_root))}",
-            ]
-        for name, address in self.proxy_plugins.items():
-            lines += [f"[proxy_plugins.{q(name)}]", '  type = "snapshot"', f"  address = {q(str(address))}"]
-        return "\n".join(lines) + "\n" + self.extra_config
+            self._cri_config(doc, version)
+        return tomlkit.dumps(doc)
+
+    def _cri_config(self, doc: dict, version: int) -> None:
+        assert self.cri is not None
+        runc = {
+            "runtime_type": "io.containerd.runc.v2",
+            "pod_annotations": list(self.cri.pod_annotations),
+            "options": {"Root": str(self.runc_root)},
+        }
+        handlers = {"runc": runc}
+        for handler, snapshotter in self.cri.runtime_snapshotters.items():  # RuntimeClass handlers
+            handlers[handler] = {**runc, "snapshotter": snapshotter}
+        ctrdconfig.set_path(doc, ctrdconfig.cri_images_table(version), "snapshotter", self.cri.snapshotter)
+        ctrdconfig.set_path(doc, ctrdconfig.cri_runtimes_table(version)[:-1], "default_runtime_name", "runc")
+        ctrdconfig.set_path(doc, ctrdconfig.cri_runtimes_table(version)[:-1], "runtimes", handlers)
+        cni = {"conf_dir": str(self.workdir / "cni" / "conf")}
+        if version >= 3:
+            images = ctrdconfig.get_path(doc, ctrdconfig.cri_images_table(version))
+            images["pinned_images"] = {"sandbox": self.cri.sandbox_image}
+            runtime = doc["plugins"]["io.containerd.cri.v1.runtime"]
+            # runc fails to set the sandbox's oom_score_adj on these machines without it.
+            runtime.update(restrict_oom_score_adj=True, cni={**cni, "bin_dirs": [str(self.workdir / "cni" / "bin")]})
+            doc["plugins"][ctrdconfig.CRI_SERVICE] = {"stream_server_port": "0"}
+        else:
+            doc["plugins"][ctrdconfig.CRI_SERVICE].update(
+                sandbox_image=self.cri.sandbox_image, restrict_oom_score_adj=True, stream_server_port="0",
+                cni={**cni, "bin_dir": str(self.workdir / "cni" / "bin")})
 
     def start(self, timeout: float = 30) -> PrivateContainerd:
         """Write the config, start containerd and wait until it answers `ctr version`."""
@@ -128,7 +178,8 @@ class PrivateContainerd:
         self.config_path.write_text(self.config())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                ["containerd", "--config", str(self.config_path)],
+                [self.binaries.command("containerd"), "--config", str(self.config_path)],
+                env=self.binaries.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -171,9 +222,10 @@ class PrivateContainerd:
         timeout: float = 120,
     ) -> subprocess.CompletedProcess[str]:
         """Run `ctr --address ... -n namespace *args`; text output; CtrError on failure if check."""
-        cmd = ["ctr", "--address", str(self.address), "-n", namespace, *args]
+        cmd = [self.binaries.command("ctr"), "--address", str(self.address), "-n", namespace, *args]
         proc = subprocess.run(
             cmd,
+            env=self.binaries.env(),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -204,6 +256,13 @@ class PrivateContainerd:
         if snapshotter:
             args += ["--snapshotter", snapshotter]
         return self.ctr(*args, image, container_id, *command, namespace=namespace, check=check, timeout=timeout)
+
+    def import_image(self, tar: Path, namespace: str = "default", snapshotter: str | None = None) -> None:
+        """`ctr images import` into `snapshotter`, or into the namespace's default snapshotter: on
+        2.1+ only the local importer (`--local`) honours that label; the Transfer service does not."""
+        args = ["--snapshotter", snapshotter] if snapshotter else \
+            ["--local"] if ctrdconfig.uses_transfer_unpack(self.binaries.version) else []
+        self.ctr("images", "import", *args, str(tar), namespace=namespace)
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

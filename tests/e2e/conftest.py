@@ -1,32 +1,58 @@
 """Fixtures for end-to-end tests: a real containerd driving our daemon through `ctr`.
 
-Every test that takes `target` runs twice: against containerd's built-in `overlayfs` (the
-reference our snapshotter must match) and against our daemon as the proxy plugin. Tests see the
-system as a user does (`ctr` output, directories on disk), never the daemon's internals.
+Every test runs once per containerd line (the `binaries` fixture: the installed containerd and
+those scripts/containerd-versions.sh unpacked; test ids name the version), and every test that
+takes `target` twice more: against containerd's built-in `overlayfs` (the reference our
+snapshotter must match) and against our daemon as the proxy plugin. Tests see the system as a user
+does (`ctr` output, directories on disk), never the daemon's internals.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from addlower import ociimage
 from addlower.lowers import DEFAULT_ALLOWED_ROOTS
-from addlower.devcontainerd import PROXY_PLUGIN, CriSettings, PrivateContainerd
+from addlower.devcontainerd import BIN_DIR_ENV, PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon, allowing
 
 BUILTIN = "overlayfs"
+MAX_NAMESPACE = 76  # containerd's identifier limit
 REQUIRED_BINARIES = ("containerd", "ctr", "runc")
+# Where scripts/containerd-versions.sh unpacks other Debian suites' containerd.
+VERSIONS_CACHE = Path(os.environ.get("ADDLOWER_CONTAINERD_CACHE", "/var/cache/addlower-ci/containerd"))
+
+
+def containerd_lines(config: pytest.Config) -> list[Binaries]:
+    """The containerd lines to test against (see tests/conftest.py's --containerd-bin-dir)."""
+    dirs = config.getoption("--containerd-bin-dir") or \
+        ([os.environ[BIN_DIR_ENV]] if os.environ.get(BIN_DIR_ENV) else
+         ["system", *sorted(str(d) for d in VERSIONS_CACHE.glob("*/usr/bin") if (d / "containerd").exists())])
+    return [Binaries() if d == "system" else Binaries(Path(d)) for d in dirs]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "binaries" in metafunc.fixturenames:
+        lines = containerd_lines(metafunc.config)
+        metafunc.parametrize("binaries", lines, ids=[b.label for b in lines], scope="session", indirect=True)
+
+
+@pytest.fixture(scope="session")
+def binaries(request: pytest.FixtureRequest) -> Binaries:
+    """One containerd line (parametrized by pytest_generate_tests)."""
+    return request.param
 
 
 @dataclass(frozen=True)
@@ -63,7 +89,7 @@ class Target:
         )
 
     def import_image(self, image: ociimage.OciImage, namespace: str) -> None:
-        self.ctr("images", "import", "--snapshotter", self.snapshotter, str(image.path), namespace=namespace)
+        self.containerd.import_image(image.path, namespace, self.snapshotter)
 
     def snapshots(self, namespace: str) -> dict[str, SnapshotRow]:
         """`ctr snapshots ls`, keyed by snapshot key; the PARENT column is blank for base layers."""
@@ -116,13 +142,14 @@ def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
                     report.sections.append((f"{title} ({value.snapshotter})", text))
 
 
-def private_containerd(workdir: Path, daemon_root: Path) -> PrivateContainerd:
-    """A containerd that knows the daemon at `daemon_root` as a proxy snapshotter.
+def private_containerd(workdir: Path, daemon_root: Path, binaries: Binaries) -> PrivateContainerd:
+    """A containerd of the `binaries` line that knows the daemon at `daemon_root` as a proxy snapshotter.
 
     Start the daemon first: containerd dials proxies at start-up and, if the socket is not there
     yet, fails calls until its reconnect backoff (up to 3 s) retries.
     """
-    return PrivateContainerd(workdir, proxy_plugins={PROXY_PLUGIN: Daemon(root=daemon_root).socket})
+    return PrivateContainerd(workdir, proxy_plugins={PROXY_PLUGIN: Daemon(root=daemon_root).socket},
+                             binaries=binaries)
 
 
 def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
@@ -133,7 +160,7 @@ def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
 
 
 @contextmanager
-def running_target(workdir: Path, builtin: bool, daemon_args: Sequence[str] = ()) -> Iterator[Target]:
+def running_target(workdir: Path, binaries: Binaries, builtin: bool, daemon_args: Sequence[str] = ()) -> Iterator[Target]:
     """A containerd of its own and, unless `builtin`, a daemon of its own with `daemon_args`."""
     daemon_root = workdir / "snapshotter"
     with ExitStack() as stack:
@@ -141,23 +168,30 @@ def running_target(workdir: Path, builtin: bool, daemon_args: Sequence[str] = ()
         if not builtin:
             daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
             stack.callback(daemon.stop)
-        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root)), daemon)
+        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root, binaries)),
+                          daemon)
 
 
 @pytest.fixture(scope="session")
-def e2e_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("e2e")
+def e2e_dir(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries) -> Path:
+    """The session's work dir for one containerd line."""
+    return tmp_path_factory.mktemp(f"e2e-{binaries.label}")
 
 
 @pytest.fixture(scope="session")
-def busybox_image(e2e_dir: Path) -> ociimage.OciImage:
-    return ociimage.build_busybox_image(e2e_dir / "images" / "busybox.tar")
+def images_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("images")
 
 
 @pytest.fixture(scope="session")
-def host_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def busybox_image(images_dir: Path) -> ociimage.OciImage:
+    return ociimage.build_busybox_image(images_dir / "busybox.tar")
+
+
+@pytest.fixture(scope="session")
+def host_root(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries) -> Path:
     """Where tests keep host dirs for extra lowers: allowed to the session's daemon."""
-    return tmp_path_factory.mktemp("host")
+    return tmp_path_factory.mktemp(f"host-{binaries.label}")
 
 
 @pytest.fixture
@@ -177,9 +211,9 @@ def daemon(e2e_dir: Path, host_root: Path) -> Iterator[Daemon]:
 
 
 @pytest.fixture(scope="session")
-def containerd(e2e_dir: Path, daemon: Daemon) -> Iterator[PrivateContainerd]:
+def containerd(e2e_dir: Path, daemon: Daemon, binaries: Binaries) -> Iterator[PrivateContainerd]:
     """The session's containerd; serves both the built-in overlayfs and our daemon (started first)."""
-    with private_containerd(e2e_dir / "containerd", daemon.root) as containerd:
+    with private_containerd(e2e_dir / "containerd", daemon.root, binaries) as containerd:
         yield containerd
 
 
@@ -192,7 +226,10 @@ def target(request: pytest.FixtureRequest, daemon: Daemon, containerd: PrivateCo
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest) -> str:
     """A containerd namespace of the test's own, so tests sharing a containerd do not meet."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")
+    if len(name) > MAX_NAMESPACE:  # containerd's identifiers are short: keep a readable head, and a hash
+        name = f"{name[:MAX_NAMESPACE - 9].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
 
 
 @pytest.fixture(
@@ -202,10 +239,11 @@ def namespace(request: pytest.FixtureRequest) -> str:
         pytest.param((False, ("--async-remove=false",)), id="ours-sync-remove"),
     ]
 )
-def fresh_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def fresh_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 binaries: Binaries) -> Iterator[Target]:
     """A target nobody else uses, for tests that check what is left on disk afterwards."""
     builtin, daemon_args = request.param
-    with running_target(tmp_path_factory.mktemp("fresh"), builtin, daemon_args) as target:
+    with running_target(tmp_path_factory.mktemp("fresh"), binaries, builtin, daemon_args) as target:
         yield target
 
 
@@ -222,18 +260,21 @@ class CriOptions:
     builtin: bool
     daemon_args: Sequence[str] = ()
     pod_annotations: Sequence[str] = ()
+    runtime_snapshotters: Mapping[str, str] = field(default_factory=dict)  # RuntimeClass handler -> snapshotter
 
 
 @contextmanager
-def running_cri_target(workdir: Path, options: CriOptions) -> Iterator[Target]:
+def running_cri_target(workdir: Path, binaries: Binaries, options: CriOptions) -> Iterator[Target]:
     """Our daemon (always, debug log), then a containerd of its own with CRI on, whose snapshotter is
     the built-in overlayfs (`options.builtin`) or our daemon; the Target is the snapshotter CRI uses."""
     daemon = Daemon(root=workdir / "snapshotter", args=["--log-level", "debug", *options.daemon_args])
-    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PROXY_PLUGIN, pod_annotations=options.pod_annotations)
+    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PROXY_PLUGIN, pod_annotations=options.pod_annotations,
+                      runtime_snapshotters=options.runtime_snapshotters)
     with ExitStack() as stack:
         daemon.start()
         stack.callback(daemon.stop)
-        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket}, cri=cri)
+        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket}, cri=cri,
+                                       binaries=binaries)
         yield make_target(stack.enter_context(containerd), None if options.builtin else daemon)
 
 
@@ -248,20 +289,21 @@ def eventually(condition: Callable[[], bool], timeout: float, interval: float = 
 
 
 @pytest.fixture(scope="session")
-def pause_image(e2e_dir: Path) -> ociimage.OciImage:
+def pause_image(images_dir: Path) -> ociimage.OciImage:
     """The sandbox image the CRI containerds are configured with (CriSettings.sandbox_image)."""
-    return ociimage.build_pause_image(e2e_dir / "images" / "pause.tar")
+    return ociimage.build_pause_image(images_dir / "pause.tar")
 
 
 @pytest.fixture(
     params=[pytest.param(CriOptions(builtin=True), id=BUILTIN), pytest.param(CriOptions(builtin=False), id="ours")]
 )
 def cri_target(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pause_image: ociimage.OciImage
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pause_image: ociimage.OciImage,
+    binaries: Binaries,
 ) -> Iterator[Target]:
     """A CRI node of the test's own (see running_cri_target) with the pause image imported into
     `k8s.io`. Other set-ups: `@pytest.mark.parametrize("cri_target", [CriOptions(...)], indirect=True)`."""
-    with running_cri_target(tmp_path_factory.mktemp("cri"), request.param) as target:
+    with running_cri_target(tmp_path_factory.mktemp("cri"), binaries, request.param) as target:
         target.import_image(pause_image, CRI_NAMESPACE)
         yield target
 

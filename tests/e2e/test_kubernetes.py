@@ -4,8 +4,6 @@ finds the pod through containerd's Containers API at container start (SPEC secti
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import grpc
 import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
+from addlower.devcontainerd import Binaries
 from addlower.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
@@ -25,7 +24,8 @@ CAT = ["sh", "-c", "cat /which 2>/dev/null || echo nothing"]
 
 
 @pytest.fixture(scope="module")
-def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage) -> Iterator[Target]:
+def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage,
+               binaries: Binaries) -> Iterator[Target]:
     """This module's CRI node (conftest's `cri` client talks to it): our snapshotter with Kubernetes
     enabled, two named lowers and one allowed root for pods."""
     work = tmp_path_factory.mktemp("k8s")
@@ -41,7 +41,7 @@ def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, 
         f'allowed_roots = ["{work / "allowed"}"]\n'
         f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
     )
-    with running_cri_target(work, CriOptions(builtin=False, daemon_args=["--config", str(config)])) as t:
+    with running_cri_target(work, binaries, CriOptions(builtin=False, daemon_args=["--config", str(config)])) as t:
         t.import_image(pause_image, CRI_NAMESPACE)
         t.import_image(busybox_image, CRI_NAMESPACE)
         yield t
@@ -148,20 +148,13 @@ def test_named_lowers_and_roots_of_one_namespace_are_that_namespaces_own(
             assert f"namespace {namespace!r} pod 'ns-pod'" in says and outcome in says
 
 
-def forwards_snapshot_annotations() -> bool:
-    """containerd 1.6's CRI turns container annotations `containerd.io/snapshot/*` into rootfs labels."""
-    out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, check=True).stdout
-    major, minor = (int(n) for n in re.search(r" v?(\d+)\.(\d+)\.", out).groups())
-    return (major, minor) < (1, 7)
-
-
 def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage):
+        cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries):
     work = work_dir(cri_target)
     with cri.pod("direct", namespace="team-b") as pod:
         # Allowed to label users (the default roots), to no pod: refused as the container is created.
         demo = {LOWERS: "/tmp/overlayfs-custom-lower/direct"}
-        if forwards_snapshot_annotations():
+        if binaries.version < (1, 7):  # 1.6's CRI turns containerd.io/snapshot/* annotations into labels
             with pytest.raises(grpc.RpcError) as err:
                 cri.create_container(pod.id, pod.config, "a", busybox_image.ref, ["true"], demo)
             assert "outside the allowed roots" in err.value.details()

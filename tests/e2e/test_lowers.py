@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from addlower.devcontainerd import PROXY_PLUGIN, CtrError, PrivateContainerd
+from addlower.devcontainerd import PROXY_PLUGIN, Binaries, CtrError, PrivateContainerd
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.ociimage import OciImage
@@ -30,7 +30,7 @@ def ours(daemon: Daemon, containerd: PrivateContainerd, busybox_image: OciImage,
     t = make_target(containerd, daemon)
     t.ctr("namespaces", "create", namespace, namespace="default")
     t.ctr("namespaces", "label", namespace, f"containerd.io/defaults/snapshotter={PROXY_PLUGIN}", namespace="default")
-    t.ctr("images", "import", str(busybox_image.path), namespace=namespace)
+    t.containerd.import_image(busybox_image.path, namespace)  # into the namespace's default snapshotter
     return t
 
 
@@ -126,11 +126,11 @@ def ours_infos(t: Target, namespace: str) -> list[dict]:
 
 
 def test_with_no_configuration_only_the_default_roots_are_allowed(
-        tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage) -> None:
+        tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries) -> None:
     """An empty config file is the defaults, as no file at all."""
     work = tmp_path_factory.mktemp("defaults")
     (work / "empty.toml").write_text("")
-    with running_target(work, builtin=False, daemon_args=["--config", str(work / "empty.toml")]) as t:
+    with running_target(work, binaries, builtin=False, daemon_args=["--config", str(work / "empty.toml")]) as t:
         t.import_image(busybox_image, "ci")
         for path in ("/etc", "/var/lib/kubelet/pods/evil"):
             with pytest.raises(CtrError) as err:
@@ -140,14 +140,14 @@ def test_with_no_configuration_only_the_default_roots_are_allowed(
         assert not Path("/var/lib/kubelet/pods/evil").exists()
 
 
-def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage) -> None:
+def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries) -> None:
     work = tmp_path_factory.mktemp("named")
     m2 = work / "m2"
     m2.mkdir()
     (m2 / "settings.xml").write_text("<settings/>\n")
     config = work / "config.toml"
     config.write_text(f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\n')
-    with running_target(work, builtin=False, daemon_args=["--config", str(config)]) as t:
+    with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(busybox_image, "ci")
         out = t.containerd.run(busybox_image.ref, "build", "sh", "-c", "cat /settings.xml", namespace="ci",
                                snapshotter=PROXY_PLUGIN, options=["--snapshotter-label", f"{LOWERS}=maven"])
