@@ -69,7 +69,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
               help="Defer deleting removed snapshots' directories until Cleanup; --async-remove=false deletes "
                    "at once [default: true].")
 @click.option("--upperdir-label", type=click.BOOL, default=None, is_flag=False, flag_value=True,
-              help='Add the label "containerd.io/snapshot/overlay.upperdir" to active snapshots\' info '
+              help='Add the label "containerd.io/snapshot/overlay.upperdir" to every snapshot\'s info '
                    "[default: false].")
 @click.option("--address", type=click.Path(path_type=Path), default=None,
               help="Listen on this unix socket instead of <root-dir>/grpc.socks.")

@@ -13,7 +13,7 @@ from .errors import InvalidArgument
 # containerd's limit: a label's key and value together fit in this many bytes.
 MAX_LABEL_SIZE = 4096
 
-# Added to Info of active snapshots when --upperdir-label is on; never stored.
+# Added to every snapshot's Info when --upperdir-label is on; never stored.
 UPPERDIR_LABEL = "containerd.io/snapshot/overlay.upperdir"
 
 # The original's label: colon-separated host dirs stacked as extra lower layers.

@@ -282,8 +282,9 @@ class Snapshotter:
             yield self._decorate(sid, info)
 
     def _decorate(self, sid: int, info: Info) -> Info:
-        """Add the never-stored upperdir label to active snapshots when asked to."""
-        if self.options.upperdir_label and info.kind == Kind.ACTIVE:
+        """Add the never-stored upperdir label when asked to: to every kind, as containerd's
+        overlayfs does in 1.7 and 2.x (a view's or committed snapshot's own fs dir)."""
+        if self.options.upperdir_label:
             return replace(info, labels={**info.labels, UPPERDIR_LABEL: self.layout.upper(sid)})
         return info
 

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then
+if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! command -v docker-registry >/dev/null \
+  || ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt-get update -qq
-  apt-get install -y -qq containerd runc busybox-static >/dev/null
+  apt-get install -y -qq containerd runc busybox-static docker-registry >/dev/null
 fi
 # A distribution's own python3 (PEP 668) refuses pip installs unless told this is wanted.
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' 2>/dev/null \
