@@ -11,6 +11,7 @@ between calls but its connection. Must not know the store, mounts or the filesys
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
@@ -23,7 +24,10 @@ SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONTAINER_METADATA = "io.cri-containerd.container.metadata"
-SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"
+SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"  # on the pause container's record
+STORE_METADATA = "metadata"  # the same JSON, on containerd 2.x's sandbox Store entry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,28 +163,56 @@ def check_for_pod(found: PodContainer, source: str, value: str, policy: LowerPol
 
 
 class PodLowers:
-    """Looks up a container's pod through containerd's Containers API (connects on first use)."""
+    """Looks up a container's pod through containerd's Containers API and, on 2.x, its sandbox
+    Store (connects on first use)."""
 
     def __init__(self, config: KubernetesConfig):
         self.config = config
-        self._stub: Any = None
+        self._channel: Any = None
+        self._store_serves = True  # until containerd says it has no sandbox Store (1.6)
 
-    def _get(self, cid: str) -> Any:
+    def _call(self, what: str, method: str, request: Any) -> Any:
+        """One call to containerd in the CRI namespace; None when containerd has no such thing."""
         import grpc  # only daemons with Kubernetes enabled need a gRPC client
 
-        from .api import containers_pb2, containers_pb2_grpc
+        from .api import containers_pb2_grpc, sandbox_pb2_grpc
 
-        if self._stub is None:
-            channel = grpc.insecure_channel(f"unix://{self.config.containerd_address}")
-            self._stub = containers_pb2_grpc.ContainersStub(channel)
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(f"unix://{self.config.containerd_address}")
+            self._containers = containers_pb2_grpc.ContainersStub(self._channel)
+            self._store = sandbox_pb2_grpc.StoreStub(self._channel)
+        stub = self._store if method == "store" else self._containers
         try:
-            return self._stub.Get(containers_pb2.GetContainerRequest(id=cid), timeout=self.config.timeout,
-                                  metadata=[("containerd-namespace", self.config.namespace)]).container
+            return stub.Get(request, timeout=self.config.timeout,
+                            metadata=[("containerd-namespace", self.config.namespace)])
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
-            raise Unavailable(f"looking up container {cid} in containerd at {self.config.containerd_address}: "
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method == "store":
+                self._store_serves = False
+                return None
+            raise Unavailable(f"looking up {what} in containerd at {self.config.containerd_address}: "
                               f"{exc.code().name}: {exc.details()}") from None
+
+    def _get(self, cid: str) -> Any:
+        from .api import containers_pb2
+
+        found = self._call(f"container {cid}", "containers", containers_pb2.GetContainerRequest(id=cid))
+        return found.container if found is not None else None
+
+    def _sandbox_metadata(self, sandbox_id: str) -> Mapping[str, bytes]:
+        """The pod sandbox's CRI metadata: from the sandbox Store, where containerd 2.x keeps every
+        pod (whichever sandboxer runs it), else from the pause container's record (1.6, 1.7)."""
+        from .api import sandbox_pb2
+
+        if self._store_serves:
+            found = self._call(f"pod sandbox {sandbox_id}", "store", sandbox_pb2.StoreGetRequest(sandbox_id=sandbox_id))
+            if found is not None and STORE_METADATA in found.sandbox.extensions:
+                log.debug("pod sandbox %s: found in containerd's sandbox store", sandbox_id)
+                return {SANDBOX_METADATA: found.sandbox.extensions[STORE_METADATA].value}
+        log.debug("pod sandbox %s: looked up as a container", sandbox_id)
+        record = self._get(sandbox_id)
+        return {k: v.value for k, v in record.extensions.items()} if record is not None else {}
 
     def find(self, key: str) -> PodContainer | Lookup:
         """The pod's app container behind a snapshot key of the CRI namespace, or why there is none."""
@@ -192,8 +224,7 @@ class PodLowers:
                                   record.sandbox)
         if container is None:
             return Lookup.NOT_A_POD
-        sandbox = self._get(container.sandbox_id)
-        pod = pod_sandbox({k: v.value for k, v in sandbox.extensions.items()}) if sandbox is not None else None
+        pod = pod_sandbox(self._sandbox_metadata(container.sandbox_id))
         if pod is None:  # a sandbox without CRI metadata: no namespace to hold it to
             raise InvalidArgument(f"container {container.name!r}: its pod sandbox {container.sandbox_id} has no "
                                   "CRI metadata naming its namespace")

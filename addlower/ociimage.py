@@ -114,8 +114,10 @@ def build_busybox_image(
     ref: str = BUSYBOX_REF,
     cmd: Sequence[str] = ("/bin/sh",),
     extra_layers: Sequence[Iterable[Entry]] = (),
+    volumes: Sequence[str] = (),
 ) -> OciImage:
-    """Write an OCI layout tarball: a busybox base layer, then `extra_layers` in order (top last)."""
+    """Write an OCI layout tarball: a busybox base layer, then `extra_layers` in order (top last);
+    `volumes` are the image's VOLUME entries."""
     layers = [_tar(_busybox_entries()), *(_tar(entries) for entries in extra_layers)]
     blobs = _Blobs()
     layer_descs = [blobs.add(MEDIA_LAYER, _gzip(tar)) for tar in layers]
@@ -125,7 +127,8 @@ def build_busybox_image(
         "created": EPOCH_ISO,
         "architecture": arch,
         "os": "linux",
-        "config": {"Env": [PATH_ENV], "Cmd": list(cmd), "WorkingDir": "/"},
+        "config": {"Env": [PATH_ENV], "Cmd": list(cmd), "WorkingDir": "/",
+                   **({"Volumes": {v: {} for v in volumes}} if volumes else {})},
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": [{"created": EPOCH_ISO, "created_by": "addlower.ociimage"} for _ in layers],
     }

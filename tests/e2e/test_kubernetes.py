@@ -12,6 +12,7 @@ import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
 from addlower.devcontainerd import Binaries
+from addlower import ociimage
 from addlower.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
@@ -80,6 +81,35 @@ def test_annotated_pod_sees_the_host_dir_copy_on_write(cri_target: Target, cri: 
         assert (host / "which").read_text() == "maven\n" and not (host / "added").exists()
         info = json.loads(cri_target.snapshots_ctr("info", app, namespace=CRI_NAMESPACE).stdout)
         assert info["Labels"][LOWERS] == "maven"  # what the container got, recorded
+
+
+def test_the_pod_is_found_where_this_containerd_keeps_it(
+        cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries):
+    """2.x keeps every pod in its sandbox store (pause container or not); 1.x only as the pause
+    container's record."""
+    with cri.pod("where", annotations={ANNOTATION: "maven"}) as pod:
+        app = start(cri, pod, "app", busybox_image)
+        assert cri.exec_sync(app, CAT) == (0, "maven\n", "")
+    where = "found in containerd's sandbox store" if binaries.version >= (2, 0) else "looked up as a container"
+    assert f"pod sandbox {pod.id}: {where}" in cri_target.daemon.log()
+
+
+def test_an_image_volume_gets_the_images_files_and_the_container_its_lowers(
+        cri_target: Target, cri: CriClient, tmp_path: Path):
+    """CRI copies an image's VOLUME contents through a Mounts call made before the container
+    record exists: that call carries no host dir, so the volume holds the image's files only."""
+    maven = work_dir(cri_target) / "maven"
+    (maven / "data").mkdir(exist_ok=True)
+    (maven / "data" / "from-host").write_text("host\n")
+    image = ociimage.build_busybox_image(tmp_path / "vol.tar", ref="localhost/addlower/volume:latest",
+                                         extra_layers=[[ociimage.directory("data"),
+                                                        ociimage.file("data/from-image", "image\n")]],
+                                         volumes=["/data"])
+    cri_target.import_image(image, CRI_NAMESPACE)
+    with cri.pod("volumes", annotations={ANNOTATION: "maven"}) as pod:
+        app = start(cri, pod, "app", image)
+        assert cri.exec_sync(app, CAT) == (0, "maven\n", "")
+        assert cri.exec_sync(app, ["ls", "/data"]) == (0, "from-image\n", "")
 
 
 def test_pod_without_the_annotation_is_untouched(cri_target: Target, cri: CriClient, busybox_image: OciImage):
