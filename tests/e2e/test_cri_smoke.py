@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from addlower.devcontainerd import Binaries
 from addlower.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
@@ -46,3 +47,16 @@ def test_pod_runs_on_the_cri_snapshotter_and_gc_removes_its_snapshots(
     assert eventually(collected, GC_TIMEOUT), (
         f"GC left {sorted(t.snapshots(CRI_NAMESPACE))}, dirs {t.snapshot_dirs()} (layer dirs {layer_dirs})"
     )
+
+
+def test_kubelets_image_filesystem_is_where_the_snapshotter_keeps_layers(
+        cri_target: Target, cri: CriClient, binaries: Binaries) -> None:
+    """ImageFsInfo (kubelet's image GC and eviction act on it) names the snapshotter's root: for a
+    proxy plugin, its `exports.root` on 1.7+; containerd 1.6 ignores that and guesses a dir under
+    its own root."""
+    mountpoints = cri.image_fs_mountpoints()
+    if cri_target.daemon is None or binaries.version < (1, 7):
+        guessed = cri_target.containerd.root / f"io.containerd.snapshotter.v1.{cri_target.snapshotter}"
+        assert mountpoints == [str(guessed)]
+    else:
+        assert mountpoints == [str(cri_target.daemon.root)]

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
-from addlower.devcontainerd import Binaries
+from addlower.devcontainerd import PROXY_PLUGIN, Binaries
 from addlower import ociimage
 from addlower.ociimage import OciImage
 from tests.support.cri.client import CriClient
@@ -199,3 +199,48 @@ def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
         else:  # newer CRI drops such annotations: the container gets nothing
             app = start(cri, pod, "ok", busybox_image, {LOWERS: str(work / "team-a" / "cache")})
             assert cri.exec_sync(app, CAT) == (0, "nothing\n", "")
+
+
+@pytest.fixture
+def runtime_class_node(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage,
+                       binaries: Binaries) -> Iterator[Target]:
+    """A node whose default stays the built-in overlayfs, with a runtime handler `addlower` (a
+    RuntimeClass's handler) whose pods run on our snapshotter, pods' lowers on."""
+    work = tmp_path_factory.mktemp("rtc")
+    (work / "m2").mkdir()
+    (work / "m2" / "which").write_text("m2\n")
+    config = work / "config.toml"
+    config.write_text(f'[lowers.named]\nmaven = "{work / "m2"}"\n[kubernetes]\nenabled = true\n'
+                      f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n')
+    options = CriOptions(builtin=True, daemon_args=["--config", str(config)],
+                         runtime_snapshotters={RUNTIME_HANDLER: PROXY_PLUGIN})
+    with running_cri_target(work, binaries, options) as t:
+        for image in (pause_image, busybox_image):
+            t.import_image(image, CRI_NAMESPACE)  # into the node's default, overlayfs
+        yield t
+
+
+RUNTIME_HANDLER = "addlower"
+
+
+def test_only_pods_of_the_runtime_class_use_the_snapshotter(
+        runtime_class_node: Target, busybox_image: OciImage, tmp_path: Path, binaries: Binaries):
+    """containerd 1.7+ honours a runtime handler's snapshotter; 1.6 ignores it (all on the default)."""
+    t = runtime_class_node
+    scoped = binaries.version >= (1, 7)
+    cri = CriClient(t.containerd.address, log_root=tmp_path / "logs")
+
+    def ours() -> set[str]:
+        return set(t.ctr("snapshots", "--snapshotter", PROXY_PLUGIN, "ls", namespace=CRI_NAMESPACE).stdout.split())
+
+    try:
+        with cri.pod("plain") as pod:
+            plain = start(cri, pod, "app", busybox_image)
+            assert cri.exec_sync(plain, CAT) == (0, "nothing\n", "")
+            assert plain not in ours()
+        with cri.pod("cached", annotations={ANNOTATION: "maven"}, runtime_handler=RUNTIME_HANDLER) as pod:
+            cached = start(cri, pod, "app", busybox_image)
+            assert cri.exec_sync(cached, CAT) == (0, "m2\n" if scoped else "nothing\n", "")
+            assert (cached in ours()) == scoped
+    finally:
+        cri.close()

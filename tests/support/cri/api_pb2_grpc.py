@@ -546,6 +546,16 @@ class ImageServiceStub:
                 request_serializer=tests_dot_support_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
                 response_deserializer=tests_dot_support_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
                 _registered_method=True)
+        self.PullImage = channel.unary_unary(
+                '/runtime.v1.ImageService/PullImage',
+                request_serializer=tests_dot_support_dot_cri_dot_api__pb2.PullImageRequest.SerializeToString,
+                response_deserializer=tests_dot_support_dot_cri_dot_api__pb2.PullImageResponse.FromString,
+                _registered_method=True)
+        self.ImageFsInfo = channel.unary_unary(
+                '/runtime.v1.ImageService/ImageFsInfo',
+                request_serializer=tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoRequest.SerializeToString,
+                response_deserializer=tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -563,6 +573,18 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullImage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImageFsInfo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -575,6 +597,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.ImageStatus,
                     request_deserializer=tests_dot_support_dot_cri_dot_api__pb2.ImageStatusRequest.FromString,
                     response_serializer=tests_dot_support_dot_cri_dot_api__pb2.ImageStatusResponse.SerializeToString,
+            ),
+            'PullImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullImage,
+                    request_deserializer=tests_dot_support_dot_cri_dot_api__pb2.PullImageRequest.FromString,
+                    response_serializer=tests_dot_support_dot_cri_dot_api__pb2.PullImageResponse.SerializeToString,
+            ),
+            'ImageFsInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImageFsInfo,
+                    request_deserializer=tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoRequest.FromString,
+                    response_serializer=tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -631,6 +663,60 @@ class ImageService:
             '/runtime.v1.ImageService/ImageStatus',
             tests_dot_support_dot_cri_dot_api__pb2.ImageStatusRequest.SerializeToString,
             tests_dot_support_dot_cri_dot_api__pb2.ImageStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.ImageService/PullImage',
+            tests_dot_support_dot_cri_dot_api__pb2.PullImageRequest.SerializeToString,
+            tests_dot_support_dot_cri_dot_api__pb2.PullImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImageFsInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.ImageService/ImageFsInfo',
+            tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoRequest.SerializeToString,
+            tests_dot_support_dot_cri_dot_api__pb2.ImageFsInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,16 @@ class CriClient:
         resp = self.images.ImageStatus(pb.ImageStatusRequest(image=pb.ImageSpec(image=image)), timeout=RPC_TIMEOUT)
         return resp.image if resp.HasField("image") else None
 
+    def pull_image(self, image: str) -> str:
+        """PullImage, as kubelet pulls an image before it creates a container; the image ref."""
+        req = pb.PullImageRequest(image=pb.ImageSpec(image=image))
+        return self.images.PullImage(req, timeout=RPC_TIMEOUT).image_ref
+
+    def image_fs_mountpoints(self) -> list[str]:
+        """Where CRI says images are stored (kubelet's ImageFsInfo, which image GC acts on)."""
+        resp = self.images.ImageFsInfo(pb.ImageFsInfoRequest(), timeout=RPC_TIMEOUT)
+        return [fs.fs_id.mountpoint for fs in resp.image_filesystems]
+
     def run_pod(
         self,
         name: str,
@@ -60,8 +70,10 @@ class CriClient:
         uid: str | None = None,
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        runtime_handler: str = "",
     ) -> Pod:
-        """RunPodSandbox with the host network; the pod's log directory is created under `log_root`."""
+        """RunPodSandbox with the host network, on `runtime_handler` (a RuntimeClass's handler; ""
+        for the default); the pod's log directory is created under `log_root`."""
         uid = uid or str(uuid.uuid4())
         log_dir = self.log_root / f"{namespace}_{name}_{uid}"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +88,8 @@ class CriClient:
                 )
             ),
         )
-        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config), timeout=RPC_TIMEOUT)
+        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler),
+                                          timeout=RPC_TIMEOUT)
         return Pod(resp.pod_sandbox_id, config)
 
     def pod_state(self, pod_id: str) -> str:
@@ -99,9 +112,10 @@ class CriClient:
         uid: str | None = None,
         annotations: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
+        runtime_handler: str = "",
     ) -> Iterator[Pod]:
         """run_pod, then always stop_pod and remove_pod."""
-        pod = self.run_pod(name, namespace, uid, annotations, labels)
+        pod = self.run_pod(name, namespace, uid, annotations, labels, runtime_handler)
         try:
             yield pod
         finally:
