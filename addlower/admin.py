@@ -14,6 +14,7 @@ import functools
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import textwrap
 import time
@@ -26,8 +27,9 @@ from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import click
 import grpc
+import tomlkit
 
-from . import fsutil
+from . import ctrdconfig, fsutil
 from .api import snapshots_pb2 as pb
 from .client import SnapshotsClient
 from .config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
@@ -577,19 +579,57 @@ def _proxy_plugins(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {n: p for n, p in plugins.items() if isinstance(p, dict)} if isinstance(plugins, dict) else {}
 
 
-def check_containerd(path: Path, socket: Path) -> Check:
-    hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket)).rstrip("\n")
+def installed_containerd() -> tuple[int, int, int] | None:
+    """The version of the containerd on PATH, if there is one that answers."""
+    try:
+        out = subprocess.run(["containerd", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return ctrdconfig.parse_version(out)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def check_containerd(path: Path, socket: Path, root: Path,
+                     containerd: tuple[int, int, int] | None) -> list[Check]:
+    """containerd's config declares the snapshotter at `socket` (its exports.root at `root`), and,
+    for a containerd of version `containerd` (None: unknown), lets CRI and pulls use it."""
+    hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket), str(root)).rstrip("\n")
     try:
         with open(path, "rb") as f:
-            plugins = _proxy_plugins(tomllib.load(f))
+            document = tomllib.load(f)
     except OSError as exc:
-        return Check("containerd config", FAIL, f"cannot read {path}: {exc.strerror}", hint)
+        return [Check("containerd config", FAIL, f"cannot read {path}: {exc.strerror}", hint)]
     except tomllib.TOMLDecodeError as exc:
-        return Check("containerd config", FAIL, f"{path}: {exc}", f"fix the TOML syntax of {path}")
-    for name, plugin in plugins.items():
-        if plugin.get("type") == "snapshot" and os.path.normpath(str(plugin.get("address", ""))) == str(socket):
-            return Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")
-    return Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)
+        return [Check("containerd config", FAIL, f"{path}: {exc}", f"fix the TOML syntax of {path}")]
+    found = [(n, p) for n, p in _proxy_plugins(document).items()
+             if p.get("type") == "snapshot" and os.path.normpath(str(p.get("address", ""))) == str(socket)]
+    if not found:
+        return [Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)]
+    name, plugin = found[0]
+    checks = [Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")]
+    exported = ctrdconfig.get_path(plugin, ("exports", "root"))
+    checks.append(Check("image filesystem", PASS, f"exports.root is {root}: kubelet's ImageFsInfo sees the layers")
+                  if exported == str(root) else
+                  Check("image filesystem", FAIL, f"[proxy_plugins.{name}] exports.root is {exported!r}, not {root}: "
+                        "kubelet's image GC and ImageFsInfo look at the wrong filesystem", hint))
+    version = int(document.get("version", 1))
+    cri = ctrdconfig.get_path(document, (*ctrdconfig.cri_images_table(version), "snapshotter"))
+    checks.append(Check("CRI snapshotter", PASS if cri == name else INFO,
+                        f"CRI unpacks and runs pods on {cri or ctrdconfig.BUILTIN_SNAPSHOTTER!r}"
+                        + ("" if cri == name else f"; pods use {name} only through a runtime handler's snapshotter")))
+    if containerd is None:
+        checks.append(Check("containerd version", INFO, "no containerd on PATH answered --version: "
+                            "the Transfer service's unpack_config was not checked"))
+    elif ctrdconfig.uses_transfer_unpack(containerd):
+        unpack = ctrdconfig.get_path(document, (*ctrdconfig.TRANSFER, "unpack_config")) or []
+        listed = any(isinstance(e, dict) and e.get("snapshotter") == name for e in unpack)
+        table = tomlkit.dumps({"plugins": {ctrdconfig.TRANSFER[1]: {"unpack_config": ctrdconfig.unpack_config(
+            (ctrdconfig.BUILTIN_SNAPSHOTTER, name))}}}).rstrip("\n")
+        checks.append(Check("unpack into it", PASS, f"unpack_config lists {name} for containerd "
+                            f"{'.'.join(map(str, containerd))}") if listed else
+                      Check("unpack into it", FAIL, f"containerd {'.'.join(map(str, containerd))} pulls and imports "
+                            f"through the Transfer service, whose unpack_config does not list {name}: "
+                            "'no unpack platforms defined'", f"add to {path}, then restart containerd:\n{table}"))
+    return checks
 
 
 def print_check(check: Check) -> None:
@@ -623,7 +663,7 @@ def doctor(inv: Invocation, containerd_config: Path) -> None:
         *check_overlay_options(config),
         check_root(target.root),
         check_socket(target.socket, target.root),
-        check_containerd(containerd_config, target.socket),
+        *check_containerd(containerd_config, target.socket, target.root, installed_containerd()),
     ]
     ok = all(c.status != FAIL for c in checks)
     if inv.as_json:

@@ -22,6 +22,7 @@ from .config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SOCKET_NAME,
+    Config,
     ConfigError,
     check_metrics_address,
     load_config,
@@ -162,16 +163,20 @@ if __name__ == "__main__":
               help=f"Daemon config file to install as {DEFAULT_CONFIG} (checked first).")
 @click.option("--start/--no-start", default=True, show_default=True,
               help="Build the venv, start the unit and restart containerd in the node's namespaces.")
+@click.option("--containerd-version", default=None, metavar="X.Y.Z",
+              help="The node's containerd version [default: asked of <host-root>/usr/bin/containerd].")
 def install(host_root: Path, socket: str, unit: Path, wheels: Path | None, config_path: Path | None,
-            start: bool) -> None:
+            start: bool, containerd_version: str | None) -> None:
     """Put the daemon on a node and point its containerd at it (the DaemonSet's init container)."""
-    from .install import InstallError, install as run_install
+    from .ctrdconfig import parse_version
+    from .install import InstallError, containerd_version as node_containerd, install as run_install
 
     try:
-        if config_path is not None:
-            load_config(config_path)  # a bad file stops here, not in the node's daemon
+        config = load_config(config_path) if config_path is not None else Config()  # a bad file stops here
         config_text = config_path.read_text() if config_path else None
-        for line in run_install(host_root, socket, unit.read_text(), wheels, start, config_text):
+        version = parse_version(f" {containerd_version}") if containerd_version else node_containerd(host_root)
+        for line in run_install(host_root, socket, str(config.root_dir), unit.read_text(), wheels, start, version,
+                                config_text):
             click.echo(line)
-    except (InstallError, ConfigError) as exc:
+    except (InstallError, ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -1,82 +1,114 @@
 """`addlower install`: point a node's containerd at the snapshotter (what the DaemonSet's init
 container runs), without breaking the node's config.
 
-The pure part edits the config text: it adds the proxy plugin and sets CRI's snapshotter in the
-table containerd's config version uses, leaving everything else as written, and refuses (changing
-nothing) when the result would not parse or not say what it must. Must not know the daemon.
+The pure part edits the config text with tomlkit, which keeps every comment, spelling and table
+order the node's admin wrote: it adds the proxy plugin (with `exports.root`, where CRI reports
+the image filesystem), sets CRI's snapshotter in the table the config version uses, and on
+containerd 2.1+ lists the snapshotter in the Transfer service's `unpack_config` (addlower.ctrdconfig
+holds those facts). It refuses, changing nothing, when the result would not parse or not say what
+it must. Must not know the daemon.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
-from typing import Any
 
+import tomlkit
+from tomlkit.exceptions import TOMLKitError
+
+from . import ctrdconfig
 from .config import PLUGIN_NAME as PROXY_PLUGIN
+from .ctrdconfig import get_path, set_path
+
+Version = tuple[int, int, int]
 
 
 class InstallError(Exception):
     """The config cannot be changed safely; nothing was written."""
 
 
-def plugin_table(socket: str) -> str:
-    """The config table that declares the snapshotter to containerd."""
-    return f'[proxy_plugins.{PROXY_PLUGIN}]\n  type = "snapshot"\n  address = "{socket}"\n'
+def plugin_table(socket: str, root: str) -> str:
+    """The config table that declares the snapshotter to containerd, as TOML text."""
+    return tomlkit.dumps({"proxy_plugins": {PROXY_PLUGIN: ctrdconfig.proxy_plugin(socket, root)}})
 
 
-def _cri_table(version: int) -> tuple[tuple[str, ...], str]:
-    """Where CRI's snapshotter setting lives: the key path and the table header as written."""
-    if version >= 3:
-        return ("plugins", "io.containerd.cri.v1.images"), "[plugins.'io.containerd.cri.v1.images']"
-    return ("plugins", "io.containerd.grpc.v1.cri", "containerd"), '[plugins."io.containerd.grpc.v1.cri".containerd]'
+def new_config(containerd: Version) -> str:
+    """The start of a config for a node that has none: the version its containerd reads natively
+    (containerd 2.3 drops CRI's snapshotter when it migrates a version 2 file without runtimes)."""
+    return f"version = {ctrdconfig.config_version(containerd)}\n"
 
 
-def _lookup(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for part in path:
-        if not isinstance(doc, dict) or part not in doc:
-            return None
-        doc = doc[part]
-    return doc
-
-
-def configure(text: str, socket: str, cri: bool = True) -> str:
-    """The config `text` with our proxy plugin (and CRI's snapshotter) set; unchanged if already so."""
+def configure(text: str, socket: str, root: str, containerd: Version, cri: bool = True) -> str:
+    """The config `text` with our proxy plugin (and CRI's snapshotter, and Transfer's unpack entries
+    on 2.1+) set for a containerd of version `containerd`; unchanged if already so."""
     try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        doc = tomlkit.parse(text)
+    except TOMLKitError as exc:
         raise InstallError(f"the current config does not parse: {exc}") from None
     version = int(doc.get("version", 1))
     if version < 2:
         raise InstallError("config version 1 is not supported: migrate it with `containerd config migrate`")
-    out = text if text.endswith("\n") or not text else text + "\n"
-    plugin = _lookup(doc, ("proxy_plugins", PROXY_PLUGIN))
-    if plugin is None:
-        out += "\n" + plugin_table(socket)
-    elif plugin.get("address") != socket:
+    plugin = get_path(doc, ("proxy_plugins", PROXY_PLUGIN))
+    if plugin is not None and plugin.get("address") != socket:
         raise InstallError(f"proxy_plugins.{PROXY_PLUGIN} already points at {plugin.get('address')!r}, not {socket!r}")
+    if plugin is None:
+        set_path(doc, ("proxy_plugins",), PROXY_PLUGIN, ctrdconfig.proxy_plugin(socket, root))
+    else:
+        plugin["type"] = "snapshot"
+        set_path(plugin, ("exports",), "root", root)
     if cri:
-        path, header = _cri_table(version)
-        table = _lookup(doc, path)
-        setting = f'  snapshotter = "{PROXY_PLUGIN}"'
-        if table is None:
-            out += f"\n{header}\n{setting}\n"
-        elif table.get("snapshotter") != PROXY_PLUGIN:
-            pattern = re.compile(r"^[ \t]*" + re.escape(header) + r"[ \t]*$", re.M)
-            found = pattern.search(out)
-            if found is None:
-                raise InstallError(f"cannot find the table {header} as a header to set its snapshotter")
-            body_end = re.compile(r"^[ \t]*\[", re.M).search(out, found.end())
-            body = out[found.end(): body_end.start() if body_end else len(out)]
-            body = re.sub(r"^[ \t]*snapshotter[ \t]*=.*\n?", "", body, flags=re.M)
-            out = out[: found.end()] + "\n" + setting + body + (out[body_end.start():] if body_end else "")
-    check = tomllib.loads(out)
-    if _lookup(check, ("proxy_plugins", PROXY_PLUGIN, "address")) != socket or (
-            cri and _lookup(check, (*_cri_table(version)[0], "snapshotter")) != PROXY_PLUGIN):
-        raise InstallError("the edited config would not say what it must; nothing written")
+        images = ctrdconfig.cri_images_table(version)
+        if get_path(doc, (*images, "snapshotter")) != PROXY_PLUGIN:
+            set_path(doc, images, "snapshotter", PROXY_PLUGIN)
+        runtimes = ctrdconfig.cri_runtimes_table(version)
+        if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
+            set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
+    if ctrdconfig.uses_transfer_unpack(containerd):
+        entries = get_path(doc, (*ctrdconfig.TRANSFER, "unpack_config"))
+        if entries is None:
+            entries = tomlkit.aot()
+            set_path(doc, ctrdconfig.TRANSFER, "unpack_config", entries)
+        present = {(e.get("platform"), e.get("snapshotter")) for e in entries}
+        wanted = ctrdconfig.unpack_config() if not present else ctrdconfig.unpack_config((PROXY_PLUGIN,))
+        for entry in wanted:
+            if (entry["platform"], entry["snapshotter"]) not in present:
+                entries.append(entry)
+    out = tomlkit.dumps(doc)
+    _check(out, socket, root, version, containerd, cri)
     return out
+
+
+def _check(text: str, socket: str, root: str, version: int, containerd: Version, cri: bool) -> None:
+    """Read the result back as containerd would (tomllib) and refuse it unless it says all of it."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InstallError(f"the edited config would not parse ({exc}); nothing written") from None
+    plugin = get_path(doc, ("proxy_plugins", PROXY_PLUGIN)) or {}
+    unpack = get_path(doc, (*ctrdconfig.TRANSFER, "unpack_config")) or []
+    if (plugin.get("address"), get_path(plugin, ("exports", "root"))) != (socket, root) \
+            or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PROXY_PLUGIN) \
+            or (ctrdconfig.uses_transfer_unpack(containerd)
+                and not any(e.get("snapshotter") == PROXY_PLUGIN for e in unpack)):
+        raise InstallError("the edited config would not say what it must; nothing written")
+
+
+def containerd_version(host_root: Path) -> Version:
+    """The node's containerd version, from its binary under `host_root`."""
+    for d in ("usr/local/bin", "usr/bin"):
+        binary = host_root / d / "containerd"
+        if binary.exists():
+            try:
+                out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout
+                return ctrdconfig.parse_version(out)
+            except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+                raise InstallError(f"cannot tell the version of {binary} ({exc}): "
+                                   "give it with --containerd-version") from None
+    raise InstallError(f"no containerd under {host_root}/usr/bin or /usr/local/bin: give its version with "
+                       "--containerd-version")
 
 
 UNIT_NAME = "overlay-custom-add-lower-snapshotter.service"
@@ -102,11 +134,12 @@ def _write_if_changed(path: Path, text: str) -> bool:
     return True
 
 
-def install(host_root: Path, socket: str, unit_template: str, wheels: Path | None, start: bool,
-            config_text: str | None = None) -> list[str]:
+def install(host_root: Path, socket: str, root: str, unit_template: str, wheels: Path | None, start: bool,
+            containerd: Version, config_text: str | None = None) -> list[str]:
     """Put the daemon on the host (a venv from `wheels`, the systemd unit), point containerd at it.
 
-    `host_root` is where the host's / is mounted (the DaemonSet mounts it at /host). With `start`,
+    `host_root` is where the host's / is mounted (the DaemonSet mounts it at /host); `root` is the
+    daemon's root (containerd's `exports.root`), `containerd` the node's version. With `start`,
     commands run in the host's namespaces (nsenter into pid 1): build the venv, enable and start
     the unit (restarted when its files changed), then restart containerd if its config changed, in
     that order, so containerd finds the socket. `config_text` becomes the daemon's config file.
@@ -127,8 +160,8 @@ def install(host_root: Path, socket: str, unit_template: str, wheels: Path | Non
         daemon_changed = True
         done.append(f"wrote /etc/systemd/system/{UNIT_NAME}")
     config = host_root / "etc/containerd/config.toml"
-    text = config.read_text() if config.exists() else "version = 2\n"
-    new = configure(text, socket)
+    text = config.read_text() if config.exists() else new_config(containerd)
+    new = configure(text, socket, root, containerd)
     changed = new != text
     if changed:
         if config.exists():

@@ -233,8 +233,11 @@ def test_cleanup_needs_the_daemon(setup: Setup):
 
 
 def _containerd_config(tmp_path: Path, socket: Path | None) -> Path:
+    """A containerd config (version 2) whose proxy plugin `addlower` is at `socket` (None: none)."""
     path = tmp_path / "containerd.toml"
-    plugin = f'[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{socket}"\n' if socket else ""
+    plugin = (f'[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{socket}"\n'
+              f'[proxy_plugins.addlower.exports]\n  root = "{socket.parent}"\n'
+              '[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "addlower"\n') if socket else ""
     path.write_text(f"version = 2\n\n{plugin}")
     return path
 
@@ -250,7 +253,7 @@ def test_doctor_passes_on_a_healthy_setup(setup: Setup, tmp_path: Path):
     config = _containerd_config(tmp_path, setup.daemon.socket)
     checks = _doctor(setup, config, code=0)
     assert set(checks) == {"config file", "kernel overlay", "d_type", "overlay index", "userxattr", "root dir",
-                           "socket", "containerd config"}
+                           "socket", "containerd config", "image filesystem", "CRI snapshotter"}
     assert {name: line[:4] for name, line in checks.items()} == {
         **{name: "PASS" for name in checks}, "overlay index": "INFO", "userxattr": "INFO"}
     assert "[proxy_plugins.addlower]" in checks["containerd config"]

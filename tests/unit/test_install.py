@@ -11,6 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from addlower.cli import admin
+from addlower.config import DEFAULT_ROOT, SOCKET_NAME
+from addlower.admin import check_containerd
 from addlower.install import InstallError, configure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,23 +29,63 @@ root = "/var/lib/containerd"
 '''
 
 
+ROOT = "/var/lib/x"
+V16, V17, V21 = (1, 6, 20), (1, 7, 24), (2, 1, 9)
+UNPACK = "io.containerd.transfer.v1.local"
+
+
 def test_v2_config_gets_the_plugin_and_cri_snapshotter_and_keeps_the_rest():
-    doc = tomllib.loads(configure(V2, SOCK))
-    assert doc["proxy_plugins"][NAME] == {"type": "snapshot", "address": SOCK}
+    doc = tomllib.loads(configure(V2, SOCK, ROOT, V16))
+    assert doc["proxy_plugins"][NAME] == {"type": "snapshot", "address": SOCK, "exports": {"root": ROOT}}
     cri = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert cri["snapshotter"] == NAME and cri["default_runtime_name"] == "runc"
     assert cri["runtimes"]["runc"]["runtime_type"] == "io.containerd.runc.v2"
     assert doc["root"] == "/var/lib/containerd"
+    assert UNPACK not in doc["plugins"]  # 1.x unpacks without the Transfer service
 
 
-def test_v3_config_sets_the_images_plugin():
-    doc = tomllib.loads(configure("version = 3\n", SOCK))
+def test_v3_config_on_2_1_sets_the_images_plugin_and_unpacks_into_both_snapshotters():
+    doc = tomllib.loads(configure("version = 3\n", SOCK, ROOT, V21))
     assert doc["plugins"]["io.containerd.cri.v1.images"]["snapshotter"] == NAME
+    assert [e["snapshotter"] for e in doc["plugins"][UNPACK]["unpack_config"]] == ["overlayfs", NAME]
+    assert all(e["platform"].startswith("linux/") for e in doc["plugins"][UNPACK]["unpack_config"])
+
+
+def test_existing_unpack_entries_are_kept_and_ours_added_once():
+    text = f"version = 3\n[[plugins.'{UNPACK}'.unpack_config]]\n  platform = 'linux/arm64'\n  snapshotter = 'erofs'\n"
+    once = configure(text, SOCK, ROOT, V21)
+    entries = tomllib.loads(once)["plugins"][UNPACK]["unpack_config"]
+    assert [e["snapshotter"] for e in entries] == ["erofs", NAME]
+    assert configure(once, SOCK, ROOT, V21) == once
+
+
+def test_a_version_2_file_on_containerd_2_keeps_a_runtimes_table_for_the_migration():
+    doc = tomllib.loads(configure("version = 2\n", SOCK, ROOT, V21))
+    cri = doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == NAME and cri["runtimes"]["runc"]["runtime_type"] == "io.containerd.runc.v2"
+
+
+@pytest.mark.parametrize("text", [
+    # spellings containerd accepts; the edit must find the tables as written and keep the comments
+    "version = 2\n[plugins.'io.containerd.grpc.v1.cri'.containerd]\n  snapshotter = 'overlayfs'  # was\n",
+    'version = 2\nplugins."io.containerd.grpc.v1.cri".containerd.snapshotter = "overlayfs"\n',
+    'version = 2\n[ plugins . "io.containerd.grpc.v1.cri" . containerd ]\nsnapshotter = "overlayfs"\n',
+    'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd] # CRI\nsnapshotter = "overlayfs"\n',
+    "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"overlayfs\"\n",
+])
+def test_every_spelling_is_edited_in_place(text):
+    out = configure(text, SOCK, ROOT, V17)
+    doc = tomllib.loads(out)
+    cri = doc["plugins"]["io.containerd.cri.v1.images"] if doc["version"] == 3 else \
+        doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == NAME
+    assert out.startswith(text.split("\n")[0]) and "overlayfs" not in out
+    assert ("# was" in out) == ("# was" in text) and ("# CRI" in out) == ("# CRI" in text)
 
 
 def test_configuring_twice_changes_nothing():
-    once = configure(V2, SOCK)
-    assert configure(once, SOCK) == once
+    once = configure(V2, SOCK, ROOT, V21)
+    assert configure(once, SOCK, ROOT, V21) == once
 
 
 @pytest.mark.parametrize("text, says", [
@@ -53,7 +95,26 @@ def test_configuring_twice_changes_nothing():
 ])
 def test_unsafe_edits_are_refused(text, says):
     with pytest.raises(InstallError, match=says):
-        configure(text, SOCK)
+        configure(text, SOCK, ROOT, V16)
+
+
+def test_doctor_wants_unpack_config_on_2_1_and_names_the_table(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    path.write_text(configure("version = 3\n", SOCK, ROOT, V17))  # written for 1.7: no unpack entries
+    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V21)}
+    assert checks["unpack into it"].status == "FAIL" and "no unpack platforms defined" in checks["unpack into it"].detail
+    assert f'snapshotter = "{NAME}"' in checks["unpack into it"].hint
+    path.write_text(configure("version = 3\n", SOCK, ROOT, V21))
+    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V21)}
+    assert {n: c.status for n, c in checks.items()} == {
+        "containerd config": "PASS", "image filesystem": "PASS", "CRI snapshotter": "PASS", "unpack into it": "PASS"}
+
+
+def test_doctor_fails_a_plugin_without_exports_root(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    path.write_text(f'version = 2\n[proxy_plugins.{NAME}]\n  type = "snapshot"\n  address = "{SOCK}"\n')
+    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V16)}
+    assert checks["image filesystem"].status == "FAIL" and "ImageFsInfo" in checks["image filesystem"].detail
 
 
 def test_install_into_a_host_root(tmp_path: Path):
@@ -67,7 +128,7 @@ def test_install_into_a_host_root(tmp_path: Path):
     config.write_text('[kubernetes]\nenabled = true\n')
     unit = REPO / "deploy/systemd/overlay-custom-add-lower-snapshotter.service"
     args = ["install", "--host-root", str(host), "--unit", str(unit), "--wheels", str(wheels),
-            "--config", str(config), "--no-start"]
+            "--config", str(config), "--no-start", "--containerd-version", "1.7.24"]
     first = CliRunner().invoke(admin, args)
     assert first.exit_code == 0, first.output
     installed = (host / "etc/systemd/system" / unit.name).read_text()
@@ -86,15 +147,17 @@ def test_install_refuses_a_bad_daemon_config(tmp_path: Path):
     config.write_text('[kubernetes]\nenabled = "yes"\n')
     unit = REPO / "deploy/systemd/overlay-custom-add-lower-snapshotter.service"
     r = CliRunner().invoke(admin, ["install", "--host-root", str(tmp_path / "host"), "--unit", str(unit),
-                                   "--config", str(config), "--no-start"])
+                                   "--config", str(config), "--no-start", "--containerd-version", "1.7.24"])
     assert r.exit_code != 0 and "kubernetes.enabled: expected a bool" in r.output
     assert not (tmp_path / "host").exists()
 
 
-@pytest.mark.parametrize("snippet", ["config-v2.toml", "config-v3.toml"])
-def test_containerd_snippets_parse_and_name_the_plugin(snippet):
-    doc = tomllib.loads((REPO / "deploy/containerd" / snippet).read_text())
-    assert doc["proxy_plugins"][NAME]["type"] == "snapshot"
+@pytest.mark.parametrize("snippet, containerd", [("config-v2.toml", V16), ("config-v2.toml", V17),
+                                                 ("config-v3.toml", V21)])
+def test_containerd_snippets_say_all_the_installer_would(snippet, containerd):
+    text = (REPO / "deploy/containerd" / snippet).read_text()
+    socket = str(DEFAULT_ROOT / SOCKET_NAME)
+    assert configure(text, socket, str(DEFAULT_ROOT), containerd) == text
 
 
 def test_kubernetes_manifests_are_valid_against_the_schema():
