@@ -43,6 +43,11 @@ def cri_images_table(config: int) -> tuple[str, ...]:
     return ("plugins", "io.containerd.cri.v1.images") if config >= 3 else ("plugins", CRI_SERVICE, "containerd")
 
 
+def cri_registry_table(config: int) -> tuple[str, ...]:
+    """The table whose `config_path` names CRI's per-registry hosts.toml dir."""
+    return (*(("plugins", "io.containerd.cri.v1.images") if config >= 3 else ("plugins", CRI_SERVICE)), "registry")
+
+
 def cri_runtimes_table(config: int) -> tuple[str, ...]:
     """The table of CRI's runtime handlers."""
     runtime = ("plugins", "io.containerd.cri.v1.runtime") if config >= 3 else ("plugins", CRI_SERVICE)

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +75,8 @@ class CriSettings:
     pod_annotations: Sequence[str] = ()
     # RuntimeClass handlers (besides runc, the default) -> the snapshotter their pods use (1.7+).
     runtime_snapshotters: Mapping[str, str] = field(default_factory=dict)
+    # Registries (host:port) CRI pulls from over plain HTTP.
+    registries: Sequence[str] = ()
 
 
 class CtrError(subprocess.CalledProcessError):
@@ -97,11 +99,15 @@ class PrivateContainerd:
         proxy_plugins: Mapping[str, Path] | None = None,
         cri: CriSettings | bool = False,
         binaries: Binaries | None = None,
+        configure: Callable[[str], str] | None = None,
     ) -> None:
+        """`configure`, when given, gets the config text without the proxy plugins' tables and
+        Transfer's unpack entries, and must add them, as `addlower install` does on a node."""
         self.workdir = workdir.absolute()
         self.proxy_plugins = dict(proxy_plugins or {})  # name -> socket, in the snapshotter's root
         self.cri = CriSettings() if cri is True else cri or None
         self.binaries = binaries or Binaries.from_env()
+        self.configure = configure
         self.address = self.workdir / "containerd.sock"
         self.ttrpc_address = self.workdir / "containerd.sock.ttrpc"
         self.root = self.workdir / "root"
@@ -133,15 +139,17 @@ class PrivateContainerd:
             "ttrpc": {"address": str(self.ttrpc_address)},
             "debug": {"level": "debug"},
             "plugins": {"io.containerd.internal.v1.opt": {"path": str(self.workdir / "opt")}},
-            "proxy_plugins": {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
-                              for name, address in self.proxy_plugins.items()},
         }
-        if ctrdconfig.uses_transfer_unpack(self.binaries.version):
-            ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "unpack_config",
-                                ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)))
+        if self.configure is None:
+            doc["proxy_plugins"] = {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
+                                    for name, address in self.proxy_plugins.items()}
+            if ctrdconfig.uses_transfer_unpack(self.binaries.version):
+                ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "unpack_config",
+                                    ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)))
         if self.cri:
             self._cri_config(doc, version)
-        return tomlkit.dumps(doc)
+        text = tomlkit.dumps(doc)
+        return self.configure(text) if self.configure is not None else text
 
     def _cri_config(self, doc: dict, version: int) -> None:
         assert self.cri is not None
@@ -157,6 +165,10 @@ class PrivateContainerd:
         ctrdconfig.set_path(doc, ctrdconfig.cri_runtimes_table(version)[:-1], "default_runtime_name", "runc")
         ctrdconfig.set_path(doc, ctrdconfig.cri_runtimes_table(version)[:-1], "runtimes", handlers)
         cni = {"conf_dir": str(self.workdir / "cni" / "conf")}
+        if self.cri.registries:  # CRI's (and, on 2.x, Transfer's) per-registry hosts.toml files
+            ctrdconfig.set_path(doc, (*ctrdconfig.cri_registry_table(version),), "config_path", str(self.hosts_dir))
+            if version >= 3:
+                ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "config_path", str(self.hosts_dir))
         if version >= 3:
             images = ctrdconfig.get_path(doc, ctrdconfig.cri_images_table(version))
             images["pinned_images"] = {"sandbox": self.cri.sandbox_image}
@@ -169,12 +181,24 @@ class PrivateContainerd:
                 sandbox_image=self.cri.sandbox_image, restrict_oom_score_adj=True, stream_server_port="0",
                 cni={**cni, "bin_dir": str(self.workdir / "cni" / "bin")})
 
+    @property
+    def hosts_dir(self) -> Path:
+        return self.workdir / "certs.d"
+
+    def _write_hosts(self) -> None:
+        """A hosts.toml per plain-HTTP registry (containerd's registry host configuration)."""
+        for host in self.cri.registries if self.cri else ():
+            (self.hosts_dir / host).mkdir(parents=True, exist_ok=True)
+            (self.hosts_dir / host / "hosts.toml").write_text(tomlkit.dumps(
+                {"server": f"http://{host}", "host": {f"http://{host}": {"capabilities": ["pull", "resolve"]}}}))
+
     def start(self, timeout: float = 30) -> PrivateContainerd:
         """Write the config, start containerd and wait until it answers `ctr version`."""
         if len(str(self.ttrpc_address)) > MAX_SOCKET_PATH:
             raise ValueError(f"workdir too long for a unix socket path: {self.address}")
         for d in (self.workdir, self.runc_root):
             d.mkdir(parents=True, exist_ok=True)
+        self._write_hosts()
         self.config_path.write_text(self.config())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
