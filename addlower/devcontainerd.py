@@ -288,6 +288,12 @@ class PrivateContainerd:
             ["--local"] if ctrdconfig.uses_transfer_unpack(self.binaries.version) else []
         self.ctr("images", "import", *args, str(tar), namespace=namespace)
 
+    def collect_garbage(self, namespace: str = "default") -> None:
+        """Run containerd's garbage collector now and wait for it (snapshot removals and the
+        snapshotters' Cleanup included): deleting a lease with --sync does exactly that."""
+        lease = self.ctr("leases", "create", namespace=namespace).stdout.split()[0]
+        self.ctr("leases", "delete", "--sync", lease, namespace=namespace)
+
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
