@@ -1,7 +1,7 @@
 """containerd's filter language: parse the ``filters`` strings of a List/Walk request and match objects.
 
 A re-implementation of containerd's ``filters`` package (scanner, parser, quoting and matching),
-including the Go ``regexp`` dialect that ``~=`` uses, translated to Python ``re`` at parse time.
+including the Go ``regexp`` dialect that ``~=`` uses, compiled with RE2 (google-re2) at parse time.
 Objects are seen only through an adaptor that maps a field path to ``(value, present)``; this
 module must not know about snapshots, labels, storage or gRPC.
 
@@ -21,11 +21,12 @@ Error offsets count characters, where containerd counts UTF-8 bytes.
 from __future__ import annotations
 
 import enum
-import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+import re2
 
 from addlower.errors import InvalidArgument
 
@@ -51,7 +52,7 @@ class Selector:
     fieldpath: tuple[str, ...]
     operator: Operator
     value: str = ""
-    regexp: re.Pattern[str] | None = None
+    regexp: Any = None  # a compiled RE2 pattern
 
     def match(self, field: Adaptor) -> bool:
         value, present = field(self.fieldpath)
@@ -368,366 +369,22 @@ class _Parser:
 
 
 # ---------------------------------------------------------------------------------------------
-# Go regexp (RE2 syntax, Go regexp/syntax with the Perl flags) translated to Python re.
-#
-# Differences handled: Go's $ is the end of text (Python's also matches before a final newline);
-# \d \s \w \b and the [:name:] classes are ASCII-only; (?flags) may appear anywhere and last to the
-# end of the group; {n,m} counts are at most 1000 and a { that does not start one is literal;
-# lookaround, backreferences, possessive and atomic forms do not exist. Captures are dropped,
-# since only whether a match exists matters. \p{...} Unicode classes have no Python re
-# equivalent and are refused.
+# `~=` values are Go regexps: RE2 is the engine family of Go's regexp package (same syntax, same
+# Perl-flag defaults: ASCII \d \w \b, ^ and $ at the text's ends, {n,m} up to 1000, no lookaround
+# or backreferences), and it matches in linear time, so a hostile pattern cannot stall the daemon.
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # RE2 would print refusals on stderr; we return them
+
+
+def _compile_go_regexp(pattern: str) -> Any:
+    """A compiled RE2 pattern; InvalidArgument's caller adds where the filter went wrong."""
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        raise _RegexpError(exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes)
+                           else str(exc)) from None
 
 
 class _RegexpError(Exception):
-    """Go would not compile this pattern (or it cannot be expressed in Python re)."""
-
-
-_MAX_REPEAT = 1000
-_MAX_RUNE = 0x10FFFF
-_Ranges = list[tuple[int, int]]
-
-_PERL_CLASSES: dict[str, _Ranges] = {
-    "d": [(0x30, 0x39)],
-    "s": [(0x09, 0x0A), (0x0C, 0x0D), (0x20, 0x20)],
-    "w": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
-}
-_POSIX_CLASSES: dict[str, _Ranges] = {
-    "alnum": [(0x30, 0x39), (0x41, 0x5A), (0x61, 0x7A)],
-    "alpha": [(0x41, 0x5A), (0x61, 0x7A)],
-    "ascii": [(0x00, 0x7F)],
-    "blank": [(0x09, 0x09), (0x20, 0x20)],
-    "cntrl": [(0x00, 0x1F), (0x7F, 0x7F)],
-    "digit": [(0x30, 0x39)],
-    "graph": [(0x21, 0x7E)],
-    "lower": [(0x61, 0x7A)],
-    "print": [(0x20, 0x7E)],
-    "punct": [(0x21, 0x2F), (0x3A, 0x40), (0x5B, 0x60), (0x7B, 0x7E)],
-    "space": [(0x09, 0x0D), (0x20, 0x20)],
-    "upper": [(0x41, 0x5A)],
-    "word": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
-    "xdigit": [(0x30, 0x39), (0x41, 0x46), (0x61, 0x66)],
-}
-_WORD = "[0-9A-Za-z_]"
-# Spelled out: Python's \b is Unicode-aware and its \B never matches an empty string.
-_WORD_BOUNDARY = f"(?:(?<={_WORD})(?!{_WORD})|(?<!{_WORD})(?={_WORD}))"
-_NOT_WORD_BOUNDARY = f"(?:(?<={_WORD})(?={_WORD})|(?<!{_WORD})(?!{_WORD}))"
-_ASSERTIONS = {"A": r"\A", "z": r"\Z", "b": _WORD_BOUNDARY, "B": _NOT_WORD_BOUNDARY}
-_C_ESCAPES = {"a": 7, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
-_COUNTED_REPEAT = re.compile(r"\{(0|[1-9][0-9]*)(?:(,)(0|[1-9][0-9]*)?)?\}")
-
-
-def _compile_go_regexp(pattern: str) -> re.Pattern[str]:
-    source = _GoRegexp(pattern).translate()
-    try:
-        return re.compile(source)
-    except (re.error, RecursionError, OverflowError) as exc:
-        raise _RegexpError(f"too complex for this implementation ({exc})") from None
-
-
-def _normalized(ranges: _Ranges) -> _Ranges:
-    merged: _Ranges = []
-    for lo, hi in sorted(ranges):
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
-        else:
-            merged.append((lo, hi))
-    return merged
-
-
-def _complement(ranges: _Ranges) -> _Ranges:
-    out: _Ranges = []
-    next_lo = 0
-    for lo, hi in _normalized(ranges):
-        if lo > next_lo:
-            out.append((next_lo, lo - 1))
-        next_lo = hi + 1
-    if next_lo <= _MAX_RUNE:
-        out.append((next_lo, _MAX_RUNE))
-    return out
-
-
-def _fold_ascii(ranges: _Ranges) -> _Ranges:
-    """An ASCII class plus everything Go's case folding adds to it: other-case letters, ſ and K."""
-    letters = {cp for lo, hi in ranges for cp in range(max(lo, 0x41), min(hi, 0x7A) + 1) if chr(cp).isalpha()}
-    letters |= {ord(chr(cp).swapcase()) for cp in letters}
-    extra = [(cp, cp) for cp in letters]
-    if ord("s") in letters:
-        extra.append((0x17F, 0x17F))
-    if ord("k") in letters:
-        extra.append((0x212A, 0x212A))
-    return ranges + extra
-
-
-def _counts(m: re.Match[str]) -> tuple[int, int | None]:
-    """The bounds of a matched {lo}, {lo,} or {lo,hi}; Go allows at most 1000."""
-
-    def count(digits: str) -> int:
-        return int(digits) if len(digits) <= 9 else _MAX_REPEAT + 1
-
-    lo = count(m[1])
-    hi = lo if m[2] is None else None if m[3] is None else count(m[3])
-    if lo > _MAX_REPEAT or (hi is not None and (hi > _MAX_REPEAT or lo > hi)):
-        raise _RegexpError(f"invalid repeat count {m[0]}")
-    return lo, hi
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """One repeatable unit of output, and the product of the counted repeats inside it.
-
-    Go refuses x{a}{b}-style nesting whose product of counts exceeds 1000; a {0} hides its inside.
-    """
-
-    source: str
-    weight: int = 1
-
-
-@dataclass
-class _Group:
-    outer_flags: frozenset[str]  # restored when the group closes
-    branches: list[list[_Piece]]
-
-    def source(self) -> str:
-        return "|".join("".join(piece.source for piece in branch) for branch in self.branches)
-
-    def weight(self) -> int:
-        return max((piece.weight for branch in self.branches for piece in branch), default=1)
-
-
-class _GoRegexp:
-    """Translate one Go regexp, left to right, into a Python pattern with the same matches.
-
-    Go's flags (i, m, s, U) are tracked here and applied per piece ((?i:x), (?m:^), (?s:.)), so
-    the output never needs Python's global flags and (?i) may appear anywhere, as in Go.
-    """
-
-    def __init__(self, pattern: str) -> None:
-        self._p = pattern
-        self._i = 0
-        self._flags: frozenset[str] = frozenset()
-        self._groups = [_Group(frozenset(), [[]])]
-        self._after_repeat = False
-
-    def translate(self) -> str:
-        while self._i < len(self._p):
-            self._after_repeat = self._step()
-        if len(self._groups) > 1:
-            raise _RegexpError("missing closing )")
-        return self._groups[0].source()
-
-    def _step(self) -> bool:
-        """Translate the next element; True if it was a repetition operator."""
-        c = self._p[self._i]
-        if c in "*+?":
-            self._i += 1
-            self._repeat(c)
-            return True
-        if c == "{":
-            m = _COUNTED_REPEAT.match(self._p, self._i)
-            if m is not None:
-                self._i = m.end()
-                self._repeat(m[0], _counts(m))
-                return True
-            self._literal(ord(c))  # Go: a { that does not start a count is literal
-            self._i += 1
-        elif c == "(":
-            if self._p.startswith("(?", self._i):
-                self._perl_group()
-            else:
-                self._groups.append(_Group(self._flags, [[]]))
-                self._i += 1
-        elif c == ")":
-            self._close_group()
-        elif c == "|":
-            self._groups[-1].branches.append([])
-            self._i += 1
-        elif c == "[":
-            self._class()
-        elif c == "\\":
-            self._escape()
-        else:
-            if c == "^":
-                self._emit("(?m:^)" if "m" in self._flags else r"\A")
-            elif c == "$":
-                self._emit("(?m:$)" if "m" in self._flags else r"\Z")
-            elif c == ".":
-                self._emit("(?s:.)" if "s" in self._flags else ".")
-            else:
-                self._literal(ord(c))
-            self._i += 1
-        return False
-
-    def _emit(self, source: str, weight: int = 1) -> None:
-        self._groups[-1].branches[-1].append(_Piece(source, weight))
-
-    def _literal(self, cp: int) -> None:
-        source = re.escape(chr(cp))
-        self._emit(f"(?i:{source})" if "i" in self._flags else source)
-
-    def _emit_class(self, ranges: _Ranges, negate: bool) -> None:
-        body = "".join(
-            f"\\U{lo:08x}" if lo == hi else f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in _normalized(ranges)
-        )
-        source = f"[{'^' if negate else ''}{body}]"
-        self._emit(f"(?i:{source})" if "i" in self._flags else source)
-
-    def _named_ranges(self, ranges: _Ranges, negated: bool) -> _Ranges:
-        """A Perl or POSIX class: folded first, then negated, as Go does."""
-        if "i" in self._flags:
-            ranges = _fold_ascii(ranges)
-        return _complement(ranges) if negated else ranges
-
-    def _repeat(self, quantifier: str, counts: tuple[int, int | None] | None = None) -> None:
-        """Apply *, +, ? or {lo,hi} (``counts``, hi None if unbounded) to the last piece."""
-        lazy = self._p.startswith("?", self._i)
-        if lazy:
-            self._i += 1
-        if self._after_repeat:
-            raise _RegexpError(f"invalid nested repetition operator {quantifier!r}")
-        branch = self._groups[-1].branches[-1]
-        if not branch:
-            raise _RegexpError(f"missing argument to repetition operator {quantifier!r}")
-        piece = branch[-1]
-        weight = piece.weight
-        if counts is not None:
-            lo, hi = counts
-            factor = lo if hi is None else hi
-            weight = 1 if hi == 0 else weight * (factor or 1)
-            if (lo >= 2 or (hi or 0) >= 2) and weight > _MAX_REPEAT:
-                raise _RegexpError(f"invalid repeat count {quantifier}: nested counts exceed {_MAX_REPEAT}")
-        non_greedy = lazy != ("U" in self._flags)
-        branch[-1] = _Piece(f"(?:{piece.source}){quantifier}{'?' if non_greedy else ''}", weight)
-
-    def _perl_group(self) -> None:
-        """(?P<name>, (?<name>, (?flags) or (?flags: ... ; anything else is not Go syntax."""
-        p, i = self._p, self._i
-        prefix = 4 if p.startswith("(?P<", i) else 3 if p.startswith("(?<", i) else 0
-        if prefix:
-            end = p.find(">", i)
-            name = p[i + prefix : end] if end >= 0 else ""
-            if not name or not all(c == "_" or (c.isascii() and c.isalnum()) for c in name):
-                raise _RegexpError(f"invalid named capture {p[i : end + 1] if end >= 0 else p[i:]!r}")
-            self._groups.append(_Group(self._flags, [[]]))
-            self._i = end + 1
-            return
-        j, on, off, negated, saw_flag = i + 2, set(), set(), False, False
-        while j < len(p):
-            c = p[j]
-            j += 1
-            if c in "imsU":
-                (off if negated else on).add(c)
-                saw_flag = True
-            elif c == "-" and not negated:
-                negated, saw_flag = True, False
-            elif c in ":)" and (saw_flag or not negated):
-                outer = self._flags
-                self._flags = (outer | on) - off
-                if c == ":":
-                    self._groups.append(_Group(outer, [[]]))
-                self._i = j
-                return
-            else:
-                break
-        raise _RegexpError(f"invalid or unsupported Perl syntax {p[i:j]!r}")
-
-    def _close_group(self) -> None:
-        if len(self._groups) == 1:
-            raise _RegexpError("unexpected )")
-        group = self._groups.pop()
-        self._flags = group.outer_flags
-        self._i += 1
-        self._emit(f"(?:{group.source()})", group.weight())
-
-    def _escape(self) -> None:
-        p, i = self._p, self._i
-        c = p[i + 1 : i + 2]
-        if not c:
-            raise _RegexpError("trailing backslash at end of expression")
-        if c in _ASSERTIONS:
-            self._emit(_ASSERTIONS[c])
-            self._i += 2
-        elif c == "Q":  # literal text up to \E or the end
-            end = p.find("\\E", i + 2)
-            for ch in p[i + 2 :] if end < 0 else p[i + 2 : end]:
-                self._literal(ord(ch))
-            self._i = len(p) if end < 0 else end + 2
-        elif c in ("p", "P"):
-            raise _RegexpError("Unicode classes (\\p, \\P) are not supported")
-        elif c.lower() in _PERL_CLASSES:
-            self._emit_class(self._named_ranges(_PERL_CLASSES[c.lower()], c.isupper()), negate=False)
-            self._i += 2
-        else:
-            cp, self._i = self._escaped_char(i)
-            self._literal(cp)
-
-    def _escaped_char(self, i: int) -> tuple[int, int]:
-        """The character a Go escape at ``i`` stands for, and the index after it (parseEscape)."""
-        p = self._p
-        c, j = p[i + 1 : i + 2], i + 2
-        if not c:
-            raise _RegexpError("trailing backslash at end of expression")
-        # \1-\7 alone would be a backreference, which Go does not have.
-        if c == "0" or (c in "1234567" and j < len(p) and p[j] in _OCTAL):
-            end = j
-            while end < min(len(p), j + 2) and p[end] in _OCTAL:
-                end += 1
-            return int(p[i + 1 : end], 8), end
-        if c == "x":
-            if p.startswith("{", j):
-                close = p.find("}", j)
-                digits = p[j + 1 : close] if close >= 0 else ""
-                if digits and all(d in _HEX for d in digits) and int(digits, 16) <= _MAX_RUNE:
-                    return int(digits, 16), close + 1
-            elif len(p[j : j + 2]) == 2 and all(d in _HEX for d in p[j : j + 2]):
-                return int(p[j : j + 2], 16), j + 2
-        elif c in _C_ESCAPES:
-            return _C_ESCAPES[c], j
-        elif c.isascii() and not c.isalnum():
-            return ord(c), j
-        raise _RegexpError(f"invalid escape sequence {p[i : j + 1] if c == 'x' else p[i:j]!r}")
-
-    def _class(self) -> None:
-        p, n = self._p, len(self._p)
-        i = self._i + 1
-        negate = p.startswith("^", i)
-        if negate:
-            i += 1
-        ranges: _Ranges = []
-        first = True  # a ] right after [ or [^ is literal
-        while True:
-            if i >= n:
-                raise _RegexpError(f"missing closing ] in {p[self._i :]!r}")
-            if p[i] == "]" and not first:
-                break
-            first = False
-            if p.startswith("[:", i) and i + 2 < n and (end := p.find(":]", i + 2)) >= 0:
-                name = p[i + 2 : end]
-                table = _POSIX_CLASSES.get(name.removeprefix("^"))
-                if table is None:
-                    raise _RegexpError(f"invalid character class {p[i : end + 2]!r}")
-                ranges += self._named_ranges(table, name.startswith("^"))
-                i = end + 2
-                continue
-            if p.startswith("\\", i) and p[i + 1 : i + 2] in ("p", "P"):
-                raise _RegexpError("Unicode classes (\\p, \\P) are not supported")
-            if p.startswith("\\", i) and p[i + 1 : i + 2].lower() in _PERL_CLASSES:
-                c = p[i + 1]
-                ranges += self._named_ranges(_PERL_CLASSES[c.lower()], c.isupper())
-                i += 2
-                continue
-            lo, i = self._class_char(i)
-            hi = lo
-            if i + 1 < n and p[i] == "-" and p[i + 1] != "]":
-                hi, i = self._class_char(i + 1)
-                if hi < lo:
-                    raise _RegexpError(f"invalid character class range {chr(lo)!r}-{chr(hi)!r}")
-            ranges.append((lo, hi))
-        self._i = i + 1
-        self._emit_class(ranges, negate)
-
-    def _class_char(self, i: int) -> tuple[int, int]:
-        if i >= len(self._p):
-            raise _RegexpError(f"missing closing ] in {self._p[self._i :]!r}")
-        if self._p[i] == "\\":
-            return self._escaped_char(i)
-        return ord(self._p[i]), i + 1
+    """Go (and RE2) would not compile this pattern."""
