@@ -19,7 +19,7 @@ from . import __version__, metrics
 from .config import Config
 from .errors import SnapshotError
 from .grpcserver import GrpcServer
-from .service import SnapshotsService, map_error, routes
+from .service import BLOCKING, KUBERNETES, SnapshotsService, map_error, routes
 from .snapshotter import Options, Snapshotter
 
 log = logging.getLogger("addlower")
@@ -27,6 +27,7 @@ log = logging.getLogger("addlower")
 SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 30.0
 BLOCKING_WORKERS = 16
+KUBERNETES_WORKERS = 4  # Mounts calls waiting for containerd's answer about a pod
 
 
 class StartupError(Exception):
@@ -82,8 +83,11 @@ class Daemon:
             _claim_socket(config.socket_path)
         except OSError as exc:
             raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
-        self.executor = futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking")
-        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.executor, map_error,
+        self.pools = {
+            BLOCKING: futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking"),
+            KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
+        }
+        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.pools, map_error,
                                  metrics.observe_call)
         if config.metrics_address:
             try:
@@ -120,7 +124,8 @@ class Daemon:
         await self.server.shutdown(STOP_GRACE_SECONDS)
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        for pool in self.pools.values():
+            pool.shutdown(wait=True)
         self.snapshotter.close()
         try:
             os.unlink(self.config.socket_path)

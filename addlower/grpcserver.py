@@ -2,20 +2,30 @@
 
 Why not grpcio's server: its per-call cost in Python (completion-queue polling, a thread hop per
 call, GIL hand-offs) made Stat and Mounts about half as fast as the Go original, and CRI stats
-every snapshot every 10 s. Here one asyncio loop parses frames, runs quick handlers inline and
-sends blocking ones (tree walks, deletions) to a thread pool. HPACK decoding is the `hpack`
-library's; responses use literal header fields without indexing, so no encoder state is kept.
-Scope: what gRPC clients (grpc-go in containerd, grpcio) send to a unix socket: no TLS, no
-compression, no server push. This module knows nothing about snapshots; it gets routes.
+every snapshot every 10 s; grpcio's asyncio server and grpclib measured slower still. Here one
+asyncio loop parses frames, runs quick handlers inline and sends blocking ones to bounded thread
+pools. HPACK decoding is the `hpack` library's; responses use literal header fields without
+indexing, so no encoder state is kept. Scope: what gRPC clients (grpc-go in containerd, grpcio)
+send to a unix socket: no TLS, no compression, no server push.
+
+Hand-written, so it guards what a peer sends the way python-hyper's h2 does: every length,
+window and count a peer controls is checked against a named limit below, a peer at fault gets
+the RFC 9113 error (a GOAWAY for the connection, a RST_STREAM for one stream), streams move
+through explicit states, received data counts against advertised windows that are replenished
+only as requests are consumed, and a peer that does not read its replies stops being read.
+This module knows nothing about snapshots; it gets routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import re
 import struct
 import time
-from concurrent.futures import Executor
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Callable, Iterable
@@ -30,26 +40,54 @@ END_STREAM = ACK = 0x1
 END_HEADERS = 0x4
 PADDED = 0x8
 PRIORITY_FLAG = 0x20
-SETTINGS_INITIAL_WINDOW_SIZE = 0x4
-SETTINGS_MAX_FRAME_SIZE = 0x5
-SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
-PROTOCOL_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x1, 0x7, 0x9
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH, SETTINGS_MAX_CONCURRENT_STREAMS = 0x1, 0x2, 0x3
+SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 0x4, 0x5, 0x6
+
+
+class H2Error(IntEnum):
+    """HTTP/2 error codes (RFC 9113, section 7)."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
+
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_WINDOW = 65_535
-RECEIVE_WINDOW = 1 << 20  # what we let peers send before we acknowledge
-MAX_FRAME = 16_384
-MAX_MESSAGE = 16 << 20  # largest request message accepted
-MAX_STREAMS = 1024  # calls one connection may have open at once
+MAX_WINDOW = 2**31 - 1
+MIN_FRAME, MAX_FRAME_LIMIT = 16_384, 2**24 - 1  # the range of SETTINGS_MAX_FRAME_SIZE
 
+# Limits: each bounds something a peer controls.
+MAX_FRAME = 16_384  # frames we accept (we never raise SETTINGS_MAX_FRAME_SIZE)
+MAX_HEADER_BLOCK = 64 << 10  # one header block, HEADERS and CONTINUATION frames together
+MAX_MESSAGE = 4 << 20  # one request message (containerd's largest are label maps of a few kB)
+STREAM_WINDOW = 1 << 20  # advertised per stream; extended while a message is still below MAX_MESSAGE
+CONNECTION_WINDOW = 2 * MAX_MESSAGE  # all the request data one connection may have buffered here
+MAX_STREAMS = 1024  # calls one connection may have open at once (advertised)
+MAX_CONNECTIONS = 256  # open connections per server
+MAX_QUEUED = 256  # calls waiting for or running in the thread pools, per server
+PREFACE_TIMEOUT = 10.0  # seconds a new connection has to send the HTTP/2 preface
+
+# grpc-timeout: up to 8 digits and a unit (gRPC over HTTP/2, "Timeout").
+_TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 
 
 class Code(IntEnum):
     """gRPC status codes (the numbers are the wire protocol's)."""
 
     OK = 0
+    CANCELLED = 1
     UNKNOWN = 2
     INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
     NOT_FOUND = 5
     ALREADY_EXISTS = 6
     RESOURCE_EXHAUSTED = 8
@@ -57,7 +95,6 @@ class Code(IntEnum):
     UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
-
 
 
 def _hpack_int(value: int, prefix_bits: int) -> bytes:
@@ -78,13 +115,19 @@ def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"".join(b"\x00" + _hpack_int(len(k), 7) + k + _hpack_int(len(v), 7) + v for k, v in headers)
 
 
-def _frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return struct.pack(">I", len(payload))[1:] + bytes((ftype, flags)) + struct.pack(">I", stream) + payload
 
 
 def _grpc_message(text: str) -> bytes:
     """Percent-encode a status message as gRPC requires."""
     return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in text.encode())
+
+
+def grpc_timeout(value: bytes) -> float | None:
+    """Seconds from a grpc-timeout header value; None when it is not one."""
+    found = _TIMEOUT.fullmatch(value)
+    return int(found.group(1)) * _TIMEOUT_UNITS[found.group(2)] if found else None
 
 
 RESPONSE_HEADERS = header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
@@ -96,58 +139,112 @@ class Route:
     """One method: how to parse its request, what answers it, and where to run it."""
 
     request: Any  # a protobuf message class
-    handler: Callable[[Any], Any]  # request -> response (a message or its bytes), or an iterable of them
+    handler: Callable[[Any], Any]  # request -> response (a message or its bytes), or an iterator of them
     streaming: bool = False
-    blocking: bool = False  # may take long (walks, deletions): run in the thread pool
+    pool: str | None = None  # the thread pool for calls that may take long; None: on the loop
     describe: Callable[[Any], str] = lambda request: ""  # for the per-call log line
 
 
 ErrorMapper = Callable[[BaseException], tuple[Code, str]]
 
 
+class ConnectionFault(Exception):
+    """The peer broke the protocol: the connection ends with a GOAWAY carrying `error`."""
+
+    def __init__(self, error: H2Error, message: str):
+        super().__init__(message)
+        self.error = error
+
+
+class State(enum.Enum):
+    """A stream's life as the server sees it (RFC 9113, 5.1); closed streams are forgotten."""
+
+    OPEN = "open"  # receiving the request
+    HALF_CLOSED_REMOTE = "half-closed (remote)"  # the request is complete; the answer is on its way
+
+
 @dataclass
 class _Stream:
-    window: int
+    sid: int
+    send_window: int
+    state: State = State.OPEN
+    recv_window: int = STREAM_WINDOW
+    held: int = 0  # bytes of this stream counted against the connection's receive window
+    unacked: int = 0  # bytes received since the stream's window was last extended
     path: bytes = b""
-    header_block: bytearray = field(default_factory=bytearray)
+    deadline: float | None = None  # loop time
     body: bytearray = field(default_factory=bytearray)
     outbox: bytearray = field(default_factory=bytearray)
+    more: Iterator[bytes] | None = None  # a streaming answer's messages not yet framed
     trailers: bytes | None = None
     answered: bool = False
+    work: Future | None = None
+    timer: asyncio.TimerHandle | None = None
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, server: "GrpcServer"):
+    def __init__(self, server: GrpcServer):
         self.server = server
         self.buf = bytearray()
         self.preface_seen = False
-        self.decoder = hpack.Decoder()
+        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
         self.streams: dict[int, _Stream] = {}
         self.send_window = DEFAULT_WINDOW
+        self.recv_window = CONNECTION_WINDOW
         self.peer_initial_window = DEFAULT_WINDOW
-        self.peer_max_frame = MAX_FRAME
+        self.peer_max_frame = MIN_FRAME
         self.last_stream = 0
-        self.continuation_of = 0  # the stream whose header block continues, if any
-        self.continued_flags = 0  # END_STREAM of the HEADERS frame being continued
+        self.block = bytearray()  # the header block being received
+        self.block_stream = 0  # its stream while CONTINUATION frames are due, else 0
+        self.block_flags = 0  # END_STREAM of the HEADERS frame that opened it
+        self.blocked: dict[int, None] = {}  # streams with output waiting for the connection window
         self.transport: asyncio.Transport | None = None
         self.closing = False
+        self.paused = False  # the peer is not reading what we write
         self.reading = False
         self.out = bytearray()
+        self.preface_timer: asyncio.TimerHandle | None = None
 
     # --- connection life -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            log.warning("refusing a connection: %d are open already", MAX_CONNECTIONS)
+            transport.close()
+            return
         self.server.connections.add(self)
-        settings = struct.pack(">HIHI", SETTINGS_INITIAL_WINDOW_SIZE, RECEIVE_WINDOW,
-                               SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS)
-        self._write(_frame(SETTINGS, 0, 0, settings)
-                    + _frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", RECEIVE_WINDOW - DEFAULT_WINDOW)))
+        self.preface_timer = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._preface_overdue)
+        settings = struct.pack(">HIHIHI", SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW,
+                               SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS,
+                               SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK)
+        self._write(frame(SETTINGS, 0, 0, settings)
+                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONNECTION_WINDOW - DEFAULT_WINDOW)))
+
+    def _preface_overdue(self) -> None:
+        if not self.preface_seen and self.transport is not None:
+            log.warning("closing a client connection: no HTTP/2 preface within %.0fs", PREFACE_TIMEOUT)
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self.streams.clear()
+        if self.preface_timer is not None:
+            self.preface_timer.cancel()
+        for stream in list(self.streams.values()):
+            self._drop(stream)
         self.transport = None
+
+    def pause_writing(self) -> None:
+        """The peer reads too slowly: read nothing more from it until its replies drain."""
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._flush_blocked()
 
     def _write(self, data: bytes) -> None:
         """Queue while a read is being handled (one write per read, frames in order), else send."""
@@ -156,12 +253,13 @@ class _Connection(asyncio.Protocol):
         elif self.transport is not None and data:
             self.transport.write(data)
 
-    def go_away(self, error: int = 0) -> None:
+    def go_away(self, error: H2Error = H2Error.NO_ERROR, reason: str = "") -> None:
         """Refuse new streams; close now on an error, else once the streams in flight are done."""
-        self._write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, error)))
+        self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, error) + reason.encode()[:256]))
         self.closing = True
         if error:
-            self.streams.clear()
+            for stream in list(self.streams.values()):
+                self._drop(stream)
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
@@ -175,9 +273,12 @@ class _Connection(asyncio.Protocol):
         self.reading = True
         try:
             self._read_frames()
-        except (ConnectionError, hpack.HPACKError, struct.error, IndexError, KeyError) as exc:
-            log.warning("closing a client connection: %s", exc)
-            self.go_away(COMPRESSION_ERROR if isinstance(exc, hpack.HPACKError) else PROTOCOL_ERROR)
+        except ConnectionFault as exc:
+            log.warning("closing a client connection: %s (%s)", exc, exc.error.name)
+            self.go_away(exc.error, str(exc))
+        except hpack.HPACKError as exc:
+            log.warning("closing a client connection: bad header block: %s", exc)
+            self.go_away(H2Error.COMPRESSION_ERROR, "bad header block")
         finally:
             self.reading = False
             out, self.out = self.out, bytearray()
@@ -187,210 +288,400 @@ class _Connection(asyncio.Protocol):
     def _read_frames(self) -> None:
         if not self.preface_seen:
             if len(self.buf) < len(PREFACE):
+                if PREFACE[: len(self.buf)] != self.buf:
+                    raise ConnectionFault(H2Error.PROTOCOL_ERROR, "the client did not start with the HTTP/2 preface")
                 return
             if self.buf[: len(PREFACE)] != PREFACE:
-                raise ConnectionError("the client did not start with the HTTP/2 preface")
+                raise ConnectionFault(H2Error.PROTOCOL_ERROR, "the client did not start with the HTTP/2 preface")
             del self.buf[: len(PREFACE)]
             self.preface_seen = True
-        while len(self.buf) >= 9:
+            if self.preface_timer is not None:
+                self.preface_timer.cancel()
+        while len(self.buf) >= 9 and self.transport is not None:
             length = int.from_bytes(self.buf[0:3], "big")
             if length > MAX_FRAME:
-                raise ConnectionError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+                raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes, more than {MAX_FRAME}")
             if len(self.buf) < 9 + length:
                 break
             ftype, flags = self.buf[3], self.buf[4]
-            stream = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
+            sid = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
             payload = bytes(self.buf[9 : 9 + length])
             del self.buf[: 9 + length]
-            self._on_frame(ftype, flags, stream, payload)
+            self._on_frame(ftype, flags, sid, payload)
 
     def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
-        if self.continuation_of and ftype != CONTINUATION:
-            raise ConnectionError("expected a CONTINUATION frame")
-        if ftype == DATA:
-            self._on_data(flags, sid, self._unpad(flags, payload), len(payload))
-        elif ftype == HEADERS:
-            payload = self._unpad(flags, payload)
-            if flags & PRIORITY_FLAG:
-                payload = payload[5:]
-            if sid % 2 == 0 or sid <= self.last_stream:
-                raise ConnectionError(f"bad stream id {sid}")
-            self.last_stream = sid
-            stream = self.streams[sid] = _Stream(window=self.peer_initial_window)
-            stream.header_block += payload
-            self._headers_frame_done(sid, flags)
-        elif ftype == CONTINUATION:
-            if sid != self.continuation_of:
-                raise ConnectionError("CONTINUATION on the wrong stream")
-            self.streams[sid].header_block += payload
-            self._headers_frame_done(sid, self.continued_flags | (flags & END_HEADERS))
-        elif ftype == SETTINGS:
-            if not flags & ACK:
-                self._on_settings(payload)
-                self._write(_frame(SETTINGS, ACK, 0))
-        elif ftype == PING:
-            if not flags & ACK:
-                self._write(_frame(PING, ACK, 0, payload))
-        elif ftype == WINDOW_UPDATE:
-            increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
-            if sid == 0:
-                self.send_window += increment
-                for stream_id in list(self.streams):
-                    self._flush(stream_id)
-            elif sid in self.streams:
-                self.streams[sid].window += increment
-                self._flush(sid)
-        elif ftype == RST_STREAM:
-            self.streams.pop(sid, None)
-            self._close_if_idle()
-        elif ftype == GOAWAY:
-            self.closing = True
-            self._close_if_idle()
-        elif ftype == PUSH_PROMISE:
-            raise ConnectionError("clients must not push")
-        # PRIORITY and unknown frame types are ignored, as the RFC asks.
+        if self.block_stream and ftype != CONTINUATION:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "expected a CONTINUATION frame")
+        handler = self._FRAMES.get(ftype)
+        if handler is not None:  # unknown frame types are ignored, as the RFC asks
+            handler(self, flags, sid, payload)
 
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
-        if flags & PADDED:
-            pad = payload[0]
-            return payload[1 : len(payload) - pad]
-        return payload
+    def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid == 0 or sid > self.last_stream:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"DATA on {'stream 0' if sid == 0 else 'an idle stream'}")
+        self.recv_window -= len(payload)
+        if self.recv_window < 0:
+            raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
+        data = self._unpad(flags, payload)
+        stream = self.streams.get(sid)
+        if stream is None:  # answered or reset meanwhile: nothing will consume it
+            self._credit(len(payload))
+            return
+        if stream.state is not State.OPEN:
+            self._credit(len(payload))
+            self._reset(stream, H2Error.STREAM_CLOSED)
+            return
+        stream.recv_window -= len(payload)
+        stream.held += len(payload)
+        if stream.recv_window < 0:
+            self._reset(stream, H2Error.FLOW_CONTROL_ERROR)
+            return
+        stream.body += data
+        if len(stream.body) > MAX_MESSAGE + 5:
+            stream.state = State.HALF_CLOSED_REMOTE
+            self._release(stream)
+            self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE} bytes")
+            return
+        if flags & END_STREAM:
+            self._dispatch(stream)
+            return
+        stream.unacked += len(payload)
+        if stream.unacked >= STREAM_WINDOW // 2:  # let a message grow (MAX_MESSAGE bounds it)
+            self._write(frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", stream.unacked)))
+            stream.recv_window += stream.unacked
+            stream.unacked = 0
 
-    def _on_settings(self, payload: bytes) -> None:
-        for i in range(0, len(payload) - len(payload) % 6, 6):
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        payload = self._unpad(flags, payload)
+        if flags & PRIORITY_FLAG:
+            if len(payload) < 5:
+                raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            payload = payload[5:]
+        if sid == 0 or sid % 2 == 0:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"HEADERS on stream {sid}")
+        if sid <= self.last_stream and sid not in self.streams:
+            raise ConnectionFault(H2Error.STREAM_CLOSED, f"HEADERS on closed stream {sid}")
+        self.last_stream = max(self.last_stream, sid)
+        self.block = bytearray(payload)
+        self.block_flags = flags & END_STREAM
+        self._header_fragment(sid, flags)
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if not self.block_stream or sid != self.block_stream:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "CONTINUATION without a header block on its stream")
+        self.block += payload
+        self._header_fragment(sid, flags)
+
+    def _header_fragment(self, sid: int, flags: int) -> None:
+        if len(self.block) > MAX_HEADER_BLOCK:
+            raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM, f"a header block of more than {MAX_HEADER_BLOCK} bytes")
+        if not flags & END_HEADERS:
+            self.block_stream = sid
+            return
+        self.block_stream = 0
+        headers = self.decoder.decode(bytes(self.block), raw=True)  # always: HPACK state must stay in step
+        self.block = bytearray()
+        existing = self.streams.get(sid)
+        if existing is not None:  # trailers after the request body: end of the request
+            if existing.state is not State.OPEN or not self.block_flags:
+                raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"a second header block on stream {sid}")
+            self._dispatch(existing)
+            return
+        if self.closing or len(self.streams) >= MAX_STREAMS:  # as advertised
+            self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.REFUSED_STREAM)))
+            return
+        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window)
+        for name, value in headers:
+            if name == b":path":
+                stream.path = value
+            elif name == b"grpc-timeout":
+                seconds = grpc_timeout(value)
+                if seconds is not None:
+                    stream.deadline = asyncio.get_running_loop().time() + seconds
+        if self.block_flags:
+            self._dispatch(stream)
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"SETTINGS of {len(payload)} bytes")
+        for i in range(0, len(payload), 6):
             ident, value = struct.unpack(">HI", payload[i : i + 6])
             if ident == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, f"initial window {value}")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
-                    stream.window += delta
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "a stream window beyond 2^31-1")
             elif ident == SETTINGS_MAX_FRAME_SIZE:
+                if not MIN_FRAME <= value <= MAX_FRAME_LIMIT:
+                    raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"max frame size {value}")
                 self.peer_max_frame = value
+            elif ident == SETTINGS_ENABLE_PUSH and value > 1:
+                raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"enable push {value}")
+        self._write(frame(SETTINGS, ACK, 0))
+        for stream in list(self.streams.values()):  # a larger initial window may free some output
+            if stream.trailers is not None:
+                self._flush(stream)
 
-    def _headers_frame_done(self, sid: int, flags: int) -> None:
-        if not flags & END_HEADERS:
-            self.continuation_of, self.continued_flags = sid, flags & END_STREAM
-            return
-        self.continuation_of = 0
-        stream = self.streams[sid]
-        headers = self.decoder.decode(bytes(stream.header_block), raw=True)
-        stream.header_block.clear()
-        if len(self.streams) > MAX_STREAMS:  # as advertised; decoded all the same, to keep HPACK in step
-            del self.streams[sid]
-            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
-            return
-        stream.path = next((v for k, v in headers if k == b":path"), b"")
-        if flags & END_STREAM:
-            self._dispatch(sid, stream)
+    def _on_ping(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "PING on a stream")
+        if len(payload) != 8:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"PING of {len(payload)} bytes")
+        if not flags & ACK:
+            self._write(frame(PING, ACK, 0, payload))
 
-    def _on_data(self, flags: int, sid: int, data: bytes, flow_len: int) -> None:
+    def _on_window_update(self, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"WINDOW_UPDATE of {len(payload)} bytes")
+        increment = struct.unpack(">I", payload)[0] & 0x7FFFFFFF
+        if sid == 0:
+            if increment == 0:
+                raise ConnectionFault(H2Error.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "the connection window beyond 2^31-1")
+            self._flush_blocked()
+            return
+        if sid > self.last_stream:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
         stream = self.streams.get(sid)
-        if flow_len:
-            self._write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", flow_len)))
-            if stream is not None and not flags & END_STREAM:
-                self._write(_frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", flow_len)))
-        if stream is None:  # reset by the client meanwhile
+        if stream is None:
             return
-        if len(stream.body) + len(data) > MAX_MESSAGE + 5:
-            self._finish(sid, [], Code.RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE} bytes")
+        if increment == 0:
+            self._reset(stream, H2Error.PROTOCOL_ERROR)
             return
-        stream.body += data
-        if flags & END_STREAM:
-            self._dispatch(sid, stream)
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._reset(stream, H2Error.FLOW_CONTROL_ERROR)
+            return
+        self._flush(stream)
+
+    def _on_rst_stream(self, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"RST_STREAM of {len(payload)} bytes")
+        if sid == 0 or sid > self.last_stream:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "RST_STREAM on stream 0 or an idle stream")
+        stream = self.streams.get(sid)
+        if stream is not None:
+            self._drop(stream)  # the client gave up: its queued work goes too
+        self._close_if_idle()
+
+    def _on_priority(self, flags: int, sid: int, payload: bytes) -> None:
+        if len(payload) != 5:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
+
+    def _on_goaway(self, flags: int, sid: int, payload: bytes) -> None:
+        self.closing = True
+        self._close_if_idle()
+
+    def _on_push_promise(self, flags: int, sid: int, payload: bytes) -> None:
+        raise ConnectionFault(H2Error.PROTOCOL_ERROR, "clients must not push")
+
+    _FRAMES: dict[int, Callable[[_Connection, int, int, bytes], None]] = {
+        DATA: _on_data, HEADERS: _on_headers, CONTINUATION: _on_continuation, SETTINGS: _on_settings,
+        PING: _on_ping, WINDOW_UPDATE: _on_window_update, RST_STREAM: _on_rst_stream, PRIORITY: _on_priority,
+        GOAWAY: _on_goaway, PUSH_PROMISE: _on_push_promise,
+    }
+
+    @staticmethod
+    def _unpad(flags: int, payload: bytes) -> bytes:
+        if not flags & PADDED:
+            return payload
+        if not payload or payload[0] >= len(payload):
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, "padding as long as the frame")
+        return payload[1 : len(payload) - payload[0]]
+
+    # --- flow control and stream ends ------------------------------------------------------------
+
+    def _credit(self, n: int) -> None:
+        """Give `n` bytes back to the peer's connection window: they were consumed or dropped."""
+        if n:
+            self.recv_window += n
+            self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", n)))
+
+    def _release(self, stream: _Stream) -> None:
+        """The stream's request data is consumed (or dropped): credit the connection for it."""
+        stream.body = bytearray()
+        self._credit(stream.held)
+        stream.held = 0
+
+    def _drop(self, stream: _Stream) -> None:
+        """Forget a stream: cancel its queued work and timer, credit its data."""
+        self.streams.pop(stream.sid, None)
+        self.blocked.pop(stream.sid, None)
+        if stream.work is not None:
+            stream.work.cancel()  # a call not yet started never runs
+        if stream.timer is not None:
+            stream.timer.cancel()
+        if self.transport is not None:
+            self._release(stream)
+
+    def _reset(self, stream: _Stream, error: H2Error) -> None:
+        self._write(frame(RST_STREAM, 0, stream.sid, struct.pack(">I", error)))
+        self._drop(stream)
 
     # --- calls ---------------------------------------------------------------------------------
 
-    def _dispatch(self, sid: int, stream: _Stream) -> None:
-        route = self.server.routes.get(stream.path.decode("latin-1"))
+    def _dispatch(self, stream: _Stream) -> None:
+        stream.state = State.HALF_CLOSED_REMOTE
+        path = stream.path.decode("latin-1")
+        body = bytes(stream.body)
+        self._release(stream)
+        route = self.server.routes.get(path)
         if route is None:
-            self._finish(sid, [], Code.UNIMPLEMENTED, f"unknown method {stream.path.decode('latin-1')}")
+            self._finish(stream, [], Code.UNIMPLEMENTED, f"unknown method {path}")
             return
-        body = stream.body
         if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-            self._finish(sid, [], Code.INTERNAL, "expected one uncompressed gRPC message")
+            self._finish(stream, [], Code.INTERNAL, "expected one uncompressed gRPC message")
             return
         try:
-            request = route.request.FromString(bytes(body[5:]))
+            request = route.request.FromString(body[5:])
         except Exception as exc:  # protobuf's DecodeError and friends
-            self._finish(sid, [], Code.INTERNAL, f"cannot parse request: {exc}")
+            self._finish(stream, [], Code.INTERNAL, f"cannot parse request: {exc}")
+            return
+        loop = asyncio.get_running_loop()
+        if stream.deadline is not None and loop.time() >= stream.deadline:
+            self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
             return
         started = time.perf_counter()
-        if not route.blocking:
-            self._complete(sid, route, request, started, *self.server.call(route, request))
+        if route.pool is None:
+            self._complete(stream, route, request, started, self.server.call(route, request))
             return
-        self.server.inflight += 1
-        future = asyncio.get_running_loop().run_in_executor(self.server.executor, self.server.call, route, request)
-        future.add_done_callback(lambda f: self._complete(sid, route, request, started, *f.result()))
+        if self.server.queued >= MAX_QUEUED:
+            self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"{MAX_QUEUED} calls are waiting already")
+            return
+        self.server.queued += 1
+        stream.work = future = self.server.pools[route.pool].submit(self.server.call, route, request)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._done, stream, route, request, started, f))
+        if stream.deadline is not None:
+            stream.timer = loop.call_at(stream.deadline, self._expire, stream)
 
-    def _complete(self, sid: int, route: Route, request: Any, started: float,
-                  messages: list[bytes], code: Code, message: str) -> None:
-        if route.blocking:
-            self.server.inflight -= 1
+    def _done(self, stream: _Stream, route: Route, request: Any, started: float, future: Future) -> None:
+        self.server.queued -= 1
+        if future.cancelled() or self.streams.get(stream.sid) is not stream:
+            return  # reset, timed out or gone with the connection
+        self._complete(stream, route, request, started, future.result())
+
+    def _expire(self, stream: _Stream) -> None:
+        """The client's deadline passed: tell it so, and drop the work if it has not started."""
+        if stream.work is not None:
+            stream.work.cancel()
+        self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the call did not finish before its deadline")
+
+    def _complete(self, stream: _Stream, route: Route, request: Any, started: float,
+                  result: tuple[Iterator[bytes], Code, str]) -> None:
+        messages, code, message = result
         seconds = time.perf_counter() - started
         self.server.observe(route.handler.__name__, seconds, code.name)
         log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.handler.__name__,
                   route.describe(request), seconds, code.name)
-        self._finish(sid, messages, code, message)
+        self._finish(stream, messages, code, message)
 
-    def _finish(self, sid: int, messages: list[bytes], code: Code, message: str) -> None:
-        stream = self.streams.get(sid)
-        if stream is None or stream.answered:
+    def _finish(self, stream: _Stream, messages: Iterable[bytes], code: Code, message: str) -> None:
+        if stream.answered or self.streams.get(stream.sid) is not stream:
             return
         stream.answered = True
-        self._write(_frame(HEADERS, END_HEADERS, sid, RESPONSE_HEADERS))
-        for m in messages:
-            stream.outbox += b"\x00" + struct.pack(">I", len(m)) + m
-        if code == Code.OK:
-            stream.trailers = OK_TRAILERS
-        else:
-            stream.trailers = header_block([(b"grpc-status", str(int(code)).encode()),
-                                            (b"grpc-message", _grpc_message(message))])
-        self._flush(sid)
+        if stream.timer is not None:
+            stream.timer.cancel()
+        self._write(frame(HEADERS, END_HEADERS, stream.sid, RESPONSE_HEADERS))
+        stream.more = iter(messages)
+        stream.trailers = self._trailers(code, message)
+        self._flush(stream)
 
-    def _flush(self, sid: int) -> None:
-        """Send what flow control allows of the stream's response; trailers once all is out."""
-        stream = self.streams.get(sid)
-        if stream is None or stream.trailers is None:
+    @staticmethod
+    def _trailers(code: Code, message: str) -> bytes:
+        if code == Code.OK:
+            return OK_TRAILERS
+        return header_block([(b"grpc-status", str(int(code)).encode()), (b"grpc-message", _grpc_message(message))])
+
+    def _next_message(self, stream: _Stream) -> bool:
+        """Frame the answer's next message into the outbox; False when there is none."""
+        assert stream.more is not None
+        try:
+            m = next(stream.more)
+        except StopIteration:
+            stream.more = None
+            return False
+        except Exception as exc:  # a streaming handler failed midway: its status goes in the trailers
+            code, message = self.server.errors(exc)
+            stream.more, stream.trailers = None, self._trailers(code, message)
+            return False
+        stream.outbox += b"\x00" + struct.pack(">I", len(m)) + m
+        return True
+
+    def _flush(self, stream: _Stream) -> None:
+        """Send what flow control allows of the stream's answer, pulling a streaming answer's
+        messages only as they can go out; trailers once all is out."""
+        if stream.trailers is None or self.streams.get(stream.sid) is not stream:
             return
         out = bytearray()
-        while stream.outbox:
-            n = min(len(stream.outbox), self.send_window, stream.window, self.peer_max_frame)
+        while True:
+            if not stream.outbox and (stream.more is None or self.paused or not self._next_message(stream)):
+                break
+            n = min(len(stream.outbox), self.send_window, stream.send_window, self.peer_max_frame)
             if n <= 0:
                 break
-            out += _frame(DATA, 0, sid, bytes(stream.outbox[:n]))
+            out += frame(DATA, 0, stream.sid, bytes(stream.outbox[:n]))
             del stream.outbox[:n]
             self.send_window -= n
-            stream.window -= n
-        if not stream.outbox:
-            out += _frame(HEADERS, END_HEADERS | END_STREAM, sid, stream.trailers)
-            del self.streams[sid]
+            stream.send_window -= n
+        if not stream.outbox and stream.more is None:
+            out += frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, stream.trailers)
+            self._drop(stream)
+        elif self.send_window <= 0 or self.paused:
+            self.blocked[stream.sid] = None  # resumed by a connection WINDOW_UPDATE or resume_writing
         self._write(bytes(out))
         self._close_if_idle()
 
+    def _flush_blocked(self) -> None:
+        """Streams waiting for the connection window, oldest first, while it lasts: O(1) per
+        WINDOW_UPDATE when nothing can move, whatever the number of streams."""
+        while self.blocked and self.send_window > 0 and not self.paused:
+            sid = next(iter(self.blocked))
+            del self.blocked[sid]
+            stream = self.streams.get(sid)
+            if stream is not None:
+                self._flush(stream)
+
 
 class GrpcServer:
-    """Serves `routes` ("/package.Service/Method" -> Route) on a unix socket."""
+    """Serves `routes` ("/package.Service/Method" -> Route) on a unix socket; a route's pool names
+    one of `pools`."""
 
-    def __init__(self, routes: dict[str, Route], executor: Executor, errors: ErrorMapper,
+    def __init__(self, routes: dict[str, Route], pools: Mapping[str, Executor], errors: ErrorMapper,
                  observe: Callable[[str, float, str], None] = lambda method, seconds, code: None):
+        unknown = {r.pool for r in routes.values() if r.pool is not None} - set(pools)
+        if unknown:
+            raise ValueError(f"routes name unknown pools {sorted(unknown)}")
         self.routes = routes
-        self.executor = executor
+        self.pools = pools
         self.errors = errors
         self.observe = observe  # (method, seconds, code name) after each call, for metrics
         self.connections: set[_Connection] = set()
-        self.inflight = 0
+        self.queued = 0  # calls submitted to the pools and not done
         self._server: asyncio.AbstractServer | None = None
 
-    def call(self, route: Route, request: Any) -> tuple[list[bytes], Code, str]:
-        """Run a handler; returns the serialized responses and the status (code, message)."""
+    def call(self, route: Route, request: Any) -> tuple[Iterator[bytes], Code, str]:
+        """Run a handler; returns its serialized answer (lazily, for streaming routes) and the
+        status (code, message)."""
         try:
             result = route.handler(request)
-            responses = list(result) if route.streaming else [result]
-            return [r if isinstance(r, bytes) else r.SerializeToString() for r in responses], Code.OK, ""
+            if route.streaming:
+                return (r if isinstance(r, bytes) else r.SerializeToString() for r in result), Code.OK, ""
+            return iter([result if isinstance(result, bytes) else result.SerializeToString()]), Code.OK, ""
         except Exception as exc:
             code, message = self.errors(exc)
-            return [], code, message
+            return iter(()), code, message
 
     async def listen(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -403,7 +694,7 @@ class GrpcServer:
         for conn in list(self.connections):
             conn.go_away()
         deadline = time.monotonic() + grace
-        while (self.inflight or any(c.streams for c in self.connections)) and time.monotonic() < deadline:
+        while (self.queued or any(c.streams for c in self.connections)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.connections):
             if conn.transport is not None:

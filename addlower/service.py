@@ -2,12 +2,14 @@
 
 A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
 protobuf, and the error -> status code mapping (the codes themselves live in addlower.errors).
-Which calls may block (tree walks and deletions) is stated per method in ROUTES. It must not
+Which calls may block (tree walks and deletions) and in which thread pool they run is stated per
+method in ROUTES. It must not
 hold snapshot logic or know how bytes reach the socket.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import weakref
 from typing import Any, Callable, Iterable, Iterator
@@ -113,10 +115,10 @@ class SnapshotsService:
         return pb.UpdateSnapshotResponse(info=info_to_pb(info))
 
     def List(self, request: pb.ListSnapshotsRequest) -> Iterator[bytes]:
-        """Serialized ListSnapshotsResponses of up to LIST_BATCH infos each."""
-        fields = [self.infos.field(info) for info in self.sn.list(list(request.filters))]
-        for start in range(0, len(fields), LIST_BATCH):
-            yield b"".join(fields[start : start + LIST_BATCH])
+        """Serialized ListSnapshotsResponses of up to LIST_BATCH infos each, made one batch at a
+        time as the transport asks for the next (a bad filter is refused at once)."""
+        infos = self.sn.list(list(request.filters))
+        return iter(lambda: b"".join(self.infos.field(i) for i in itertools.islice(infos, LIST_BATCH)), b"")
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         usage = self.sn.usage(request.key)
@@ -131,29 +133,33 @@ class SnapshotsService:
 
 _key: Callable[[Any], str] = lambda r: r.key  # noqa: E731
 
-# method -> (request type, may block, streams, what to log as the key)
-ROUTES: dict[str, tuple[Any, bool, bool, Callable[[Any], str]]] = {
-    "Prepare": (pb.PrepareSnapshotRequest, False, False, _key),
-    "View": (pb.ViewSnapshotRequest, False, False, _key),
-    "Mounts": (pb.MountsRequest, False, False, _key),  # but see routes(): Kubernetes lookups wait
-    # Commit walks the upper dir for its usage, on the loop all the same: the walk holds the GIL
-    # anyway, and a thread hop costs a quarter of a typical Commit.
-    "Commit": (pb.CommitSnapshotRequest, False, False, _key),
-    "Remove": (pb.RemoveSnapshotRequest, True, False, _key),  # but see routes(): async remove is quick
-    "Stat": (pb.StatSnapshotRequest, False, False, _key),
-    "Update": (pb.UpdateSnapshotRequest, False, False, lambda r: r.info.name),
-    "List": (pb.ListSnapshotsRequest, False, True, lambda r: ",".join(r.filters)),
-    "Usage": (pb.UsageRequest, True, False, _key),  # walks an active snapshot's upper dir
-    "Cleanup": (pb.CleanupRequest, True, False, lambda r: ""),
+BLOCKING = "blocking"  # the pool for tree walks and deletions
+KUBERNETES = "kubernetes"  # the pool for Mounts calls that may wait for containerd (its own: a slow
+#                            containerd must not starve Usage or Remove)
+
+# method -> (request type, pool or None for the loop, streams, what to log as the key)
+ROUTES: dict[str, tuple[Any, str | None, bool, Callable[[Any], str]]] = {
+    "Prepare": (pb.PrepareSnapshotRequest, None, False, _key),
+    "View": (pb.ViewSnapshotRequest, None, False, _key),
+    "Mounts": (pb.MountsRequest, None, False, _key),  # but see routes(): Kubernetes lookups wait
+    "Commit": (pb.CommitSnapshotRequest, BLOCKING, False, _key),  # walks the upper dir for its usage
+    "Remove": (pb.RemoveSnapshotRequest, BLOCKING, False, _key),  # but see routes(): async remove is quick
+    "Stat": (pb.StatSnapshotRequest, None, False, _key),
+    "Update": (pb.UpdateSnapshotRequest, None, False, lambda r: r.info.name),
+    # On the loop, lazily: each batch is framed only once flow control lets it go out.
+    "List": (pb.ListSnapshotsRequest, None, True, lambda r: ",".join(r.filters)),
+    "Usage": (pb.UsageRequest, BLOCKING, False, _key),  # walks an active snapshot's upper dir
+    "Cleanup": (pb.CleanupRequest, BLOCKING, False, lambda r: ""),
 }
 
 
 def routes(service: SnapshotsService) -> dict[str, Route]:
     # Where the configuration decides: Remove deletes trees only without async remove, and Mounts
     # waits for containerd only when Kubernetes lookups are on.
-    blocking = {"Remove": not service.sn.options.async_remove, "Mounts": service.sn.pods is not None}
+    pools = {"Remove": None if service.sn.options.async_remove else BLOCKING,
+             "Mounts": KUBERNETES if service.sn.pods is not None else None}
     return {
         f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
-                                    blocking=blocking.get(name, blocks), describe=describe)
-        for name, (req, blocks, streams, describe) in ROUTES.items()
+                                    pool=pools.get(name, pool), describe=describe)
+        for name, (req, pool, streams, describe) in ROUTES.items()
     }

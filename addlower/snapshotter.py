@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from . import fsutil, metrics
 from .errors import InvalidArgument
@@ -87,10 +87,11 @@ def snapshot_fields(info: Info):  # -> filters.Adaptor
     return field
 
 
-def matching(rows: Sequence[tuple[int, Info]], filters: Sequence[str]) -> list[tuple[int, Info]]:
-    """The (id, info) rows a List with these filters returns."""
+def matching(rows: Iterable[tuple[int, Info]], filters: Sequence[str]) -> Iterator[tuple[int, Info]]:
+    """The (id, info) rows a List with these filters returns, as they are asked for; the filters
+    are parsed (and refused) at once."""
     matcher = parse_filters(filters)
-    return [(sid, info) for sid, info in rows if matcher.match(snapshot_fields(info))]
+    return ((sid, info) for sid, info in rows if matcher.match(snapshot_fields(info)))
 
 
 def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
@@ -275,11 +276,11 @@ class Snapshotter:
         return measured_usage(self.layout, sid, info, stored)  # the walk, outside the lock
 
     def list(self, filters: Sequence[str]) -> Iterator[Info]:
-        """Snapshots matching the filters, by key; reads the store once, then yields."""
+        """Snapshots matching the filters, by key: the store is read and the filters checked now,
+        the matching done as the caller iterates."""
         with self.store.read() as tx:
             rows = tx.walk()
-        for sid, info in matching(rows, filters):
-            yield self._decorate(sid, info)
+        return (self._decorate(sid, info) for sid, info in matching(rows, filters))
 
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label when asked to: to every kind, as containerd's
