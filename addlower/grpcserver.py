@@ -369,12 +369,13 @@ class _Connection(asyncio.Protocol):
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if not self.block_stream or sid != self.block_stream:
             raise ConnectionFault(H2Error.PROTOCOL_ERROR, "CONTINUATION without a header block on its stream")
+        if len(self.block) + len(payload) > MAX_HEADER_BLOCK:  # checked before it is held
+            self.block = bytearray()
+            raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM, f"a header block of more than {MAX_HEADER_BLOCK} bytes")
         self.block += payload
         self._header_fragment(sid, flags)
 
     def _header_fragment(self, sid: int, flags: int) -> None:
-        if len(self.block) > MAX_HEADER_BLOCK:
-            raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM, f"a header block of more than {MAX_HEADER_BLOCK} bytes")
         if not flags & END_HEADERS:
             self.block_stream = sid
             return
