@@ -74,6 +74,7 @@ MAX_STREAMS = 1024  # calls one connection may have open at once (advertised)
 MAX_CONNECTIONS = 256  # open connections per server
 MAX_QUEUED = 256  # calls waiting for or running in the thread pools, per server
 PREFACE_TIMEOUT = 10.0  # seconds a new connection has to send the HTTP/2 preface
+MAX_EARLY_RESETS = 100  # streams a peer may reset before their answer, per second ("rapid reset")
 
 # grpc-timeout: up to 8 digits and a unit (gRPC over HTTP/2, "Timeout").
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
@@ -204,6 +205,8 @@ class _Connection(asyncio.Protocol):
         self.reading = False
         self.out = bytearray()
         self.preface_timer: asyncio.TimerHandle | None = None
+        self.resets = 0  # early resets in the current second
+        self.resets_since = 0.0
 
     # --- connection life -----------------------------------------------------------------------
 
@@ -474,6 +477,12 @@ class _Connection(asyncio.Protocol):
             raise ConnectionFault(H2Error.PROTOCOL_ERROR, "RST_STREAM on stream 0 or an idle stream")
         stream = self.streams.get(sid)
         if stream is not None:
+            now = asyncio.get_running_loop().time()
+            if now - self.resets_since >= 1.0:
+                self.resets, self.resets_since = 0, now
+            self.resets += 1
+            if self.resets > MAX_EARLY_RESETS:
+                raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM, f"more than {MAX_EARLY_RESETS} streams reset in a second")
             self._drop(stream)  # the client gave up: its queued work goes too
         self._close_if_idle()
 
@@ -627,7 +636,8 @@ class _Connection(asyncio.Protocol):
             return
         out = bytearray()
         while True:
-            if not stream.outbox and (stream.more is None or self.paused or not self._next_message(stream)):
+            open_window = min(self.send_window, stream.send_window) > 0 and not self.paused
+            if not stream.outbox and (stream.more is None or not open_window or not self._next_message(stream)):
                 break
             n = min(len(stream.outbox), self.send_window, stream.send_window, self.peer_max_frame)
             if n <= 0:

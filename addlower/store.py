@@ -168,9 +168,11 @@ class Reader:
             parent_id = self._m.by_id[parent_id].parent_id
         return tuple(chain)
 
-    def walk(self) -> list[tuple[int, Info]]:
-        """Every snapshot, by key, as containerd's storage walks them."""
-        return [(r.id, r.info) for r in self._m.in_key_order()]
+    def walk(self) -> Iterator[tuple[int, Info]]:
+        """Every snapshot, by key, as containerd's storage walks them: over the mirror's sorted
+        list as it is now (a change replaces that list, never edits it), so a List that is still
+        being sent costs no copy of the store."""
+        return ((r.id, r.info) for r in self._m.in_key_order())
 
     def ids(self) -> set[int]:
         return set(self._m.by_id)

@@ -3,6 +3,7 @@ errors, unknown methods, and what happens to calls when a connection goes away."
 
 from __future__ import annotations
 
+import struct
 import threading
 
 import grpc
@@ -10,7 +11,9 @@ import pytest
 
 from addlower.api import snapshots_pb2 as pb
 from addlower.client import SnapshotsClient
+from addlower.grpcserver import CONTINUATION, DATA, END_STREAM, RST_STREAM, H2Error, frame
 from tests.support.daemon import Daemon
+from tests.support.h2 import RawClient
 
 
 def test_list_larger_than_the_flow_control_window_arrives_whole(client: SnapshotsClient):
@@ -85,3 +88,56 @@ def test_garbage_on_the_socket_does_not_hurt_the_daemon(daemon: Daemon, client: 
     client.prepare("still-fine")
     assert client.stat("still-fine").name == "still-fine"
     assert daemon.proc.poll() is None
+
+
+# --- abusive peers: the connection ends with the RFC 9113 error, the daemon serves on ---------------
+
+def message(request: object) -> bytes:
+    body = request.SerializeToString()  # type: ignore[attr-defined]
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def endless_continuation(c: RawClient) -> None:
+    c.send(c.headers(1, "Stat", end_headers=False))
+    for _ in range(1000):  # 16 MB of header block, unless cut off first
+        if not c.send(frame(CONTINUATION, 0, 1, b"\x00" * 16000)):
+            return
+
+
+def data_beyond_the_window(c: RawClient) -> None:
+    chunk = b"x" * 16000
+    for i in range(300):  # 300 streams x 1 MB, none ever ended
+        sid = 2 * i + 1
+        if not c.send(c.headers(sid, "Prepare") + b"".join(frame(DATA, 0, sid, chunk) for _ in range(64))):
+            return
+
+
+def rapid_reset(c: RawClient) -> None:
+    body = message(pb.CleanupRequest())
+    for sid in range(1, 4001, 2):
+        if not c.send(c.headers(sid, "Cleanup") + frame(DATA, END_STREAM, sid, body)
+                      + frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.CANCEL))):
+            return
+
+
+@pytest.mark.parametrize("attack, error", [
+    (endless_continuation, H2Error.ENHANCE_YOUR_CALM),
+    (data_beyond_the_window, H2Error.FLOW_CONTROL_ERROR),
+    (rapid_reset, H2Error.ENHANCE_YOUR_CALM),
+])
+def test_an_abusive_peer_is_cut_off_and_others_are_served(daemon: Daemon, client: SnapshotsClient, attack, error):
+    raw = RawClient(daemon.socket)
+    try:
+        attack(raw)
+        assert raw.goaway() == error
+    finally:
+        raw.close()
+    client.prepare("after")
+    assert client.stat("after").name == "after" and daemon.proc.poll() is None
+
+
+def test_a_backtracking_pattern_is_answered_like_any_other(client: SnapshotsClient):
+    """Python's re took seconds here (time doubling per character); RE2, as Go's regexp, is linear."""
+    client.view("r", labels={"r": "v" * 40})
+    assert client.list("labels.r~=^(v+)+x$") == []
+    assert [i.name for i in client.list("labels.r~=^(v+)+$")] == ["r"]
