@@ -19,6 +19,7 @@ This module knows nothing about snapshots; it gets routes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import re
@@ -147,6 +148,22 @@ class Route:
 
 
 ErrorMapper = Callable[[BaseException], tuple[Code, str]]
+
+_on_loop = contextvars.ContextVar("on_loop", default=False)
+
+
+def on_loop() -> bool:
+    """Whether the handler calling this runs on the event loop (and so must be quick)."""
+    return _on_loop.get()
+
+
+class Offload(Exception):
+    """Raised by a handler running on the loop to have its call run again in the pool `pool`: for
+    work that is usually quick and sometimes not (a Commit of a big upper dir)."""
+
+    def __init__(self, pool: str):
+        super().__init__(pool)
+        self.pool = pool
 
 
 class ConnectionFault(Exception):
@@ -482,7 +499,8 @@ class _Connection(asyncio.Protocol):
                 self.resets, self.resets_since = 0, now
             self.resets += 1
             if self.resets > MAX_EARLY_RESETS:
-                raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM, f"more than {MAX_EARLY_RESETS} streams reset in a second")
+                raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM,
+                                      f"more than {MAX_EARLY_RESETS} streams reset in a second")
             self._drop(stream)  # the client gave up: its queued work goes too
         self._close_if_idle()
 
@@ -564,14 +582,21 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
             return
         started = time.perf_counter()
-        if route.pool is None:
-            self._complete(stream, route, request, started, self.server.call(route, request))
-            return
+        pool = route.pool
+        if pool is None:
+            token = _on_loop.set(True)
+            try:
+                self._complete(stream, route, request, started, self.server.call(route, request))
+                return
+            except Offload as offload:
+                pool = offload.pool
+            finally:
+                _on_loop.reset(token)
         if self.server.queued >= MAX_QUEUED:
             self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"{MAX_QUEUED} calls are waiting already")
             return
         self.server.queued += 1
-        stream.work = future = self.server.pools[route.pool].submit(self.server.call, route, request)
+        stream.work = future = self.server.pools[pool].submit(self.server.call, route, request)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._done, stream, route, request, started, f))
         if stream.deadline is not None:
             stream.timer = loop.call_at(stream.deadline, self._expire, stream)
@@ -690,6 +715,10 @@ class GrpcServer:
             if route.streaming:
                 return (r if isinstance(r, bytes) else r.SerializeToString() for r in result), Code.OK, ""
             return iter([result if isinstance(result, bytes) else result.SerializeToString()]), Code.OK, ""
+        except Offload:
+            if on_loop():
+                raise
+            return iter(()), Code.INTERNAL, "a call offloaded to a pool asked to be offloaded again"
         except Exception as exc:
             code, message = self.errors(exc)
             return iter(()), code, message

@@ -18,9 +18,9 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from .api import mount_pb2, snapshots_pb2 as pb
 from .errors import SnapshotError, status_code
-from .grpcserver import Code, Route
+from .grpcserver import Code, Offload, Route, on_loop
 from .mounts import Mount
-from .snapshotter import Snapshotter
+from .snapshotter import NeedsTime, Snapshotter
 from .store import Info
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,11 @@ class SnapshotsService:
         return pb.MountsResponse(mounts=mounts_to_pb(self.sn.mounts(request.key)))
 
     def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
-        self.sn.commit(request.name, request.key, dict(request.labels))
+        """On the loop for the usual small upper dir; a big one is counted in the blocking pool."""
+        try:
+            self.sn.commit(request.name, request.key, dict(request.labels), quick=on_loop())
+        except NeedsTime:
+            raise Offload(BLOCKING) from None
         return empty_pb2.Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
@@ -142,7 +146,7 @@ ROUTES: dict[str, tuple[Any, str | None, bool, Callable[[Any], str]]] = {
     "Prepare": (pb.PrepareSnapshotRequest, None, False, _key),
     "View": (pb.ViewSnapshotRequest, None, False, _key),
     "Mounts": (pb.MountsRequest, None, False, _key),  # but see routes(): Kubernetes lookups wait
-    "Commit": (pb.CommitSnapshotRequest, BLOCKING, False, _key),  # walks the upper dir for its usage
+    "Commit": (pb.CommitSnapshotRequest, None, False, _key),  # a big upper dir goes to BLOCKING (Offload)
     "Remove": (pb.RemoveSnapshotRequest, BLOCKING, False, _key),  # but see routes(): async remove is quick
     "Stat": (pb.StatSnapshotRequest, None, False, _key),
     "Update": (pb.UpdateSnapshotRequest, None, False, lambda r: r.info.name),

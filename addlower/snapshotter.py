@@ -50,6 +50,15 @@ class Request:
     record: Mapping[str, str] = field(default_factory=dict)
 
 
+# A Commit on the event loop counts at most this many inodes (about a millisecond); beyond, it is
+# done again in a thread: an image layer of 100k files must not stall every other call.
+QUICK_COMMIT_INODES = 2000
+
+
+class NeedsTime(Exception):
+    """Work asked to be quick would take long: do it again where waiting is fine."""
+
+
 class LostMetadata(RuntimeError):
     """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
 
@@ -305,12 +314,17 @@ class Snapshotter:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+    def commit(self, name: str, key: str, labels: Mapping[str, str], quick: bool = False) -> None:
+        """Commit an active snapshot. `quick`: the caller must not wait on a big upper dir (it
+        runs on the event loop), so more than QUICK_COMMIT_INODES raises NeedsTime instead."""
         validate_labels(labels)
         with self.store.read() as tx:
             sid, info, _ = tx.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
-        usage = fsutil.disk_usage(Path(self.layout.upper(sid))) if info.kind == Kind.ACTIVE else Usage()
+        usage = fsutil.disk_usage(Path(self.layout.upper(sid)), QUICK_COMMIT_INODES if quick else None) \
+            if info.kind == Kind.ACTIVE else Usage()
+        if usage is None:
+            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_COMMIT_INODES} inodes to count")
         with self.store.transaction() as tx:
             sid = tx.commit_active(key, name, usage, labels)
         self.pins.release(sid)  # a committed snapshot has no mounts

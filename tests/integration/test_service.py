@@ -421,3 +421,14 @@ def test_no_upperdir_label_by_default(client: SnapshotsClient):
     client.prepare("a", "", {"x": "1"})
     assert dict(client.stat("a").labels) == {"x": "1"}
     assert dict(client.list()[0].labels) == {"x": "1"}
+
+
+def test_a_commit_of_a_big_upper_dir_counts_every_inode(client: SnapshotsClient, tmp_path: Path):
+    """More inodes than a Commit counts on the event loop: the count finishes in a thread, whole."""
+    from addlower.snapshotter import QUICK_COMMIT_INODES
+
+    upper = Path(client.prepare("big")[0].source)
+    for i in range(QUICK_COMMIT_INODES + 10):
+        (upper / f"f{i}").touch()
+    client.commit("big-done", "big")
+    assert client.usage("big-done").inodes == QUICK_COMMIT_INODES + 11  # the files and the dir itself

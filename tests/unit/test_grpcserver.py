@@ -322,3 +322,18 @@ def test_connections_beyond_the_limit_are_closed_at_once():
             g._Connection(server).connection_made(t)  # type: ignore[arg-type]
         assert [t.closed for t in transports].count(True) == 1 and transports[-1].closed
     run(test)
+
+
+def test_a_handler_on_the_loop_may_hand_its_call_to_a_pool():
+    def test() -> None:
+        p = Peer()
+
+        def quick_or_not(request: Any) -> Any:
+            if g.on_loop():
+                raise g.Offload("held")
+            return request
+
+        p.server.routes["/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, quick_or_not)
+        p.call(1, b"/t.T/Maybe")
+        assert len(p.pool.futures) == 1 and p.status(p.frames(), 1) is None  # waiting in the pool
+    run(test)
