@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from .errors import InvalidArgument
 from .kubernetes import KubernetesConfig
-from .lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, LowerPolicy, NamedLower
+from .lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, LowerPolicy, NamedLower
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
@@ -22,6 +22,7 @@ PLUGIN_NAME = "overlay-custom-add-lower-snapshotter"  # as containerd configs an
 SOCKET_NAME = "grpc.socks"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.ctrdversion
 
 
 class ConfigError(Exception):
@@ -38,6 +39,7 @@ class Config:
     log_format: str = "text"
     metrics_address: str | None = None  # host:port serving Prometheus metrics; off when None
     mount_options: tuple[str, ...] = ()
+    mount_targets: str = "auto"  # lowers at container paths: "auto" asks containerd's version, "on", "off"
     allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()
@@ -57,6 +59,7 @@ _TOP = {
     "log_format": (str, str),
     "metrics_address": (str, str),
     "mount_options": (list, tuple),
+    "mount_targets": (str, str),
 }
 
 
@@ -86,6 +89,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if values.get("log_format", "text") not in LOG_FORMATS:
         raise ConfigError(f"log_format: one of {', '.join(LOG_FORMATS)}, not {values['log_format']!r}")
     check_metrics_address(values.get("metrics_address"))
+    if values.get("mount_targets", "auto") not in TARGET_SETTINGS:
+        raise ConfigError(f"mount_targets: one of {', '.join(TARGET_SETTINGS)}, not {values['mount_targets']!r}")
     for i, opt in enumerate(values.get("mount_options", ())):
         _typed(f"mount_options[{i}]", opt, str)
     lowers = _typed("lowers", data.get("lowers", {}), dict)
@@ -122,14 +127,15 @@ def _named_lower(key: str, value: Any) -> NamedLower:
         return NamedLower(value)
     table = _typed(key, value, dict)
     for k in table:
-        if k not in ("path", "namespaces"):
+        if k not in ("path", "namespaces", "target"):
             raise ConfigError(f"{key}.{k}: unknown key")
     if "path" not in table:
         raise ConfigError(f"{key}: a table needs a path")
     namespaces = _strings(f"{key}.namespaces", table["namespaces"]) if "namespaces" in table else None
     for ns in namespaces or ():
         _check_namespace(f"{key}.namespaces", ns)
-    return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces)
+    target = _typed(f"{key}.target", table.get("target", ROOT_TARGET), str)
+    return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces, target)
 
 
 def _check_namespace(key: str, namespace: str) -> None:

@@ -73,7 +73,8 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         options = Options(async_remove=config.async_remove, upperdir_label=config.upperdir_label,
-                          mount_options=config.mount_options, allowed_roots=config.allowed_roots,
+                          mount_options=config.mount_options, mount_targets=config.mount_targets,
+                          allowed_roots=config.allowed_roots,
                           named_lowers=config.named_lowers, kubernetes=config.kubernetes)
         try:
             self.snapshotter = Snapshotter(config.root_dir, options)

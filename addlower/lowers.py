@@ -45,6 +45,11 @@ PROTECTED_DIRS = (
 )
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+# Container paths a lower may not be mounted at: the kernel's and the runtime's own filesystems.
+RESERVED_TARGETS = ("/proc", "/sys", "/dev")
+ROOT_TARGET = "/"  # an entry without @TARGET: stacked under the container's rootfs
+TARGET_SEPARATOR = "@"
+
 # Kubernetes namespace names (RFC 1123 labels).
 NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # Characters that would split or extend overlay options: `,` separates options, `:` lowerdirs,
@@ -59,14 +64,17 @@ class NamedLower:
 
     path: str
     namespaces: tuple[str, ...] | None = None
+    target: str = ROOT_TARGET  # where the name alone puts it in the container
 
 
 @dataclass(frozen=True)
 class Lower:
-    """One checked entry: the host dir, and the dir at and below which missing dirs may be created."""
+    """One checked entry: the host dir, the dir at and below which missing dirs may be created,
+    and the container path it is overlaid at (ROOT_TARGET: under the rootfs itself)."""
 
     path: str
     create_root: str
+    target: str = ROOT_TARGET
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,8 @@ class LowerPolicy:
             if not NAME.fullmatch(name):
                 raise InvalidArgument(f"named lower {name!r}: a name is letters, digits, '.', '_' or '-'")
             check_host_dir(lower.path, f"named lower {name!r}", self.root)
+            if lower.target != ROOT_TARGET:
+                check_target(lower.target, f"named lower {name!r}: target")
 
     def allowing_root(self, path: str) -> str | None:
         """The allowed root `path` lies in (the deepest one), if any."""
@@ -135,6 +145,17 @@ def check_path(path: str, what: str) -> None:
         raise InvalidArgument(f"{what} {path!r}: component {long[:32]!r}... is longer than {MAX_NAME_BYTES} bytes")
 
 
+def check_target(target: str, what: str) -> None:
+    """A container path a lower may be mounted at: checked like a host path, and below / but not
+    in the kernel's or the runtime's own filesystems."""
+    check_path(target, what)
+    if target == ROOT_TARGET:
+        raise InvalidArgument(f"{what} '/': leave the target out to stack a lower under the whole rootfs")
+    reserved = next((r for r in RESERVED_TARGETS if is_within(target, r)), None)
+    if reserved is not None:
+        raise InvalidArgument(f"{what} {target!r}: not under {reserved}")
+
+
 def check_host_dir(path: str, what: str, root: str) -> None:
     """A dir an admin may offer: a checked path that is no system dir and does not overlap the
     snapshotter's root."""
@@ -152,12 +173,17 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
     the value came from (a label, an annotation) in error messages.
     """
     dirs: list[Lower] = []
-    for entry in value.split(":"):
-        if not entry:
+    for item in value.split(":"):
+        if not item:
             continue
         if len(dirs) == MAX_EXTRA_LOWERS:
             raise InvalidArgument(f"{source}: more than {MAX_EXTRA_LOWERS} entries")
         what = f"{source}: entry"
+        entry, at, target = item.partition(TARGET_SEPARATOR)
+        if at:
+            if TARGET_SEPARATOR in target:
+                raise InvalidArgument(f"{what} {item!r}: one {TARGET_SEPARATOR!r} separates source and target")
+            check_target(target, f"{what} {item!r}: target")
         if not entry.startswith("/") and NAME.fullmatch(entry):
             try:
                 named = policy.named_lower(entry)
@@ -165,7 +191,7 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
                 raise InvalidArgument(f"{source}: {exc}") from None
             if named is None:
                 raise InvalidArgument(f"{source}: {entry!r} is not a named lower of this node")
-            dirs.append(Lower(named.path, named.path))
+            dirs.append(Lower(named.path, named.path, target if at else named.target))
             continue
         check_path(entry, what)
         root = policy.allowing_root(entry)
@@ -173,7 +199,7 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
             raise InvalidArgument(f"{what} {entry!r}: {policy.allowed_text()}; the node's admin allows more "
                                   "with lowers.allowed_roots (or kubernetes.allowed_roots for pods) in the "
                                   "snapshotter's config file")
-        dirs.append(Lower(entry, root))
+        dirs.append(Lower(entry, root, target if at else ROOT_TARGET))
     return tuple(dirs)
 
 

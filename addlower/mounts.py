@@ -7,6 +7,7 @@ store or gRPC; callers hand it the snapshot's kind, its parent chain and the opt
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Sequence
@@ -50,6 +51,19 @@ class Layout:
     def work(self, sid: int | str) -> str:
         return f"{self.root}/snapshots/{sid}/work"
 
+    def mountpoints(self, sid: int | str) -> str:
+        """A lower at the bottom of the rootfs holding the dirs target mounts are mounted on: the
+        image's own dirs above it keep their modes."""
+        return f"{self.root}/snapshots/{sid}/mountpoints"
+
+    def targets(self, sid: int | str) -> str:
+        return f"{self.root}/snapshots/{sid}/targets"
+
+    def target_dir(self, sid: int | str, target: str) -> str:
+        """The upper and work dirs of the mount at container path `target`, named by its hash so
+        that they follow the target, not its place in the label."""
+        return f"{self.targets(sid)}/{hashlib.sha256(target.encode()).hexdigest()[:16]}"
+
 
 @dataclass(frozen=True)
 class MountRule:
@@ -84,23 +98,43 @@ def compute_mounts(
     parent_ids: Sequence[int],
     options: Sequence[str] = (),
     extra_lowers: Sequence[str] = (),
+    targets: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> list[Mount]:
     """The mounts for snapshot `sid` whose parents are `parent_ids`, nearest first.
 
     `options` are the leading overlay options (configured options, userxattr, index=off), placed
     before workdir/upperdir/lowerdir in the order containerd uses. `extra_lowers` (host dirs,
     topmost first) go between the snapshot's own dir and its parents: under an active snapshot's
-    upper dir or a parentless view's own dir, above every image layer.
+    upper dir or a parentless view's own dir, above every image layer. `targets` are (container
+    path, host dirs topmost first): each becomes one more mount with that `target`, which
+    containerd 1.7+ mounts inside the rootfs, after it; the rootfs then gets the mountpoints lower
+    at its bottom.
     """
     rule = rule_for(kind, len(parent_ids))
-    if rule.type == "bind" and not extra_lowers:
+    if rule.type == "bind" and not extra_lowers and not targets:
         src = sid if rule.bind_of == "self" else parent_ids[0]
         return [Mount("bind", layout.upper(src), (rule.mode, "rbind"))]
     opts = list(options)
     lowers = [*extra_lowers, *(layout.upper(p) for p in parent_ids)]
+    if targets:
+        lowers.append(layout.mountpoints(sid))
     if kind == Kind.ACTIVE:
         opts += [f"workdir={layout.work(sid)}", f"upperdir={layout.upper(sid)}"]
     elif not parent_ids:
         lowers.insert(0, layout.upper(sid))
     opts.append("lowerdir=" + ":".join(lowers))
-    return [Mount("overlay", "overlay", tuple(opts))]
+    return [Mount("overlay", "overlay", tuple(opts)),
+            *(target_mount(layout, kind, sid, target, dirs, options) for target, dirs in targets)]
+
+
+def target_mount(layout: Layout, kind: Kind, sid: int, target: str, dirs: Sequence[str],
+                 options: Sequence[str]) -> Mount:
+    """The mount of host `dirs` at container path `target`: copy-on-write into the snapshot's own
+    dirs for an active snapshot, read-only for a view."""
+    if kind == Kind.ACTIVE:
+        base = layout.target_dir(sid, target)
+        opts = [*options, f"workdir={base}/work", f"upperdir={base}/fs", "lowerdir=" + ":".join(dirs)]
+        return Mount("overlay", "overlay", tuple(opts), target)
+    if len(dirs) == 1:  # overlayfs wants two lowers without an upper
+        return Mount("bind", dirs[0], ("ro", "rbind"), target)
+    return Mount("overlay", "overlay", (*options, "lowerdir=" + ":".join(dirs)), target)

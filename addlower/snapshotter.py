@@ -22,7 +22,8 @@ from .filters import parse_filters
 from .fsutil import Usage
 from .kubernetes import KubernetesConfig, Lookup, PodLowers, check_for_pod, in_namespace, normalised_value
 from .labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
-from .lowers import DEFAULT_ALLOWED_ROOTS, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
+from .ctrdversion import TargetSupport
+from .lowers import DEFAULT_ALLOWED_ROOTS, ROOT_TARGET, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
 from .mounts import Kind, Layout, Mount, compute_mounts
 from .pinning import Pins
 from .store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
@@ -70,6 +71,7 @@ class Options:
     async_remove: bool = True
     upperdir_label: bool = False
     mount_options: tuple[str, ...] = ()
+    mount_targets: str = "auto"  # see addlower.ctrdversion
     allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS  # where extra lower dirs named by path may lie
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled
@@ -105,7 +107,19 @@ def matching(rows: Iterable[tuple[int, Info]], filters: Sequence[str]) -> Iterat
 
 def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
     """Usage as containerd reports it: a live walk for an active snapshot, stored for the rest."""
-    return fsutil.disk_usage(Path(layout.upper(sid))) if info.kind == Kind.ACTIVE else stored
+    return live_usage(layout, sid) if info.kind == Kind.ACTIVE else stored
+
+
+def live_usage(layout: Layout, sid: int, max_inodes: int | None = None) -> Usage | None:
+    """What an active snapshot's writes take: its upper dir and its targets' upper dirs (None
+    beyond `max_inodes`)."""
+    usage = fsutil.disk_usage(Path(layout.upper(sid)), max_inodes)
+    targets = Path(layout.targets(sid))
+    if usage is None or not targets.is_dir():
+        return usage
+    left = None if max_inodes is None else max_inodes - usage.inodes
+    extra = fsutil.disk_usage(targets, left)
+    return None if extra is None else Usage(usage.size + extra.size, usage.inodes + extra.inodes)
 
 
 class Snapshotter:
@@ -125,6 +139,8 @@ class Snapshotter:
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
         self.pods = PodLowers(options.kubernetes) if options.kubernetes.enabled else None
+        k8s = options.kubernetes
+        self.targets = TargetSupport(options.mount_targets, k8s.containerd_address, k8s.timeout)
         self._refuse_lost_metadata()
         self.store = MetaStore(root / DB_NAME)
         self.pins = Pins(str(root))
@@ -157,7 +173,6 @@ class Snapshotter:
                     (tree / "work").mkdir(mode=0o711)
                 snap = tx.create(kind, key, parent, labels)
                 sid = snap.id
-                mounts = self._refused_counted("label", lambda: self._mounts(snap, lowers, LABEL_SOURCE))
                 if snap.parent_ids:  # the new root belongs to whoever owns the parent's
                     owner = os.stat(self.layout.upper(snap.parent_ids[0]))
                     if (owner.st_uid, owner.st_gid) != (os.geteuid(), os.getegid()):
@@ -165,6 +180,8 @@ class Snapshotter:
                 final = Path(self.layout.dir(snap.id))
                 os.rename(tree, final)
                 tree = final
+                # In place: the mounts may need dirs inside it (a target's mountpoint and upper).
+                mounts = self._refused_counted("label", lambda: self._mounts(snap, lowers, LABEL_SOURCE))
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
@@ -216,9 +233,18 @@ class Snapshotter:
 
     def _mounts(self, snap: Snapshot, lowers: Sequence[Lower], source: str) -> list[Mount]:
         """The mounts of `snap` with `lowers` pinned; drops pins of entries it no longer has."""
+        if any(lower.target != ROOT_TARGET for lower in lowers):
+            self.targets.check(source)
         pins = self.pins.pin(snap.id, lowers, f"{source}: entry")
         try:
-            mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, pins)
+            at_root = [pin for pin, lower in zip(pins, lowers) if lower.target == ROOT_TARGET]
+            targets: dict[str, list[str]] = {}
+            for pin, lower in zip(pins, lowers):
+                if lower.target != ROOT_TARGET:
+                    targets.setdefault(lower.target, []).append(pin)
+            self._make_target_dirs(snap, targets)
+            mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, at_root,
+                                    list(targets.items()))
             if pins:
                 check_mount_limits(mounts, source)
         except BaseException:
@@ -227,6 +253,16 @@ class Snapshotter:
         if pins:
             metrics.LOWERS_RESOLVED.labels("label").inc()
         return mounts
+
+    def _make_target_dirs(self, snap: Snapshot, targets: Mapping[str, Sequence[str]]) -> None:
+        """The mountpoint of each target in the rootfs's bottom lower, and (active) its upper and
+        work dirs: all inside the snapshot's own dir, which nobody else can write."""
+        for target in targets:
+            os.makedirs(self.layout.mountpoints(snap.id) + target, mode=0o755, exist_ok=True)
+            if snap.kind == Kind.ACTIVE:
+                base = self.layout.target_dir(snap.id, target)
+                os.makedirs(f"{base}/fs", mode=0o755, exist_ok=True)
+                os.makedirs(f"{base}/work", mode=0o711, exist_ok=True)
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -321,7 +357,7 @@ class Snapshotter:
         with self.store.read() as tx:
             sid, info, _ = tx.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
-        usage = fsutil.disk_usage(Path(self.layout.upper(sid)), QUICK_COMMIT_INODES if quick else None) \
+        usage = live_usage(self.layout, sid, QUICK_COMMIT_INODES if quick else None) \
             if info.kind == Kind.ACTIVE else Usage()
         if usage is None:
             raise NeedsTime(f"snapshot {key!r} has more than {QUICK_COMMIT_INODES} inodes to count")

@@ -38,6 +38,7 @@ def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, 
     config.write_text(
         f'[lowers.named]\nmaven = "{work / "maven"}"\nnpm = "{work / "npm"}"\n'
         f'teamb = {{ path = "{work / "teamb"}", namespaces = ["team-b"] }}\n'
+        f'm2 = {{ path = "{work / "maven"}", target = "/root/.m2" }}\n'
         f'[kubernetes]\nenabled = true\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
         f'allowed_roots = ["{work / "allowed"}"]\n'
         f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
@@ -110,6 +111,19 @@ def test_an_image_volume_gets_the_images_files_and_the_container_its_lowers(
         app = start(cri, pod, "app", image)
         assert cri.exec_sync(app, CAT) == (0, "maven\n", "")
         assert cri.exec_sync(app, ["ls", "/data"]) == (0, "from-image\n", "")
+
+
+def test_a_pod_gets_a_named_lower_at_its_target(cri_target: Target, cri: CriClient, busybox_image: OciImage,
+                                                binaries: Binaries):
+    with cri.pod("target", annotations={ANNOTATION: "m2"}) as pod:
+        if binaries.version < (1, 7):
+            says = refused_start(cri, pod, busybox_image)
+            assert "a target needs containerd >= 1.7" in says
+            return
+        app = start(cri, pod, "app", busybox_image)
+        assert cri.exec_sync(app, ["cat", "/root/.m2/which"]) == (0, "maven\n", "")
+        assert cri.exec_sync(app, CAT) == (0, "nothing\n", "")  # not at /
+        assert cri.exec_sync(app, ["stat", "-c", "%a", "/root"]) == (0, "700\n", "")
 
 
 def test_pod_without_the_annotation_is_untouched(cri_target: Target, cri: CriClient, busybox_image: OciImage):

@@ -211,3 +211,18 @@ def test_kubernetes_lookup_waits_no_longer_than_the_timeout(tmp_path: Path):
             assert c.stat("k8s.io/7/abc").name == "k8s.io/7/abc"  # the daemon still serves
     finally:
         hung.close()
+
+
+def test_writes_at_a_target_count_in_usage_and_go_with_the_snapshot(tmp_path: Path, host: Path):
+    toml = f'mount_targets = "on"\n[lowers]\nallowed_roots = ["{host.parent}"]\n'
+    with configured(tmp_path, toml) as (d, c):
+        root, m2 = c.prepare("c", labels={LOWERS: f"{host}@/root/.m2"})
+        assert m2.target == "/root/.m2" and root.type == "overlay"
+        upper = Path(next(o for o in m2.options if o.startswith("upperdir=")).removeprefix("upperdir="))
+        assert upper.is_relative_to(d.root / "snapshots") and (d.root / "snapshots").stat().st_mode & 0o077 == 0
+        before = c.usage("c").size
+        (upper / "written").write_bytes(b"x" * (1 << 20))
+        assert c.usage("c").size >= before + (1 << 20)
+        c.remove("c")
+        c.cleanup()
+        assert os.listdir(d.root / "snapshots") == [] and (host / "settings.xml").exists()

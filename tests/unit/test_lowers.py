@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from addlower.config import ConfigError, parse_config
@@ -34,6 +36,29 @@ def test_at_most_so_many_entries_each_a_bind_mount_on_the_host():
     assert len(parse_lowers(":".join(f"/tmp/{i}" for i in range(128)), POLICY, SRC)) == 128
     with pytest.raises(InvalidArgument, match="label x: more than 128 entries"):
         parse_lowers(":".join(f"/tmp/{i}" for i in range(129)), POLICY, SRC)
+
+
+def test_an_entry_may_name_its_container_path():
+    named = {"maven": NamedLower("/srv/cache/m2", target="/root/.m2")}
+    policy = LowerPolicy(ROOT, ("/srv/cache",), named)
+    assert [(lower.path, lower.target) for lower in parse_lowers(
+        "maven:maven@/home/ci/.m2:/srv/cache/npm@/root/.npm:/srv/cache/tools", policy, SRC)] == [
+        ("/srv/cache/m2", "/root/.m2"), ("/srv/cache/m2", "/home/ci/.m2"), ("/srv/cache/npm", "/root/.npm"),
+        ("/srv/cache/tools", "/")]
+
+
+@pytest.mark.parametrize("entry, says", [
+    ("/tmp/a@/", "leave the target out"),
+    ("/tmp/a@root", "must be an absolute path"),
+    ("/tmp/a@/proc/x", "not under /proc"),
+    ("/tmp/a@/sys", "not under /sys"),
+    ("/tmp/a@/x/../etc", "must not contain '..'"),
+    ("/tmp/a@/x\x85", "character '\\x85'"),
+    ("/tmp/a@/x@/y", "one '@' separates"),
+])
+def test_bad_targets_are_refused(entry, says):
+    with pytest.raises(InvalidArgument, match=re.escape(says)):
+        parse_lowers(entry, POLICY, SRC)
 
 
 def test_named_lower_resolves_to_its_host_dir():
@@ -197,6 +222,8 @@ def test_without_a_config_file_only_the_default_roots_are_allowed():
         ({"kubernetes": {"allowed_roots": ["/var/lib/kubelet"]}}, "kubernetes: allowed root"),
         ({"kubernetes": {"namespaces": {"a": {"allowed_roots": ["/run"]}}}}, "kubernetes.namespaces.a: allowed root"),
         ({"kubernetes": {"namespaces": {"a": {"roots": []}}}}, "kubernetes.namespaces.a.roots: unknown key"),
+        ({"mount_targets": "maybe"}, "mount_targets: one of auto, on, off"),
+        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "target": "/proc/x"}}}}, "target '/proc/x': not under /proc"),
         ({"log_level": "loud"}, "log_level: one of"),
     ],
 )

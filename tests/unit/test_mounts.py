@@ -46,3 +46,25 @@ def test_view_with_two_parents_is_lowerdir_only_overlay():
 def test_committed_snapshots_have_no_mount_rule():
     with pytest.raises(KeyError):
         compute_mounts(L, Kind.COMMITTED, 9, ())
+
+
+def test_a_target_adds_a_mount_at_it_and_the_mountpoints_lower_under_the_rootfs():
+    [root, m2] = compute_mounts(L, Kind.ACTIVE, 7, (3,), ("index=off",), (), [("/root/.m2", ["/r/lowers/7/0"])])
+    assert root == Mount("overlay", "overlay", ("index=off", "workdir=/r/snapshots/7/work",
+                                                "upperdir=/r/snapshots/7/fs",
+                                                "lowerdir=/r/snapshots/3/fs:/r/snapshots/7/mountpoints"))
+    base = L.target_dir(7, "/root/.m2")
+    assert base.startswith("/r/snapshots/7/targets/")  # inside the snapshot: gone with it
+    assert m2 == Mount("overlay", "overlay", ("index=off", f"workdir={base}/work", f"upperdir={base}/fs",
+                                              "lowerdir=/r/lowers/7/0"), "/root/.m2")
+
+
+def test_targets_of_a_view_are_read_only():
+    mounts = compute_mounts(L, Kind.VIEW, 7, (3,), (), (), [("/a", ["/r/lowers/7/0"]), ("/b", ["/x", "/y"])])
+    assert mounts[1] == Mount("bind", "/r/lowers/7/0", ("ro", "rbind"), "/a")
+    assert mounts[2] == Mount("overlay", "overlay", ("lowerdir=/x:/y",), "/b")
+    assert mounts[0].options == ("lowerdir=/r/snapshots/3/fs:/r/snapshots/7/mountpoints",)
+
+
+def test_a_target_dir_follows_the_target_not_its_place():
+    assert L.target_dir(7, "/root/.m2") == L.target_dir(7, "/root/.m2") != L.target_dir(7, "/root/.npm")

@@ -1,0 +1,93 @@
+"""Lowers at a container path (`SOURCE@TARGET`): a flat host cache appears at /root/.m2, copy-on-write,
+through a real containerd. containerd 1.7+ mounts a snapshotter's extra mounts at their target;
+1.6 would mount them over the rootfs, so there the snapshotter refuses them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from addlower import fsutil
+from addlower.devcontainerd import PROXY_PLUGIN, Binaries, CtrError
+from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.ociimage import OciImage
+
+from .conftest import Target, running_target
+
+pytestmark = pytest.mark.e2e
+
+NS = "targets"
+
+
+@pytest.fixture
+def node(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries) -> Iterator[Target]:
+    """Our daemon (host dirs under `host/`, a named lower `maven` at /root/.m2, containerd's address
+    known for its version) and a containerd with busybox imported."""
+    work = tmp_path_factory.mktemp("tgt")
+    host = work / "host"
+    for name, file in (("m2", "repository/a.jar"), ("npm", "cache/b.tgz")):
+        (host / name / file).parent.mkdir(parents=True)
+        (host / name / file).write_text(f"{name}\n")
+    config = work / "config.toml"
+    config.write_text(f'[lowers]\nallowed_roots = ["{host}"]\n'
+                      f'[lowers.named]\nmaven = {{ path = "{host / "m2"}", target = "/root/.m2" }}\n'
+                      f'[kubernetes]\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n')
+    with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
+        t.import_image(busybox_image, NS)
+        yield t
+
+
+def run(t: Target, image: OciImage, cid: str, lowers: str, script: str) -> str:
+    return t.containerd.run(image.ref, cid, "sh", "-c", script, namespace=NS, snapshotter=PROXY_PLUGIN,
+                            options=["--snapshotter-label", f"{LOWERS}={lowers}"]).stdout
+
+
+def host(t: Target) -> Path:
+    return Path(t.containerd.workdir).parent / "host"
+
+
+def honours_targets(binaries: Binaries) -> bool:
+    return binaries.version >= (1, 7)
+
+
+def test_a_flat_cache_at_its_target_is_copy_on_write_and_the_image_keeps_its_modes(
+        node: Target, busybox_image: OciImage, binaries: Binaries):
+    m2 = host(node) / "m2"
+    script = ("cat /root/.m2/repository/a.jar; echo mine > /root/.m2/repository/a.jar; touch /root/.m2/new; "
+              "cat /root/.m2/repository/a.jar; stat -c %a /root /tmp; ls /")
+    if not honours_targets(binaries):
+        with pytest.raises(CtrError) as err:
+            run(node, busybox_image, "m2", f"{m2}@/root/.m2", script)
+        assert "a target needs containerd >= 1.7" in err.value.stderr
+        return
+    out = run(node, busybox_image, "m2", f"{m2}@/root/.m2", script).split()
+    assert out[:2] == ["m2", "mine"]
+    assert out[2:4] == ["700", "1777"]  # the image's modes for /root and /tmp, not the cache's
+    assert "repository" not in out[4:]  # nothing of the cache at /
+    assert (m2 / "repository" / "a.jar").read_text() == "m2\n" and not (m2 / "new").exists()
+    again = run(node, busybox_image, "m2b", f"{m2}@/root/.m2", "cat /root/.m2/repository/a.jar; ls /root/.m2")
+    assert again.split() == ["m2", "repository"]  # another container: the host's files, not the first's
+
+
+def test_two_targets_and_a_named_lowers_own_target(node: Target, busybox_image: OciImage, binaries: Binaries):
+    npm = host(node) / "npm"
+    lowers, script = f"maven:{npm}@/root/.npm", "cat /root/.m2/repository/a.jar /root/.npm/cache/b.tgz"
+    if not honours_targets(binaries):  # the name alone carries a target: refused all the same
+        with pytest.raises(CtrError) as err:
+            run(node, busybox_image, "two", lowers, script)
+        assert "a target needs containerd >= 1.7" in err.value.stderr
+        return
+    assert run(node, busybox_image, "two", lowers, script).split() == ["m2", "npm"]
+
+
+def test_removing_the_containers_and_the_image_leaves_no_dir_and_no_mount(
+        node: Target, busybox_image: OciImage, binaries: Binaries):
+    if honours_targets(binaries):
+        run(node, busybox_image, "gone", f"maven:{host(node) / 'npm'}@/root/.npm", "true")
+    node.ctr("images", "rm", "--sync", busybox_image.ref, namespace=NS)
+    assert node.snapshots(NS) == {} and node.snapshot_dirs() == []
+    assert node.daemon is not None
+    assert [m for m in fsutil.mount_points() if m.startswith(f"{node.daemon.root}/")] == []
+    assert (host(node) / "m2" / "repository" / "a.jar").read_text() == "m2\n"
