@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .config import (
+from addlower import __version__
+from addlower.core.config import (
     DEFAULT_CONFIG,
     DEFAULT_ROOT,
     LOG_FORMATS,
@@ -27,7 +27,7 @@ from .config import (
     check_metrics_address,
     load_config,
 )
-from .daemon import run
+from addlower.server.daemon import run
 
 TEXT_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
 # Line breaks and other control characters (C0, DEL, C1, Unicode line separators) as escapes.
@@ -104,7 +104,7 @@ class AdminGroup(click.Group):
 
     @staticmethod
     def _admin() -> dict[str, click.Command]:
-        from .admin import COMMANDS
+        from addlower.ops.admin import COMMANDS
 
         return {command.name: command for command in COMMANDS if command.name}
 
@@ -131,7 +131,7 @@ admin.add_command(serve, name="serve")
 @click.option("--exit", "exit_after", is_flag=True, help="Stop after the first container instead of waiting.")
 def demo(workdir: Path, log_level: str, exit_after: bool) -> None:
     """Run the snapshotter with a private containerd beside it and start a container on it."""
-    from .demo import run_demo
+    from addlower.dev.demo import run_demo
 
     sys.exit(run_demo(workdir, log_level, keep_running=not exit_after))
 
@@ -168,8 +168,8 @@ if __name__ == "__main__":
 def install(host_root: Path, socket: str, unit: Path, wheels: Path | None, config_path: Path | None,
             start: bool, containerd_version: str | None) -> None:
     """Put the daemon on a node and point its containerd at it (the DaemonSet's init container)."""
-    from .ctrdconfig import parse_version
-    from .install import InstallError, containerd_version as node_containerd, install as run_install
+    from addlower.core.ctrdconfig import parse_version
+    from addlower.ops.install import InstallError, containerd_version as node_containerd, install as run_install
 
     try:
         config = load_config(config_path) if config_path is not None else Config()  # a bad file stops here

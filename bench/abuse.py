@@ -27,9 +27,9 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from addlower.api import snapshots_pb2 as pb, snapshots_pb2_grpc  # noqa: E402
-from addlower.client import SnapshotsClient  # noqa: E402
-from addlower.devcontainerd import SnapshotterProcess  # noqa: E402
-from addlower.grpcserver import CONTINUATION, DATA, END_STREAM, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame  # noqa: E402
+from addlower.ops.client import SnapshotsClient  # noqa: E402
+from addlower.dev.devcontainerd import SnapshotterProcess  # noqa: E402
+from addlower.server.grpcserver import CONTINUATION, DATA, END_STREAM, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame  # noqa: E402
 from tests.support.h2 import RawClient  # noqa: E402
 
 

@@ -53,9 +53,9 @@ from types import ModuleType
 import grpc
 from grpc_tools import protoc
 
-from addlower.client import SnapshotsClient
-from addlower.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
-from addlower.mounting import mounted
+from addlower.ops.client import SnapshotsClient
+from addlower.dev.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from addlower.dev.mounting import mounted
 
 HERE = Path(__file__).resolve().parent
 GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")

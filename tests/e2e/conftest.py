@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from addlower import ociimage
-from addlower.lowers import DEFAULT_ALLOWED_ROOTS
-from addlower.devcontainerd import BIN_DIR_ENV, PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
+from addlower.dev import ociimage
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.dev.devcontainerd import BIN_DIR_ENV, PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon, allowing
 

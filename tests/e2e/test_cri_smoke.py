@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from addlower.devcontainerd import Binaries
-from addlower.ociimage import OciImage
+from addlower.dev.devcontainerd import Binaries
+from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
 from .conftest import CRI_NAMESPACE, Target, eventually

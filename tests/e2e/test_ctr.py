@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from addlower.ociimage import OciImage
+from addlower.dev.ociimage import OciImage
 
 from .conftest import SnapshotRow, Target
 

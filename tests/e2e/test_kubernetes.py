@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
-from addlower.devcontainerd import PROXY_PLUGIN, Binaries
-from addlower import ociimage
-from addlower.ociimage import OciImage
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
+from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries
+from addlower.dev import ociimage
+from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
 from .conftest import CRI_NAMESPACE, CriOptions, Target, running_cri_target

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from addlower.devcontainerd import PROXY_PLUGIN, Binaries, CtrError, PrivateContainerd
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
-from addlower.lowers import DEFAULT_ALLOWED_ROOTS
-from addlower.ociimage import OciImage
+from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CtrError, PrivateContainerd
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.dev.ociimage import OciImage
 from tests.support.daemon import Daemon
 
 from .conftest import Target, make_target, running_target

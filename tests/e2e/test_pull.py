@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from addlower import install
-from addlower.devcontainerd import PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
-from addlower.ociimage import OciImage
+from addlower.ops import install
+from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
+from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon
 from tests.support.registry import Registry, push_oci_layout

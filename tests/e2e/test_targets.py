@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from addlower import fsutil
-from addlower.devcontainerd import PROXY_PLUGIN, Binaries, CtrError
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
-from addlower.ociimage import OciImage
+from addlower.engine import fsutil
+from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CtrError
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.dev.ociimage import OciImage
 
 from .conftest import Target, running_target
 

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from addlower.client import SnapshotsClient
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, allowing
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.client import SnapshotsClient
-from addlower.mounting import mounted
+from addlower.ops.client import SnapshotsClient
+from addlower.dev.mounting import mounted
 
 Op = Callable[[Path], None]
 

@@ -20,12 +20,12 @@ from typing import Sequence
 import pytest
 from click.testing import CliRunner, Result
 
-from addlower import admin
+from addlower.ops import admin
 from addlower.cli import admin as GROUP
-from addlower.labels import EXTRA_LOWERS_LABEL
-from addlower.mounts import Kind
-from addlower.store import Info
-from addlower.client import SNAPSHOTTER, SnapshotsClient
+from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.core.mounts import Kind
+from addlower.engine.store import Info
+from addlower.ops.client import SNAPSHOTTER, SnapshotsClient
 from tests.support.daemon import Daemon
 
 

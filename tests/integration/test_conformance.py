@@ -33,7 +33,7 @@ from tests.integration.layers import (
     mount_snapshot,
     remove_all,
 )
-from addlower.client import SnapshotsClient
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 ACTIVE, VIEW, COMMITTED = pb.ACTIVE, pb.VIEW, pb.COMMITTED

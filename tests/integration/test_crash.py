@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.mounts import Kind
-from addlower.client import SnapshotsClient
+from addlower.core.mounts import Kind
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 ROUNDS = 12

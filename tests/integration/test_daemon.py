@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.client import SnapshotsClient
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 CMD = [sys.executable, "-m", "addlower.cli"]

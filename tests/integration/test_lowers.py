@@ -16,9 +16,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from tests.integration.layers import expect_code, mount_snapshot
-from addlower.client import SnapshotsClient
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode

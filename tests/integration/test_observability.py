@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS
-from addlower.client import SnapshotsClient
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, allowing
 
 

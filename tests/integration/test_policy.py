@@ -19,11 +19,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.client import SnapshotsClient
-from addlower.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
-from addlower.lowers import DEFAULT_ALLOWED_ROOTS
-from addlower.devcontainerd import unmount_under
-from addlower.mounting import mounted
+from addlower.ops.client import SnapshotsClient
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.dev.devcontainerd import unmount_under
+from addlower.dev.mounting import mounted
 from tests.integration.layers import expect_code
 from tests.support.daemon import Daemon, allowing, config_args
 

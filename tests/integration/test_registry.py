@@ -9,7 +9,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from addlower import ociimage
+from addlower.dev import ociimage
 from tests.support.registry import MANIFEST_ACCEPT, Registry, push_oci_layout
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

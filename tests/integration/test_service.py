@@ -23,7 +23,7 @@ from tests.integration.layers import (
     link,
     mount_snapshot,
 )
-from addlower.client import SnapshotsClient
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode
@@ -425,7 +425,7 @@ def test_no_upperdir_label_by_default(client: SnapshotsClient):
 
 def test_a_commit_of_a_big_upper_dir_counts_every_inode(client: SnapshotsClient, tmp_path: Path):
     """More inodes than a Commit counts on the event loop: the count finishes in a thread, whole."""
-    from addlower.snapshotter import QUICK_COMMIT_INODES
+    from addlower.engine.snapshotter import QUICK_COMMIT_INODES
 
     upper = Path(client.prepare("big")[0].source)
     for i in range(QUICK_COMMIT_INODES + 10):

@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
-from addlower.client import SnapshotsClient
-from addlower.grpcserver import CONTINUATION, DATA, END_STREAM, RST_STREAM, H2Error, frame
+from addlower.ops.client import SnapshotsClient
+from addlower.server.grpcserver import CONTINUATION, DATA, END_STREAM, RST_STREAM, H2Error, frame
 from tests.support.daemon import Daemon
 from tests.support.h2 import RawClient
 

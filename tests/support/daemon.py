@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from addlower.devcontainerd import SnapshotterProcess
+from addlower.dev.devcontainerd import SnapshotterProcess
 
 
 class Daemon(SnapshotterProcess):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hpack
 
-from addlower.grpcserver import GOAWAY, HEADERS, END_HEADERS, PREFACE, SETTINGS, frame
+from addlower.server.grpcserver import GOAWAY, HEADERS, END_HEADERS, PREFACE, SETTINGS, frame
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
 

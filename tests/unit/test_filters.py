@@ -2,8 +2,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from addlower.errors import InvalidArgument
-from addlower.filters import Adaptor, parse_filters
+from addlower.core.errors import InvalidArgument
+from addlower.core.filters import Adaptor, parse_filters
 
 
 def snapshot(

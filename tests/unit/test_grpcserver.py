@@ -1,4 +1,4 @@
-"""The HTTP/2 framing of addlower.grpcserver, driven frame by frame through a fake transport: each
+"""The HTTP/2 framing of addlower.server.grpcserver, driven frame by frame through a fake transport: each
 limit on what a peer sends, the RFC 9113 errors, flow control both ways, cancellation, deadlines
 and backpressure. No socket, no root."""
 
@@ -14,8 +14,8 @@ import hpack
 import pytest
 from google.protobuf import wrappers_pb2
 
-from addlower import grpcserver as g
-from addlower.grpcserver import H2Error, frame
+from addlower.server import grpcserver as g
+from addlower.server.grpcserver import H2Error, frame
 
 ECHO, SLOW, MANY = b"/t.T/Echo", b"/t.T/Slow", b"/t.T/Many"
 

@@ -11,9 +11,9 @@ import yaml
 from click.testing import CliRunner
 
 from addlower.cli import admin
-from addlower.config import DEFAULT_ROOT, SOCKET_NAME
-from addlower.admin import check_containerd
-from addlower.install import InstallError, configure
+from addlower.core.config import DEFAULT_ROOT, SOCKET_NAME
+from addlower.ops.admin import check_containerd
+from addlower.ops.install import InstallError, configure
 
 REPO = Path(__file__).resolve().parents[2]
 SOCK = "/var/lib/x/grpc.socks"
@@ -166,7 +166,7 @@ def test_kubernetes_manifests_are_valid_against_the_schema():
     for doc in docs:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
     config = docs[1]["data"]["config.toml"]
-    from addlower.config import parse_config
+    from addlower.core.config import parse_config
 
     assert parse_config(tomllib.loads(config)).kubernetes.enabled
 

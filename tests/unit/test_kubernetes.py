@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from addlower.errors import InvalidArgument
-from addlower.kubernetes import (
+from addlower.core.errors import InvalidArgument
+from addlower.core.pods import (
     AppContainer,
     KubernetesConfig,
     PodContainer,
@@ -19,7 +19,7 @@ from addlower.kubernetes import (
     pod_sandbox,
     requested_lowers,
 )
-from addlower.lowers import Lower, NamedLower
+from addlower.core.lowers import Lower, NamedLower
 
 SPEC = json.dumps({"annotations": {"io.kubernetes.cri.container-type": "container",
                                    "io.kubernetes.cri.sandbox-id": "sb1",

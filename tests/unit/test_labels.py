@@ -1,8 +1,8 @@
 import grpc
 import pytest
 
-from addlower.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, status_code
-from addlower.labels import MAX_LABEL_SIZE, validate_labels
+from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, status_code
+from addlower.core.labels import MAX_LABEL_SIZE, validate_labels
 
 
 def test_label_at_the_limit_is_accepted():

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from addlower.config import ConfigError, parse_config
-from addlower.errors import InvalidArgument
-from addlower.lowers import (
+from addlower.core.config import ConfigError, parse_config
+from addlower.core.errors import InvalidArgument
+from addlower.core.lowers import (
     DEFAULT_ALLOWED_ROOTS,
     Lower,
     LowerPolicy,
@@ -17,7 +17,7 @@ from addlower.lowers import (
     compact_lowerdirs,
     parse_lowers,
 )
-from addlower.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 
 ROOT = "/var/lib/addlower"
 POLICY = LowerPolicy(ROOT, ("/srv/cache", "/tmp", "/srv/cache/deep"), {"maven": NamedLower("/var/cache/ci/m2")})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from addlower.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 
 L = Layout("/r")
 

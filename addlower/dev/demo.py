@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 
 
-from .devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
-from .labels import EXTRA_LOWERS_LABEL
-from .ociimage import BUSYBOX_REF, build_busybox_image
+from addlower.dev.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.dev.ociimage import BUSYBOX_REF, build_busybox_image
 
 NAMESPACE = "default"
 

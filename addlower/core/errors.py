@@ -7,7 +7,7 @@ mapping is part of the contract. This module must not know the transport or the 
 
 from __future__ import annotations
 
-from .grpcserver import Code
+from addlower.core.codes import Code
 
 
 class SnapshotError(Exception):

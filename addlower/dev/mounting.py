@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .lowers import compact_lowerdirs
+from addlower.core.lowers import compact_lowerdirs
 
 
 def mount_all(mounts: Sequence, target: Path) -> None:

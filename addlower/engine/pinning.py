@@ -24,8 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .errors import InvalidArgument
-from .lowers import Lower, is_within
+from addlower.core.errors import InvalidArgument
+from addlower.core.lowers import Lower, is_within
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .ctrdconfig import parse_version
-from .errors import InvalidArgument
+from addlower.core.ctrdconfig import parse_version
+from addlower.core.errors import InvalidArgument
 
 MIN_TARGET_VERSION = (1, 7)
 REMEMBER_SECONDS = 60.0  # containerd may be upgraded under a running snapshotter
@@ -52,7 +52,7 @@ class TargetSupport:
         import grpc  # only daemons that see targets need a gRPC client
         from google.protobuf import empty_pb2
 
-        from .api import version_pb2_grpc
+        from addlower.api import version_pb2_grpc
 
         try:
             with grpc.insecure_channel(f"unix://{self.address}") as channel:

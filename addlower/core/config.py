@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import InvalidArgument
-from .kubernetes import KubernetesConfig
-from .lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, LowerPolicy, NamedLower
+from addlower.core.errors import InvalidArgument
+from addlower.core.pods import KubernetesConfig
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, LowerPolicy, NamedLower
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
@@ -22,7 +22,7 @@ PLUGIN_NAME = "overlay-custom-add-lower-snapshotter"  # as containerd configs an
 SOCKET_NAME = "grpc.socks"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.ctrdversion
+TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.engine.ctrdversion
 
 
 class ConfigError(Exception):

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from .fsutil import Usage
-from .mounts import Kind
+from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from addlower.engine.fsutil import Usage
+from addlower.core.mounts import Kind
 
 SCHEMA_VERSION = 1
 DB_NAME = "metadata.db"  # under the snapshotter root

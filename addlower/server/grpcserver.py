@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable
 
 import hpack
 
+from addlower.core.codes import Code
+
 log = logging.getLogger(__name__)
 
 # Frame types and flags (RFC 9113, section 6).
@@ -80,23 +82,6 @@ MAX_EARLY_RESETS = 100  # streams a peer may reset before their answer, per seco
 # grpc-timeout: up to 8 digits and a unit (gRPC over HTTP/2, "Timeout").
 _TIMEOUT = re.compile(rb"([0-9]{1,8})([HMSmun])")
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
-
-
-class Code(IntEnum):
-    """gRPC status codes (the numbers are the wire protocol's)."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
 
 
 def _hpack_int(value: int, prefix_bits: int) -> bytes:

@@ -2,7 +2,7 @@
 
 It talks to containerd only through its command line (`containerd`, `ctr`) and never touches the
 host's containerd state. It knows how to declare proxy snapshotter plugins and CRI settings in the
-config version the containerd at hand reads (addlower.ctrdconfig), but nothing about our
+config version the containerd at hand reads (addlower.core.ctrdconfig), but nothing about our
 snapshotter's internals. Which containerd: the one on PATH, or the binaries in
 $ADDLOWER_CONTAINERD_BIN_DIR (scripts/containerd-versions.sh unpacks other Debian suites' there).
 Also here: SnapshotterProcess, a snapshotter daemon (ours or the Go original) run the same way.
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import tomlkit
 
-from . import ctrdconfig, fsutil
-from .config import PLUGIN_NAME
+from addlower.core import ctrdconfig
+from addlower.engine import fsutil
+from addlower.core.config import PLUGIN_NAME
 
 PROXY_PLUGIN = PLUGIN_NAME
 # sun_path is 108 bytes including the trailing NUL.

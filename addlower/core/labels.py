@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .errors import InvalidArgument
+from addlower.core.errors import InvalidArgument
 
 # containerd's limit: a label's key and value together fit in this many bytes.
 MAX_LABEL_SIZE = 4096

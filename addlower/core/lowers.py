@@ -5,7 +5,7 @@ Pure rules, tested without root: parsing the colon-separated value, the path pol
 normalised, bounded, no character that could splice options into the mount or forge a log line,
 never a system dir or the snapshotter's root, under an allowed root), named lowers and who may
 use them, and the kernel's limits. Whatever a container creator writes is untrusted. Opening,
-creating and pinning the dirs is addlower.pinning's job; this module must not touch the
+creating and pinning the dirs is addlower.engine.pinning's job; this module must not touch the
 filesystem.
 """
 
@@ -17,8 +17,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from .errors import InvalidArgument
-from .mounts import Mount
+from addlower.core.errors import InvalidArgument
+from addlower.core.mounts import Mount
 
 # overlayfs stacks at most this many lower layers (OVL_MAX_STACK).
 MAX_OVERLAY_LAYERS = 500

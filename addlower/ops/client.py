@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 import grpc
 from google.protobuf import field_mask_pb2
 
-from .api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
-from .config import PLUGIN_NAME as SNAPSHOTTER
+from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from addlower.core.config import PLUGIN_NAME as SNAPSHOTTER
 
 
 @dataclass

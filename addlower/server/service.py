@@ -1,7 +1,7 @@
 """The Snapshots API (containerd.services.snapshots.v1.Snapshots) as routes for grpcserver.
 
 A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
-protobuf, and the error -> status code mapping (the codes themselves live in addlower.errors).
+protobuf, and the error -> status code mapping (the codes themselves live in addlower.core.errors).
 Which calls may block (tree walks and deletions) and in which thread pool they run is stated per
 method in ROUTES. It must not
 hold snapshot logic or know how bytes reach the socket.
@@ -16,12 +16,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from .api import mount_pb2, snapshots_pb2 as pb
-from .errors import SnapshotError, status_code
-from .grpcserver import Code, Offload, Route, on_loop
-from .mounts import Mount
-from .snapshotter import NeedsTime, Snapshotter
-from .store import Info
+from addlower.api import mount_pb2, snapshots_pb2 as pb
+from addlower.core.errors import SnapshotError, status_code
+from addlower.core.codes import Code
+from addlower.server.grpcserver import Offload, Route, on_loop
+from addlower.core.mounts import Mount
+from addlower.engine.snapshotter import NeedsTime, Snapshotter
+from addlower.engine.store import Info
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import platform
 import re
 from typing import Any
 
-from .config import PLUGIN_NAME
+from addlower.core.config import PLUGIN_NAME
 
 BUILTIN_SNAPSHOTTER = "overlayfs"
 CRI_SERVICE = "io.containerd.grpc.v1.cri"

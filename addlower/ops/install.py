@@ -4,7 +4,7 @@ container runs), without breaking the node's config.
 The pure part edits the config text with tomlkit, which keeps every comment, spelling and table
 order the node's admin wrote: it adds the proxy plugin (with `exports.root`, where CRI reports
 the image filesystem), sets CRI's snapshotter in the table the config version uses, and on
-containerd 2.1+ lists the snapshotter in the Transfer service's `unpack_config` (addlower.ctrdconfig
+containerd 2.1+ lists the snapshotter in the Transfer service's `unpack_config` (addlower.core.ctrdconfig
 holds those facts). It refuses, changing nothing, when the result would not parse or not say what
 it must. Must not know the daemon.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
-from . import ctrdconfig
-from .config import PLUGIN_NAME as PROXY_PLUGIN
-from .ctrdconfig import get_path, set_path
+from addlower.core import ctrdconfig
+from addlower.core.config import PLUGIN_NAME as PROXY_PLUGIN
+from addlower.core.ctrdconfig import get_path, set_path
 
 Version = tuple[int, int, int]
 

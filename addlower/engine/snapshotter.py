@@ -3,7 +3,7 @@
 Behaves like containerd's overlayfs snapshotter. Ordering is what keeps a kill at any instant
 consistent: a new snapshot is built in a temp dir and renamed into place inside the metadata
 transaction, so a crash leaves at worst an orphan directory that Cleanup removes. Must not know
-about gRPC; errors are raised as addlower.errors types.
+about gRPC; errors are raised as addlower.core.errors types.
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
-from . import fsutil, metrics
-from .errors import InvalidArgument
-from .filters import parse_filters
-from .fsutil import Usage
-from .kubernetes import KubernetesConfig, Lookup, PodLowers, check_for_pod, in_namespace, normalised_value
-from .labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
-from .ctrdversion import TargetSupport
-from .lowers import DEFAULT_ALLOWED_ROOTS, ROOT_TARGET, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
-from .mounts import Kind, Layout, Mount, compute_mounts
-from .pinning import Pins
-from .store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
+from addlower.engine import fsutil
+from addlower.engine import metrics
+from addlower.core.errors import InvalidArgument
+from addlower.core.filters import parse_filters
+from addlower.engine.fsutil import Usage
+from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
+from addlower.engine.podlookup import PodLowers
+from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
+from addlower.engine.ctrdversion import TargetSupport
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, ROOT_TARGET, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
+from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.engine.pinning import Pins
+from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ class Options:
     async_remove: bool = True
     upperdir_label: bool = False
     mount_options: tuple[str, ...] = ()
-    mount_targets: str = "auto"  # see addlower.ctrdversion
+    mount_targets: str = "auto"  # see addlower.engine.ctrdversion
     allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS  # where extra lower dirs named by path may lie
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import re2
 
-from addlower.errors import InvalidArgument
+from addlower.core.errors import InvalidArgument
 
 Adaptor = Callable[[Sequence[str]], tuple[str, bool]]
 """Maps a field path such as ``("labels", "a.b")`` to ``(value, present)`` for one object."""

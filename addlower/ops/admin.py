@@ -29,17 +29,18 @@ import click
 import grpc
 import tomlkit
 
-from . import ctrdconfig, fsutil
-from .api import snapshots_pb2 as pb
-from .client import SnapshotsClient
-from .config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
-from .errors import NotFound, SnapshotError
-from .fsutil import Usage
-from .install import plugin_table
-from .labels import EXTRA_LOWERS_LABEL
-from .mounts import Kind, Layout
-from .snapshotter import KIND_NAMES, matching, measured_usage
-from .store import DB_NAME, Info, MetaStore, Reader
+from addlower.core import ctrdconfig
+from addlower.engine import fsutil
+from addlower.api import snapshots_pb2 as pb
+from addlower.ops.client import SnapshotsClient
+from addlower.core.config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
+from addlower.core.errors import NotFound, SnapshotError
+from addlower.engine.fsutil import Usage
+from addlower.ops.install import plugin_table
+from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.core.mounts import Kind, Layout
+from addlower.engine.snapshotter import KIND_NAMES, matching, measured_usage
+from addlower.engine.store import DB_NAME, Info, MetaStore, Reader
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
@@ -140,7 +141,7 @@ _ERRORS = {cls.code.value: cls for cls in SnapshotError.__subclasses__()}
 
 
 def _call(thunk: Callable[[], T]) -> T:
-    """Run RPCs, raising the daemon's errors as the addlower.errors types its codes stand for."""
+    """Run RPCs, raising the daemon's errors as the addlower.core.errors types its codes stand for."""
     try:
         return thunk()
     except grpc.RpcError as exc:

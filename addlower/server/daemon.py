@@ -15,12 +15,13 @@ import stat
 from concurrent import futures
 from pathlib import Path
 
-from . import __version__, metrics
-from .config import Config
-from .errors import SnapshotError
-from .grpcserver import GrpcServer
-from .service import BLOCKING, KUBERNETES, SnapshotsService, map_error, routes
-from .snapshotter import Options, Snapshotter
+from addlower import __version__
+from addlower.engine import metrics
+from addlower.core.config import Config
+from addlower.core.errors import SnapshotError
+from addlower.server.grpcserver import GrpcServer
+from addlower.server.service import BLOCKING, KUBERNETES, SnapshotsService, map_error, routes
+from addlower.engine.snapshotter import Options, Snapshotter
 
 log = logging.getLogger("addlower")
 
