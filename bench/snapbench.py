@@ -54,7 +54,8 @@ import grpc
 from grpc_tools import protoc
 
 from addlower.ops.client import SnapshotsClient
-from addlower.dev.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import PrivateContainerd, SnapshotterProcess
 from addlower.dev.mounting import mounted
 
 HERE = Path(__file__).resolve().parent
@@ -149,17 +150,17 @@ def targets(work: Path, go_bin: Path, run_id: str) -> Iterator[list[Target]]:
         ours = stack.enter_context(_running(SnapshotterProcess(work / "ours")))
         go = stack.enter_context(_running(SnapshotterProcess(work / "go", command=[str(go_bin)])))
         proxied = stack.enter_context(_running(SnapshotterProcess(work / "proxied")))
-        ctrd = stack.enter_context(PrivateContainerd(work / "ctrd", proxy_plugins={PROXY_PLUGIN: proxied.socket}))
+        ctrd = stack.enter_context(PrivateContainerd(work / "ctrd", proxy_plugins={PLUGIN_NAME: proxied.socket}))
         channels = [stack.enter_context(grpc.insecure_channel(f"unix://{path}"))
                     for path in (ours.socket, go.socket, ctrd.address)]
         leases = leases_stubs(Path(stack.enter_context(tempfile.TemporaryDirectory(dir=work))))
         assert ctrd.proc is not None
         yield [
-            Target("a", "ours", SnapshotsClient(channels[0], PROXY_PLUGIN), ours.proc.pid, "our daemon"),
-            Target("b", "go", SnapshotsClient(channels[1], PROXY_PLUGIN), go.proc.pid, "Go original"),
+            Target("a", "ours", SnapshotsClient(channels[0], PLUGIN_NAME), ours.proc.pid, "our daemon"),
+            Target("b", "go", SnapshotsClient(channels[1], PLUGIN_NAME), go.proc.pid, "Go original"),
             Target("c", "ctrd/ovl", through_containerd(channels[2], "overlayfs", f"{NAMESPACE}-{run_id}-c", leases),
                    ctrd.proc.pid, "containerd (serves c and d)"),
-            Target("d", "ctrd/ours", through_containerd(channels[2], PROXY_PLUGIN, f"{NAMESPACE}-{run_id}-d", leases),
+            Target("d", "ctrd/ours", through_containerd(channels[2], PLUGIN_NAME, f"{NAMESPACE}-{run_id}-d", leases),
                    proxied.proc.pid, "our daemon as proxy plugin"),
         ]
 

@@ -21,6 +21,11 @@ class Kind(IntEnum):
     ACTIVE = 2
     COMMITTED = 3
 
+    @property
+    def label(self) -> str:
+        """The kind as containerd spells it in filters and `ctr snapshots ls` (active, view, ...)."""
+        return self.name.lower()
+
 
 @dataclass(frozen=True)
 class Mount:

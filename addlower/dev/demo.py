@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 
-from addlower.dev.devcontainerd import PROXY_PLUGIN, PrivateContainerd, SnapshotterProcess
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import PrivateContainerd, SnapshotterProcess
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.dev.ociimage import BUSYBOX_REF, build_busybox_image
 
@@ -29,18 +30,18 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     config.write_text(f"[lowers]\nallowed_roots = [{json.dumps(str(lower))}]\n")
     daemon = SnapshotterProcess(workdir / "snapshotter", args=["--log-level", log_level, "--config", str(config)])
-    containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket})
+    containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket})
     try:
         daemon.start()  # before containerd, which dials its proxy plugins as it starts
         containerd.start()
         image = build_busybox_image(workdir / "busybox.tar")
         say(f"snapshotter  : {daemon.socket} (log {daemon.log_path}, config {config})")
         say(f"containerd   : {containerd.address} (log {containerd.log_path})")
-        containerd.import_image(image.path, NAMESPACE, PROXY_PLUGIN)
+        containerd.import_image(image.path, NAMESPACE, PLUGIN_NAME)
         containerd.ctr("namespaces", "create", NAMESPACE, check=False)
-        containerd.ctr("namespaces", "label", NAMESPACE, f"containerd.io/defaults/snapshotter={PROXY_PLUGIN}")
+        containerd.ctr("namespaces", "label", NAMESPACE, f"containerd.io/defaults/snapshotter={PLUGIN_NAME}")
         out = containerd.run(BUSYBOX_REF, "addlower-demo", "sh", "-c", "echo hello from a container on addlower; ls /",
-                             snapshotter=PROXY_PLUGIN)
+                             snapshotter=PLUGIN_NAME)
         say(out.stdout.rstrip())
         lower.mkdir(exist_ok=True)
         (lower / "from-the-host.txt").write_text("a file in a host dir, seen copy-on-write\n")
@@ -50,7 +51,7 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         say(f"\nwith --snapshotter-label {EXTRA_LOWERS_LABEL}={lower}:")
         say(out.stdout.rstrip())
         say(f"on the host, still: {(lower / 'from-the-host.txt').read_text().rstrip()}\n")
-        say(containerd.ctr("snapshots", "--snapshotter", PROXY_PLUGIN, "ls").stdout.rstrip())
+        say(containerd.ctr("snapshots", "--snapshotter", PLUGIN_NAME, "ls").stdout.rstrip())
         if not keep_running:
             return 0
         ctr = f"ctr --address {shlex.quote(str(containerd.address))}"
@@ -58,7 +59,7 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
         say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} {BUSYBOX_REF} demo1 sh")
         say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} --snapshotter-label "
             f"{EXTRA_LOWERS_LABEL}={lower} {BUSYBOX_REF} demo2 sh")
-        say(f"  {ctr} snapshots --snapshotter {PROXY_PLUGIN} ls")
+        say(f"  {ctr} snapshots --snapshotter {PLUGIN_NAME} ls")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())

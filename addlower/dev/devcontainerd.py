@@ -26,9 +26,7 @@ import tomlkit
 
 from addlower.core import ctrdconfig
 from addlower.engine import fsutil
-from addlower.core.config import PLUGIN_NAME
 
-PROXY_PLUGIN = PLUGIN_NAME
 # sun_path is 108 bytes including the trailing NUL.
 MAX_SOCKET_PATH = 107
 BIN_DIR_ENV = "ADDLOWER_CONTAINERD_BIN_DIR"

@@ -18,14 +18,15 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from addlower.engine import fsutil
 from addlower.engine import metrics
+from addlower.core.config import Config
 from addlower.core.errors import InvalidArgument
 from addlower.core.filters import parse_filters
 from addlower.engine.fsutil import Usage
-from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
+from addlower.core.pods import Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine.podlookup import PodLowers
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.engine.ctrdversion import TargetSupport
-from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, ROOT_TARGET, Lower, LowerPolicy, NamedLower, check_mount_limits, parse_lowers
+from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 from addlower.engine.pinning import Pins
 from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 TEMP_PREFIX = "new-"
 REMOVED_PREFIX = "rm-"
 
-KIND_NAMES = {Kind.ACTIVE: "active", Kind.VIEW: "view", Kind.COMMITTED: "committed"}
 LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
 
 
@@ -66,19 +66,6 @@ class LostMetadata(RuntimeError):
     """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
 
 
-@dataclass(frozen=True)
-class Options:
-    """What the configuration says about snapshot behaviour (the original's flags first)."""
-
-    async_remove: bool = True
-    upperdir_label: bool = False
-    mount_options: tuple[str, ...] = ()
-    mount_targets: str = "auto"  # see addlower.engine.ctrdversion
-    allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS  # where extra lower dirs named by path may lie
-    named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
-    kubernetes: KubernetesConfig = KubernetesConfig()  # pods' annotations choose lowers when enabled
-
-
 def snapshot_fields(info: Info):  # -> filters.Adaptor
     """The fields a List filter can test on a snapshot, as containerd names them."""
 
@@ -87,7 +74,7 @@ def snapshot_fields(info: Info):  # -> filters.Adaptor
             return "", False
         head = path[0]
         if head == "kind":
-            return KIND_NAMES.get(info.kind, ""), True
+            return info.kind.label, True
         if head == "name":
             return info.name, True
         if head == "parent":
@@ -127,9 +114,10 @@ def live_usage(layout: Layout, sid: int, max_inodes: int | None = None) -> Usage
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
-    def __init__(self, root: Path, options: Options = Options()):
+    def __init__(self, root: Path, config: Config = Config()):
+        """Serve `root` with `config`'s snapshot behaviour (its root_dir is the daemon's business)."""
         self.root = root
-        self.options = options
+        self.config = config
         self.layout = Layout(str(root))
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not fsutil.supports_dtype(root):
@@ -139,14 +127,14 @@ class Snapshotter:
             )
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
-        self.lowers = LowerPolicy(str(root), tuple(options.allowed_roots), dict(options.named_lowers))
-        self.pods = PodLowers(options.kubernetes) if options.kubernetes.enabled else None
-        k8s = options.kubernetes
-        self.targets = TargetSupport(options.mount_targets, k8s.containerd_address, k8s.timeout)
+        self.lowers = LowerPolicy(str(root), tuple(config.allowed_roots), dict(config.named_lowers))
+        self.pods = PodLowers(config.kubernetes) if config.kubernetes.enabled else None
+        k8s = config.kubernetes
+        self.targets = TargetSupport(config.mount_targets, k8s.containerd_address, k8s.timeout)
         self._refuse_lost_metadata()
         self.store = MetaStore(root / DB_NAME)
         self.pins = Pins(str(root))
-        self.overlay_options = fsutil.overlay_options(options.mount_options)
+        self.overlay_options = fsutil.overlay_options(config.mount_options)
         self._set_aside_unrecorded()
 
     def close(self) -> None:
@@ -213,7 +201,7 @@ class Snapshotter:
         if not self._held_for_pods(key):
             return parse_lowers(value, self.lowers, LABEL_SOURCE)
         if value and kind != Kind.ACTIVE:
-            raise InvalidArgument(f"{LABEL_SOURCE}: a {KIND_NAMES[kind]} in containerd's CRI namespace cannot "
+            raise InvalidArgument(f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
                                   "have extra lowers; only pods' containers can")
         parse_lowers(value, self._pod_policy(None), LABEL_SOURCE)  # fails early what no pod may use
         return ()
@@ -332,7 +320,7 @@ class Snapshotter:
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label when asked to: to every kind, as containerd's
         overlayfs does in 1.7 and 2.x (a view's or committed snapshot's own fs dir)."""
-        if self.options.upperdir_label:
+        if self.config.upperdir_label:
             return replace(info, labels={**info.labels, UPPERDIR_LABEL: self.layout.upper(sid)})
         return info
 
@@ -368,7 +356,7 @@ class Snapshotter:
         self.pins.release(sid)  # a committed snapshot has no mounts
 
     def remove(self, key: str) -> None:
-        if self.options.async_remove:
+        if self.config.async_remove:
             with self.store.transaction() as tx:
                 sid, _ = tx.remove(key)
             self.pins.release(sid)

@@ -158,7 +158,7 @@ class Reader:
         rec = self._get(key)
         kind = rec.info.kind
         if kind not in (Kind.ACTIVE, Kind.VIEW):
-            raise FailedPrecondition(f"snapshot {key!r} is {kind.name.lower()}, not active or view")
+            raise FailedPrecondition(f"snapshot {key!r} is {kind.label}, not active or view")
         return Snapshot(rec.id, kind, self._parent_ids(rec.parent_id), rec.info.labels)
 
     def _parent_ids(self, parent_id: int | None) -> tuple[int, ...]:
@@ -222,7 +222,7 @@ class Tx(Reader):
             raise AlreadyExists(f"snapshot {name!r} already exists")
         rec = self._get(key)
         if rec.info.kind != Kind.ACTIVE:
-            raise FailedPrecondition(f"snapshot {key!r} is {rec.info.kind.name.lower()}, not active")
+            raise FailedPrecondition(f"snapshot {key!r} is {rec.info.kind.label}, not active")
         now = _now()
         info = replace(rec.info, name=name, kind=Kind.COMMITTED, created_at=now, updated_at=now,
                        labels=dict(labels))
@@ -349,10 +349,10 @@ class MetaStore:
             yield Reader(self._mirror)
 
     def counts_by_kind(self) -> dict[str, int]:
-        counts = {kind.name.lower(): 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
+        counts = {kind.label: 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
         with self._lock:
             for rec in self._mirror.by_id.values():
-                counts[rec.info.kind.name.lower()] += 1
+                counts[rec.info.kind.label] += 1
         return counts
 
     def close(self) -> None:

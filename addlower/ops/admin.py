@@ -39,7 +39,7 @@ from addlower.engine.fsutil import Usage
 from addlower.ops.install import plugin_table
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.mounts import Kind, Layout
-from addlower.engine.snapshotter import KIND_NAMES, matching, measured_usage
+from addlower.engine.snapshotter import matching, measured_usage
 from addlower.engine.store import DB_NAME, Info, MetaStore, Reader
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
@@ -291,7 +291,7 @@ def _age(ns: int) -> str:
 
 
 def _kind(info: Info) -> str:
-    return KIND_NAMES.get(info.kind, "unknown")
+    return info.kind.label
 
 
 @dataclass(frozen=True)

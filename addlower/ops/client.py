@@ -13,13 +13,13 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
-from addlower.core.config import PLUGIN_NAME as SNAPSHOTTER
+from addlower.core.config import PLUGIN_NAME
 
 
 @dataclass
 class SnapshotsClient:
     channel: grpc.Channel
-    snapshotter: str = SNAPSHOTTER
+    snapshotter: str = PLUGIN_NAME
     metadata: Sequence[tuple[str, str]] = ()
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from addlower.core import ctrdconfig
-from addlower.core.config import PLUGIN_NAME as PROXY_PLUGIN
+from addlower.core.config import PLUGIN_NAME
 from addlower.core.ctrdconfig import get_path, set_path
 
 Version = tuple[int, int, int]
@@ -32,7 +32,7 @@ class InstallError(Exception):
 
 def plugin_table(socket: str, root: str) -> str:
     """The config table that declares the snapshotter to containerd, as TOML text."""
-    return tomlkit.dumps({"proxy_plugins": {PROXY_PLUGIN: ctrdconfig.proxy_plugin(socket, root)}})
+    return tomlkit.dumps({"proxy_plugins": {PLUGIN_NAME: ctrdconfig.proxy_plugin(socket, root)}})
 
 
 def new_config(containerd: Version) -> str:
@@ -51,18 +51,18 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
     version = int(doc.get("version", 1))
     if version < 2:
         raise InstallError("config version 1 is not supported: migrate it with `containerd config migrate`")
-    plugin = get_path(doc, ("proxy_plugins", PROXY_PLUGIN))
+    plugin = get_path(doc, ("proxy_plugins", PLUGIN_NAME))
     if plugin is not None and plugin.get("address") != socket:
-        raise InstallError(f"proxy_plugins.{PROXY_PLUGIN} already points at {plugin.get('address')!r}, not {socket!r}")
+        raise InstallError(f"proxy_plugins.{PLUGIN_NAME} already points at {plugin.get('address')!r}, not {socket!r}")
     if plugin is None:
-        set_path(doc, ("proxy_plugins",), PROXY_PLUGIN, ctrdconfig.proxy_plugin(socket, root))
+        set_path(doc, ("proxy_plugins",), PLUGIN_NAME, ctrdconfig.proxy_plugin(socket, root))
     else:
         plugin["type"] = "snapshot"
         set_path(plugin, ("exports",), "root", root)
     if cri:
         images = ctrdconfig.cri_images_table(version)
-        if get_path(doc, (*images, "snapshotter")) != PROXY_PLUGIN:
-            set_path(doc, images, "snapshotter", PROXY_PLUGIN)
+        if get_path(doc, (*images, "snapshotter")) != PLUGIN_NAME:
+            set_path(doc, images, "snapshotter", PLUGIN_NAME)
         runtimes = ctrdconfig.cri_runtimes_table(version)
         if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
             set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
@@ -72,7 +72,7 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
             entries = tomlkit.aot()
             set_path(doc, ctrdconfig.TRANSFER, "unpack_config", entries)
         present = {(e.get("platform"), e.get("snapshotter")) for e in entries}
-        wanted = ctrdconfig.unpack_config() if not present else ctrdconfig.unpack_config((PROXY_PLUGIN,))
+        wanted = ctrdconfig.unpack_config() if not present else ctrdconfig.unpack_config((PLUGIN_NAME,))
         for entry in wanted:
             if (entry["platform"], entry["snapshotter"]) not in present:
                 entries.append(entry)
@@ -87,12 +87,12 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InstallError(f"the edited config would not parse ({exc}); nothing written") from None
-    plugin = get_path(doc, ("proxy_plugins", PROXY_PLUGIN)) or {}
+    plugin = get_path(doc, ("proxy_plugins", PLUGIN_NAME)) or {}
     unpack = get_path(doc, (*ctrdconfig.TRANSFER, "unpack_config")) or []
     if (plugin.get("address"), get_path(plugin, ("exports", "root"))) != (socket, root) \
-            or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PROXY_PLUGIN) \
+            or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PLUGIN_NAME) \
             or (ctrdconfig.uses_transfer_unpack(containerd)
-                and not any(e.get("snapshotter") == PROXY_PLUGIN for e in unpack)):
+                and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)):
         raise InstallError("the edited config would not say what it must; nothing written")
 
 

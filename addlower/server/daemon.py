@@ -21,7 +21,7 @@ from addlower.core.config import Config
 from addlower.core.errors import SnapshotError
 from addlower.server.grpcserver import GrpcServer
 from addlower.server.service import BLOCKING, KUBERNETES, SnapshotsService, map_error, routes
-from addlower.engine.snapshotter import Options, Snapshotter
+from addlower.engine.snapshotter import Snapshotter
 
 log = logging.getLogger("addlower")
 
@@ -73,12 +73,8 @@ class Daemon:
 
     def __init__(self, config: Config):
         self.config = config
-        options = Options(async_remove=config.async_remove, upperdir_label=config.upperdir_label,
-                          mount_options=config.mount_options, mount_targets=config.mount_targets,
-                          allowed_roots=config.allowed_roots,
-                          named_lowers=config.named_lowers, kubernetes=config.kubernetes)
         try:
-            self.snapshotter = Snapshotter(config.root_dir, options)
+            self.snapshotter = Snapshotter(config.root_dir, config)
         except (OSError, RuntimeError, SnapshotError) as exc:
             raise StartupError(f"root {config.root_dir} is unusable: {exc}") from exc
         try:

@@ -161,7 +161,7 @@ ROUTES: dict[str, tuple[Any, str | None, bool, Callable[[Any], str]]] = {
 def routes(service: SnapshotsService) -> dict[str, Route]:
     # Where the configuration decides: Remove deletes trees only without async remove, and Mounts
     # waits for containerd only when Kubernetes lookups are on.
-    pools = {"Remove": None if service.sn.options.async_remove else BLOCKING,
+    pools = {"Remove": None if service.sn.config.async_remove else BLOCKING,
              "Mounts": KUBERNETES if service.sn.pods is not None else None}
     return {
         f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,

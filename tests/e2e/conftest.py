@@ -24,7 +24,8 @@ import pytest
 
 from addlower.dev import ociimage
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
-from addlower.dev.devcontainerd import BIN_DIR_ENV, PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import BIN_DIR_ENV, Binaries, CriSettings, PrivateContainerd
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon, allowing
 
@@ -148,7 +149,7 @@ def private_containerd(workdir: Path, daemon_root: Path, binaries: Binaries) -> 
     Start the daemon first: containerd dials proxies at start-up and, if the socket is not there
     yet, fails calls until its reconnect backoff (up to 3 s) retries.
     """
-    return PrivateContainerd(workdir, proxy_plugins={PROXY_PLUGIN: Daemon(root=daemon_root).socket},
+    return PrivateContainerd(workdir, proxy_plugins={PLUGIN_NAME: Daemon(root=daemon_root).socket},
                              binaries=binaries)
 
 
@@ -156,7 +157,7 @@ def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
     """Our daemon's snapshotter through `containerd`, or the built-in overlayfs when `daemon` is None."""
     if daemon is None:
         return Target(containerd, BUILTIN, containerd.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots")
-    return Target(containerd, PROXY_PLUGIN, daemon.root / "snapshots", daemon)
+    return Target(containerd, PLUGIN_NAME, daemon.root / "snapshots", daemon)
 
 
 @contextmanager
@@ -268,12 +269,12 @@ def running_cri_target(workdir: Path, binaries: Binaries, options: CriOptions) -
     """Our daemon (always, debug log), then a containerd of its own with CRI on, whose snapshotter is
     the built-in overlayfs (`options.builtin`) or our daemon; the Target is the snapshotter CRI uses."""
     daemon = Daemon(root=workdir / "snapshotter", args=["--log-level", "debug", *options.daemon_args])
-    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PROXY_PLUGIN, pod_annotations=options.pod_annotations,
+    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PLUGIN_NAME, pod_annotations=options.pod_annotations,
                       runtime_snapshotters=options.runtime_snapshotters)
     with ExitStack() as stack:
         daemon.start()
         stack.callback(daemon.stop)
-        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket}, cri=cri,
+        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket}, cri=cri,
                                        binaries=binaries)
         yield make_target(stack.enter_context(containerd), None if options.builtin else daemon)
 

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
-from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import Binaries
 from addlower.dev import ociimage
 from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
@@ -227,7 +228,7 @@ def runtime_class_node(tmp_path_factory: pytest.TempPathFactory, pause_image: Oc
     config.write_text(f'[lowers.named]\nmaven = "{work / "m2"}"\n[kubernetes]\nenabled = true\n'
                       f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n')
     options = CriOptions(builtin=True, daemon_args=["--config", str(config)],
-                         runtime_snapshotters={RUNTIME_HANDLER: PROXY_PLUGIN})
+                         runtime_snapshotters={RUNTIME_HANDLER: PLUGIN_NAME})
     with running_cri_target(work, binaries, options) as t:
         for image in (pause_image, busybox_image):
             t.import_image(image, CRI_NAMESPACE)  # into the node's default, overlayfs
@@ -245,7 +246,7 @@ def test_only_pods_of_the_runtime_class_use_the_snapshotter(
     cri = CriClient(t.containerd.address, log_root=tmp_path / "logs")
 
     def ours() -> set[str]:
-        return set(t.ctr("snapshots", "--snapshotter", PROXY_PLUGIN, "ls", namespace=CRI_NAMESPACE).stdout.split())
+        return set(t.ctr("snapshots", "--snapshotter", PLUGIN_NAME, "ls", namespace=CRI_NAMESPACE).stdout.split())
 
     try:
         with cri.pod("plain") as pod:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CtrError, PrivateContainerd
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import Binaries, CtrError, PrivateContainerd
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.dev.ociimage import OciImage
@@ -29,7 +30,7 @@ def ours(daemon: Daemon, containerd: PrivateContainerd, busybox_image: OciImage,
     """Our snapshotter as the namespace's default, the image imported into it (the original's setup)."""
     t = make_target(containerd, daemon)
     t.ctr("namespaces", "create", namespace, namespace="default")
-    t.ctr("namespaces", "label", namespace, f"containerd.io/defaults/snapshotter={PROXY_PLUGIN}", namespace="default")
+    t.ctr("namespaces", "label", namespace, f"containerd.io/defaults/snapshotter={PLUGIN_NAME}", namespace="default")
     t.containerd.import_image(busybox_image.path, namespace)  # into the namespace's default snapshotter
     return t
 
@@ -135,7 +136,7 @@ def test_with_no_configuration_only_the_default_roots_are_allowed(
         for path in ("/etc", "/var/lib/kubelet/pods/evil"):
             with pytest.raises(CtrError) as err:
                 t.containerd.run(busybox_image.ref, "read-host", "cat", "/shadow", namespace="ci",
-                                 snapshotter=PROXY_PLUGIN, options=["--snapshotter-label", f"{LOWERS}={path}"])
+                                 snapshotter=PLUGIN_NAME, options=["--snapshotter-label", f"{LOWERS}={path}"])
             assert "outside the allowed roots" in err.value.stderr and "lowers.allowed_roots" in err.value.stderr
         assert not Path("/var/lib/kubelet/pods/evil").exists()
 
@@ -150,9 +151,9 @@ def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: Oc
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(busybox_image, "ci")
         out = t.containerd.run(busybox_image.ref, "build", "sh", "-c", "cat /settings.xml", namespace="ci",
-                               snapshotter=PROXY_PLUGIN, options=["--snapshotter-label", f"{LOWERS}=maven"])
+                               snapshotter=PLUGIN_NAME, options=["--snapshotter-label", f"{LOWERS}=maven"])
         assert out.stdout == "<settings/>\n"
         with pytest.raises(CtrError) as err:  # a path is refused: no allowed roots on this node
-            t.containerd.run(busybox_image.ref, "build2", "true", namespace="ci", snapshotter=PROXY_PLUGIN,
+            t.containerd.run(busybox_image.ref, "build2", "true", namespace="ci", snapshotter=PLUGIN_NAME,
                              options=["--snapshotter-label", f"{LOWERS}={m2}"])
         assert "outside the allowed roots" in err.value.stderr

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from addlower.ops import install
-from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CriSettings, PrivateContainerd
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import Binaries, CriSettings, PrivateContainerd
 from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon
@@ -38,7 +39,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries, registry:
     daemon = Daemon(root=work / "snapshotter").start()
     try:
         cri = CriSettings(snapshotter="overlayfs", sandbox_image=pause, registries=[registry.host])
-        node = PrivateContainerd(work / "containerd", proxy_plugins={PROXY_PLUGIN: daemon.socket}, cri=cri,
+        node = PrivateContainerd(work / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket}, cri=cri,
                                  binaries=binaries, configure=lambda text: install.configure(
                                      text, str(daemon.socket), str(daemon.root), binaries.version))
         with node:

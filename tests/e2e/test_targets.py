@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from addlower.engine import fsutil
-from addlower.dev.devcontainerd import PROXY_PLUGIN, Binaries, CtrError
+from addlower.core.config import PLUGIN_NAME
+from addlower.dev.devcontainerd import Binaries, CtrError
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.dev.ociimage import OciImage
 
@@ -40,7 +41,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, bina
 
 
 def run(t: Target, image: OciImage, cid: str, lowers: str, script: str) -> str:
-    return t.containerd.run(image.ref, cid, "sh", "-c", script, namespace=NS, snapshotter=PROXY_PLUGIN,
+    return t.containerd.run(image.ref, cid, "sh", "-c", script, namespace=NS, snapshotter=PLUGIN_NAME,
                             options=["--snapshotter-label", f"{LOWERS}={lowers}"]).stdout
 
 

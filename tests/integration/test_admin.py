@@ -25,7 +25,8 @@ from addlower.cli import admin as GROUP
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.mounts import Kind
 from addlower.engine.store import Info
-from addlower.ops.client import SNAPSHOTTER, SnapshotsClient
+from addlower.core.config import PLUGIN_NAME
+from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 
@@ -265,7 +266,7 @@ def test_doctor_fails_with_a_hint_when_containerd_lacks_the_proxy_plugin(setup: 
     checks = _doctor(setup, _containerd_config(tmp_path, None), code=1)
     line = checks["containerd config"]
     assert line.startswith("FAIL")
-    assert "fix:" in line and f"[proxy_plugins.{SNAPSHOTTER}]" in line
+    assert "fix:" in line and f"[proxy_plugins.{PLUGIN_NAME}]" in line
     assert f'address = "{setup.daemon.socket}"' in line
     assert checks["socket"].startswith("PASS")
 
