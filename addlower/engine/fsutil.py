@@ -13,7 +13,6 @@ import errno
 import os
 import re
 import platform
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -134,6 +133,41 @@ def remove_tree(path: Path) -> None:
     if inside:
         raise OSError(errno.EBUSY, f"{len(inside)} mount(s) inside, such as {inside[0]}: not removing it", str(path))
     try:
-        shutil.rmtree(path)
+        top = os.open(path, _O_TREE)
     except FileNotFoundError:
-        pass
+        return
+    try:
+        _remove_contents(top)
+    finally:
+        os.close(top)
+    os.rmdir(path)
+
+
+# A directory of a tree being removed: never through a symlink a container may have put there.
+_O_TREE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _remove_contents(top: int) -> None:
+    """Empty the directory open at `top`, depth first with an explicit stack and every step
+    relative to its parent's fd: a container can make its upper dir as deep as it likes
+    (shutil.rmtree recurses on Python 3.11), and can swap dirs for symlinks meanwhile."""
+    stack: list[tuple[int, list[str] | None, str]] = [(top, None, "")]  # (fd, subdirs left, name)
+    while stack:
+        fd, pending, name = stack[-1]
+        if pending is None:
+            pending = []
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.name)
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+            stack[-1] = (fd, pending, name)
+        if pending:
+            sub = pending.pop()
+            stack.append((os.open(sub, _O_TREE, dir_fd=fd), None, sub))
+            continue
+        stack.pop()
+        if stack:  # below the top: close it and remove it from its parent
+            os.close(fd)
+            os.rmdir(name, dir_fd=stack[-1][0])

@@ -5,8 +5,8 @@ allowed root (a CI job filling a cache can swap a dir for a symlink at any insta
 Opening walks from "/" one component at a time, each opened with O_NOFOLLOW relative to its
 parent's fd: a symlink anywhere in the path is refused, and whatever is renamed afterwards, the
 fd stays on the dir that was checked. Missing dirs are made with mkdirat under the parent's fd,
-only at or below the entry's create root, and removed again (rmdirat, empty dirs only) when a
-later entry fails. A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
+only at or below the entry's create root, and only once every entry has been walked: a
+refused label leaves nothing made. A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
 <root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody else can touch the path. Pins go
 away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays into a
 pin meets a read-only mount.
@@ -16,12 +16,12 @@ Must not know about the store, labels, policy or gRPC: callers hand it checked L
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
 from typing import Sequence
 
 from addlower.core.errors import InvalidArgument
@@ -64,32 +64,13 @@ def _unmount(target: str) -> bool:
     raise OSError(err, os.strerror(err), target)
 
 
-@dataclass
-class _Opened:
-    """fds of the entries opened so far, and the dirs made for them (parent fd, name)."""
-
-    fds: list[int] = field(default_factory=list)
-    created: list[tuple[int, str]] = field(default_factory=list)
-
-    def close(self, undo: bool) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        for parent, name in reversed(self.created):
-            if undo:
-                try:
-                    os.rmdir(name, dir_fd=parent)
-                except OSError as exc:  # filled or replaced meanwhile: not ours to remove any more
-                    log.warning("could not remove the dir %s made for a refused lower: %s", name, exc)
-            os.close(parent)
-
-
 def _refusal(what: str, path: str, exc: OSError) -> InvalidArgument:
     return InvalidArgument(f"{what} {path!r}: {exc.strerror.lower() if exc.strerror else exc}")
 
 
-def _open_one(lower: Lower, what: str, opened: _Opened) -> int:
-    """An O_PATH fd of `lower.path`, walked without following symlinks; missing dirs at or below
-    its create root are made."""
+def _open_one(lower: Lower, what: str, create: bool) -> int | None:
+    """An O_PATH fd of `lower.path`, walked without following symlinks. Missing dirs at or below
+    its create root are made when `create`; without it, the walk stops there and says None."""
     fd = os.open("/", _O_WALK)
     current = ""
     try:
@@ -100,15 +81,12 @@ def _open_one(lower: Lower, what: str, opened: _Opened) -> int:
             except FileNotFoundError:
                 if not is_within(current, lower.create_root):
                     raise InvalidArgument(f"{what} {lower.path!r}: {current} does not exist") from None
-                made = True
-                try:
-                    os.mkdir(name, DIR_MODE, dir_fd=fd)
-                    opened.created.append((os.dup(fd), name))
-                except FileExistsError:  # made meanwhile by someone else: open checks what it is
-                    made = False
+                if not create:
+                    os.close(fd)
+                    return None
+                with contextlib.suppress(FileExistsError):  # made meanwhile: open checks what it is
+                    os.mkdir(name, DIR_MODE, dir_fd=fd)  # 0755 under the daemon's umask (022)
                 child = os.open(name, _O_WALK, dir_fd=fd)
-                if made:
-                    os.chmod(f"/proc/self/fd/{child}", DIR_MODE)  # mkdir's mode went through the umask
             os.close(fd)
             fd = child
         return fd
@@ -139,20 +117,42 @@ class Pins:
 
     def pin(self, sid: int, lowers: Sequence[Lower], what: str) -> tuple[str, ...]:
         """Open each entry (making missing dirs), pin it for snapshot `sid`, and return the pins'
-        paths in order. Refuses with InvalidArgument naming the entry; then nothing is left made."""
+        paths in order. Every entry is walked before any dir is made, so a refusal leaves nothing
+        made; only a race with a writer between the two walks can leave an empty dir, inside the
+        allowed root (removing it again could remove a dir the writer swapped in)."""
         if not lowers and str(sid) not in self._pinned:
             return ()
-        opened = _Opened()
-        ok = False
+        for lower in lowers:  # first, without making anything
+            fd = _open_one(lower, what, create=False)
+            if fd is not None:
+                os.close(fd)
+        fds: list[int] = []
         try:
             for lower in lowers:
-                opened.fds.append(_open_one(lower, what, opened))
+                fd = _open_one(lower, what, create=True)
+                assert fd is not None
+                fds.append(fd)
+            self._refuse_repeats(lowers, fds, what)
             with self._lock:
-                paths = self._sync(sid, opened.fds)
-            ok = True
-            return paths
+                try:
+                    return self._sync(sid, fds)
+                except OSError as exc:  # e.g. its writer removed the dir while it was pinned
+                    self._release(sid)
+                    raise InvalidArgument(f"{what}: a dir changed while it was pinned ({exc.strerror})") from None
         finally:
-            opened.close(undo=not ok)
+            for fd in fds:
+                os.close(fd)
+
+    @staticmethod
+    def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:
+        """The same dir twice under one target: overlayfs would refuse the mount (ELOOP)."""
+        seen: dict[tuple[str, int, int], str] = {}
+        for lower, fd in zip(lowers, fds):
+            st = os.fstat(fd)
+            key = (lower.target, st.st_dev, st.st_ino)
+            if key in seen:
+                raise InvalidArgument(f"{what} {lower.path!r}: the same dir as {seen[key]!r}, twice at {lower.target}")
+            seen[key] = lower.path
 
     def _sync(self, sid: int, fds: Sequence[int]) -> tuple[str, ...]:
         base = f"{self.dir}/{sid}"
@@ -170,7 +170,8 @@ class Pins:
             except FileNotFoundError:
                 os.mkdir(pin, PIN_DIR_MODE)
                 current = None
-            if current is None or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino):
+            if current is None or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino) \
+                    or not os.statvfs(pin).f_flag & os.ST_RDONLY:  # a kill between bind and remount
                 self._unmount_all(pin)
                 _mount(f"/proc/self/fd/{fd}", pin, MS_BIND)
                 _mount(None, pin, MS_REMOUNT | MS_BIND | MS_RDONLY)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from addlower.engine import fsutil
 from addlower.engine import metrics
 from addlower.core.config import Config
-from addlower.core.errors import InvalidArgument
+from addlower.core.errors import InvalidArgument, NotFound
 from addlower.core.filters import parse_filters
 from addlower.engine.fsutil import Usage
 from addlower.core.pods import Lookup, check_for_pod, in_namespace, normalised_value
@@ -267,6 +267,10 @@ class Snapshotter:
             request = Request(self._refused_counted("label", lambda: parse_lowers(
                 snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE)))
         mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, request.lowers, request.source))
+        with self.store.read() as tx:
+            if not tx.has_id(snap.id):  # removed while it was being pinned: its pins go too
+                self.pins.release(snap.id)
+                raise NotFound(f"snapshot {key!r} does not exist")
         if request.record:  # only once the dirs are pinned: a refusal records nothing
             with self.store.transaction() as tx:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
@@ -375,7 +379,7 @@ class Snapshotter:
         self.pins.release(sid)
         try:
             fsutil.remove_tree(removed)
-        except OSError as exc:  # the metadata is gone already; Cleanup retries the directory
+        except Exception as exc:  # the metadata is gone already; Cleanup retries the directory
             log.warning("removing %s failed, Cleanup will retry: %s", removed, exc)
 
     def cleanup(self) -> list[str]:
@@ -391,7 +395,7 @@ class Snapshotter:
             try:
                 fsutil.remove_tree(self.snapshots_dir / name)
                 removed.append(name)
-            except OSError as exc:  # left for the next Cleanup, and for the operator to look at
+            except Exception as exc:  # left for the next Cleanup, and for the operator to look at
                 log.error("cleanup could not remove %s: %s", self.snapshots_dir / name, exc)
         return removed
 

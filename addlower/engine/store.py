@@ -177,6 +177,9 @@ class Reader:
     def ids(self) -> set[int]:
         return set(self._m.by_id)
 
+    def has_id(self, sid: int) -> bool:
+        return sid in self._m.by_id
+
     def last_id(self) -> int:
         """The highest id ever handed out (committed), live or removed."""
         return self._m.last_id

@@ -133,6 +133,7 @@ class Daemon:
 
 def run(config: Config) -> int:
     """Serve until SIGTERM or SIGINT; returns the process exit code."""
+    os.umask(0o022)  # dirs made for missing lowers are 0755, whatever umask started the daemon
     try:
         daemon = Daemon(config)
         try:

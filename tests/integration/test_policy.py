@@ -4,6 +4,7 @@ and keys, a lost metadata.db, and removals that must never reach into a host dir
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -270,3 +271,106 @@ def test_a_root_whose_metadata_is_older_than_its_snapshots_is_refused(tmp_path: 
         Daemon(root=root).start()
     assert "[3, 4]" in str(err.value)
     assert sorted(os.listdir(root / "snapshots")) == ["1", "2", "3", "4"]
+
+
+# --- found by an attack study of the pins --------------------------------------------------------
+
+def test_a_container_made_tree_deeper_than_python_recursion_is_removed(tmp_path: Path):
+    with serving(tmp_path / "root", []) as (d, c):
+        c.prepare("deep")
+        c.prepare("other")
+        fd = os.open(d.root / "snapshots" / "1" / "fs", os.O_RDONLY)  # what a container does in its rootfs
+        for _ in range(1200):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.close(fd)
+        c.remove("deep")
+        c.remove("other")
+        c.cleanup()
+        assert os.listdir(d.root / "snapshots") == []
+
+
+def test_a_dir_removed_by_its_writer_while_pinned_is_invalid_argument(tmp_path: Path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    x, stop, codes = allowed / "x", threading.Event(), set()
+
+    def writer() -> None:
+        while not stop.is_set():
+            for op in (os.mkdir, os.rmdir):
+                try:
+                    op(x)
+                except OSError:
+                    pass
+
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        try:
+            for n in range(300):
+                try:
+                    c.prepare(f"k{n}", labels={LOWERS: str(x)})
+                    c.remove(f"k{n}")
+                except grpc.RpcError as err:
+                    codes.add(err.code())
+        finally:
+            stop.set()
+            t.join()
+        assert codes <= {Code.INVALID_ARGUMENT} and "Traceback" not in d.log()
+
+
+def test_a_dir_swapped_in_for_one_the_daemon_made_is_neither_chmodded_nor_removed(tmp_path: Path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "afile").write_text("x")
+    victim = allowed / "victim"
+    victim.mkdir(mode=0o700)
+    os.chown(victim, 1234, 1234)  # another user's private dir, beside the one a label asks for
+    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c):
+        for n in range(200):
+            made, stop = allowed / f"new{n}", threading.Event()
+
+            def swap() -> None:
+                while not stop.is_set():
+                    try:
+                        exchange(made, victim)
+                    except OSError:
+                        pass
+
+            t = threading.Thread(target=swap, daemon=True)
+            t.start()
+            try:  # odd rounds: a later entry is refused, so the daemon removes what it made
+                label = str(made) + (f":{allowed}/afile/x" if n % 2 else "")
+                with contextlib.suppress(grpc.RpcError):
+                    c.prepare(f"k{n}", labels={LOWERS: label})
+            finally:
+                stop.set()
+                t.join()
+            owned = [p for p in (victim, made) if p.exists() and p.stat().st_uid == 1234]
+            assert len(owned) == 1, f"round {n}: the other user's dir is gone: " + repr(
+                [(e.name, e.stat(follow_symlinks=False).st_uid) for e in os.scandir(allowed)])
+            assert stat.S_IMODE(owned[0].stat().st_mode) == 0o700, f"round {n}: chmodded"
+            if owned[0] != victim:
+                os.rename(owned[0], victim)
+
+
+def test_the_same_dir_twice_at_one_place_is_refused_before_the_mount_would_fail(
+        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    err = expect_code(Code.INVALID_ARGUMENT, client.prepare, "c", labels={LOWERS: f"{cache}:{cache}"})
+    assert "the same dir as" in err.details()
+
+
+def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(
+        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    client.prepare("c", labels={LOWERS: str(cache)})
+    pin = daemon.root / "lowers" / "1" / "0"
+    subprocess.run(["mount", "-o", "remount,bind,rw", str(pin)], check=True)
+    assert not os.statvfs(pin).f_flag & os.ST_RDONLY
+    client.mounts("c")
+    assert os.statvfs(pin).f_flag & os.ST_RDONLY
