@@ -63,9 +63,12 @@ _TOP = {
 }
 
 
-def _typed(key: str, value: Any, kind: type) -> Any:
-    if not isinstance(value, kind):
-        raise ConfigError(f"{key}: expected a {kind.__name__}, got {value!r}")
+def _typed(key: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    """`value` if it is a `kind` (a bool is no number here, though Python says it is an int)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        name = "number" if float in kinds else kinds[0].__name__
+        raise ConfigError(f"{key}: expected a {name}, got {value!r}")
     return value
 
 
@@ -153,10 +156,7 @@ def _kubernetes(section: Mapping[str, Any]) -> KubernetesConfig:
     for key, value in section.items():
         if key not in _KUBERNETES:
             raise ConfigError(f"kubernetes.{key}: unknown key")
-        kind = _KUBERNETES[key]
-        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-            raise ConfigError(f"kubernetes.{key}: expected a {getattr(kind, '__name__', 'number')}, got {value!r}")
-        values[key] = value
+        values[key] = _typed(f"kubernetes.{key}", value, _KUBERNETES[key])
     roots = _strings("kubernetes.allowed_roots", values.pop("allowed_roots", []))
     namespaces = {}
     for ns, table in values.pop("namespaces", {}).items():
@@ -171,19 +171,24 @@ def _kubernetes(section: Mapping[str, Any]) -> KubernetesConfig:
     return KubernetesConfig(**values, allowed_roots=roots, namespaces=namespaces)
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as data; ConfigError naming the file when it cannot be read or parsed."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def load_config(path: Path | None) -> Config:
     """The file at `path`, or the default file if it exists, or the defaults."""
     if path is None:
         if not DEFAULT_CONFIG.exists():
             return Config()
         path = DEFAULT_CONFIG
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = read_toml(path)
     try:
         return parse_config(data)
     except ConfigError as exc:

@@ -14,13 +14,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from addlower.engine import fsutil
 from addlower.engine import metrics
 from addlower.core.config import Config
 from addlower.core.errors import InvalidArgument, NotFound
-from addlower.core.filters import parse_filters
 from addlower.engine.fsutil import Usage
 from addlower.core.pods import Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine.podlookup import PodLowers
@@ -29,7 +28,7 @@ from addlower.engine.ctrdversion import TargetSupport
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 from addlower.engine.pinning import Pins
-from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, stored_schema_version
+from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +63,6 @@ class NeedsTime(Exception):
 
 class LostMetadata(RuntimeError):
     """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
-
-
-def snapshot_fields(info: Info):  # -> filters.Adaptor
-    """The fields a List filter can test on a snapshot, as containerd names them."""
-
-    def field(path: Sequence[str]) -> tuple[str, bool]:
-        if not path:
-            return "", False
-        head = path[0]
-        if head == "kind":
-            return info.kind.label, True
-        if head == "name":
-            return info.name, True
-        if head == "parent":
-            return info.parent, True
-        if head == "labels" and len(path) > 1:
-            value = info.labels.get(".".join(path[1:]))
-            return (value, True) if value is not None else ("", False)
-        return "", False
-
-    return field
-
-
-def matching(rows: Iterable[tuple[int, Info]], filters: Sequence[str]) -> Iterator[tuple[int, Info]]:
-    """The (id, info) rows a List with these filters returns, as they are asked for; the filters
-    are parsed (and refused) at once."""
-    matcher = parse_filters(filters)
-    return ((sid, info) for sid, info in rows if matcher.match(snapshot_fields(info)))
 
 
 def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
@@ -254,7 +225,7 @@ class Snapshotter:
                 os.makedirs(f"{base}/fs", mode=0o755, exist_ok=True)
                 os.makedirs(f"{base}/work", mode=0o711, exist_ok=True)
 
-    # --- queries ------------------------------------------------------------------------------
+    # --- mounts: a read that re-checks lowers, re-pins them and may record a pod's ------------
 
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
@@ -303,6 +274,8 @@ class Snapshotter:
         metrics.LOWERS_RESOLVED.labels("annotation").inc()
         return Request(lowers, f"{found.describe()}: {source}", "annotation",
                        {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"})
+
+    # --- queries ------------------------------------------------------------------------------
 
     def stat(self, key: str) -> Info:
         with self.store.read() as tx:
@@ -385,7 +358,7 @@ class Snapshotter:
     def cleanup(self) -> list[str]:
         """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
         snapshots that are gone; returns the names of the directories removed."""
-        with self.store.read() as tx:
+        with self.store.exclusive() as tx:
             ids = tx.ids()
             live = {str(i) for i in ids}
             doomed = [self._set_aside(e) for e in os.listdir(self.snapshots_dir) if e not in live]

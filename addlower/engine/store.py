@@ -4,8 +4,9 @@ SQLite at <root>/metadata.db is the record: one transaction per operation, durab
 synchronous=FULL), ids from AUTOINCREMENT and never reused. Every committed row is mirrored in
 memory, and reads are served from the mirror only: Stat, Mounts and List are the hot paths (CRI
 stats every snapshot every 10 s), and this daemon is the database's only writer, so the mirror
-cannot drift. The mirror changes only after a COMMIT succeeds. The rules of containerd's
-snapshot storage (which errors, in which order) live here. This module must not touch snapshot
+cannot drift. The mirror changes only after a COMMIT succeeds, published under its own lock, so
+readers never wait for a writer's SQL. The rules of containerd's snapshot storage (which errors,
+in which order) and the fields List filters see live here. This module must not touch snapshot
 directories or know about mounts or gRPC.
 """
 
@@ -18,8 +19,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
+from addlower.core.filters import parse_filters
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from addlower.engine.fsutil import Usage
 from addlower.core.mounts import Kind
@@ -281,7 +283,8 @@ class MetaStore:
         """`readonly` is for tools reading beside (or instead of) the daemon: the file is opened
         with mode=ro, never migrated or written, and (WAL) such a reader never blocks the daemon."""
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # writers: one SQL transaction at a time
+        self._mirror_lock = threading.Lock()  # readers, and publishing a committed change
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:
@@ -342,18 +345,27 @@ class MetaStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            for change in tx.pending:
-                change()
+            with self._mirror_lock:  # published whole: a reader sees it all or none of it
+                for change in tx.pending:
+                    change()
 
     @contextmanager
     def read(self) -> Iterator[Reader]:
-        """Consistent reads of the committed state: the lock keeps every writer out."""
+        """Consistent reads of the committed state. Readers do not wait for a writer's SQL (as
+        bolt's readers do not in containerd), only for the instant its change is published."""
+        with self._mirror_lock:
+            yield Reader(self._mirror)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[Reader]:
+        """Reads with every writer kept out, for work on disk that must not meet a create (a new
+        snapshot's temp dir is made inside its transaction)."""
         with self._lock:
             yield Reader(self._mirror)
 
     def counts_by_kind(self) -> dict[str, int]:
         counts = {kind.label: 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
-        with self._lock:
+        with self._mirror_lock:
             for rec in self._mirror.by_id.values():
                 counts[rec.info.kind.label] += 1
         return counts
@@ -361,3 +373,33 @@ class MetaStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+# --- List filters over the store (containerd keeps its adaptor beside its storage) -------------
+
+def snapshot_fields(info: Info):  # -> filters.Adaptor
+    """The fields a List filter can test on a snapshot, as containerd names them."""
+
+    def field(path: Sequence[str]) -> tuple[str, bool]:
+        if not path:
+            return "", False
+        head = path[0]
+        if head == "kind":
+            return info.kind.label, True
+        if head == "name":
+            return info.name, True
+        if head == "parent":
+            return info.parent, True
+        if head == "labels" and len(path) > 1:
+            value = info.labels.get(".".join(path[1:]))
+            return (value, True) if value is not None else ("", False)
+        return "", False
+
+    return field
+
+
+def matching(rows: Iterable[tuple[int, Info]], filters: Sequence[str]) -> Iterator[tuple[int, Info]]:
+    """The (id, info) rows a List with these filters returns, as they are asked for; the filters
+    are parsed (and refused) at once."""
+    matcher = parse_filters(filters)
+    return ((sid, info) for sid, info in rows if matcher.match(snapshot_fields(info)))

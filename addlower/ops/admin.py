@@ -18,7 +18,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import tomllib
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -33,14 +32,23 @@ from addlower.core import ctrdconfig
 from addlower.engine import fsutil
 from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
-from addlower.core.config import DEFAULT_CONFIG, DEFAULT_ROOT, PLUGIN_NAME, SOCKET_NAME, Config, ConfigError, load_config
+from addlower.core.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_ROOT,
+    PLUGIN_NAME,
+    SOCKET_NAME,
+    Config,
+    ConfigError,
+    load_config,
+    read_toml,
+)
 from addlower.core.errors import NotFound, SnapshotError
 from addlower.engine.fsutil import Usage
 from addlower.ops.install import plugin_table
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.mounts import Kind, Layout
-from addlower.engine.snapshotter import matching, measured_usage
-from addlower.engine.store import DB_NAME, Info, MetaStore, Reader
+from addlower.engine.snapshotter import measured_usage
+from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
@@ -595,12 +603,9 @@ def check_containerd(path: Path, socket: Path, root: Path,
     for a containerd of version `containerd` (None: unknown), lets CRI and pulls use it."""
     hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket), str(root)).rstrip("\n")
     try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        return [Check("containerd config", FAIL, f"cannot read {path}: {exc.strerror}", hint)]
-    except tomllib.TOMLDecodeError as exc:
-        return [Check("containerd config", FAIL, f"{path}: {exc}", f"fix the TOML syntax of {path}")]
+        document = read_toml(path)
+    except ConfigError as exc:
+        return [Check("containerd config", FAIL, str(exc), f"make {path} readable TOML, then:\n" + hint)]
     found = [(n, p) for n, p in _proxy_plugins(document).items()
              if p.get("type") == "snapshot" and os.path.normpath(str(p.get("address", ""))) == str(socket)]
     if not found:

@@ -3,8 +3,9 @@
 A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
 protobuf, and the error -> status code mapping (the codes themselves live in addlower.core.errors).
 Which calls may block (tree walks and deletions) and in which thread pool they run is stated per
-method in ROUTES. It must not
-hold snapshot logic or know how bytes reach the socket.
+method in METHODS and decided in pools(). Stat and List answer with bytes already serialized (each
+Info's is kept as long as the Info lives; the transport sends bytes as they are): CRI stats every
+snapshot every 10 s. It must not hold snapshot logic or know how bytes reach the socket.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -142,29 +144,44 @@ BLOCKING = "blocking"  # the pool for tree walks and deletions
 KUBERNETES = "kubernetes"  # the pool for Mounts calls that may wait for containerd (its own: a slow
 #                            containerd must not starve Usage or Remove)
 
-# method -> (request type, pool or None for the loop, streams, what to log as the key)
-ROUTES: dict[str, tuple[Any, str | None, bool, Callable[[Any], str]]] = {
-    "Prepare": (pb.PrepareSnapshotRequest, None, False, _key),
-    "View": (pb.ViewSnapshotRequest, None, False, _key),
-    "Mounts": (pb.MountsRequest, None, False, _key),  # but see routes(): Kubernetes lookups wait
-    "Commit": (pb.CommitSnapshotRequest, None, False, _key),  # a big upper dir goes to BLOCKING (Offload)
-    "Remove": (pb.RemoveSnapshotRequest, BLOCKING, False, _key),  # but see routes(): async remove is quick
-    "Stat": (pb.StatSnapshotRequest, None, False, _key),
-    "Update": (pb.UpdateSnapshotRequest, None, False, lambda r: r.info.name),
+
+@dataclass(frozen=True)
+class Method:
+    """One Snapshots method: its request type, where it runs, whether it streams, what to log."""
+
+    request: Any
+    pool: str | None = None  # None: on the event loop
+    streams: bool = False
+    describe: Callable[[Any], str] = _key
+
+
+METHODS: dict[str, Method] = {
+    "Prepare": Method(pb.PrepareSnapshotRequest),
+    "View": Method(pb.ViewSnapshotRequest),
+    "Mounts": Method(pb.MountsRequest),  # KUBERNETES when lookups are on (pools())
+    "Commit": Method(pb.CommitSnapshotRequest),  # a big upper dir goes to BLOCKING itself (Offload)
+    "Remove": Method(pb.RemoveSnapshotRequest, BLOCKING),  # on the loop with async remove (pools())
+    "Stat": Method(pb.StatSnapshotRequest),
+    "Update": Method(pb.UpdateSnapshotRequest, describe=lambda r: r.info.name),
     # On the loop, lazily: each batch is framed only once flow control lets it go out.
-    "List": (pb.ListSnapshotsRequest, None, True, lambda r: ",".join(r.filters)),
-    "Usage": (pb.UsageRequest, BLOCKING, False, _key),  # walks an active snapshot's upper dir
-    "Cleanup": (pb.CleanupRequest, BLOCKING, False, lambda r: ""),
+    "List": Method(pb.ListSnapshotsRequest, streams=True, describe=lambda r: ",".join(r.filters)),
+    "Usage": Method(pb.UsageRequest, BLOCKING),  # walks an active snapshot's upper dir
+    "Cleanup": Method(pb.CleanupRequest, BLOCKING, describe=lambda r: ""),
 }
 
 
+def pools(service: SnapshotsService) -> dict[str, str | None]:
+    """Where each method runs, the configuration's say included: the one place that decides."""
+    where = {name: m.pool for name, m in METHODS.items()}
+    if service.sn.config.async_remove:
+        where["Remove"] = None  # a rename in the store, no tree to delete
+    if service.sn.pods is not None:
+        where["Mounts"] = KUBERNETES  # may wait for containerd
+    return where
+
+
 def routes(service: SnapshotsService) -> dict[str, Route]:
-    # Where the configuration decides: Remove deletes trees only without async remove, and Mounts
-    # waits for containerd only when Kubernetes lookups are on.
-    pools = {"Remove": None if service.sn.config.async_remove else BLOCKING,
-             "Mounts": KUBERNETES if service.sn.pods is not None else None}
-    return {
-        f"/{SERVICE}/{name}": Route(request=req, handler=getattr(service, name), streaming=streams,
-                                    pool=pools.get(name, pool), describe=describe)
-        for name, (req, pool, streams, describe) in ROUTES.items()
-    }
+    where = pools(service)
+    return {f"/{SERVICE}/{name}": Route(request=m.request, handler=getattr(service, name), streaming=m.streams,
+                                        pool=where[name], describe=m.describe)
+            for name, m in METHODS.items()}
