@@ -230,16 +230,16 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
         or the host may have changed) and, for a pod's container, records what it got."""
-        with self.store.read() as tx:
-            snap = tx.get_snapshot(key)
+        with self.store.read() as reader:
+            snap = reader.get_snapshot(key)
         if self._held_for_pods(key):
             request = self._pod_lowers(key, snap)
         else:
             request = Request(self._refused_counted("label", lambda: parse_lowers(
                 snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE)))
         mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, request.lowers, request.source))
-        with self.store.read() as tx:
-            if not tx.has_id(snap.id):  # removed while it was being pinned: its pins go too
+        with self.store.read() as reader:
+            if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
                 self.pins.release(snap.id)
                 raise NotFound(f"snapshot {key!r} does not exist")
         if request.record:  # only once the dirs are pinned: a refusal records nothing
@@ -278,20 +278,20 @@ class Snapshotter:
     # --- queries ------------------------------------------------------------------------------
 
     def stat(self, key: str) -> Info:
-        with self.store.read() as tx:
-            sid, info, _ = tx.get_info(key)
+        with self.store.read() as reader:
+            sid, info, _ = reader.get_info(key)
         return self._decorate(sid, info)
 
     def usage(self, key: str) -> Usage:
-        with self.store.read() as tx:
-            sid, info, stored = tx.get_info(key)
+        with self.store.read() as reader:
+            sid, info, stored = reader.get_info(key)
         return measured_usage(self.layout, sid, info, stored)  # the walk, outside the lock
 
     def list(self, filters: Sequence[str]) -> Iterator[Info]:
         """Snapshots matching the filters, by key: the store is read and the filters checked now,
         the matching done as the caller iterates."""
-        with self.store.read() as tx:
-            rows = tx.walk()
+        with self.store.read() as reader:
+            rows = reader.walk()
         return (self._decorate(sid, info) for sid, info in matching(rows, filters))
 
     def _decorate(self, sid: int, info: Info) -> Info:
@@ -307,8 +307,8 @@ class Snapshotter:
         """A label update; a new lowers value is checked now (against the pods' policy in the CRI
         namespace) and pinned at the next Mounts."""
         validate_labels(labels)
-        with self.store.read() as tx:
-            _, current, _ = tx.get_info(name)
+        with self.store.read() as reader:
+            _, current, _ = reader.get_info(name)
         self._refuse_reserved(labels, current.labels)
         if EXTRA_LOWERS_LABEL in labels:
             policy = self._pod_policy(None) if self._held_for_pods(name) else self.lowers
@@ -321,8 +321,8 @@ class Snapshotter:
         """Commit an active snapshot. `quick`: the caller must not wait on a big upper dir (it
         runs on the event loop), so more than QUICK_COMMIT_INODES raises NeedsTime instead."""
         validate_labels(labels)
-        with self.store.read() as tx:
-            sid, info, _ = tx.get_info(key)
+        with self.store.read() as reader:
+            sid, info, _ = reader.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
         usage = live_usage(self.layout, sid, QUICK_COMMIT_INODES if quick else None) \
             if info.kind == Kind.ACTIVE else Usage()
@@ -358,8 +358,8 @@ class Snapshotter:
     def cleanup(self) -> list[str]:
         """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
         snapshots that are gone; returns the names of the directories removed."""
-        with self.store.exclusive() as tx:
-            ids = tx.ids()
+        with self.store.exclusive() as reader:
+            ids = reader.ids()
             live = {str(i) for i in ids}
             doomed = [self._set_aside(e) for e in os.listdir(self.snapshots_dir) if e not in live]
             self.pins.release_all_but(ids)  # under the lock: creates pin inside their transaction
@@ -393,8 +393,8 @@ class Snapshotter:
         dir renamed to rm-<id>: put it back. Dirs of higher ids mean metadata.db is older than
         snapshots/ (restored from an old copy?): refuse, rather than delete them.
         """
-        with self.store.read() as tx:
-            last, live = tx.last_id(), tx.ids()
+        with self.store.read() as reader:
+            last, live = reader.last_id(), reader.ids()
         ahead = sorted(int(e) for e in os.listdir(self.snapshots_dir) if e.isdigit() and int(e) > last + 1)
         if ahead:
             raise LostMetadata(
