@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from addlower.core.errors import InvalidArgument
@@ -102,6 +103,25 @@ def _open_one(lower: Lower, what: str, create: bool) -> int | None:
         raise
 
 
+@dataclass
+class Opened:
+    """The fds of a request's entries, in order; closed when done with."""
+
+    lowers: tuple[Lower, ...]
+    fds: list[int] = field(default_factory=list)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> Opened:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Pins:
     """The pins under <root>/lowers, one dir per snapshot that has extra lowers."""
 
@@ -116,32 +136,46 @@ class Pins:
         return f"{self.dir}/{sid}/{n}"
 
     def pin(self, sid: int, lowers: Sequence[Lower], what: str) -> tuple[str, ...]:
-        """Open each entry (making missing dirs), pin it for snapshot `sid`, and return the pins'
-        paths in order. Every entry is walked before any dir is made, so a refusal leaves nothing
-        made; only a race with a writer between the two walks can leave an empty dir, inside the
-        allowed root (removing it again could remove a dir the writer swapped in)."""
+        """Open each entry and pin it for snapshot `sid` (open() then attach())."""
         if not lowers and str(sid) not in self._pinned:
             return ()
+        with self.open(lowers, what) as opened:
+            return self.attach(sid, opened, what)
+
+    @staticmethod
+    def open(lowers: Sequence[Lower], what: str) -> Opened:
+        """Open each entry, making missing dirs: the part that may take long (a slow filesystem
+        under an allowed root), so callers do it outside their locks. Every entry is walked
+        before any dir is made, so a refusal leaves nothing made; only a race with a writer
+        between the two walks can leave an empty dir, inside the allowed root (removing it again
+        could remove a dir the writer swapped in)."""
         for lower in lowers:  # first, without making anything
             fd = _open_one(lower, what, create=False)
             if fd is not None:
                 os.close(fd)
-        fds: list[int] = []
+        opened = Opened(tuple(lowers))
         try:
             for lower in lowers:
                 fd = _open_one(lower, what, create=True)
                 assert fd is not None
-                fds.append(fd)
-            self._refuse_repeats(lowers, fds, what)
-            with self._lock:
-                try:
-                    return self._sync(sid, fds)
-                except OSError as exc:  # e.g. its writer removed the dir while it was pinned
-                    self._release(sid)
-                    raise InvalidArgument(f"{what}: a dir changed while it was pinned ({exc.strerror})") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
+                opened.fds.append(fd)
+            Pins._refuse_repeats(lowers, opened.fds, what)
+        except BaseException:
+            opened.close()
+            raise
+        return opened
+
+    def attach(self, sid: int, opened: Opened, what: str) -> tuple[str, ...]:
+        """Pin the opened dirs for snapshot `sid` (quick: mounts of fds); the pins' paths in order.
+        With none, drops the pins `sid` had, if any."""
+        if not opened.fds and str(sid) not in self._pinned:
+            return ()
+        with self._lock:
+            try:
+                return self._sync(sid, opened.fds)
+            except OSError as exc:  # e.g. its writer removed the dir while it was pinned
+                self._release(sid)
+                raise InvalidArgument(f"{what}: a dir changed while it was pinned ({exc.strerror})") from None
 
     @staticmethod
     def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:

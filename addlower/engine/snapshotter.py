@@ -27,7 +27,7 @@ from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, 
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
-from addlower.engine.pinning import Pins
+from addlower.engine.pinning import Opened, Pins
 from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
@@ -113,16 +113,25 @@ class Snapshotter:
 
     # --- creation -----------------------------------------------------------------------------
 
-    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return self._create(Kind.ACTIVE, key, parent, labels)
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str], quick: bool = False) -> list[Mount]:
+        """`quick` (as for view and mounts): the caller runs on the event loop, so host dirs to
+        walk raise NeedsTime instead (a filesystem under an allowed root may hang)."""
+        return self._create(Kind.ACTIVE, key, parent, labels, quick)
 
-    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
-        return self._create(Kind.VIEW, key, parent, labels)
+    def view(self, key: str, parent: str, labels: Mapping[str, str], quick: bool = False) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels, quick)
 
-    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], quick: bool) -> list[Mount]:
         validate_labels(labels)
         self._refuse_reserved(labels, {})
         lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels))
+        if lowers and quick:
+            raise NeedsTime(f"snapshot {key!r} has host dirs to open")
+        with self._refused_counted("label", lambda: self._open(lowers, LABEL_SOURCE)) as opened:  # no lock held
+            return self._create_opened(kind, key, parent, labels, opened)
+
+    def _create_opened(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str],
+                       opened: Opened) -> list[Mount]:
         tree: Path | None = None  # wherever the new snapshot's directory is at the moment
         sid: int | None = None
         try:
@@ -142,7 +151,7 @@ class Snapshotter:
                 os.rename(tree, final)
                 tree = final
                 # In place: the mounts may need dirs inside it (a target's mountpoint and upper).
-                mounts = self._refused_counted("label", lambda: self._mounts(snap, lowers, LABEL_SOURCE))
+                mounts = self._refused_counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE))
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
@@ -192,11 +201,17 @@ class Snapshotter:
         if POD_LABEL in labels and labels[POD_LABEL] != current.get(POD_LABEL):
             raise InvalidArgument(f"label {POD_LABEL} is set by the snapshotter only")
 
-    def _mounts(self, snap: Snapshot, lowers: Sequence[Lower], source: str) -> list[Mount]:
-        """The mounts of `snap` with `lowers` pinned; drops pins of entries it no longer has."""
+    def _open(self, lowers: Sequence[Lower], source: str) -> Opened:
+        """Everything about `lowers` that may take long, done before any lock is taken: whether
+        containerd honours targets (a call to it), and walking the host dirs (a slow filesystem)."""
         if any(lower.target != ROOT_TARGET for lower in lowers):
             self.targets.check(source)
-        pins = self.pins.pin(snap.id, lowers, f"{source}: entry")
+        return self.pins.open(lowers, f"{source}: entry")
+
+    def _mounts(self, snap: Snapshot, opened: Opened, source: str) -> list[Mount]:
+        """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer has."""
+        lowers = opened.lowers
+        pins = self.pins.attach(snap.id, opened, f"{source}: entry")
         try:
             at_root = [pin for pin, lower in zip(pins, lowers) if lower.target == ROOT_TARGET]
             targets: dict[str, list[str]] = {}
@@ -227,9 +242,10 @@ class Snapshotter:
 
     # --- mounts: a read that re-checks lowers, re-pins them and may record a pod's ------------
 
-    def mounts(self, key: str) -> list[Mount]:
+    def mounts(self, key: str, quick: bool = False) -> list[Mount]:
         """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
-        or the host may have changed) and, for a pod's container, records what it got."""
+        or the host may have changed) and, for a pod's container, records what it got. `quick`:
+        as for prepare."""
         with self.store.read() as reader:
             snap = reader.get_snapshot(key)
         if self._held_for_pods(key):
@@ -237,7 +253,10 @@ class Snapshotter:
         else:
             request = Request(self._refused_counted("label", lambda: parse_lowers(
                 snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE)))
-        mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, request.lowers, request.source))
+        if request.lowers and quick:
+            raise NeedsTime(f"snapshot {key!r} has host dirs to open")
+        with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source)) as opened:
+            mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source))
         with self.store.read() as reader:
             if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
                 self.pins.release(snap.id)

@@ -89,23 +89,34 @@ class SnapshotsService:
         self.sn = snapshotter
         self.infos = InfoCache()
 
+    # Prepare, View and Mounts run on the loop, unless they have host dirs to open: then in the
+    # blocking pool (Offload), where a hung filesystem under an allowed root stalls only them.
+
     def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:
-        mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
+        labels = dict(request.labels)
+        mounts = self._offloading(lambda quick: self.sn.prepare(request.key, request.parent, labels, quick))
         return pb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     def View(self, request: pb.ViewSnapshotRequest) -> pb.ViewSnapshotResponse:
-        mounts = self.sn.view(request.key, request.parent, dict(request.labels))
+        labels = dict(request.labels)
+        mounts = self._offloading(lambda quick: self.sn.view(request.key, request.parent, labels, quick))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse:
-        return pb.MountsResponse(mounts=mounts_to_pb(self.sn.mounts(request.key)))
+        mounts = self._offloading(lambda quick: self.sn.mounts(request.key, quick))
+        return pb.MountsResponse(mounts=mounts_to_pb(mounts))
+
+    @staticmethod
+    def _offloading(call: Callable[[bool], Any]) -> Any:
+        """call(quick), handed to the blocking pool when it says it needs time."""
+        try:
+            return call(on_loop())
+        except NeedsTime:
+            raise Offload(BLOCKING) from None
 
     def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
         """On the loop for the usual small upper dir; a big one is counted in the blocking pool."""
-        try:
-            self.sn.commit(request.name, request.key, dict(request.labels), quick=on_loop())
-        except NeedsTime:
-            raise Offload(BLOCKING) from None
+        self._offloading(lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick))
         return empty_pb2.Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:

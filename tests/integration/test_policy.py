@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
@@ -374,3 +376,77 @@ def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(
     assert not os.statvfs(pin).f_flag & os.ST_RDONLY
     client.mounts("c")
     assert os.statvfs(pin).f_flag & os.ST_RDONLY
+
+
+class HungFuse:
+    """A FUSE filesystem mounted at `mountpoint` (as `fusermount -o allow_other` would for a user)
+    whose server answers INIT and GETATTR and never a LOOKUP until released: a hung network or
+    user filesystem under an allowed root."""
+
+    def __init__(self, mountpoint: Path) -> None:
+        self.mountpoint = mountpoint
+        self.dev = os.open("/dev/fuse", os.O_RDWR)
+        options = f"fd={self.dev},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
+        if _libc.mount(b"fuse", bytes(mountpoint), b"fuse", 6, options) != 0:  # MS_NOSUID | MS_NODEV
+            raise OSError(ctypes.get_errno(), "mount fuse")
+        self.stuck, self.release = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                buf = os.read(self.dev, 1 << 17)
+            except OSError:
+                return
+            _, op, unique = struct.unpack_from("<IIQ", buf)
+
+            def reply(err: int, body: bytes = b"") -> None:
+                with contextlib.suppress(OSError):
+                    os.write(self.dev, struct.pack("<IiQ", 16 + len(body), err, unique) + body)
+
+            if op == 26:  # INIT
+                reply(0, struct.pack("<IIIIHHIIHHI", 7, 31, 0, 0, 16, 12, 4096, 1, 0, 0, 0).ljust(64, b"\0"))
+            elif op == 3:  # GETATTR of the root
+                attr = struct.pack("<QQQQQQIIIIIIIII", 1, 0, 0, 0, 0, 0, 0, 0, 0, 0o40755, 2, 0, 0, 0, 4096)
+                reply(0, struct.pack("<QII", 0, 0, 0) + attr.ljust(88, b"\0"))
+            elif op == 1:  # LOOKUP: hang
+                self.stuck.set()
+                self.release.wait()
+                reply(-2)
+            else:
+                reply(-38)
+
+    def close(self) -> None:
+        self.release.set()
+        subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
+        os.close(self.dev)
+
+
+def test_a_hung_filesystem_under_an_allowed_root_stalls_only_the_call_that_walks_it(tmp_path: Path):
+    allowed = tmp_path / "allowed"
+    (allowed / "hung").mkdir(parents=True)
+    (allowed / "fine").mkdir()
+    fuse = HungFuse(allowed / "hung")
+
+    def walk_the_hung_dir(c: SnapshotsClient) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            c.prepare("x", labels={LOWERS: f"{allowed}/hung/sub"})
+
+    try:
+        with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
+            try:
+                c.prepare("probe")
+                stalled = threading.Thread(target=walk_the_hung_dir, args=(c,), daemon=True)
+                stalled.start()
+                assert fuse.stuck.wait(10)
+                with d.channel() as ch:  # another client: the loop and the store still serve it, in time
+                    stub = SnapshotsClient(ch).stub
+                    assert stub.Stat(pb.StatSnapshotRequest(key="probe"), timeout=5).info.name == "probe"
+                    stub.Prepare(pb.PrepareSnapshotRequest(key="plain"), timeout=5)  # a writer meanwhile
+                    stub.Prepare(pb.PrepareSnapshotRequest(key="lowered", labels={LOWERS: f"{allowed}/fine"}),
+                                 timeout=5)  # and another call with host dirs
+            finally:
+                fuse.release.set()  # before the daemon is stopped: it may be waiting on the filesystem
+                stalled.join(10)
+    finally:
+        fuse.close()
