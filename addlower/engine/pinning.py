@@ -135,35 +135,30 @@ class Pins:
     def path(self, sid: int, n: int) -> str:
         return f"{self.dir}/{sid}/{n}"
 
-    def pin(self, sid: int, lowers: Sequence[Lower], what: str) -> tuple[str, ...]:
-        """Open each entry and pin it for snapshot `sid` (open() then attach())."""
-        if not lowers and str(sid) not in self._pinned:
-            return ()
-        with self.open(lowers, what) as opened:
-            return self.attach(sid, opened, what)
-
     @staticmethod
     def open(lowers: Sequence[Lower], what: str) -> Opened:
         """Open each entry, making missing dirs: the part that may take long (a slow filesystem
         under an allowed root), so callers do it outside their locks. Every entry is walked
-        before any dir is made, so a refusal leaves nothing made; only a race with a writer
-        between the two walks can leave an empty dir, inside the allowed root (removing it again
-        could remove a dir the writer swapped in)."""
-        for lower in lowers:  # first, without making anything
-            fd = _open_one(lower, what, create=False)
-            if fd is not None:
-                os.close(fd)
-        opened = Opened(tuple(lowers))
+        before any dir is made, so a refusal leaves nothing made; an entry is walked again only
+        if it had dirs to make. Only a race with a writer between the two walks can leave an
+        empty dir, inside the allowed root (removing it again could remove a dir the writer
+        swapped in)."""
+        found: list[int | None] = []  # per entry, its fd, or None while dirs of it are missing
         try:
-            for lower in lowers:
-                fd = _open_one(lower, what, create=True)
-                assert fd is not None
-                opened.fds.append(fd)
-            Pins._refuse_repeats(lowers, opened.fds, what)
+            for lower in lowers:  # first, without making anything
+                found.append(_open_one(lower, what, create=False))
+            for i, lower in enumerate(lowers):  # then, only where needed, making what is missing
+                if found[i] is None:
+                    found[i] = _open_one(lower, what, create=True)
+                    assert found[i] is not None  # a walk that may make dirs reaches the end or raises
+            fds = [fd for fd in found if fd is not None]
+            Pins._refuse_repeats(lowers, fds, what)
         except BaseException:
-            opened.close()
+            for fd in found:
+                if fd is not None:
+                    os.close(fd)
             raise
-        return opened
+        return Opened(tuple(lowers), fds)
 
     def attach(self, sid: int, opened: Opened, what: str) -> tuple[str, ...]:
         """Pin the opened dirs for snapshot `sid` (quick: mounts of fds); the pins' paths in order.

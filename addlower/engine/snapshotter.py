@@ -257,10 +257,11 @@ class Snapshotter:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source)) as opened:
             mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source))
-        with self.store.read() as reader:
-            if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
-                self.pins.release(snap.id)
-                raise NotFound(f"snapshot {key!r} does not exist")
+        if request.lowers:
+            with self.store.read() as reader:
+                if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
+                    self.pins.release(snap.id)
+                    raise NotFound(f"snapshot {key!r} does not exist")
         if request.record:  # only once the dirs are pinned: a refusal records nothing
             with self.store.transaction() as tx:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
