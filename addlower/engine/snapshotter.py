@@ -52,9 +52,9 @@ class Request:
     record: Mapping[str, str] = field(default_factory=dict)
 
 
-# A Commit on the event loop counts at most this many inodes (about a millisecond); beyond, it is
-# done again in a thread: an image layer of 100k files must not stall every other call.
-QUICK_COMMIT_INODES = 2000
+# A Commit or Usage on the event loop counts at most this many inodes (about a millisecond);
+# beyond, it is done again in a thread: an image layer of 100k files must not stall every other call.
+QUICK_WALK_INODES = 2000
 
 
 class NeedsTime(Exception):
@@ -65,9 +65,10 @@ class LostMetadata(RuntimeError):
     """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
 
 
-def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
-    """Usage as containerd reports it: a live walk for an active snapshot, stored for the rest."""
-    return live_usage(layout, sid) if info.kind == Kind.ACTIVE else stored
+def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage, max_inodes: int | None = None) -> Usage | None:
+    """Usage as containerd reports it: a live walk for an active snapshot (None beyond
+    `max_inodes`), stored for the rest."""
+    return live_usage(layout, sid, max_inodes) if info.kind == Kind.ACTIVE else stored
 
 
 def live_usage(layout: Layout, sid: int, max_inodes: int | None = None) -> Usage | None:
@@ -161,6 +162,8 @@ class Snapshotter:
             if tree is not None:
                 fsutil.remove_tree(tree)
             raise
+        if opened.lowers:
+            metrics.LOWERS_RESOLVED.labels("label").inc()
         return mounts
 
     # --- extra lowers: which entries, checked against which policy -----------------------------
@@ -226,8 +229,6 @@ class Snapshotter:
         except BaseException:
             self.pins.release(snap.id)
             raise
-        if pins:
-            metrics.LOWERS_RESOLVED.labels("label").inc()
         return mounts
 
     def _make_target_dirs(self, snap: Snapshot, targets: Mapping[str, Sequence[str]]) -> None:
@@ -266,6 +267,8 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
             log.info("recorded %s for %s", " ".join(f"{k}={v!r}" for k, v in request.record.items()), key)
+            if request.lowers:
+                metrics.LOWERS_RESOLVED.labels(request.metric).inc()
         return mounts
 
     def _pod_lowers(self, key: str, snap: Snapshot) -> Request:
@@ -291,7 +294,6 @@ class Snapshotter:
             return Request()
         lowers = self._refused_counted("annotation", lambda: check_for_pod(
             found, source, value, self._pod_policy(found.namespace)))
-        metrics.LOWERS_RESOLVED.labels("annotation").inc()
         return Request(lowers, f"{found.describe()}: {source}", "annotation",
                        {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"})
 
@@ -302,10 +304,14 @@ class Snapshotter:
             sid, info, _ = reader.get_info(key)
         return self._decorate(sid, info)
 
-    def usage(self, key: str) -> Usage:
+    def usage(self, key: str, quick: bool = False) -> Usage:
+        """`quick`: as for commit."""
         with self.store.read() as reader:
             sid, info, stored = reader.get_info(key)
-        return measured_usage(self.layout, sid, info, stored)  # the walk, outside the lock
+        usage = measured_usage(self.layout, sid, info, stored, QUICK_WALK_INODES if quick else None)  # outside the lock
+        if usage is None:
+            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
+        return usage
 
     def list(self, filters: Sequence[str]) -> Iterator[Info]:
         """Snapshots matching the filters, by key: the store is read and the filters checked now,
@@ -339,15 +345,15 @@ class Snapshotter:
 
     def commit(self, name: str, key: str, labels: Mapping[str, str], quick: bool = False) -> None:
         """Commit an active snapshot. `quick`: the caller must not wait on a big upper dir (it
-        runs on the event loop), so more than QUICK_COMMIT_INODES raises NeedsTime instead."""
+        runs on the event loop), so more than QUICK_WALK_INODES raises NeedsTime instead."""
         validate_labels(labels)
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
-        usage = live_usage(self.layout, sid, QUICK_COMMIT_INODES if quick else None) \
+        usage = live_usage(self.layout, sid, QUICK_WALK_INODES if quick else None) \
             if info.kind == Kind.ACTIVE else Usage()
         if usage is None:
-            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_COMMIT_INODES} inodes to count")
+            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
         with self.store.transaction() as tx:
             sid = tx.commit_active(key, name, usage, labels)
         self.pins.release(sid)  # a committed snapshot has no mounts

@@ -370,6 +370,12 @@ class MetaStore:
                 counts[rec.info.kind.label] += 1
         return counts
 
+    def active_labels(self, label: str) -> list[str]:
+        """The value of `label` on each active snapshot that has it."""
+        with self._mirror_lock:
+            infos = [rec.info for rec in self._mirror.by_id.values()]
+        return [info.labels[label] for info in infos if info.kind == Kind.ACTIVE and label in info.labels]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

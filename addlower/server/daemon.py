@@ -15,12 +15,15 @@ import stat
 from concurrent import futures
 from pathlib import Path
 
+import uvloop
+
 from addlower import __version__
 from addlower.engine import metrics
 from addlower.core.config import Config
 from addlower.core.errors import SnapshotError
 from addlower.server.grpcserver import GrpcServer
-from addlower.server.service import BLOCKING, KUBERNETES, SnapshotsService, map_error, routes
+from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, map_error, routes
 from addlower.engine.snapshotter import Snapshotter
 
 log = logging.getLogger("addlower")
@@ -85,12 +88,13 @@ class Daemon:
             BLOCKING: futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking"),
             KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
         }
-        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.pools, map_error,
-                                 metrics.observe_call)
+        calls = metrics.CallStats(METHODS)
+        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.pools, map_error, calls.observe)
         if config.metrics_address:
+            store = self.snapshotter.store
             try:
-                metrics.serve(config.metrics_address, self.snapshotter.store.counts_by_kind,
-                              self.snapshotter.store.path)
+                metrics.serve(config.metrics_address, calls, metrics.StoreView(
+                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path))
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 
@@ -137,7 +141,7 @@ def run(config: Config) -> int:
     try:
         daemon = Daemon(config)
         try:
-            asyncio.run(daemon.serve())
+            uvloop.run(daemon.serve())
         finally:
             daemon.close()
     except StartupError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import functools
 import logging
 import re
 import struct
@@ -102,8 +103,21 @@ def header_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return b"".join(b"\x00" + _hpack_int(len(k), 7) + k + _hpack_int(len(v), 7) + v for k, v in headers)
 
 
+_FRAME_HEAD = struct.Struct(">HBBBI")  # length (high 16 bits, low 8 bits), type, flags, stream
+
+
+def frame_head(ftype: int, flags: int, stream: int, length: int) -> bytes:
+    return _FRAME_HEAD.pack(length >> 8, length & 0xFF, ftype, flags, stream)
+
+
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return struct.pack(">I", len(payload))[1:] + bytes((ftype, flags)) + struct.pack(">I", stream) + payload
+    return frame_head(ftype, flags, stream, len(payload)) + payload
+
+
+# Bytes that are, alone, an HPACK indexed header field (index 1-126): a block made only of them
+# leaves the decoder's dynamic table as it was, so its decoding can be remembered (see _Headers).
+_INDEXED_FIELD_BYTES = bytes(range(0x81, 0xFF))
+MAX_REMEMBERED_BLOCKS = 64  # header blocks remembered per connection
 
 
 def _grpc_message(text: str) -> bytes:
@@ -119,6 +133,37 @@ def grpc_timeout(value: bytes) -> float | None:
 
 RESPONSE_HEADERS = header_block([(b":status", b"200"), (b"content-type", b"application/grpc")])
 OK_TRAILERS = header_block([(b"grpc-status", b"0")])
+_MESSAGE_HEAD = struct.Struct(">BI")  # gRPC length-prefixed message: compressed flag, length
+
+
+class _Headers:
+    """HPACK decoding of request header blocks, down to what a call needs: `:path` and
+    `grpc-timeout`. A client that keeps calling sends the same few blocks of indexed fields (7
+    bytes for grpc-go); such a block cannot change the decoder's table, so what it decoded to is
+    remembered until a block that can change the table arrives."""
+
+    def __init__(self) -> None:
+        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self.known: dict[bytes, tuple[bytes, float | None]] = {}
+
+    def decode(self, block: bytes) -> tuple[bytes, float | None]:
+        """(path, timeout in seconds or None); hpack.HPACKError for a bad block."""
+        found = self.known.get(block)
+        if found is not None:
+            return found
+        path, timeout = b"", None
+        for name, value in self.decoder.decode(block, raw=True):  # always: HPACK state must stay in step
+            if name == b":path":
+                path = value
+            elif name == b"grpc-timeout":
+                timeout = grpc_timeout(value)
+        if block.translate(None, _INDEXED_FIELD_BYTES):
+            self.known.clear()  # literals or a table size update: the table may have changed
+        else:
+            if len(self.known) >= MAX_REMEMBERED_BLOCKS:
+                self.known.clear()
+            self.known[block] = path, timeout
+        return path, timeout
 
 
 @dataclass(frozen=True)
@@ -130,6 +175,11 @@ class Route:
     streaming: bool = False
     pool: str | None = None  # the thread pool for calls that may take long; None: on the loop
     describe: Callable[[Any], str] = lambda request: ""  # for the per-call log line
+
+    @functools.cached_property
+    def name(self) -> str:
+        """The method, for metrics and logs."""
+        return self.handler.__name__
 
 
 ErrorMapper = Callable[[BaseException], tuple[Code, str]]
@@ -166,7 +216,7 @@ class State(enum.Enum):
     HALF_CLOSED_REMOTE = "half-closed (remote)"  # the request is complete; the answer is on its way
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stream:
     sid: int
     send_window: int
@@ -190,7 +240,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.buf = bytearray()
         self.preface_seen = False
-        self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self.headers = _Headers()
         self.streams: dict[int, _Stream] = {}
         self.send_window = DEFAULT_WINDOW
         self.recv_window = CONNECTION_WINDOW
@@ -274,10 +324,12 @@ class _Connection(asyncio.Protocol):
     # --- reading -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
+        if self.buf:
+            self.buf += data
+            data = bytes(self.buf)
         self.reading = True
         try:
-            self._read_frames()
+            self._read_frames(data)
         except ConnectionFault as exc:
             log.warning("closing a client connection: %s (%s)", exc, exc.error.name)
             self.go_away(exc.error, str(exc))
@@ -290,29 +342,35 @@ class _Connection(asyncio.Protocol):
             self._write(bytes(out))
             self._close_if_idle()
 
-    def _read_frames(self) -> None:
+    def _read_frames(self, data: bytes) -> None:
+        """Handle the whole frames in `data` (what was held back, then what arrived); hold back
+        the rest in self.buf."""
+        pos, end = 0, len(data)
+        self.buf = bytearray()
         if not self.preface_seen:
-            if len(self.buf) < len(PREFACE):
-                if PREFACE[: len(self.buf)] != self.buf:
+            if end < len(PREFACE):
+                if not PREFACE.startswith(data):
                     raise ConnectionFault(H2Error.PROTOCOL_ERROR, "the client did not start with the HTTP/2 preface")
+                self.buf = bytearray(data)
                 return
-            if self.buf[: len(PREFACE)] != PREFACE:
+            if not data.startswith(PREFACE):
                 raise ConnectionFault(H2Error.PROTOCOL_ERROR, "the client did not start with the HTTP/2 preface")
-            del self.buf[: len(PREFACE)]
+            pos = len(PREFACE)
             self.preface_seen = True
             if self.preface_timer is not None:
                 self.preface_timer.cancel()
-        while len(self.buf) >= 9 and self.transport is not None:
-            length = int.from_bytes(self.buf[0:3], "big")
+        while end - pos >= 9 and self.transport is not None:
+            high, low, ftype, flags, sid = _FRAME_HEAD.unpack_from(data, pos)
+            length = high << 8 | low
             if length > MAX_FRAME:
                 raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"a frame of {length} bytes, more than {MAX_FRAME}")
-            if len(self.buf) < 9 + length:
+            start = pos + 9
+            if end - start < length:
                 break
-            ftype, flags = self.buf[3], self.buf[4]
-            sid = int.from_bytes(self.buf[5:9], "big") & 0x7FFFFFFF
-            payload = bytes(self.buf[9 : 9 + length])
-            del self.buf[: 9 + length]
-            self._on_frame(ftype, flags, sid, payload)
+            pos = start + length
+            self._on_frame(ftype, flags, sid & 0x7FFFFFFF, data[start:pos])
+        if pos < end:
+            self.buf = bytearray(data[pos:])
 
     def _on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
         if self.block_stream and ftype != CONTINUATION:
@@ -341,6 +399,9 @@ class _Connection(asyncio.Protocol):
         if stream.recv_window < 0:
             self._reset(stream, H2Error.FLOW_CONTROL_ERROR)
             return
+        if flags & END_STREAM and not stream.body:
+            self._dispatch(stream, data)  # the usual request: one message in one DATA frame
+            return
         stream.body += data
         if len(stream.body) > MAX_MESSAGE + 5:
             stream.state = State.HALF_CLOSED_REMOTE
@@ -348,7 +409,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"request larger than {MAX_MESSAGE} bytes")
             return
         if flags & END_STREAM:
-            self._dispatch(stream)
+            self._dispatch(stream, bytes(stream.body))
             return
         stream.unacked += len(payload)
         if stream.unacked >= STREAM_WINDOW // 2:  # let a message grow (MAX_MESSAGE bounds it)
@@ -385,27 +446,22 @@ class _Connection(asyncio.Protocol):
             self.block_stream = sid
             return
         self.block_stream = 0
-        headers = self.decoder.decode(bytes(self.block), raw=True)  # always: HPACK state must stay in step
+        path, timeout = self.headers.decode(bytes(self.block))
         self.block = bytearray()
         existing = self.streams.get(sid)
         if existing is not None:  # trailers after the request body: end of the request
             if existing.state is not State.OPEN or not self.block_flags:
                 raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"a second header block on stream {sid}")
-            self._dispatch(existing)
+            self._dispatch(existing, bytes(existing.body))
             return
         if self.closing or len(self.streams) >= MAX_STREAMS:  # as advertised
             self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.REFUSED_STREAM)))
             return
-        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window)
-        for name, value in headers:
-            if name == b":path":
-                stream.path = value
-            elif name == b"grpc-timeout":
-                seconds = grpc_timeout(value)
-                if seconds is not None:
-                    stream.deadline = asyncio.get_running_loop().time() + seconds
+        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window, path=path)
+        if timeout is not None:
+            stream.deadline = asyncio.get_running_loop().time() + timeout
         if self.block_flags:
-            self._dispatch(stream)
+            self._dispatch(stream, b"")
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid != 0:
@@ -524,7 +580,8 @@ class _Connection(asyncio.Protocol):
 
     def _release(self, stream: _Stream) -> None:
         """The stream's request data is consumed (or dropped): credit the connection for it."""
-        stream.body = bytearray()
+        if stream.body:
+            stream.body = bytearray()
         self._credit(stream.held)
         stream.held = 0
 
@@ -545,14 +602,13 @@ class _Connection(asyncio.Protocol):
 
     # --- calls ---------------------------------------------------------------------------------
 
-    def _dispatch(self, stream: _Stream) -> None:
+    def _dispatch(self, stream: _Stream, body: bytes) -> None:
+        """The request (`body`, its DATA) is complete: parse it and run or queue its call."""
         stream.state = State.HALF_CLOSED_REMOTE
-        path = stream.path.decode("latin-1")
-        body = bytes(stream.body)
         self._release(stream)
-        route = self.server.routes.get(path)
+        route = self.server.routes.get(stream.path)
         if route is None:
-            self._finish(stream, [], Code.UNIMPLEMENTED, f"unknown method {path}")
+            self._finish(stream, [], Code.UNIMPLEMENTED, f"unknown method {stream.path.decode('latin-1')}")
             return
         if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
             self._finish(stream, [], Code.INTERNAL, "expected one uncompressed gRPC message")
@@ -599,12 +655,13 @@ class _Connection(asyncio.Protocol):
         self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the call did not finish before its deadline")
 
     def _complete(self, stream: _Stream, route: Route, request: Any, started: float,
-                  result: tuple[Iterator[bytes], Code, str]) -> None:
+                  result: tuple[Iterable[bytes], Code, str]) -> None:
         messages, code, message = result
         seconds = time.perf_counter() - started
-        self.server.observe(route.handler.__name__, seconds, code.name)
-        log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.handler.__name__,
-                  route.describe(request), seconds, code.name)
+        self.server.observe(route.name, seconds, code)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.name,
+                      route.describe(request), seconds, code.name)
         self._finish(stream, messages, code, message)
 
     def _finish(self, stream: _Stream, messages: Iterable[bytes], code: Code, message: str) -> None:
@@ -613,10 +670,28 @@ class _Connection(asyncio.Protocol):
         stream.answered = True
         if stream.timer is not None:
             stream.timer.cancel()
+        if code is Code.OK and type(messages) is list and len(messages) == 1 and self._send_whole(stream, messages[0]):
+            return
         self._write(frame(HEADERS, END_HEADERS, stream.sid, RESPONSE_HEADERS))
         stream.more = iter(messages)
         stream.trailers = self._trailers(code, message)
         self._flush(stream)
+
+    def _send_whole(self, stream: _Stream, message: bytes) -> bool:
+        """A unary answer as one write (headers, one DATA frame, trailers), when the windows and
+        the peer's frame size take it at once; False (nothing sent) otherwise."""
+        n = len(message) + 5
+        if self.paused or n > self.send_window or n > stream.send_window or n > self.peer_max_frame:
+            return False
+        sid = stream.sid
+        self._write(b"".join((frame_head(HEADERS, END_HEADERS, sid, len(RESPONSE_HEADERS)), RESPONSE_HEADERS,
+                              frame_head(DATA, 0, sid, n), _MESSAGE_HEAD.pack(0, n - 5), message,
+                              frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(OK_TRAILERS)), OK_TRAILERS)))
+        self.send_window -= n
+        stream.send_window -= n
+        self._drop(stream)
+        self._close_if_idle()
+        return True
 
     @staticmethod
     def _trailers(code: Code, message: str) -> bytes:
@@ -636,7 +711,7 @@ class _Connection(asyncio.Protocol):
             code, message = self.server.errors(exc)
             stream.more, stream.trailers = None, self._trailers(code, message)
             return False
-        stream.outbox += b"\x00" + struct.pack(">I", len(m)) + m
+        stream.outbox += _MESSAGE_HEAD.pack(0, len(m)) + m
         return True
 
     def _flush(self, stream: _Stream) -> None:
@@ -680,26 +755,26 @@ class GrpcServer:
     one of `pools`."""
 
     def __init__(self, routes: dict[str, Route], pools: Mapping[str, Executor], errors: ErrorMapper,
-                 observe: Callable[[str, float, str], None] = lambda method, seconds, code: None):
+                 observe: Callable[[str, float, Code], None] = lambda method, seconds, code: None):
         unknown = {r.pool for r in routes.values() if r.pool is not None} - set(pools)
         if unknown:
             raise ValueError(f"routes name unknown pools {sorted(unknown)}")
-        self.routes = routes
+        self.routes = {path.encode("latin-1"): route for path, route in routes.items()}
         self.pools = pools
         self.errors = errors
-        self.observe = observe  # (method, seconds, code name) after each call, for metrics
+        self.observe = observe  # (method, seconds, code) after each call, for metrics
         self.connections: set[_Connection] = set()
         self.queued = 0  # calls submitted to the pools and not done
         self._server: asyncio.AbstractServer | None = None
 
-    def call(self, route: Route, request: Any) -> tuple[Iterator[bytes], Code, str]:
-        """Run a handler; returns its serialized answer (lazily, for streaming routes) and the
-        status (code, message)."""
+    def call(self, route: Route, request: Any) -> tuple[Iterable[bytes], Code, str]:
+        """Run a handler; returns its serialized answer (a list of one message, or lazily an
+        iterator for streaming routes) and the status (code, message)."""
         try:
             result = route.handler(request)
             if route.streaming:
                 return (r if isinstance(r, bytes) else r.SerializeToString() for r in result), Code.OK, ""
-            return iter([result if isinstance(result, bytes) else result.SerializeToString()]), Code.OK, ""
+            return [result if isinstance(result, bytes) else result.SerializeToString()], Code.OK, ""
         except Offload:
             if on_loop():
                 raise

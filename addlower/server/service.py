@@ -139,7 +139,8 @@ class SnapshotsService:
         return iter(lambda: b"".join(self.infos.field(i) for i in itertools.islice(infos, LIST_BATCH)), b"")
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
-        usage = self.sn.usage(request.key)
+        """On the loop for the usual small upper dir, as Commit."""
+        usage = self._offloading(lambda quick: self.sn.usage(request.key, quick))
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
 
     def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:
@@ -176,7 +177,7 @@ METHODS: dict[str, Method] = {
     "Update": Method(pb.UpdateSnapshotRequest, describe=lambda r: r.info.name),
     # On the loop, lazily: each batch is framed only once flow control lets it go out.
     "List": Method(pb.ListSnapshotsRequest, streams=True, describe=lambda r: ",".join(r.filters)),
-    "Usage": Method(pb.UsageRequest, BLOCKING),  # walks an active snapshot's upper dir
+    "Usage": Method(pb.UsageRequest),  # a big upper dir goes to BLOCKING itself (Offload)
     "Cleanup": Method(pb.CleanupRequest, BLOCKING, describe=lambda r: ""),
 }
 

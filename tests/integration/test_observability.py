@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 import socket
 import urllib.request
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from addlower import __version__
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, allowing
@@ -51,13 +53,18 @@ def test_metrics_move_with_a_workload(tmp_path: Path):
         d.kill()
     assert metric(text, "addlower_rpc_duration_seconds_count", method="Prepare") == 3
     assert metric(text, "addlower_rpc_duration_seconds_count", method="Commit") == 1
-    assert metric(text, "addlower_rpc_errors_total", method="Stat", code="NOT_FOUND") == 3
-    assert metric(text, "addlower_rpc_errors_total", method="Prepare", code="INVALID_ARGUMENT") == 1
+    assert metric(text, "addlower_rpc_handled_total", method="Stat", code="NOT_FOUND") == 3
+    assert metric(text, "addlower_rpc_handled_total", method="Prepare", code="INVALID_ARGUMENT") == 1
+    assert metric(text, "addlower_rpc_handled_total", method="Prepare", code="OK") == 2
+    assert "addlower_rpc_errors_total{" not in text  # a missing snapshot or a refusal is an answer
+    assert metric(text, "addlower_build_info", python=platform.python_version(), version=__version__) == 1
+    assert metric(text, "addlower_extra_lower_containers", lower=str(tmp_path / "cache")) == 1
     assert metric(text, "addlower_snapshots", kind="active") == 1
     assert metric(text, "addlower_snapshots", kind="committed") == 1
     assert metric(text, "addlower_snapshots", kind="view") == 1
     assert metric(text, "addlower_extra_lowers_resolved_total", source="label") == 1
     assert metric(text, "addlower_extra_lowers_refused_total", source="label") == 1
+    assert "addlower_extra_lowers_refused_total{source=\"annotation\"} 0.0" in text  # there before the first
     assert metric(text, "addlower_metadata_bytes") > 0
 
 

@@ -423,12 +423,13 @@ def test_no_upperdir_label_by_default(client: SnapshotsClient):
     assert dict(client.list()[0].labels) == {"x": "1"}
 
 
-def test_a_commit_of_a_big_upper_dir_counts_every_inode(client: SnapshotsClient, tmp_path: Path):
-    """More inodes than a Commit counts on the event loop: the count finishes in a thread, whole."""
-    from addlower.engine.snapshotter import QUICK_COMMIT_INODES
+def test_usage_and_commit_of_a_big_upper_dir_count_every_inode(client: SnapshotsClient, tmp_path: Path):
+    """More inodes than Usage and Commit count on the event loop: the count finishes in a thread, whole."""
+    from addlower.engine.snapshotter import QUICK_WALK_INODES
 
     upper = Path(client.prepare("big")[0].source)
-    for i in range(QUICK_COMMIT_INODES + 10):
+    for i in range(QUICK_WALK_INODES + 10):
         (upper / f"f{i}").touch()
+    assert client.usage("big").inodes == QUICK_WALK_INODES + 11  # the files and the dir itself
     client.commit("big-done", "big")
-    assert client.usage("big-done").inodes == QUICK_COMMIT_INODES + 11  # the files and the dir itself
+    assert client.usage("big-done").inodes == QUICK_WALK_INODES + 11

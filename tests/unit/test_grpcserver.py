@@ -333,7 +333,23 @@ def test_a_handler_on_the_loop_may_hand_its_call_to_a_pool():
                 raise g.Offload("held")
             return request
 
-        p.server.routes["/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, quick_or_not)
+        p.server.routes[b"/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, quick_or_not)
         p.call(1, b"/t.T/Maybe")
         assert len(p.pool.futures) == 1 and p.status(p.frames(), 1) is None  # waiting in the pool
     run(test)
+
+
+def test_a_remembered_header_block_is_decoded_again_once_the_table_changed():
+    """The same indexed bytes mean another :path once a literal shifted the dynamic table."""
+    enc = hpack.Encoder()
+    first = enc.encode([(":path", "/a"), ("x", "1")])  # literals: both enter the table
+    again = enc.encode([(":path", "/a"), ("x", "1")])  # indexed only: remembered
+    other = enc.encode([(":path", "/b")])  # a literal: every index moves by one
+    headers, reference = g._Headers(), hpack.Decoder()
+    paths = []
+    for block in (first, again, other, again):
+        want = dict(reference.decode(block, raw=True)).get(b":path", b"")
+        paths.append(headers.decode(block)[0])
+        assert paths[-1] == want
+    assert paths == [b"/a", b"/a", b"/b", b"/b"] and len(again) == 2
+
