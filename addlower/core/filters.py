@@ -24,9 +24,8 @@ import enum
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Protocol
-
-import re2
 
 from addlower.core.errors import InvalidArgument
 
@@ -373,14 +372,25 @@ class _Parser:
 # Perl-flag defaults: ASCII \d \w \b, ^ and $ at the text's ends, {n,m} up to 1000, no lookaround
 # or backreferences), and it matches in linear time, so a hostile pattern cannot stall the daemon.
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # RE2 would print refusals on stderr; we return them
+# google-re2 is loaded at the first `~=` (2.6 MiB a daemon need not carry: containerd's own
+# calls never send one).
+
+
+@cache
+def _re2() -> tuple[Any, Any]:
+    """The re2 module and the options every pattern is compiled with."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print refusals on stderr; we return them
+    return re2, options
 
 
 def _compile_go_regexp(pattern: str) -> Any:
     """A compiled RE2 pattern; InvalidArgument's caller adds where the filter went wrong."""
+    re2, options = _re2()
     try:
-        return re2.compile(pattern, _RE2_OPTIONS)
+        return re2.compile(pattern, options)
     except re2.error as exc:
         raise _RegexpError(exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes)
                            else str(exc)) from None

@@ -3,8 +3,9 @@
 Per-call figures (durations by method, answers by method and code) are plain integers that the
 event loop's thread keeps (it completes every call, inline or from a pool) and the scrape copies:
 no lock, label lookup or metric object per call, since CRI stats every snapshot every 10 s. The
-rest are prometheus_client's default registry, or read from the store when scraped (snapshots
-by kind, containers per lower, the metadata size). Serving is off unless metrics_address is
+lowers' counters are plain too (under a lock: pools count them), and the store is read when
+scraped (snapshots by kind, containers per lower, the metadata size). prometheus_client (3-4 MiB
+with the http.server it brings) is loaded only to serve, which is off unless metrics_address is
 given. Must not change any behaviour it observes; must not import the server.
 """
 
@@ -13,14 +14,12 @@ from __future__ import annotations
 import os
 import platform
 from bisect import bisect_left
-from collections import Counter as Tally
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import REGISTRY, Counter, Info, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+import threading
 
 from addlower import __version__
 from addlower.core.codes import Code
@@ -37,19 +36,39 @@ LOWER_SOURCES = ("label", "annotation")  # where extra lowers come from
 MAX_LOWER_SERIES = 1000  # lowers with a series of their own; the rest are summed under OTHER_LOWERS
 OTHER_LOWERS = "(other)"
 
-LOWERS_RESOLVED = Counter("addlower_extra_lowers_resolved_total",
-                          "Containers (active snapshots) and views that got extra lower dirs, by where "
-                          "they came from: a label, or a pod's annotation.", ["source"])
-LOWERS_REFUSED = Counter("addlower_extra_lowers_refused_total",
-                         "Extra lower dirs refused by the policy, by where they came from.", ["source"])
-for _source in LOWER_SOURCES:  # a series from the start, so rate() and alerts see the first one
-    LOWERS_RESOLVED.labels(_source)
-    LOWERS_REFUSED.labels(_source)
-Info("addlower_build", "The running daemon's version.").info(
-    {"version": __version__, "python": platform.python_version()})
 
 
-class CallStats(Collector):
+class Tally:
+    """A counter by one label, with a sample for each expected value from the start (so rate()
+    and alerts see the first event)."""
+
+    def __init__(self, name: str, help_text: str, label: str, expected: Iterable[str]):
+        self.name, self.help, self.label = name, help_text, label
+        self._counts = dict.fromkeys(expected, 0)
+        self._lock = threading.Lock()
+
+    def inc(self, value: str) -> None:
+        with self._lock:
+            self._counts[value] = self._counts.get(value, 0) + 1
+
+    def family(self, core: Any) -> Any:
+        with self._lock:
+            counts = dict(self._counts)
+        family = core.CounterMetricFamily(self.name, self.help, labels=[self.label])
+        for value, n in sorted(counts.items()):
+            family.add_metric([value], n)
+        return family
+
+
+LOWERS_RESOLVED = Tally("addlower_extra_lowers_resolved", "Containers (active snapshots) and views that got "
+                        "extra lower dirs, by where they came from: a label, or a pod's annotation.",
+                        "source", LOWER_SOURCES)
+LOWERS_REFUSED = Tally("addlower_extra_lowers_refused", "Extra lower dirs refused by the policy, by where "
+                       "they came from.", "source", LOWER_SOURCES)
+TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED)
+
+
+class CallStats:
     """Durations and answers of the Snapshots API calls, by method (and code)."""
 
     def __init__(self, methods: Iterable[str]):
@@ -64,8 +83,10 @@ class CallStats(Collector):
         key = (method, code)
         self._handled[key] = self._handled.get(key, 0) + 1
 
-    def collect(self) -> Iterator[Metric]:
-        durations = HistogramMetricFamily("addlower_rpc_duration_seconds",
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import core
+
+        durations = core.HistogramMetricFamily("addlower_rpc_duration_seconds",
                                           "Time to answer a Snapshots API call, by method.", labels=["method"])
         for method, counts in sorted(self._buckets.items()):
             counts = list(counts)  # copies are atomic under the GIL; the loop goes on counting
@@ -75,9 +96,9 @@ class CallStats(Collector):
                 buckets.append((bound, cumulative))
             durations.add_metric([method], buckets, sum_value=self._sums[method])
         yield durations
-        handled = CounterMetricFamily("addlower_rpc_handled", "Snapshots API calls answered, by method and "
+        handled = core.CounterMetricFamily("addlower_rpc_handled", "Snapshots API calls answered, by method and "
                                       "gRPC code.", labels=["method", "code"])
-        errors = CounterMetricFamily("addlower_rpc_errors", "Snapshots API calls that failed (codes "
+        errors = core.CounterMetricFamily("addlower_rpc_errors", "Snapshots API calls that failed (codes "
                                      f"{', '.join(sorted(c.name for c in FAILURES))}), by method and code.",
                                      labels=["method", "code"])
         for (method, code), n in sorted(dict(self._handled).items()):
@@ -100,7 +121,7 @@ class StoreView:
 def lower_users(values: Iterable[str]) -> dict[str, int]:
     """Active snapshots per lower entry (as written in the label), the most used first; past
     MAX_LOWER_SERIES entries summed under OTHER_LOWERS, since labels are a client's to choose."""
-    tally = Tally(entry for value in values for entry in dict.fromkeys(e for e in value.split(":") if e))
+    tally = Counter(entry for value in values for entry in dict.fromkeys(e for e in value.split(":") if e))
     users = dict(tally.most_common(MAX_LOWER_SERIES))
     rest = sum(tally.values()) - sum(users.values())
     if rest:
@@ -108,18 +129,26 @@ def lower_users(values: Iterable[str]) -> dict[str, int]:
     return users
 
 
-class StoreCollector(Collector):
-    """Snapshots by kind, containers per lower and the metadata database's size, read when scraped."""
+class StoreCollector:
+    """The tallies, the build, and from the store: snapshots by kind, containers per lower and the
+    metadata database's size, read when scraped."""
 
     def __init__(self, view: StoreView):
         self._view = view
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        kinds = GaugeMetricFamily("addlower_snapshots", "Snapshots in the store, by kind.", labels=["kind"])
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client import core
+
+        for tally in TALLIES:
+            yield tally.family(core)
+        build = core.InfoMetricFamily("addlower_build", "The running daemon's version.")
+        build.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield build
+        kinds = core.GaugeMetricFamily("addlower_snapshots", "Snapshots in the store, by kind.", labels=["kind"])
         for kind, n in sorted(self._view.counts().items()):
             kinds.add_metric([kind], n)
         yield kinds
-        users = GaugeMetricFamily("addlower_extra_lower_containers",
+        users = core.GaugeMetricFamily("addlower_extra_lower_containers",
                                   "Active snapshots (containers) with each extra lower, as the label names it.",
                                   labels=["lower"])
         for lower, n in lower_users(self._view.lowers()).items():
@@ -127,12 +156,14 @@ class StoreCollector(Collector):
         yield users
         db = self._view.db
         size = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
-        yield GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)
+        yield core.GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)
 
 
 def serve(address: str, calls: CallStats, store: StoreView) -> None:
     """Serve /metrics on `address` ("host:port"; loopback when the host is left out), in a
     background thread."""
+    from prometheus_client import REGISTRY, start_http_server
+
     host, _, port = address.rpartition(":")
     REGISTRY.register(calls)
     REGISTRY.register(StoreCollector(store))

@@ -163,7 +163,7 @@ class Snapshotter:
                 fsutil.remove_tree(tree)
             raise
         if opened.lowers:
-            metrics.LOWERS_RESOLVED.labels("label").inc()
+            metrics.LOWERS_RESOLVED.inc("label")
         return mounts
 
     # --- extra lowers: which entries, checked against which policy -----------------------------
@@ -195,7 +195,7 @@ class Snapshotter:
         try:
             return check()
         except InvalidArgument as exc:
-            metrics.LOWERS_REFUSED.labels(source).inc()
+            metrics.LOWERS_REFUSED.inc(source)
             log.warning("refused extra lowers: %s", exc)
             raise
 
@@ -268,7 +268,7 @@ class Snapshotter:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
             log.info("recorded %s for %s", " ".join(f"{k}={v!r}" for k, v in request.record.items()), key)
             if request.lowers:
-                metrics.LOWERS_RESOLVED.labels(request.metric).inc()
+                metrics.LOWERS_RESOLVED.inc(request.metric)
         return mounts
 
     def _pod_lowers(self, key: str, snap: Snapshot) -> Request:
