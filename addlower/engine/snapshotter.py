@@ -343,9 +343,10 @@ class Snapshotter:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str], quick: bool = False) -> None:
-        """Commit an active snapshot. `quick`: the caller must not wait on a big upper dir (it
-        runs on the event loop), so more than QUICK_WALK_INODES raises NeedsTime instead."""
+    def commit(self, name: str, key: str, labels: Mapping[str, str], quick: bool = False, parent: str = "") -> None:
+        """Commit an active snapshot, onto `parent` when it was made without one (its upper dir
+        does not depend on what lies below). `quick`: the caller must not wait on a big upper dir
+        (it runs on the event loop), so more than QUICK_WALK_INODES raises NeedsTime instead."""
         validate_labels(labels)
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
@@ -355,7 +356,7 @@ class Snapshotter:
         if usage is None:
             raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
         with self.store.transaction() as tx:
-            sid = tx.commit_active(key, name, usage, labels)
+            sid = tx.commit_active(key, name, usage, labels, parent)
         self.pins.release(sid)  # a committed snapshot has no mounts
 
     def remove(self, key: str) -> None:

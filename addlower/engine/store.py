@@ -111,7 +111,7 @@ class _Mirror:
         old = self.by_id.get(rec.id)
         if old is not None:
             del self.by_key[old.info.name]
-        elif rec.parent_id is not None:
+        if rec.parent_id is not None and (old is None or old.parent_id != rec.parent_id):
             self.children[rec.parent_id] = self.children.get(rec.parent_id, 0) + 1
         self.by_key[rec.info.name] = rec
         self.by_id[rec.id] = rec
@@ -220,7 +220,9 @@ class Tx(Reader):
         self.pending.append(lambda: self._m.put(rec))
         return Snapshot(sid, kind, self._parent_ids(parent_id), info.labels)
 
-    def commit_active(self, key: str, name: str, usage: Usage, labels: Mapping[str, str]) -> int:
+    def commit_active(self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = "") -> int:
+        """Commit as containerd's storage does, `parent` included (2.2's parallel unpack): an active
+        made without a parent is rebased onto it; one with another parent is refused."""
         if not name:
             raise InvalidArgument("commit name must not be empty")
         if name in self._m.by_key:
@@ -228,15 +230,27 @@ class Tx(Reader):
         rec = self._get(key)
         if rec.info.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is {rec.info.kind.label}, not active")
+        parent_id = rec.parent_id
+        if parent and parent != rec.info.parent:
+            if rec.info.parent:
+                raise InvalidArgument(f"cannot change the parent of active snapshot {key!r} from "
+                                      f"{rec.info.parent!r} to {parent!r} on commit")
+            prec = self._m.by_key.get(parent)
+            if prec is None:
+                raise NotFound(f"parent snapshot {parent!r} does not exist")
+            if prec.info.kind != Kind.COMMITTED:
+                raise FailedPrecondition(f"parent {parent!r} is {prec.info.kind.label}, not committed")
+            parent_id = prec.id
         now = _now()
-        info = replace(rec.info, name=name, kind=Kind.COMMITTED, created_at=now, updated_at=now,
-                       labels=dict(labels))
+        info = replace(rec.info, name=name, parent=parent or rec.info.parent, kind=Kind.COMMITTED, created_at=now,
+                       updated_at=now, labels=dict(labels))
         self._db.execute(
-            "UPDATE snapshots SET key = ?, kind = ?, created_at = ?, updated_at = ?, labels = ?,"
+            "UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, created_at = ?, updated_at = ?, labels = ?,"
             " size = ?, inodes = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), now, now, json.dumps(info.labels), usage.size, usage.inodes, rec.id),
+            (name, int(Kind.COMMITTED), parent_id, now, now, json.dumps(info.labels), usage.size, usage.inodes,
+             rec.id),
         )
-        new = replace(rec, info=info, usage=usage)
+        new = replace(rec, parent_id=parent_id, info=info, usage=usage)
         self.pending.append(lambda: self._m.put(new))
         return rec.id
 

@@ -40,8 +40,9 @@ class SnapshotsClient:
     def mounts(self, key: str) -> list[mount_pb2.Mount]:
         return list(self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self._md()).mounts)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None) -> None:
-        req = pb.CommitSnapshotRequest(snapshotter=self.snapshotter, name=name, key=key, labels=labels or {})
+    def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None, parent: str = "") -> None:
+        req = pb.CommitSnapshotRequest(snapshotter=self.snapshotter, name=name, key=key, labels=labels or {},
+                                       parent=parent)
         self.stub.Commit(req, metadata=self._md())
 
     def remove(self, key: str) -> None:

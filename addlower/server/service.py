@@ -116,7 +116,8 @@ class SnapshotsService:
 
     def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
         """On the loop for the usual small upper dir; a big one is counted in the blocking pool."""
-        self._offloading(lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick))
+        self._offloading(lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick,
+                                                      request.parent))
         return empty_pb2.Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
