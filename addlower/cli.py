@@ -80,22 +80,27 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
               help="Serve Prometheus metrics on this host:port (e.g. 127.0.0.1:9101) [default: off].")
 @click.version_option(__version__, "--version", "-v", prog_name="overlay-custom-add-lower-snapshotter")
 def serve(config_path: Path | None, **flags: object) -> None:
-    """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin."""
+    """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin. SIGHUP re-reads
+    the config file and applies its policy (lowers, kubernetes roots) and log level."""
     try:
-        config = load_config(config_path)
+        check_metrics_address(flags["metrics_address"])  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
+
+    def read() -> Config:
+        """The file (or the defaults), flags on top: at start and at each SIGHUP."""
+        config = replace(load_config(config_path), **{k: v for k, v in flags.items() if v is not None})
+        return replace(config, root_dir=config.root_dir.absolute(),
+                       address=config.address.absolute() if config.address else None)
+
+    try:
+        config = read()
     except ConfigError as exc:
         _setup_logging("info")
         logging.getLogger("addlower").error("bad configuration: %s", exc)
         sys.exit(1)
-    config = replace(config, **{k: v for k, v in flags.items() if v is not None})
-    try:
-        check_metrics_address(config.metrics_address)
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
-    config = replace(config, root_dir=config.root_dir.absolute(),
-                     address=config.address.absolute() if config.address else None)
     _setup_logging(config.log_level, config.log_format)
-    sys.exit(run(config))
+    sys.exit(run(config, read))
 
 
 class AdminGroup(click.Group):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -193,3 +193,22 @@ def load_config(path: Path | None) -> Config:
         return parse_config(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# What a reload (SIGHUP) applies: the policy's keys and the log level. The rest is how the daemon
+# was set up (its root, socket, pools, containerd client) and changes only with a restart.
+_RELOADED = ("allowed_roots", "named_lowers", "log_level")  # lowers.allowed_roots, lowers.named, log_level
+_RELOADED_KUBERNETES = ("allowed_roots", "namespaces")
+
+
+def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """The config a reload leaves running: `new`'s policy keys and log level, the rest as it is;
+    and the keys `new` changes that only a restart applies, as the file spells them."""
+    k8s_running, k8s_new = running.kubernetes, new.kubernetes
+    kubernetes = replace(k8s_running, **{f: getattr(k8s_new, f) for f in _RELOADED_KUBERNETES})
+    applied = replace(running, kubernetes=kubernetes, **{f: getattr(new, f) for f in _RELOADED})
+    later = [f for f in fields(Config) if f.name not in (*_RELOADED, "kubernetes")
+             and getattr(applied, f.name) != getattr(new, f.name)]
+    later_kubernetes = [f for f in fields(KubernetesConfig)
+                        if getattr(kubernetes, f.name) != getattr(k8s_new, f.name)]
+    return applied, [f.name for f in later] + [f"kubernetes.{f.name}" for f in later_kubernetes]

@@ -65,7 +65,9 @@ LOWERS_RESOLVED = Tally("addlower_extra_lowers_resolved", "Containers (active sn
                         "source", LOWER_SOURCES)
 LOWERS_REFUSED = Tally("addlower_extra_lowers_refused", "Extra lower dirs refused by the policy, by where "
                        "they came from.", "source", LOWER_SOURCES)
-TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED)
+CONFIG_RELOADS = Tally("addlower_config_reloads", "Config file reloads (SIGHUP), by result: a failed one "
+                       "keeps the running config.", "result", ("success", "failure"))
+TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, CONFIG_RELOADS)
 
 
 class CallStats:

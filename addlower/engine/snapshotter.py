@@ -18,10 +18,10 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 from addlower.engine import fsutil
 from addlower.engine import metrics
-from addlower.core.config import Config
+from addlower.core.config import Config, reloaded
 from addlower.core.errors import InvalidArgument, NotFound
 from addlower.engine.fsutil import Usage
-from addlower.core.pods import Lookup, check_for_pod, in_namespace, normalised_value
+from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine.podlookup import PodLowers
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.engine.ctrdversion import TargetSupport
@@ -83,6 +83,21 @@ def live_usage(layout: Layout, sid: int, max_inodes: int | None = None) -> Usage
     return None if extra is None else Usage(usage.size + extra.size, usage.inodes + extra.inodes)
 
 
+@dataclass(frozen=True)
+class Policy:
+    """Which host dirs may be lowers, from one config: replaced whole when the config is reloaded."""
+
+    lowers: LowerPolicy  # containerd clients' labels
+    kubernetes: KubernetesConfig  # pods' roots, by namespace
+
+    @classmethod
+    def of(cls, root: str, config: Config) -> "Policy":
+        return cls(LowerPolicy(root, tuple(config.allowed_roots), dict(config.named_lowers)), config.kubernetes)
+
+    def for_pods(self, namespace: str | None) -> LowerPolicy:
+        return self.kubernetes.policy(self.lowers.root, self.lowers.named, namespace)
+
+
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
@@ -99,7 +114,7 @@ class Snapshotter:
             )
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
-        self.lowers = LowerPolicy(str(root), tuple(config.allowed_roots), dict(config.named_lowers))
+        self.policy = Policy.of(str(root), config)
         self.pods = PodLowers(config.kubernetes) if config.kubernetes.enabled else None
         k8s = config.kubernetes
         self.targets = TargetSupport(config.mount_targets, k8s.containerd_address, k8s.timeout)
@@ -173,16 +188,24 @@ class Snapshotter:
         everything in containerd's CRI namespace (a direct CRI client can set the label there)."""
         return self.pods is not None and in_namespace(key, self.pods.config.namespace)
 
+    def reload(self, config: Config) -> list[str]:
+        """Apply a re-read config's policy in one step (each check sees the old policy or the new
+        one, whole); returns the changed keys that need a restart."""
+        applied, later = reloaded(self.config, config)
+        self.policy = Policy.of(str(self.root), applied)
+        self.config = applied
+        return later
+
     def _pod_policy(self, namespace: str | None) -> LowerPolicy:
         assert self.pods is not None
-        return self.pods.config.policy(str(self.root), self.lowers.named, namespace)
+        return self.policy.for_pods(namespace)
 
     def _created_lowers(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
         """The entries a new snapshot's label asks for, refused before anything is created. In the
         CRI namespace they wait for the container's pod (none before), so none for now."""
         value = labels.get(EXTRA_LOWERS_LABEL, "")
         if not self._held_for_pods(key):
-            return parse_lowers(value, self.lowers, LABEL_SOURCE)
+            return parse_lowers(value, self.policy.lowers, LABEL_SOURCE)
         if value and kind != Kind.ACTIVE:
             raise InvalidArgument(f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
                                   "have extra lowers; only pods' containers can")
@@ -253,7 +276,7 @@ class Snapshotter:
             request = self._pod_lowers(key, snap)
         else:
             request = Request(self._refused_counted("label", lambda: parse_lowers(
-                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.lowers, LABEL_SOURCE)))
+                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE)))
         if request.lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source)) as opened:
@@ -283,7 +306,7 @@ class Snapshotter:
             return Request(self._refused_counted("label", lambda: parse_lowers(label or "", policy, source)), source)
         found = self.pods.find(key)
         if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.lowers, LABEL_SOURCE)))
+            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.policy.lowers, LABEL_SOURCE)))
         if isinstance(found, Lookup):
             return Request()
         if label is not None:
@@ -337,7 +360,7 @@ class Snapshotter:
             _, current, _ = reader.get_info(name)
         self._refuse_reserved(labels, current.labels)
         if EXTRA_LOWERS_LABEL in labels:
-            policy = self._pod_policy(None) if self._held_for_pods(name) else self.lowers
+            policy = self._pod_policy(None) if self._held_for_pods(name) else self.policy.lowers
             self._refused_counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE))
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)

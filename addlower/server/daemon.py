@@ -14,12 +14,13 @@ import socket
 import stat
 from concurrent import futures
 from pathlib import Path
+from typing import Callable
 
 import uvloop
 
 from addlower import __version__
 from addlower.engine import metrics
-from addlower.core.config import Config
+from addlower.core.config import Config, ConfigError
 from addlower.core.errors import SnapshotError
 from addlower.server.grpcserver import GrpcServer
 from addlower.core.labels import EXTRA_LOWERS_LABEL
@@ -72,10 +73,12 @@ def notify_systemd(state: bytes) -> None:
 
 
 class Daemon:
-    """The snapshotter and its server; serve() runs until SIGTERM or SIGINT."""
+    """The snapshotter and its server; serve() runs until SIGTERM or SIGINT, and applies a
+    re-read config (`reread`) on SIGHUP."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, reread: Callable[[], Config] = lambda: Config()):
         self.config = config
+        self.reread = reread
         try:
             self.snapshotter = Snapshotter(config.root_dir, config)
         except (OSError, RuntimeError, SnapshotError) as exc:
@@ -98,6 +101,25 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 
+    def reload(self) -> None:
+        """Re-read the config file and swap the policy; a file that cannot be used changes nothing."""
+        try:
+            config = self.reread()
+        except ConfigError as exc:
+            metrics.CONFIG_RELOADS.inc("failure")
+            log.error("reload refused, the running config stays: %s", exc)
+            return
+        later = self.snapshotter.reload(config)
+        logging.getLogger().setLevel(config.log_level.upper())
+        metrics.CONFIG_RELOADS.inc("success")
+        c = self.snapshotter.config
+        log.info("reloaded the config: allowed_roots=%s named_lowers=%s kubernetes_allowed_roots=%s "
+                 "kubernetes_namespaces=%s log_level=%s", ",".join(c.allowed_roots),
+                 ",".join(f"{k}={v.path}" for k, v in c.named_lowers.items()) or "-",
+                 ",".join(c.kubernetes.allowed_roots) or "-", ",".join(c.kubernetes.namespaces) or "-", c.log_level)
+        if later:
+            log.warning("changed keys that take effect only after a restart: %s", ", ".join(later))
+
     async def serve(self) -> None:
         path = self.config.socket_path
         try:
@@ -109,6 +131,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         c = self.config
         log.info(
             "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s "
@@ -135,11 +158,12 @@ class Daemon:
             pass
 
 
-def run(config: Config) -> int:
-    """Serve until SIGTERM or SIGINT; returns the process exit code."""
+def run(config: Config, reread: Callable[[], Config] = lambda: Config()) -> int:
+    """Serve until SIGTERM or SIGINT, re-reading the config with `reread` on SIGHUP; returns the
+    process exit code."""
     os.umask(0o022)  # dirs made for missing lowers are 0755, whatever umask started the daemon
     try:
-        daemon = Daemon(config)
+        daemon = Daemon(config, reread)
         try:
             uvloop.run(daemon.serve())
         finally:
