@@ -6,7 +6,6 @@ Only flag parsing and logging setup live here; serving is daemon.py's job.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import sys
@@ -27,35 +26,12 @@ from addlower.core.config import (
     check_metrics_address,
     load_config,
 )
+from addlower.core.logformat import FORMATTERS
 from addlower.server.daemon import run
-
-TEXT_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
-# Line breaks and other control characters (C0, DEL, C1, Unicode line separators) as escapes.
-_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-            for c in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029)}
-
-
-class TextFormatter(logging.Formatter):
-    """One text line per record: whatever a client put in a key or label cannot start a new line."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(record).translate(_ESCAPES)
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the keys log shippers expect."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name,
-                 "msg": record.getMessage()}
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
+    handler.setFormatter(FORMATTERS[fmt]())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))  # ~20 lines a call
 

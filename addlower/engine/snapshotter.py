@@ -23,6 +23,7 @@ from addlower.core.errors import InvalidArgument, NotFound
 from addlower.engine.fsutil import Usage
 from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine.podlookup import PodLowers
+from addlower.core.logformat import fields
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
@@ -50,6 +51,7 @@ class Request:
     source: str = LABEL_SOURCE
     metric: str = "label"
     record: Mapping[str, str] = field(default_factory=dict)
+    pod: Mapping[str, str] = field(default_factory=dict)  # namespace, pod, container: for the logs
 
 
 # A Commit or Usage on the event loop counts at most this many inodes (about a millisecond);
@@ -140,10 +142,10 @@ class Snapshotter:
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], quick: bool) -> list[Mount]:
         validate_labels(labels)
         self._refuse_reserved(labels, {})
-        lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels))
+        lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
         if lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
-        with self._refused_counted("label", lambda: self._open(lowers, LABEL_SOURCE)) as opened:  # no lock held
+        with self._refused_counted("label", lambda: self._open(lowers, LABEL_SOURCE), key=key) as opened:  # no lock
             return self._create_opened(kind, key, parent, labels, opened)
 
     def _create_opened(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str],
@@ -167,7 +169,7 @@ class Snapshotter:
                 os.rename(tree, final)
                 tree = final
                 # In place: the mounts may need dirs inside it (a target's mountpoint and upper).
-                mounts = self._refused_counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE))
+                mounts = self._refused_counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE), key=key)
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
@@ -213,13 +215,14 @@ class Snapshotter:
         return ()
 
     @staticmethod
-    def _refused_counted(source: str, check: Callable[[], T]) -> T:
-        """check(), with a refusal counted by `source` ("label" or "annotation") and logged."""
+    def _refused_counted(source: str, check: Callable[[], T], **context: str) -> T:
+        """check(), with a refusal counted by `source` ("label" or "annotation") and logged with
+        `context` (key, and a pod's namespace, pod and container) as fields."""
         try:
             return check()
         except InvalidArgument as exc:
             metrics.LOWERS_REFUSED.inc(source)
-            log.warning("refused extra lowers: %s", exc)
+            log.warning("refused extra lowers: %s", exc, extra=fields(source=source, **context))
             raise
 
     @staticmethod
@@ -276,11 +279,14 @@ class Snapshotter:
             request = self._pod_lowers(key, snap)
         else:
             request = Request(self._refused_counted("label", lambda: parse_lowers(
-                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE)))
+                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE), key=key))
         if request.lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
-        with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source)) as opened:
-            mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source))
+        context = {"key": key, **request.pod}
+        with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source), **context) \
+                as opened:
+            mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source),
+                                           **context)
         if request.lowers:
             with self.store.read() as reader:
                 if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
@@ -289,7 +295,8 @@ class Snapshotter:
         if request.record:  # only once the dirs are pinned: a refusal records nothing
             with self.store.transaction() as tx:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
-            log.info("recorded %s for %s", " ".join(f"{k}={v!r}" for k, v in request.record.items()), key)
+            log.info("recorded the pod's extra lowers", extra=fields(key=key, **request.pod,
+                                                                      lowers=request.record[EXTRA_LOWERS_LABEL]))
             if request.lowers:
                 metrics.LOWERS_RESOLVED.inc(request.metric)
         return mounts
@@ -302,11 +309,15 @@ class Snapshotter:
         recorded = snap.labels.get(POD_LABEL)
         if recorded is not None:
             source = f"pod {recorded}: {LABEL_SOURCE}"
-            policy = self._pod_policy(recorded.split("/", 1)[0])
-            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", policy, source)), source)
+            namespace, _, pod = recorded.partition("/")
+            policy = self._pod_policy(namespace)
+            who = {"namespace": namespace, "pod": pod}
+            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", policy, source), key=key,
+                                                 **who), source, pod=who)
         found = self.pods.find(key)
         if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.policy.lowers, LABEL_SOURCE)))
+            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.policy.lowers,
+                                                                               LABEL_SOURCE), key=key))
         if isinstance(found, Lookup):
             return Request()
         if label is not None:
@@ -315,10 +326,11 @@ class Snapshotter:
             source, value = f"pod annotation {found.request[0]}", found.request[1]
         else:
             return Request()
+        who = {"namespace": found.namespace, "pod": found.pod, "container": found.container}
         lowers = self._refused_counted("annotation", lambda: check_for_pod(
-            found, source, value, self._pod_policy(found.namespace)))
+            found, source, value, self._pod_policy(found.namespace)), key=key, **who)
         return Request(lowers, f"{found.describe()}: {source}", "annotation",
-                       {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"})
+                       {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"}, who)
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -361,7 +373,8 @@ class Snapshotter:
         self._refuse_reserved(labels, current.labels)
         if EXTRA_LOWERS_LABEL in labels:
             policy = self._pod_policy(None) if self._held_for_pods(name) else self.policy.lowers
-            self._refused_counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE))
+            self._refused_counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE),
+                                  key=name)
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)

@@ -24,6 +24,7 @@ from addlower.core.config import Config, ConfigError
 from addlower.core.errors import SnapshotError
 from addlower.server.grpcserver import GrpcServer
 from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.core.logformat import fields
 from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, map_error, routes
 from addlower.engine.snapshotter import Snapshotter
 
@@ -33,6 +34,10 @@ SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 30.0
 BLOCKING_WORKERS = 16
 KUBERNETES_WORKERS = 4  # Mounts calls waiting for containerd's answer about a pod
+
+
+def _named(config: Config) -> str:
+    return ",".join(f"{name}={lower.path}" for name, lower in config.named_lowers.items()) or "-"
 
 
 class StartupError(Exception):
@@ -113,12 +118,12 @@ class Daemon:
         logging.getLogger().setLevel(config.log_level.upper())
         metrics.CONFIG_RELOADS.inc("success")
         c = self.snapshotter.config
-        log.info("reloaded the config: allowed_roots=%s named_lowers=%s kubernetes_allowed_roots=%s "
-                 "kubernetes_namespaces=%s log_level=%s", ",".join(c.allowed_roots),
-                 ",".join(f"{k}={v.path}" for k, v in c.named_lowers.items()) or "-",
-                 ",".join(c.kubernetes.allowed_roots) or "-", ",".join(c.kubernetes.namespaces) or "-", c.log_level)
+        log.info("reloaded the config", extra=fields(
+            allowed_roots=",".join(c.allowed_roots), named_lowers=_named(c), log_level=c.log_level,
+            kubernetes_allowed_roots=",".join(c.kubernetes.allowed_roots) or "-",
+            kubernetes_namespaces=",".join(c.kubernetes.namespaces) or "-"))
         if later:
-            log.warning("changed keys that take effect only after a restart: %s", ", ".join(later))
+            log.warning("changed keys take effect only after a restart", extra=fields(keys=",".join(later)))
 
     async def serve(self) -> None:
         path = self.config.socket_path
@@ -133,15 +138,12 @@ class Daemon:
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         c = self.config
-        log.info(
-            "addlower %s serving root=%s socket=%s async_remove=%s upperdir_label=%s mount_options=%s "
-            "allowed_roots=%s named_lowers=%s kubernetes=%s metrics=%s",
-            __version__, c.root_dir, path, c.async_remove, c.upperdir_label,
-            ",".join(self.snapshotter.overlay_options) or "-", ",".join(c.allowed_roots),
-            ",".join(f"{k}={v.path}" for k, v in c.named_lowers.items()) or "-",
-            f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
-            c.metrics_address or "off",
-        )
+        log.info("serving", extra=fields(
+            version=__version__, root=str(c.root_dir), socket=str(path), async_remove=c.async_remove,
+            upperdir_label=c.upperdir_label, mount_options=",".join(self.snapshotter.overlay_options) or "-",
+            allowed_roots=",".join(c.allowed_roots), named_lowers=_named(c),
+            kubernetes=f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
+            metrics=c.metrics_address or "off"))
         notify_systemd(b"READY=1")
         await stopping.wait()
         notify_systemd(b"STOPPING=1")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 import hpack
 
 from addlower.core.codes import Code
+from addlower.core.logformat import fields
 
 log = logging.getLogger(__name__)
 
@@ -660,8 +661,8 @@ class _Connection(asyncio.Protocol):
         seconds = time.perf_counter() - started
         self.server.observe(route.name, seconds, code)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc method=%s key=%s duration=%.6fs code=%s", route.name,
-                      route.describe(request), seconds, code.name)
+            log.debug("rpc", extra=fields(method=route.name, key=route.describe(request), code=code.name,
+                                          duration_s=seconds))
         self._finish(stream, messages, code, message)
 
     def _finish(self, stream: _Stream, messages: Iterable[bytes], code: Code, message: str) -> None:

@@ -29,7 +29,7 @@ def test_socket_is_created_with_mode_0660_and_startup_line_names_everything(daem
     mode = stat.S_IMODE(os.stat(daemon.socket).st_mode)
     assert mode == 0o660
     line = next(l for l in daemon.log().splitlines() if "serving" in l)
-    for part in ("addlower 0.", f"root={daemon.root}", f"socket={daemon.socket}", "async_remove=True"):
+    for part in ("msg=serving version=0.", f"root={daemon.root}", f"socket={daemon.socket}", "async_remove=True"):
         assert part in line
 
 

@@ -163,7 +163,7 @@ def test_named_lower_from_the_config_file(tmp_path: Path, host: Path):
         c.prepare("c", labels={LOWERS: "maven"})
         with mount_snapshot(c.mounts("c"), tmp_path / "mnt") as m:
             assert (m / "settings.xml").read_text() == "host\n"
-        assert f"named_lowers=maven={host}" in d.log()
+        assert f'named_lowers="maven={host}"' in d.log()
 
 
 def run_daemon(*args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import socket
@@ -16,6 +15,7 @@ from addlower import __version__
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, allowing
+from tests.support.logfmt import parse
 
 
 def free_port() -> int:
@@ -78,19 +78,22 @@ def test_bad_metrics_address_is_refused(tmp_path: Path):
         d.start()
 
 
-def test_json_logs_with_one_debug_line_per_call(tmp_path: Path):
-    d = Daemon(root=tmp_path / "root", args=["--log-format", "json", "--log-level", "debug"]).start()
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_every_log_line_is_one_record_with_fields(tmp_path: Path, fmt: str):
+    d = Daemon(root=tmp_path / "root", args=["--log-format", fmt, "--log-level", "debug"]).start()
     try:
         with d.channel() as ch:
             SnapshotsClient(ch).prepare("k1")
             with pytest.raises(grpc.RpcError):
-                SnapshotsClient(ch).prepare("k2", labels={LOWERS: "relative"})
+                SnapshotsClient(ch).prepare("k 2", labels={LOWERS: "relative"})
     finally:
         d.stop()
-    entries = [json.loads(line) for line in d.log().splitlines()]
-    assert {"time", "level", "logger", "msg"} <= set(entries[0])
-    calls = [e["msg"] for e in entries if e["msg"].startswith("rpc ")]
-    assert any("method=Prepare key=k1" in m and "code=OK" in m for m in calls)
-    assert any("method=Prepare key=k2" in m and "code=INVALID_ARGUMENT" in m for m in calls)
-    warnings = [e for e in entries if e["level"] == "warning"]
-    assert any("refused extra lowers" in e["msg"] and "'relative'" in e["msg"] for e in warnings)
+    entries = parse(d.log(), fmt)
+    serving = next(e for e in entries if e["msg"] == "serving")
+    assert serving["root"] == str(tmp_path / "root") and serving["metrics"] == "off"
+    calls = {(e["method"], e["key"]): e for e in entries if e["msg"] == "rpc"}
+    assert calls["Prepare", "k1"]["code"] == "OK" and float(calls["Prepare", "k1"]["duration_s"]) > 0
+    assert calls["Prepare", "k 2"]["code"] == "INVALID_ARGUMENT"
+    refused = next(e for e in entries if e["level"] == "warning")
+    assert refused["msg"].startswith("refused extra lowers") and "'relative'" in refused["msg"]
+    assert refused["key"] == "k 2" and refused["source"] == "label"

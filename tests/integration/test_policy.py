@@ -28,6 +28,7 @@ from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.dev.devcontainerd import unmount_under
 from addlower.dev.mounting import mounted
 from tests.integration.layers import expect_code
+from tests.support.logfmt import parse
 from tests.support.daemon import Daemon, allowing, config_args
 
 Code = grpc.StatusCode
@@ -226,9 +227,9 @@ def test_a_newline_in_a_key_cannot_forge_a_log_line(tmp_path: Path):
     with serving(tmp_path / "root", ["--log-level", "debug"]) as (d, c):
         forged = "k\ntime=2026 level=ERROR logger=addlower msg=forged"
         expect_code(Code.NOT_FOUND, c.stat, forged)
-    lines = d.log().splitlines()
-    assert not any(line.startswith("time=2026 level=ERROR") for line in lines)
-    assert any("k\\x0atime=2026 level=ERROR" in line for line in lines)
+    entries = parse(d.log(), "text")  # one record per line, whatever the key held
+    assert not any(e["msg"] == "forged" or e["time"] == "2026" for e in entries)
+    assert any(e.get("key") == forged for e in entries)
 
 
 def populated(tmp_path: Path) -> tuple[Path, list[str]]:

@@ -71,6 +71,6 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
         d.stop()
     log = d.log()
     assert "named lower 'bad' '/etc': overlaps the system dir" in log  # the refusal names the bad part
-    assert "take effect only after a restart: async_remove\n" in log  # root_dir: the flag still decides
+    assert 'msg="changed keys take effect only after a restart" keys=async_remove\n' in log  # root_dir: the flag decides
     assert "method=Stat key=b4" in log  # the new log level applies at once
     assert not (tmp_path / "elsewhere").exists()
