@@ -26,6 +26,9 @@ LOWERS_RESOLVED = Counter("addlower_extra_lowers_resolved_total",
                           "annotation (source=annotation).", ["source"])
 LOWERS_REFUSED = Counter("addlower_extra_lowers_refused_total",
                          "Extra lower dirs refused by the policy, by where they came from.", ["source"])
+LOWERS_CREATED = Counter("addlower_extra_lowers_created_total",
+                         "Missing extra lower dirs made, empty: under an allowed root (entry=path) or for a "
+                         "named lower with create = true (entry=named).", ["entry"])
 
 
 def observe_call(method: str, seconds: float, code: str) -> None:
