@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from addlower.core.errors import InvalidArgument
+from addlower.core.keys import split_key
 from addlower.core.lowers import Lower, LowerPolicy, NamedLower, parse_lowers
 
 KIND_LABEL = "io.cri-containerd.kind"  # "sandbox" or "container"
@@ -85,8 +86,8 @@ class Lookup(Enum):
 
 def container_id(key: str, namespace: str) -> str | None:
     """The container id in a snapshot key `<namespace>/<n>/<id>`, if it is in that namespace."""
-    parts = key.split("/", 2)
-    return parts[2] if len(parts) == 3 and parts[0] == namespace and parts[2] else None
+    split = split_key(key)
+    return split[1] if split is not None and split[0] == namespace else None
 
 
 def in_namespace(key: str, namespace: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from addlower.core.config import (
     read_toml,
 )
 from addlower.core.errors import NotFound, SnapshotError
+from addlower.core.keys import resolve_key
 from addlower.engine.fsutil import Usage
 from addlower.ops.install import plugin_table
 from addlower.core.labels import EXTRA_LOWERS_LABEL
@@ -52,11 +54,10 @@ from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
-WIDTH = 80  # tables and trees fit a terminal this wide
+WIDTH = 80  # columns of a terminal that does not say
 GAP = "  "  # between table columns
 MIN_FLEXIBLE = 8  # a shrinking column keeps at least this many characters
 INDENT = 4  # tree: characters per level
-MAX_INDENT = WIDTH // 2  # tree: deeper indentation is cut on the left
 PROGRESS_THRESHOLD = 50  # measure more snapshots than this with a progress bar (on a terminal)
 
 T = TypeVar("T")
@@ -281,6 +282,22 @@ def human_age(seconds: float) -> str:
     return "0s"
 
 
+def terminal_columns() -> int:
+    """COLUMNS, else the terminal's width, else WIDTH (shutil's rule)."""
+    return shutil.get_terminal_size((WIDTH, 24)).columns
+
+
+def fit_width(wide: bool) -> int | None:
+    """How wide tables and trees may be: the terminal's width (or COLUMNS); None, nothing cut, with
+    --wide or when stdout is no terminal and COLUMNS is unset (a pipe into grep gets whole names)."""
+    if wide or ("COLUMNS" not in os.environ and not sys.stdout.isatty()):
+        return None
+    return terminal_columns()
+
+
+wide_option = click.option("--wide", is_flag=True, help="Never cut names to fit the terminal.")
+
+
 def ellipsize(text: str, width: int) -> str:
     """`text` cut to `width` characters by an ellipsis in the middle."""
     if len(text) <= width:
@@ -309,11 +326,11 @@ class Column:
     right: bool = False
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows under headers, fitting WIDTH by shrinking the widest flexible column first."""
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:
+    """Rows under headers, fitting `width` (None: any) by shrinking the widest flexible column first."""
     table = [[c.header for c in columns], *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    excess = sum(widths) + len(GAP) * (len(columns) - 1) - WIDTH
+    excess = 0 if width is None else sum(widths) + len(GAP) * (len(columns) - 1) - width
     while excess > 0:
         shrinkable = [i for i, c in enumerate(columns) if c.flexible and widths[i] > MIN_FLEXIBLE]
         if not shrinkable:
@@ -361,7 +378,8 @@ LS_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("PARENT", fl
 @admin_command("ls")
 @click.option("--filter", "filters", multiple=True, metavar="FILTER",
               help="containerd filter, e.g. kind==active or labels.\"a.b\"~=x; repeated: any may match.")
-def ls(inv: Invocation, filters: tuple[str, ...]) -> None:
+@wide_option
+def ls(inv: Invocation, filters: tuple[str, ...], wide: bool) -> None:
     """List snapshots: kind, parent, size, extra lower dirs, age."""
     with open_source(inv.target()) as source:
         measured = measure(source, source.list(filters))
@@ -370,14 +388,18 @@ def ls(inv: Invocation, filters: tuple[str, ...]) -> None:
         return
     rows = [[info.name, _kind(info), info.parent or "-", _size(usage),
              info.labels.get(EXTRA_LOWERS_LABEL) or "-", _age(info.created_at)] for info, usage in measured]
-    click.echo("\n".join(render_table(LS_COLUMNS, rows)))
+    click.echo("\n".join(render_table(LS_COLUMNS, rows, fit_width(wide))))
 
 
 @admin_command("info")
-@click.argument("key")
-def info(inv: Invocation, key: str) -> None:
-    """Show one snapshot: every field, its usage and its labels."""
+@click.argument("name")
+@click.option("--namespace", "-n", default=None,
+              help="containerd namespace of NAME, when it is containerd's name (as ctr's -n).")
+def info(inv: Invocation, name: str, namespace: str | None) -> None:
+    """Show one snapshot: every field, its usage and its labels. NAME is its key, or the name
+    containerd's clients use (`ctr snapshots info` takes, e.g. a container id)."""
     with open_source(inv.target()) as source:
+        key = resolve_key(name, [i.name for i in source.list(())], namespace)
         snapshot = source.stat(key)
         usage = source.usage(key)
     if inv.as_json:
@@ -414,19 +436,22 @@ def build_forest(infos: Sequence[Info]) -> list[Node]:
     return roots
 
 
-def _tree_line(prefix: str, info: Info) -> str:
-    if len(prefix) > MAX_INDENT:  # keep the innermost levels, whole
-        prefix = "…" + prefix[len(prefix) - (MAX_INDENT - 1) // INDENT * INDENT:]
+def _tree_line(prefix: str, info: Info, width: int | None) -> str:
     suffix = "" if info.kind == Kind.COMMITTED else f" ({_kind(info)})"
-    return prefix + ellipsize(info.name, max(WIDTH - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
+    if width is None:
+        return prefix + info.name + suffix
+    most = width // 2  # deeper indentation is cut on the left, keeping the innermost levels whole
+    if len(prefix) > most:
+        prefix = "…" + prefix[len(prefix) - (most - 1) // INDENT * INDENT:]
+    return prefix + ellipsize(info.name, max(width - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
 
 
-def draw_tree(node: Node, prefix: str = "", continuation: str = "") -> list[str]:
-    """`node` and its descendants in box-drawing characters."""
-    lines = [_tree_line(prefix, node.info)]
+def draw_tree(node: Node, width: int | None, prefix: str = "", continuation: str = "") -> list[str]:
+    """`node` and its descendants in box-drawing characters, `width` columns wide (None: any)."""
+    lines = [_tree_line(prefix, node.info, width)]
     for i, child in enumerate(node.children):
         last = i == len(node.children) - 1
-        lines += draw_tree(child, continuation + ("└── " if last else "├── "),
+        lines += draw_tree(child, width, continuation + ("└── " if last else "├── "),
                            continuation + ("    " if last else "│   "))
     return lines
 
@@ -436,7 +461,8 @@ def tree_json(node: Node) -> dict[str, Any]:
 
 
 @admin_command("tree")
-def tree(inv: Invocation) -> None:
+@wide_option
+def tree(inv: Invocation, wide: bool) -> None:
     """Draw the snapshots' parent chains as trees."""
     with open_source(inv.target()) as source:
         roots = build_forest(source.list(()))
@@ -444,7 +470,7 @@ def tree(inv: Invocation) -> None:
         _print_json([tree_json(root) for root in roots])
         return
     for root in roots:
-        click.echo("\n".join(draw_tree(root)))
+        click.echo("\n".join(draw_tree(root, fit_width(wide))))
 
 
 DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", right=True),
@@ -452,7 +478,8 @@ DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", righ
 
 
 @admin_command("du")
-def du(inv: Invocation) -> None:
+@wide_option
+def du(inv: Invocation, wide: bool) -> None:
     """Disk usage of every snapshot, largest first, and the total."""
     with open_source(inv.target()) as source:
         measured = measure(source, source.list(()))
@@ -465,7 +492,7 @@ def du(inv: Invocation) -> None:
     rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage is not None else "?"]
             for info, usage in measured]
     rows.append(["total", "", human_size(total.size), str(total.inodes)])
-    click.echo("\n".join(render_table(DU_COLUMNS, rows)))
+    click.echo("\n".join(render_table(DU_COLUMNS, rows, fit_width(wide))))
 
 
 def _entries(directory: str) -> set[str]:
@@ -649,8 +676,8 @@ def print_check(check: Check) -> None:
 
 
 def _fill(text: str, first: str, rest: str) -> str:
-    """Wrapped to WIDTH, except for words (paths) longer than a line."""
-    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+    """Wrapped to the terminal, except for words (paths) longer than a line."""
+    return textwrap.fill(text, terminal_columns(), initial_indent=first, subsequent_indent=rest, break_long_words=False,
                          break_on_hyphens=False)
 
 

@@ -42,8 +42,10 @@ class Setup:
     client: SnapshotsClient
     lowers: str  # the container's extra-lowers label
 
-    def run(self, *args: str, code: int = 0) -> Result:
-        result = CliRunner().invoke(GROUP, [*args, "--root-dir", str(self.daemon.root)])
+    def run(self, *args: str, code: int = 0, columns: str | None = "80") -> Result:
+        """The command as on a terminal `columns` wide (None: stdout is a pipe, COLUMNS unset)."""
+        env = {"COLUMNS": columns}  # CliRunner's stdout is never a terminal: COLUMNS decides
+        result = CliRunner(env=env).invoke(GROUP, [*args, "--root-dir", str(self.daemon.root)])
         assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
         return result
 
@@ -75,17 +77,19 @@ def setup(daemon: Daemon, client: SnapshotsClient, tmp_path: Path) -> Setup:
     return Setup(daemon, client, lowers)
 
 
-def _table(stdout: str) -> tuple[list[str], dict[str, list[str]]]:
-    """A table's header cells and its rows by their first cell (cells are 2+ spaces apart)."""
+def _table(stdout: str, width: int | None = 80) -> tuple[list[str], dict[str, list[str]]]:
+    """A table's header cells and its rows by their first cell (cells are 2+ spaces apart); each
+    line at most `width` long (None: any)."""
     lines = stdout.splitlines()
-    assert all(len(line) <= 80 for line in lines), "\n".join(line for line in lines if len(line) > 80)
+    assert width is None or all(len(line) <= width for line in lines), \
+        "\n".join(line for line in lines if len(line) > width)
     rows = [re.split(r" {2,}", line.strip()) for line in lines]
     return rows[0], {row[0]: row for row in rows[1:]}
 
 
 def _row_of_container(rows: dict[str, list[str]]) -> list[str]:
     """The long name is cut in the middle: its start and end stay."""
-    (name,) = [n for n in rows if n.startswith("default/42")]
+    (name,) = [n for n in rows if n.startswith("defau")]
     assert "…" in name and name.endswith("cdef") and len(name) < len(CONTAINER)
     return rows[name]
 
@@ -111,6 +115,25 @@ def test_ls_shows_every_snapshot_with_kind_parent_size_extra_lowers_and_age(setu
     assert lowers_cell.startswith(setup.lowers[:8]) and lowers_cell.endswith("lower-b")
     assert [rows[n][4] for n in CHAIN] == ["-"] * 3
     assert sizes["middle"] >= 256 * 1024 and sizes[CONTAINER] >= 20000  # the files written count
+
+
+def test_ls_fits_the_terminal_columns_says(setup: Setup):
+    names = {}
+    for columns in (60, 80, 120):
+        _, rows = _table(setup.run("ls", columns=str(columns)).stdout, columns)
+        assert len(rows) == len(KINDS)
+        names[columns] = _row_of_container(rows)[0]
+    assert len(names[60]) < len(names[80]) < len(names[120]) < len(CONTAINER)  # as much as fits
+
+
+@pytest.mark.parametrize("how", ["--wide", "a pipe"])
+def test_ls_cuts_nothing_with_wide_or_into_a_pipe(setup: Setup, how: str):
+    result = setup.run("ls", "--wide") if how == "--wide" else setup.run("ls", columns=None)
+    _, rows = _table(result.stdout, None)
+    assert rows[CONTAINER][1:3] == ["active", "top"] and rows[CONTAINER][4] == setup.lowers
+    _, rows = _table(setup.run("du", "--wide").stdout, None)
+    assert CONTAINER in rows
+    assert f"├── {CONTAINER} (active)" in setup.run("tree", "--wide").stdout
 
 
 def test_ls_filter_is_containerd_syntax_and_repeats_as_or(setup: Setup):
@@ -162,6 +185,23 @@ def test_info_of_an_unknown_key_fails_naming_it(setup: Setup):
     assert "nope" in result.stderr and "not exist" in result.stderr
 
 
+def test_info_takes_the_name_containerds_clients_use_as_ctr_does(setup: Setup):
+    """containerd hands us `<namespace>/<n>/<name>`; `ctr snapshots info` takes <name>."""
+    name = CONTAINER.split("/", 2)[2]
+    assert setup.json("info", name)["name"] == CONTAINER
+    assert setup.json("info", name, "--namespace", "default")["name"] == CONTAINER
+    assert "does not exist in namespace 'k8s.io'" in setup.run("info", name, "-n", "k8s.io", code=1).stderr
+
+    setup.client.prepare(f"k8s.io/7/{name}", "top")
+    ambiguous = setup.run("info", name, code=1).stderr
+    assert "several namespaces (default, k8s.io)" in ambiguous and "--namespace" in ambiguous
+    assert setup.json("info", name, "-n", "k8s.io")["name"] == f"k8s.io/7/{name}"
+    setup.client.prepare(f"k8s.io/8/{name}", "top")  # the same name twice in one namespace: whole keys only
+    twice = setup.run("info", name, "-n", "k8s.io", code=1).stderr
+    assert f"k8s.io/7/{name}, k8s.io/8/{name}; give the whole key" in twice
+    assert setup.json("info", f"k8s.io/8/{name}")["name"] == f"k8s.io/8/{name}"
+
+
 # --- tree ----------------------------------------------------------------------------------------
 
 
@@ -189,7 +229,7 @@ def test_a_deep_chain_still_fits_80_columns():
     infos = [Info(f"layer-{i:03d}-" + "f" * 64, f"layer-{i - 1:03d}-" + "f" * 64 if i else "", Kind.COMMITTED, 0, 0)
              for i in range(40)]
     (root,) = admin.build_forest(infos)
-    lines = admin.draw_tree(root)
+    lines = admin.draw_tree(root, 80)
     assert len(lines) == 40 and all(len(line) <= 80 for line in lines), "\n".join(lines)
     assert re.fullmatch(r"… +└── layer-039-f+…f+", lines[-1]), lines[-1]  # indentation cut on the left
 
