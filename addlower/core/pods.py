@@ -25,12 +25,13 @@ CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONTAINER_METADATA = "io.cri-containerd.container.metadata"
 SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"  # on the pause container's record
 STORE_METADATA = "metadata"  # the same JSON, on containerd 2.x's sandbox Store entry
+CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"  # containerd's own default grpc.address
 
 
 @dataclass(frozen=True)
 class KubernetesConfig:
     enabled: bool = False
-    containerd_address: str = "/run/containerd/containerd.sock"
+    containerd_address: str = CONTAINERD_ADDRESS
     namespace: str = "k8s.io"  # containerd's CRI namespace
     annotation: str = "addlower.io/lowers"
     allowed_roots: tuple[str, ...] = ()  # absolute paths every pod may use

@@ -7,8 +7,9 @@ parent's fd: a symlink anywhere in the path is refused, and whatever is renamed 
 fd stays on the dir that was checked. Missing dirs are made with mkdirat under the parent's fd,
 only at or below the entry's create root (none for a named lower without create = true), and
 only once every entry has been walked: a refused label leaves nothing made. A dir made is a
-warning and a metric, since the container gets it empty. A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
-<root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody else can touch the path. Pins go
+warning and a metric, since the container gets it empty. A pin is a read-only bind mount of the
+fd (through /proc/self/fd/N) at <root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody
+else can touch the path. Pins go
 away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays into a
 pin meets a read-only mount.
 
@@ -103,6 +104,16 @@ def _open_one(lower: Lower, what: str, create: bool) -> int | None:
     except BaseException:
         os.close(fd)
         raise
+
+
+def probe(lower: Lower, what: str) -> bool:
+    """Whether `lower` is there as the daemon opens it (for doctor): True; False if it is missing
+    and the daemon would make it; InvalidArgument naming `what` for what the daemon refuses."""
+    fd = _open_one(lower, what, create=False)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 @dataclass

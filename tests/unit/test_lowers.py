@@ -233,7 +233,7 @@ def test_without_a_config_file_only_the_default_roots_are_allowed():
         ({"lowers": {"named": {"m2": 3}}}, "lowers.named.m2: expected a dict"),
         ({"lowers": {"named": {"m2": {"namespaces": []}}}}, "lowers.named.m2: a table needs a path"),
         ({"lowers": {"named": {"m2": {"path": "/srv/m2", "ns": []}}}}, "lowers.named.m2.ns: unknown key"),
-        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "create": "yes"}}}}, "lowers.named.m2.create: expected a bool"),
+        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "create": "yes"}}}}, "m2.create: expected a bool"),
         ({"lowers": {"named": {"m2": {"path": "/srv/m2", "namespaces": ["Team_A"]}}}}, "not a Kubernetes namespace"),
         ({"lowers": {"allowed_roots": ["/"]}}, "overlaps the system dir"),
         ({"lowers": {"named": {"etc": "/etc"}}}, "named lower 'etc' '/etc': overlaps the system dir /etc"),
