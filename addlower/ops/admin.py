@@ -3,7 +3,9 @@
 They talk to the daemon through its socket with containerd's Snapshots API, like any client. When
 the daemon does not answer, ls, info, tree and du read <root>/metadata.db read-only instead
 (loaded by store.MetaStore, so the loading rules stay in store.py) and measure active snapshots'
-upper dirs themselves. This module is presentation and plumbing: it must not know snapshot rules
+upper dirs themselves. doctor walks the configured lowers with the daemon's own walk
+(engine.pinning.probe, which makes nothing) and asks containerd what it runs (Version,
+Introspection). This module is presentation and plumbing: it must not know snapshot rules
 (errors, mounts, removal), must never write the store or a snapshot directory, and must not import
 the daemon or its server. The commands are listed in COMMANDS, for cli.py to register.
 """
@@ -626,13 +628,13 @@ def check_lowers(config: Config) -> list[Check]:
 
 
 def _check_named(name: str, named: NamedLower) -> Check:
-    what = f"named lower {name}"
+    what, key = f"named lower {name}", f"lowers.named.{name}"
     try:
         there = pinning.probe(named.entry(name), "the daemon refuses")
     except InvalidArgument as exc:
-        return Check(what, FAIL, str(exc), _dir_hint(named.path, f"lowers.named.{name}") if os.path.lexists(
-            named.path) else f"mkdir -p {named.path} and fill it, or set create = true in lowers.named.{name} "
-                             "to have it made empty")
+        hint = _dir_hint(named.path, key) if os.path.lexists(named.path) else \
+            f"mkdir -p {named.path} and fill it, or set create = true in {key} to have it made empty"
+        return Check(what, FAIL, str(exc), hint)
     if there:
         return Check(what, PASS, f"{named.path} is a directory")
     return Check(what, INFO, f"{named.path} does not exist: made, empty, when first used (create = true)")
@@ -789,7 +791,7 @@ def check_containerd_address(config: Config, containerd: str) -> list[Check]:
     lowers may sit at a container path."""
     k8s = config.kubernetes
     address = k8s.containerd_address
-    checks = []
+    checks: list[Check] = []
     if config.mount_targets == "auto":
         what = "lowers at a container path"
         try:
