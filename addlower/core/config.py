@@ -125,12 +125,12 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
 
 
 def _named_lower(key: str, value: Any) -> NamedLower:
-    """A named lower: a path, or a table {path = "...", namespaces = [...]}."""
+    """A named lower: a path, or a table {path = "...", namespaces = [...], target = "...", create = true}."""
     if isinstance(value, str):
         return NamedLower(value)
     table = _typed(key, value, dict)
     for k in table:
-        if k not in ("path", "namespaces", "target"):
+        if k not in ("path", "namespaces", "target", "create"):
             raise ConfigError(f"{key}.{k}: unknown key")
     if "path" not in table:
         raise ConfigError(f"{key}: a table needs a path")
@@ -138,7 +138,8 @@ def _named_lower(key: str, value: Any) -> NamedLower:
     for ns in namespaces or ():
         _check_namespace(f"{key}.namespaces", ns)
     target = _typed(f"{key}.target", table.get("target", ROOT_TARGET), str)
-    return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces, target)
+    create = _typed(f"{key}.create", table.get("create", False), bool)
+    return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces, target, create)
 
 
 def _check_namespace(key: str, namespace: str) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import platform
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from addlower.core.config import PLUGIN_NAME
 
@@ -52,6 +53,25 @@ def cri_runtimes_table(config: int) -> tuple[str, ...]:
     """The table of CRI's runtime handlers."""
     runtime = ("plugins", "io.containerd.cri.v1.runtime") if config >= 3 else ("plugins", CRI_SERVICE)
     return (*runtime, "containerd", "runtimes")
+
+
+@dataclass(frozen=True)
+class CriUse:
+    """How a containerd config's CRI uses one snapshotter."""
+
+    enabled: bool  # CRI is not in disabled_plugins
+    default: str  # the snapshotter CRI unpacks into and runs pods on
+    handlers: tuple[str, ...]  # runtime handlers (RuntimeClasses) whose pods run on the snapshotter
+
+
+def cri_use(document: Mapping[str, Any], snapshotter: str) -> CriUse:
+    """How CRI uses `snapshotter`, as the parsed config `document` says."""
+    version = int(document.get("version", 1))
+    default = get_path(document, (*cri_images_table(version), "snapshotter")) or BUILTIN_SNAPSHOTTER
+    runtimes = get_path(document, cri_runtimes_table(version)) or {}
+    handlers = tuple(sorted(h for h, t in runtimes.items()
+                            if hasattr(t, "get") and t.get("snapshotter") == snapshotter))
+    return CriUse(CRI_SERVICE not in (document.get("disabled_plugins") or []), str(default), handlers)
 
 
 def uses_transfer_unpack(version: tuple[int, ...]) -> bool:

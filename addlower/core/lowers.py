@@ -60,21 +60,48 @@ OPTION_SYNTAX = frozenset(",:\\=")
 @dataclass(frozen=True)
 class NamedLower:
     """A host dir the admin named; `namespaces` limits which Kubernetes namespaces' pods may use
-    it (None: every pod; label users are trusted with all of them)."""
+    it (None: every pod; label users are trusted with all of them). A missing dir is refused
+    unless `create` says the admin wants it made: a cache that is not there would otherwise give
+    containers an empty dir and nobody would know."""
 
     path: str
     namespaces: tuple[str, ...] | None = None
     target: str = ROOT_TARGET  # where the name alone puts it in the container
+    create: bool = False
+
+    def entry(self, name: str, target: str | None = None) -> Lower:
+        """This named lower as one entry, at `target` (None: its own)."""
+        return Lower(self.path, self.path if self.create else None, self.target if target is None else target, name)
 
 
 @dataclass(frozen=True)
 class Lower:
-    """One checked entry: the host dir, the dir at and below which missing dirs may be created,
-    and the container path it is overlaid at (ROOT_TARGET: under the rootfs itself)."""
+    """One checked entry: the host dir, the dir at and below which missing dirs may be created
+    (None: none may), the container path it is overlaid at (ROOT_TARGET: under the rootfs itself)
+    and the named lower it stands for, if any."""
 
     path: str
-    create_root: str
+    create_root: str | None
     target: str = ROOT_TARGET
+    name: str | None = None
+
+    @property
+    def shown(self) -> str:
+        """The entry as messages name it: a named lower by its name and its dir."""
+        return repr(self.path) if self.name is None else f"named lower {self.name!r} ({self.path})"
+
+    def may_create(self, missing: str) -> bool:
+        """Whether the missing dir `missing`, on the way to this entry, may be made."""
+        return self.create_root is not None and is_within(missing, self.create_root)
+
+    def missing_text(self, missing: str) -> str:
+        """Why the missing dir `missing` on the way to this entry is refused, and what would allow it."""
+        if self.name is None:
+            return f"{missing} does not exist"
+        if self.create_root is None:
+            return (f"{missing} does not exist; create = true in its table (lowers.named.{self.name} = "
+                    f'{{ path = "{self.path}", create = true }}) lets the snapshotter make it, empty')
+        return f"{missing} does not exist (create = true makes only the named dir itself)"
 
 
 @dataclass(frozen=True)
@@ -191,7 +218,7 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
                 raise InvalidArgument(f"{source}: {exc}") from None
             if named is None:
                 raise InvalidArgument(f"{source}: {entry!r} is not a named lower of this node")
-            dirs.append(Lower(named.path, named.path, target if at else named.target))
+            dirs.append(named.entry(entry, target if at else None))
             continue
         check_path(entry, what)
         root = policy.allowing_root(entry)

@@ -15,6 +15,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from addlower.core.errors import InvalidArgument
+from addlower.core.keys import split_key
 from addlower.core.lowers import Lower, LowerPolicy, NamedLower, parse_lowers
 
 KIND_LABEL = "io.cri-containerd.kind"  # "sandbox" or "container"
@@ -24,12 +25,13 @@ CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONTAINER_METADATA = "io.cri-containerd.container.metadata"
 SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"  # on the pause container's record
 STORE_METADATA = "metadata"  # the same JSON, on containerd 2.x's sandbox Store entry
+CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"  # containerd's own default grpc.address
 
 
 @dataclass(frozen=True)
 class KubernetesConfig:
     enabled: bool = False
-    containerd_address: str = "/run/containerd/containerd.sock"
+    containerd_address: str = CONTAINERD_ADDRESS
     namespace: str = "k8s.io"  # containerd's CRI namespace
     annotation: str = "addlower.io/lowers"
     allowed_roots: tuple[str, ...] = ()  # absolute paths every pod may use
@@ -85,8 +87,8 @@ class Lookup(Enum):
 
 def container_id(key: str, namespace: str) -> str | None:
     """The container id in a snapshot key `<namespace>/<n>/<id>`, if it is in that namespace."""
-    parts = key.split("/", 2)
-    return parts[2] if len(parts) == 3 and parts[0] == namespace and parts[2] else None
+    split = split_key(key)
+    return split[1] if split is not None and split[0] == namespace else None
 
 
 def in_namespace(key: str, namespace: str) -> bool:

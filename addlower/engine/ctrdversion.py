@@ -44,22 +44,24 @@ class TargetSupport:
     def _version(self) -> tuple[tuple[int, int, int] | None, str]:
         now = time.monotonic()
         if self._known is None or now - self._known[0] > REMEMBER_SECONDS:
-            version, why = self._ask()
+            version, why = ask_version(self.address, self.timeout)
             self._known = (now, version, why)
         return self._known[1], self._known[2]
 
-    def _ask(self) -> tuple[tuple[int, int, int] | None, str]:
-        import grpc  # only daemons that see targets need a gRPC client
-        from google.protobuf import empty_pb2
 
-        from addlower.api import version_pb2_grpc
+def ask_version(address: str, timeout: float) -> tuple[tuple[int, int, int] | None, str]:
+    """The version of the containerd answering at `address`, or None and why not."""
+    import grpc  # only daemons that see targets need a gRPC client
+    from google.protobuf import empty_pb2
 
-        try:
-            with grpc.insecure_channel(f"unix://{self.address}") as channel:
-                stub: Any = version_pb2_grpc.VersionStub(channel)
-                reply = stub.Version(empty_pb2.Empty(), timeout=self.timeout)
-            return parse_version(f" {reply.version}"), ""
-        except grpc.RpcError as exc:
-            return None, f"containerd at {self.address}: {exc.code().name}"
-        except ValueError as exc:
-            return None, str(exc)
+    from addlower.api import version_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(f"unix://{address}") as channel:
+            stub: Any = version_pb2_grpc.VersionStub(channel)
+            reply = stub.Version(empty_pb2.Empty(), timeout=timeout)
+        return parse_version(f" {reply.version}"), ""
+    except grpc.RpcError as exc:
+        return None, f"containerd at {address}: {exc.code().name}"
+    except ValueError as exc:
+        return None, str(exc)

@@ -17,9 +17,8 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
-
 import threading
+from typing import Any, Callable, Iterable, Iterator
 
 from addlower import __version__
 from addlower.core.codes import Code
@@ -67,7 +66,10 @@ LOWERS_REFUSED = Tally("addlower_extra_lowers_refused", "Extra lower dirs refuse
                        "they came from.", "source", LOWER_SOURCES)
 CONFIG_RELOADS = Tally("addlower_config_reloads", "Config file reloads (SIGHUP), by result: a failed one "
                        "keeps the running config.", "result", ("success", "failure"))
-TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, CONFIG_RELOADS)
+LOWERS_CREATED = Tally("addlower_extra_lowers_created", "Missing extra lower dirs made, empty: under an allowed "
+                       "root (entry=path) or for a named lower with create = true (entry=named).", "entry",
+                       ("path", "named"))
+TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS)
 
 
 class CallStats:

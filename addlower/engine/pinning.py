@@ -5,9 +5,11 @@ allowed root (a CI job filling a cache can swap a dir for a symlink at any insta
 Opening walks from "/" one component at a time, each opened with O_NOFOLLOW relative to its
 parent's fd: a symlink anywhere in the path is refused, and whatever is renamed afterwards, the
 fd stays on the dir that was checked. Missing dirs are made with mkdirat under the parent's fd,
-only at or below the entry's create root, and only once every entry has been walked: a
-refused label leaves nothing made. A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
-<root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody else can touch the path. Pins go
+only at or below the entry's create root (none for a named lower without create = true), and
+only once every entry has been walked: a refused label leaves nothing made. A dir made is a
+warning and a metric, since the container gets it empty. A pin is a read-only bind mount of the
+fd (through /proc/self/fd/N) at <root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody
+else can touch the path. Pins go
 away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays into a
 pin meets a read-only mount.
 
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from addlower.core.errors import InvalidArgument
-from addlower.core.lowers import Lower, is_within
+from addlower.core.logformat import fields
+from addlower.core.lowers import Lower
+from addlower.engine import metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +69,8 @@ def _unmount(target: str) -> bool:
     raise OSError(err, os.strerror(err), target)
 
 
-def _refusal(what: str, path: str, exc: OSError) -> InvalidArgument:
-    return InvalidArgument(f"{what} {path!r}: {exc.strerror.lower() if exc.strerror else exc}")
+def _refusal(what: str, lower: Lower, exc: OSError) -> InvalidArgument:
+    return InvalidArgument(f"{what} {lower.shown}: {exc.strerror.lower() if exc.strerror else exc}")
 
 
 def _open_one(lower: Lower, what: str, create: bool) -> int | None:
@@ -80,8 +84,8 @@ def _open_one(lower: Lower, what: str, create: bool) -> int | None:
             try:
                 child = os.open(name, _O_WALK, dir_fd=fd)
             except FileNotFoundError:
-                if not is_within(current, lower.create_root):
-                    raise InvalidArgument(f"{what} {lower.path!r}: {current} does not exist") from None
+                if not lower.may_create(current):
+                    raise InvalidArgument(f"{what} {lower.shown}: {lower.missing_text(current)}") from None
                 if not create:
                     os.close(fd)
                     return None
@@ -93,14 +97,24 @@ def _open_one(lower: Lower, what: str, create: bool) -> int | None:
         return fd
     except NotADirectoryError:  # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR too
         os.close(fd)
-        raise InvalidArgument(f"{what} {lower.path!r}: {current} is a symlink or not a directory; "
+        raise InvalidArgument(f"{what} {lower.shown}: {current} is a symlink or not a directory; "
                               "name the directory itself") from None
     except OSError as exc:
         os.close(fd)
-        raise _refusal(what, lower.path, exc) from None
+        raise _refusal(what, lower, exc) from None
     except BaseException:
         os.close(fd)
         raise
+
+
+def probe(lower: Lower, what: str) -> bool:
+    """Whether `lower` is there as the daemon opens it (for doctor): True; False if it is missing
+    and the daemon would make it; InvalidArgument naming `what` for what the daemon refuses."""
+    fd = _open_one(lower, what, create=False)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
 
 
 @dataclass
@@ -136,13 +150,13 @@ class Pins:
         return f"{self.dir}/{sid}/{n}"
 
     @staticmethod
-    def open(lowers: Sequence[Lower], what: str) -> Opened:
-        """Open each entry, making missing dirs: the part that may take long (a slow filesystem
-        under an allowed root), so callers do it outside their locks. Every entry is walked
-        before any dir is made, so a refusal leaves nothing made; an entry is walked again only
-        if it had dirs to make. Only a race with a writer between the two walks can leave an
-        empty dir, inside the allowed root (removing it again could remove a dir the writer
-        swapped in)."""
+    def open(lowers: Sequence[Lower], what: str, key: str) -> Opened:
+        """Open each entry of snapshot `key`, making missing dirs: the part that may take long (a
+        slow filesystem under an allowed root), so callers do it outside their locks. Every entry
+        is walked before any dir is made, so a refusal leaves nothing made; an entry is walked
+        again only if it had dirs to make. Only a race with a writer between the two walks can
+        leave an empty dir, inside the allowed root (removing it again could remove a dir the
+        writer swapped in)."""
         found: list[int | None] = []  # per entry, its fd, or None while dirs of it are missing
         try:
             for lower in lowers:  # first, without making anything
@@ -151,6 +165,9 @@ class Pins:
                 if found[i] is None:
                     found[i] = _open_one(lower, what, create=True)
                     assert found[i] is not None  # a walk that may make dirs reaches the end or raises
+                    metrics.LOWERS_CREATED.inc("path" if lower.name is None else "named")
+                    log.warning("%s %s did not exist: made it, empty, for snapshot %s", what, lower.shown, key,
+                                extra=fields(key=key, entry=lower.shown))
             fds = [fd for fd in found if fd is not None]
             Pins._refuse_repeats(lowers, fds, what)
         except BaseException:
@@ -180,8 +197,8 @@ class Pins:
             st = os.fstat(fd)
             key = (lower.target, st.st_dev, st.st_ino)
             if key in seen:
-                raise InvalidArgument(f"{what} {lower.path!r}: the same dir as {seen[key]!r}, twice at {lower.target}")
-            seen[key] = lower.path
+                raise InvalidArgument(f"{what} {lower.shown}: the same dir as {seen[key]}, twice at {lower.target}")
+            seen[key] = lower.shown
 
     def _sync(self, sid: int, fds: Sequence[int]) -> tuple[str, ...]:
         base = f"{self.dir}/{sid}"

@@ -145,7 +145,7 @@ class Snapshotter:
         lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
         if lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
-        with self._refused_counted("label", lambda: self._open(lowers, LABEL_SOURCE), key=key) as opened:  # no lock
+        with self._refused_counted("label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key) as opened:  # no lock
             return self._create_opened(kind, key, parent, labels, opened)
 
     def _create_opened(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str],
@@ -230,12 +230,12 @@ class Snapshotter:
         if POD_LABEL in labels and labels[POD_LABEL] != current.get(POD_LABEL):
             raise InvalidArgument(f"label {POD_LABEL} is set by the snapshotter only")
 
-    def _open(self, lowers: Sequence[Lower], source: str) -> Opened:
+    def _open(self, key: str, lowers: Sequence[Lower], source: str) -> Opened:
         """Everything about `lowers` that may take long, done before any lock is taken: whether
         containerd honours targets (a call to it), and walking the host dirs (a slow filesystem)."""
         if any(lower.target != ROOT_TARGET for lower in lowers):
             self.targets.check(source)
-        return self.pins.open(lowers, f"{source}: entry")
+        return self.pins.open(lowers, f"{source}: entry", key)
 
     def _mounts(self, snap: Snapshot, opened: Opened, source: str) -> list[Mount]:
         """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer has."""
@@ -283,8 +283,8 @@ class Snapshotter:
         if request.lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         context = {"key": key, **request.pod}
-        with self._refused_counted(request.metric, lambda: self._open(request.lowers, request.source), **context) \
-                as opened:
+        with self._refused_counted(request.metric, lambda: self._open(key, request.lowers, request.source),
+                                   **context) as opened:
             mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source),
                                            **context)
         if request.lowers:

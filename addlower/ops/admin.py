@@ -3,7 +3,9 @@
 They talk to the daemon through its socket with containerd's Snapshots API, like any client. When
 the daemon does not answer, ls, info, tree and du read <root>/metadata.db read-only instead
 (loaded by store.MetaStore, so the loading rules stay in store.py) and measure active snapshots'
-upper dirs themselves. This module is presentation and plumbing: it must not know snapshot rules
+upper dirs themselves. doctor walks the configured lowers with the daemon's own walk
+(engine.pinning.probe, which makes nothing) and asks containerd what it runs (Version,
+Introspection). This module is presentation and plumbing: it must not know snapshot rules
 (errors, mounts, removal), must never write the store or a snapshot directory, and must not import
 the daemon or its server. The commands are listed in COMMANDS, for cli.py to register.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -29,8 +32,8 @@ import grpc
 import tomlkit
 
 from addlower.core import ctrdconfig
-from addlower.engine import fsutil
-from addlower.api import snapshots_pb2 as pb
+from addlower.engine import fsutil, pinning
+from addlower.api import introspection_pb2, introspection_pb2_grpc, snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
 from addlower.core.config import (
     DEFAULT_CONFIG,
@@ -42,7 +45,11 @@ from addlower.core.config import (
     load_config,
     read_toml,
 )
-from addlower.core.errors import NotFound, SnapshotError
+from addlower.core.errors import InvalidArgument, NotFound, SnapshotError
+from addlower.core.keys import resolve_key
+from addlower.core.lowers import Lower, NamedLower
+from addlower.core.pods import CONTAINERD_ADDRESS
+from addlower.engine.ctrdversion import TargetSupport, ask_version
 from addlower.engine.fsutil import Usage
 from addlower.ops.install import plugin_table
 from addlower.core.labels import EXTRA_LOWERS_LABEL
@@ -52,11 +59,11 @@ from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
-WIDTH = 80  # tables and trees fit a terminal this wide
+SNAPSHOTTER_PLUGIN_TYPE = "io.containerd.snapshotter.v1"  # containerd's plugin type of snapshotters, proxies too
+WIDTH = 80  # columns of a terminal that does not say
 GAP = "  "  # between table columns
 MIN_FLEXIBLE = 8  # a shrinking column keeps at least this many characters
 INDENT = 4  # tree: characters per level
-MAX_INDENT = WIDTH // 2  # tree: deeper indentation is cut on the left
 PROGRESS_THRESHOLD = 50  # measure more snapshots than this with a progress bar (on a terminal)
 
 T = TypeVar("T")
@@ -281,6 +288,22 @@ def human_age(seconds: float) -> str:
     return "0s"
 
 
+def terminal_columns() -> int:
+    """COLUMNS, else the terminal's width, else WIDTH (shutil's rule)."""
+    return shutil.get_terminal_size((WIDTH, 24)).columns
+
+
+def fit_width(wide: bool) -> int | None:
+    """How wide tables and trees may be: the terminal's width (or COLUMNS); None, nothing cut, with
+    --wide or when stdout is no terminal and COLUMNS is unset (a pipe into grep gets whole names)."""
+    if wide or ("COLUMNS" not in os.environ and not sys.stdout.isatty()):
+        return None
+    return terminal_columns()
+
+
+wide_option = click.option("--wide", is_flag=True, help="Never cut names to fit the terminal.")
+
+
 def ellipsize(text: str, width: int) -> str:
     """`text` cut to `width` characters by an ellipsis in the middle."""
     if len(text) <= width:
@@ -309,11 +332,11 @@ class Column:
     right: bool = False
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Rows under headers, fitting WIDTH by shrinking the widest flexible column first."""
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:
+    """Rows under headers, fitting `width` (None: any) by shrinking the widest flexible column first."""
     table = [[c.header for c in columns], *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    excess = sum(widths) + len(GAP) * (len(columns) - 1) - WIDTH
+    excess = 0 if width is None else sum(widths) + len(GAP) * (len(columns) - 1) - width
     while excess > 0:
         shrinkable = [i for i, c in enumerate(columns) if c.flexible and widths[i] > MIN_FLEXIBLE]
         if not shrinkable:
@@ -361,7 +384,8 @@ LS_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("PARENT", fl
 @admin_command("ls")
 @click.option("--filter", "filters", multiple=True, metavar="FILTER",
               help="containerd filter, e.g. kind==active or labels.\"a.b\"~=x; repeated: any may match.")
-def ls(inv: Invocation, filters: tuple[str, ...]) -> None:
+@wide_option
+def ls(inv: Invocation, filters: tuple[str, ...], wide: bool) -> None:
     """List snapshots: kind, parent, size, extra lower dirs, age."""
     with open_source(inv.target()) as source:
         measured = measure(source, source.list(filters))
@@ -370,14 +394,18 @@ def ls(inv: Invocation, filters: tuple[str, ...]) -> None:
         return
     rows = [[info.name, _kind(info), info.parent or "-", _size(usage),
              info.labels.get(EXTRA_LOWERS_LABEL) or "-", _age(info.created_at)] for info, usage in measured]
-    click.echo("\n".join(render_table(LS_COLUMNS, rows)))
+    click.echo("\n".join(render_table(LS_COLUMNS, rows, fit_width(wide))))
 
 
 @admin_command("info")
-@click.argument("key")
-def info(inv: Invocation, key: str) -> None:
-    """Show one snapshot: every field, its usage and its labels."""
+@click.argument("name")
+@click.option("--namespace", "-n", default=None,
+              help="containerd namespace of NAME, when it is containerd's name (as ctr's -n).")
+def info(inv: Invocation, name: str, namespace: str | None) -> None:
+    """Show one snapshot: every field, its usage and its labels. NAME is its key, or the name
+    containerd's clients use (`ctr snapshots info` takes, e.g. a container id)."""
     with open_source(inv.target()) as source:
+        key = resolve_key(name, [i.name for i in source.list(())], namespace)
         snapshot = source.stat(key)
         usage = source.usage(key)
     if inv.as_json:
@@ -414,19 +442,22 @@ def build_forest(infos: Sequence[Info]) -> list[Node]:
     return roots
 
 
-def _tree_line(prefix: str, info: Info) -> str:
-    if len(prefix) > MAX_INDENT:  # keep the innermost levels, whole
-        prefix = "…" + prefix[len(prefix) - (MAX_INDENT - 1) // INDENT * INDENT:]
+def _tree_line(prefix: str, info: Info, width: int | None) -> str:
     suffix = "" if info.kind == Kind.COMMITTED else f" ({_kind(info)})"
-    return prefix + ellipsize(info.name, max(WIDTH - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
+    if width is None:
+        return prefix + info.name + suffix
+    most = width // 2  # deeper indentation is cut on the left, keeping the innermost levels whole
+    if len(prefix) > most:
+        prefix = "…" + prefix[len(prefix) - (most - 1) // INDENT * INDENT:]
+    return prefix + ellipsize(info.name, max(width - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
 
 
-def draw_tree(node: Node, prefix: str = "", continuation: str = "") -> list[str]:
-    """`node` and its descendants in box-drawing characters."""
-    lines = [_tree_line(prefix, node.info)]
+def draw_tree(node: Node, width: int | None, prefix: str = "", continuation: str = "") -> list[str]:
+    """`node` and its descendants in box-drawing characters, `width` columns wide (None: any)."""
+    lines = [_tree_line(prefix, node.info, width)]
     for i, child in enumerate(node.children):
         last = i == len(node.children) - 1
-        lines += draw_tree(child, continuation + ("└── " if last else "├── "),
+        lines += draw_tree(child, width, continuation + ("└── " if last else "├── "),
                            continuation + ("    " if last else "│   "))
     return lines
 
@@ -436,7 +467,8 @@ def tree_json(node: Node) -> dict[str, Any]:
 
 
 @admin_command("tree")
-def tree(inv: Invocation) -> None:
+@wide_option
+def tree(inv: Invocation, wide: bool) -> None:
     """Draw the snapshots' parent chains as trees."""
     with open_source(inv.target()) as source:
         roots = build_forest(source.list(()))
@@ -444,7 +476,7 @@ def tree(inv: Invocation) -> None:
         _print_json([tree_json(root) for root in roots])
         return
     for root in roots:
-        click.echo("\n".join(draw_tree(root)))
+        click.echo("\n".join(draw_tree(root, fit_width(wide))))
 
 
 DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", right=True),
@@ -452,7 +484,8 @@ DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", righ
 
 
 @admin_command("du")
-def du(inv: Invocation) -> None:
+@wide_option
+def du(inv: Invocation, wide: bool) -> None:
     """Disk usage of every snapshot, largest first, and the total."""
     with open_source(inv.target()) as source:
         measured = measure(source, source.list(()))
@@ -465,7 +498,7 @@ def du(inv: Invocation) -> None:
     rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage is not None else "?"]
             for info, usage in measured]
     rows.append(["total", "", human_size(total.size), str(total.inodes)])
-    click.echo("\n".join(render_table(DU_COLUMNS, rows)))
+    click.echo("\n".join(render_table(DU_COLUMNS, rows, fit_width(wide))))
 
 
 def _entries(directory: str) -> set[str]:
@@ -583,9 +616,73 @@ def check_socket(socket: Path, root: Path) -> Check:
     return Check("socket", PASS, f"the snapshotter answers on {socket}")
 
 
-def _proxy_plugins(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    plugins = document.get("proxy_plugins", {})
-    return {n: p for n, p in plugins.items() if isinstance(p, dict)} if isinstance(plugins, dict) else {}
+def check_lowers(config: Config) -> list[Check]:
+    """Every named lower and allowed root, walked as the daemon walks them: a FAIL is what the
+    daemon would refuse; a dir it would make, empty, is INFO."""
+    checks = [_check_named(name, named) for name, named in config.named_lowers.items()]
+    k8s = config.kubernetes
+    roots = [*(("lowers.allowed_roots", r) for r in config.allowed_roots),
+             *(("kubernetes.allowed_roots", r) for r in k8s.allowed_roots),
+             *((f'kubernetes.namespaces."{ns}".allowed_roots', r) for ns, rs in k8s.namespaces.items() for r in rs)]
+    return checks + [_check_root(key, root) for key, root in roots]
+
+
+def _check_named(name: str, named: NamedLower) -> Check:
+    what, key = f"named lower {name}", f"lowers.named.{name}"
+    try:
+        there = pinning.probe(named.entry(name), "the daemon refuses")
+    except InvalidArgument as exc:
+        hint = _dir_hint(named.path, key) if os.path.lexists(named.path) else \
+            f"mkdir -p {named.path} and fill it, or set create = true in {key} to have it made empty"
+        return Check(what, FAIL, str(exc), hint)
+    if there:
+        return Check(what, PASS, f"{named.path} is a directory")
+    return Check(what, INFO, f"{named.path} does not exist: made, empty, when first used (create = true)")
+
+
+def _check_root(key: str, root: str) -> Check:
+    what = f"allowed root {root}"
+    try:
+        there = pinning.probe(Lower(root, root), "every path under")
+    except InvalidArgument as exc:
+        return Check(what, FAIL, f"{exc} ({key})",
+                     _dir_hint(root, key) if os.path.lexists(root) else f"mkdir -p {root}, or change {key}")
+    if there:
+        return Check(what, PASS, f"{root} is a directory ({key})")
+    return Check(what, INFO, f"{root} does not exist ({key}): the first path under it makes it, empty")
+
+
+def _dir_hint(path: str, key: str) -> str:
+    return f"set {key} to the directory itself, {os.path.realpath(path)} if that is it: the daemon opens no symlink"
+
+
+@dataclass(frozen=True)
+class ContainerdFile:
+    """containerd's config file as doctor read it; `error` says why it could not be."""
+
+    path: Path
+    document: dict[str, Any]
+    error: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> ContainerdFile:
+        try:
+            return cls(path, read_toml(path))
+        except ConfigError as exc:
+            return cls(path, {}, str(exc))
+
+    @property
+    def address(self) -> str:
+        """Where containerd listens: its grpc.address, or containerd's default."""
+        return str(ctrdconfig.get_path(self.document, ("grpc", "address")) or CONTAINERD_ADDRESS)
+
+    @property
+    def version(self) -> int:
+        return int(self.document.get("version", 1))
+
+    def proxy_plugins(self) -> dict[str, dict[str, Any]]:
+        plugins = self.document.get("proxy_plugins", {})
+        return {n: p for n, p in plugins.items() if isinstance(p, dict)} if isinstance(plugins, dict) else {}
 
 
 def installed_containerd() -> tuple[int, int, int] | None:
@@ -597,19 +694,30 @@ def installed_containerd() -> tuple[int, int, int] | None:
         return None
 
 
-def check_containerd(path: Path, socket: Path, root: Path,
-                     containerd: tuple[int, int, int] | None) -> list[Check]:
+def _version_text(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def check_containerd_answers(address: str, version: tuple[int, int, int] | None, why: str) -> Check:
+    if version is None:
+        return Check("containerd", FAIL, f"no answer to containerd's Version API: {why}",
+                     "start containerd, or name its socket with --containerd-address (its config's grpc.address)")
+    return Check("containerd", PASS, f"containerd {_version_text(version)} answers at {address}")
+
+
+def check_containerd(file: ContainerdFile, socket: Path, root: Path, containerd: tuple[int, int, int] | None,
+                     pods: bool) -> tuple[str, list[Check]]:
     """containerd's config declares the snapshotter at `socket` (its exports.root at `root`), and,
-    for a containerd of version `containerd` (None: unknown), lets CRI and pulls use it."""
+    for a containerd of version `containerd` (None: unknown), lets CRI (which `pods` lookups
+    need) and pulls use it. Also the name containerd knows it by (PLUGIN_NAME if none)."""
+    path = file.path
     hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket), str(root)).rstrip("\n")
-    try:
-        document = read_toml(path)
-    except ConfigError as exc:
-        return [Check("containerd config", FAIL, str(exc), f"make {path} readable TOML, then:\n" + hint)]
-    found = [(n, p) for n, p in _proxy_plugins(document).items()
+    if file.error is not None:
+        return PLUGIN_NAME, [Check("containerd config", FAIL, file.error, f"make {path} readable TOML, then:\n" + hint)]
+    found = [(n, p) for n, p in file.proxy_plugins().items()
              if p.get("type") == "snapshot" and os.path.normpath(str(p.get("address", ""))) == str(socket)]
     if not found:
-        return [Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)]
+        return PLUGIN_NAME, [Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)]
     name, plugin = found[0]
     checks = [Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")]
     exported = ctrdconfig.get_path(plugin, ("exports", "root"))
@@ -617,24 +725,93 @@ def check_containerd(path: Path, socket: Path, root: Path,
                   if exported == str(root) else
                   Check("image filesystem", FAIL, f"[proxy_plugins.{name}] exports.root is {exported!r}, not {root}: "
                         "kubelet's image GC and ImageFsInfo look at the wrong filesystem", hint))
-    version = int(document.get("version", 1))
-    cri = ctrdconfig.get_path(document, (*ctrdconfig.cri_images_table(version), "snapshotter"))
-    checks.append(Check("CRI snapshotter", PASS if cri == name else INFO,
-                        f"CRI unpacks and runs pods on {cri or ctrdconfig.BUILTIN_SNAPSHOTTER!r}"
-                        + ("" if cri == name else f"; pods use {name} only through a runtime handler's snapshotter")))
+    checks.append(check_cri(file, name, pods))
     if containerd is None:
-        checks.append(Check("containerd version", INFO, "no containerd on PATH answered --version: "
-                            "the Transfer service's unpack_config was not checked"))
+        checks.append(Check("containerd version", INFO, "unknown (containerd does not answer, none on PATH "
+                            "answered --version): the Transfer service's unpack_config was not checked"))
     elif ctrdconfig.uses_transfer_unpack(containerd):
-        unpack = ctrdconfig.get_path(document, (*ctrdconfig.TRANSFER, "unpack_config")) or []
+        unpack = ctrdconfig.get_path(file.document, (*ctrdconfig.TRANSFER, "unpack_config")) or []
         listed = any(isinstance(e, dict) and e.get("snapshotter") == name for e in unpack)
         table = tomlkit.dumps({"plugins": {ctrdconfig.TRANSFER[1]: {"unpack_config": ctrdconfig.unpack_config(
             (ctrdconfig.BUILTIN_SNAPSHOTTER, name))}}}).rstrip("\n")
         checks.append(Check("unpack into it", PASS, f"unpack_config lists {name} for containerd "
-                            f"{'.'.join(map(str, containerd))}") if listed else
-                      Check("unpack into it", FAIL, f"containerd {'.'.join(map(str, containerd))} pulls and imports "
+                            f"{_version_text(containerd)}") if listed else
+                      Check("unpack into it", FAIL, f"containerd {_version_text(containerd)} pulls and imports "
                             f"through the Transfer service, whose unpack_config does not list {name}: "
                             "'no unpack platforms defined'", f"add to {path}, then restart containerd:\n{table}"))
+    return name, checks
+
+
+def check_cri(file: ContainerdFile, name: str, pods: bool) -> Check:
+    """CRI runs pods on `name`, by default or for a runtime handler; a FAIL only when pod lookups
+    (`pods`) are on, as a node may keep CRI elsewhere on purpose."""
+    cri = ctrdconfig.cri_use(file.document, name)
+    status = FAIL if pods else INFO
+    unused = "; kubernetes.enabled is on, yet no pod runs here" if pods else ""
+    if not cri.enabled:
+        return Check("CRI snapshotter", status, f"CRI is disabled in {file.path} (disabled_plugins){unused}",
+                     f"take {ctrdconfig.CRI_SERVICE} out of disabled_plugins, then restart containerd")
+    if cri.default == name:
+        return Check("CRI snapshotter", PASS, f"CRI unpacks and runs pods on {name}")
+    if cri.handlers:
+        return Check("CRI snapshotter", PASS, f"CRI runs pods on {cri.default!r}, those of runtime handler "
+                     f"{', '.join(cri.handlers)} (a RuntimeClass) on {name}")
+    images = ".".join(f'"{part}"' if "." in part else part for part in ctrdconfig.cri_images_table(file.version))
+    return Check("CRI snapshotter", status, f"CRI unpacks and runs pods on {cri.default!r}, and no runtime handler "
+                 f"names {name}{unused}", f'set snapshotter = "{name}" in [{images}] of {file.path} '
+                 "(or in a runtime handler's table, for a RuntimeClass), then restart containerd")
+
+
+def check_plugin_loaded(address: str, name: str, answers: bool) -> Check:
+    """containerd loaded the proxy plugin `name` and it started: what `ctr plugins ls` shows."""
+    what = "plugin loaded"
+    if not answers:
+        return Check(what, INFO, f"not checked: containerd does not answer at {address}")
+    try:
+        with grpc.insecure_channel(f"unix://{address}") as channel:
+            reply = introspection_pb2_grpc.IntrospectionStub(channel).Plugins(
+                introspection_pb2.PluginsRequest(), timeout=PROBE_TIMEOUT)
+    except grpc.RpcError as exc:
+        return Check(what, FAIL, f"containerd's Introspection API at {address}: {exc.code().name}: {exc.details()}",
+                     "read containerd's log")
+    found = [p for p in reply.plugins if p.type == SNAPSHOTTER_PLUGIN_TYPE and p.id == name]
+    if not found:
+        return Check(what, FAIL, f"containerd at {address} has no {SNAPSHOTTER_PLUGIN_TYPE} plugin {name} "
+                     "(ctr plugins ls)", f"declare [proxy_plugins.{name}] in containerd's config (see the "
+                     "containerd config check), then restart containerd")
+    if found[0].HasField("init_err"):
+        return Check(what, FAIL, f"containerd could not start its plugin {name}: {found[0].init_err.message}",
+                     "read containerd's log; restart containerd once the snapshotter answers")
+    return Check(what, PASS, f"containerd at {address} loaded {SNAPSHOTTER_PLUGIN_TYPE} {name}: ok")
+
+
+def check_containerd_address(config: Config, containerd: str) -> list[Check]:
+    """The containerd the daemon asks (kubernetes.containerd_address): with pod lookups on, it must
+    answer and be the `containerd` doctor checked; with mount_targets = "auto", it decides whether
+    lowers may sit at a container path."""
+    k8s = config.kubernetes
+    address = k8s.containerd_address
+    checks: list[Check] = []
+    if config.mount_targets == "auto":
+        what = "lowers at a container path"
+        try:
+            TargetSupport(config.mount_targets, address, k8s.timeout).check(what)
+            checks.append(Check("mount targets", INFO, f"{what} are allowed: containerd at {address} is 1.7+"))
+        except InvalidArgument as exc:
+            checks.append(Check("mount targets", INFO, f"{exc} (kubernetes.containerd_address)"))
+    if not k8s.enabled:
+        return checks
+    version, why = ask_version(address, k8s.timeout)
+    hint = f"set kubernetes.containerd_address to containerd's socket ({containerd}) in the config file"
+    if version is None:
+        checks.append(Check("pod lookups", FAIL, f"kubernetes.containerd_address: no answer ({why}): pods' lowers "
+                            "cannot be looked up", hint))
+    elif os.path.realpath(address) != os.path.realpath(containerd):
+        checks.append(Check("pod lookups", FAIL, f"kubernetes.containerd_address {address} answers, but containerd "
+                            f"listens at {containerd}: pods are looked up in another containerd", hint))
+    else:
+        checks.append(Check("pod lookups", PASS, f"kubernetes.containerd_address {address} answers: "
+                            f"containerd {_version_text(version)}"))
     return checks
 
 
@@ -649,8 +826,8 @@ def print_check(check: Check) -> None:
 
 
 def _fill(text: str, first: str, rest: str) -> str:
-    """Wrapped to WIDTH, except for words (paths) longer than a line."""
-    return textwrap.fill(text, WIDTH, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+    """Wrapped to the terminal, except for words (paths) longer than a line."""
+    return textwrap.fill(text, terminal_columns(), initial_indent=first, subsequent_indent=rest, break_long_words=False,
                          break_on_hyphens=False)
 
 
@@ -658,18 +835,30 @@ def _fill(text: str, first: str, rest: str) -> str:
 @click.option("--containerd-config", type=click.Path(path_type=Path, dir_okay=False),
               default=DEFAULT_CONTAINERD_CONFIG, show_default=True,
               help="containerd's configuration file, which must declare the proxy plugin.")
-def doctor(inv: Invocation, containerd_config: Path) -> None:
-    """Check the host, the root, the daemon and containerd's configuration; exit 1 on a FAIL."""
+@click.option("--containerd-address", default=None,
+              help=f"containerd's socket [default: the config's grpc.address, or {CONTAINERD_ADDRESS}].")
+def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | None) -> None:
+    """Check the host, the root, the lowers, the daemon, and containerd: its config and what it
+    loaded; exit 1 on a FAIL."""
     config, config_check = check_config(inv)
     target = Target.of(config)
+    file = ContainerdFile.read(containerd_config)
+    address = containerd_address or file.address
+    version, why = ask_version(address, PROBE_TIMEOUT)
+    name, containerd_checks = check_containerd(file, target.socket, target.root, version or installed_containerd(),
+                                               config.kubernetes.enabled)
     checks = [
         config_check,
+        *check_lowers(config),
         check_kernel_overlay(),
         check_dtype(target.root),
         *check_overlay_options(config),
         check_root(target.root),
         check_socket(target.socket, target.root),
-        *check_containerd(containerd_config, target.socket, target.root, installed_containerd()),
+        check_containerd_answers(address, version, why),
+        *containerd_checks,
+        check_plugin_loaded(address, name, version is not None),
+        *check_containerd_address(config, address),
     ]
     ok = all(c.status != FAIL for c in checks)
     if inv.as_json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -147,7 +148,9 @@ def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: Oc
     m2.mkdir()
     (m2 / "settings.xml").write_text("<settings/>\n")
     config = work / "config.toml"
-    config.write_text(f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\n')
+    gradle, npm = work / "gradle", work / "npm"  # neither there yet
+    config.write_text(f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\ngradle = "{gradle}"\n'
+                      f'npm = {{ path = "{npm}", create = true }}\n')
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(busybox_image, "ci")
         out = t.containerd.run(busybox_image.ref, "build", "sh", "-c", "cat /settings.xml", namespace="ci",
@@ -157,3 +160,13 @@ def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: Oc
             t.containerd.run(busybox_image.ref, "build2", "true", namespace="ci", snapshotter=PLUGIN_NAME,
                              options=["--snapshotter-label", f"{LOWERS}={m2}"])
         assert "outside the allowed roots" in err.value.stderr
+        with pytest.raises(CtrError) as err:  # a missing cache is no empty dir
+            t.containerd.run(busybox_image.ref, "build3", "true", namespace="ci", snapshotter=PLUGIN_NAME,
+                             options=["--snapshotter-label", f"{LOWERS}=gradle"])
+        assert f"named lower 'gradle' ({gradle}): {gradle} does not exist; create = true" in err.value.stderr
+        assert not gradle.exists()
+        t.containerd.run(busybox_image.ref, "build4", "ls", "/", namespace="ci", snapshotter=PLUGIN_NAME,
+                         options=["--snapshotter-label", f"{LOWERS}=npm"])
+        assert npm.is_dir()
+        assert re.search(rf"named lower 'npm' \({npm}\) did not exist: made it, empty, for snapshot ci/\d+/build4",
+                         t.logs()["daemon log"])

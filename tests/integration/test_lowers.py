@@ -9,8 +9,10 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -18,6 +20,7 @@ import pytest
 
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from tests.integration.layers import expect_code, mount_snapshot
+from tests.integration.test_observability import free_port, metric
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -86,12 +89,6 @@ def test_leftmost_entry_is_on_top(client: SnapshotsClient, tmp_path: Path):
     client.prepare("c", labels={LOWERS: f"{top}::{below}"})
     with mount_snapshot(client.mounts("c"), tmp_path / "mnt") as m:
         assert (m / "f").read_text() == "top\n"
-
-
-def test_missing_dirs_are_created_0755(client: SnapshotsClient, tmp_path: Path):
-    wanted = tmp_path / "not" / "yet"
-    client.prepare("c", labels={LOWERS: str(wanted)})
-    assert wanted.is_dir() and stat.S_IMODE(wanted.stat().st_mode) == 0o755
 
 
 def test_update_changes_what_the_next_mounts_returns(client: SnapshotsClient, tmp_path: Path, host: Path):
@@ -226,3 +223,73 @@ def test_writes_at_a_target_count_in_usage_and_go_with_the_snapshot(tmp_path: Pa
         c.remove("c")
         c.cleanup()
         assert os.listdir(d.root / "snapshots") == [] and (host / "settings.xml").exists()
+
+
+# --- missing dirs: a named lower's is refused unless its table says create = true; a label path's
+# is made under its allowed root, with a warning and a metric either way it is made -------------
+
+
+@dataclass
+class Node:
+    daemon: Daemon
+    client: SnapshotsClient
+    caches: Path  # the named lowers' dirs, none there yet
+    allowed: Path  # the allowed root for label paths
+    port: int
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10).read().decode()
+        return metric(text, name, **labels)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    caches, allowed, port = tmp_path / "caches", tmp_path / "allowed", free_port()
+    caches.mkdir()
+    allowed.mkdir()
+    toml = (f'metrics_address = "127.0.0.1:{port}"\n[lowers]\nallowed_roots = ["{allowed}"]\n[lowers.named]\n'
+            f'maven = "{caches / "m2"}"\nnpm = {{ path = "{caches / "npm"}", create = true }}\n')
+    with configured(tmp_path, toml) as (d, c):
+        yield Node(d, c, caches, allowed, port)
+
+
+def test_a_missing_named_lower_is_refused_naming_it_its_dir_and_create(node: Node):
+    err = expect_code(Code.INVALID_ARGUMENT, node.client.prepare, "c", labels={LOWERS: "maven"})
+    m2 = node.caches / "m2"
+    assert f"named lower 'maven' ({m2}): {m2} does not exist" in err.details()
+    assert "create = true" in err.details() and LOWERS in err.details()
+    assert not m2.exists() and node.client.list() == []
+    assert node.metric("addlower_extra_lowers_refused_total", source="label") == 1
+    assert node.metric("addlower_extra_lowers_created_total", entry="named") == 0
+    assert "refused extra lowers" in node.daemon.log() and str(m2) in node.daemon.log()
+
+    node.client.prepare("later")  # the same refusal when the label comes by Update and the next Mounts
+    node.client.update("later", {LOWERS: "maven"}, ["labels." + LOWERS])
+    assert "create = true" in expect_code(Code.INVALID_ARGUMENT, node.client.mounts, "later").details()
+    m2.mkdir()
+    (m2 / "settings.xml").write_text("host\n")
+    with mount_snapshot(node.client.mounts("later"), node.caches.parent / "mnt") as m:  # there now: used
+        assert (m / "settings.xml").read_text() == "host\n"
+
+
+def test_a_named_lower_with_create_true_is_made_with_a_warning_and_counted(node: Node):
+    node.client.prepare("c", labels={LOWERS: "npm"})
+    npm = node.caches / "npm"
+    assert npm.is_dir() and stat.S_IMODE(npm.stat().st_mode) == 0o755 and os.listdir(npm) == []
+    warning = f"level=WARNING logger=addlower.engine.pinning msg=label {LOWERS}: entry named lower 'npm' ({npm}) " \
+              "did not exist: made it, empty, for snapshot c"
+    assert warning in node.daemon.log()
+    assert node.metric("addlower_extra_lowers_created_total", entry="named") == 1
+    node.client.mounts("c")  # there now: nothing more to say
+    assert node.daemon.log().count("did not exist") == 1
+    assert node.metric("addlower_extra_lowers_created_total", entry="named") == 1
+
+
+def test_a_missing_label_dir_under_an_allowed_root_is_made_0755_with_a_warning_and_counted(node: Node):
+    wanted = node.allowed / "not" / "yet"
+    node.client.prepare("c", labels={LOWERS: str(wanted)})
+    assert wanted.is_dir() and stat.S_IMODE(wanted.stat().st_mode) == 0o755
+    assert stat.S_IMODE(wanted.parent.stat().st_mode) == 0o755
+    assert f"'{wanted}' did not exist: made it, empty, for snapshot c" in node.daemon.log()
+    assert node.metric("addlower_extra_lowers_created_total", entry="path") == 1
+    assert node.metric("addlower_extra_lowers_created_total", entry="named") == 0

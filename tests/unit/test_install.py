@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from addlower.cli import admin
 from addlower.core.config import DEFAULT_ROOT, SOCKET_NAME
-from addlower.ops.admin import check_containerd
+from addlower.ops.admin import ContainerdFile, check_containerd
 from addlower.ops.install import InstallError, configure
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,11 +101,13 @@ def test_unsafe_edits_are_refused(text, says):
 def test_doctor_wants_unpack_config_on_2_1_and_names_the_table(tmp_path: Path):
     path = tmp_path / "config.toml"
     path.write_text(configure("version = 3\n", SOCK, ROOT, V17))  # written for 1.7: no unpack entries
-    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V21)}
+    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21,
+                                                  pods=False)[1]}
     assert checks["unpack into it"].status == "FAIL" and "no unpack platforms defined" in checks["unpack into it"].detail
     assert f'snapshotter = "{NAME}"' in checks["unpack into it"].hint
     path.write_text(configure("version = 3\n", SOCK, ROOT, V21))
-    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V21)}
+    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21,
+                                                  pods=False)[1]}
     assert {n: c.status for n, c in checks.items()} == {
         "containerd config": "PASS", "image filesystem": "PASS", "CRI snapshotter": "PASS", "unpack into it": "PASS"}
 
@@ -113,7 +115,8 @@ def test_doctor_wants_unpack_config_on_2_1_and_names_the_table(tmp_path: Path):
 def test_doctor_fails_a_plugin_without_exports_root(tmp_path: Path):
     path = tmp_path / "config.toml"
     path.write_text(f'version = 2\n[proxy_plugins.{NAME}]\n  type = "snapshot"\n  address = "{SOCK}"\n')
-    checks = {c.name: c for c in check_containerd(path, Path(SOCK), Path(ROOT), V16)}
+    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V16,
+                                                  pods=False)[1]}
     assert checks["image filesystem"].status == "FAIL" and "ImageFsInfo" in checks["image filesystem"].detail
 
 

@@ -88,7 +88,7 @@ def test_values_are_recorded_without_empty_entries():
 
 def test_a_namespace_gets_the_pod_roots_its_own_roots_and_the_named_lowers_meant_for_it():
     assert check_for_pod(BUILD, "a", "maven:/srv/ci/x:/srv/team-a/y", pod_policy("team-a")) == (
-        Lower("/var/cache/m2", "/var/cache/m2"), Lower("/srv/ci/x", "/srv/ci"), Lower("/srv/team-a/y", "/srv/team-a"))
+        Lower("/var/cache/m2", None, name="maven"), Lower("/srv/ci/x", "/srv/ci"), Lower("/srv/team-a/y", "/srv/team-a"))
     check_for_pod(BUILD, "a", "teamb", pod_policy("team-b"))
 
 

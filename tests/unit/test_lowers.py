@@ -10,7 +10,6 @@ from addlower.core.config import ConfigError, parse_config
 from addlower.core.errors import InvalidArgument
 from addlower.core.lowers import (
     DEFAULT_ALLOWED_ROOTS,
-    Lower,
     LowerPolicy,
     NamedLower,
     check_mount_limits,
@@ -65,9 +64,25 @@ def test_named_lower_resolves_to_its_host_dir():
     assert paths(parse_lowers("maven:/tmp/x", POLICY, SRC)) == ("/var/cache/ci/m2", "/tmp/x")
 
 
-def test_missing_dirs_may_be_made_only_within_the_allowed_root_or_as_the_named_dir_itself():
-    assert parse_lowers("/srv/cache/deep/a/b:maven", POLICY, SRC) == (
-        Lower("/srv/cache/deep/a/b", "/srv/cache/deep"), Lower("/var/cache/ci/m2", "/var/cache/ci/m2"))
+def test_missing_dirs_may_be_made_only_within_the_allowed_root_or_as_a_creatable_named_dir_itself():
+    policy = LowerPolicy(ROOT, ("/srv/cache", "/srv/cache/deep"),
+                         {"maven": NamedLower("/var/cache/ci/m2"), "npm": NamedLower("/var/cache/ci/npm", create=True)})
+    path, maven, npm = parse_lowers("/srv/cache/deep/a/b:maven:npm", policy, SRC)
+    assert [path.may_create(d) for d in ("/srv/cache/deep/a", "/srv/cache/deep", "/srv/cache", "/srv")] == [
+        True, True, False, False]  # the deepest allowed root
+    assert not maven.may_create("/var/cache/ci/m2")
+    assert [npm.may_create(d) for d in ("/var/cache/ci/npm", "/var/cache/ci")] == [True, False]
+
+
+def test_a_missing_named_dir_is_refused_saying_which_name_and_how_to_allow_creating_it():
+    maven = parse_lowers("maven", POLICY, SRC)[0]
+    assert maven.shown == "named lower 'maven' (/var/cache/ci/m2)"
+    assert maven.missing_text("/var/cache/ci/m2") == (
+        "/var/cache/ci/m2 does not exist; create = true in its table (lowers.named.maven = "
+        '{ path = "/var/cache/ci/m2", create = true }) lets the snapshotter make it, empty')
+    creatable = NamedLower("/var/cache/ci/m2", create=True).entry("maven")
+    assert "makes only the named dir itself" in creatable.missing_text("/var/cache/ci")
+    assert parse_lowers("/tmp/x", POLICY, SRC)[0].missing_text("/tmp/x") == "/tmp/x does not exist"
 
 
 @pytest.mark.parametrize(
@@ -195,10 +210,12 @@ def test_more_layers_than_overlayfs_stacks_are_refused():
 
 def test_config_file_values():
     c = parse_config({"async_remove": False, "lowers": {"allowed_roots": ["/srv"], "named": {
-        "npm": "/srv/npm", "teamb": {"path": "/srv/teamb", "namespaces": ["team-b"]}}},
+        "npm": "/srv/npm", "teamb": {"path": "/srv/teamb", "namespaces": ["team-b"]},
+        "m2": {"path": "/srv/m2", "create": True}}},
         "kubernetes": {"allowed_roots": ["/srv/pods"], "namespaces": {"team-a": {"allowed_roots": ["/srv/a"]}}}})
     assert (c.async_remove, c.allowed_roots) == (False, ("/srv",))
-    assert dict(c.named_lowers) == {"npm": NamedLower("/srv/npm"), "teamb": NamedLower("/srv/teamb", ("team-b",))}
+    assert dict(c.named_lowers) == {"npm": NamedLower("/srv/npm"), "teamb": NamedLower("/srv/teamb", ("team-b",)),
+                                    "m2": NamedLower("/srv/m2", create=True)}
     assert (c.kubernetes.allowed_roots, dict(c.kubernetes.namespaces)) == (("/srv/pods",), {"team-a": ("/srv/a",)})
 
 
@@ -216,6 +233,7 @@ def test_without_a_config_file_only_the_default_roots_are_allowed():
         ({"lowers": {"named": {"m2": 3}}}, "lowers.named.m2: expected a dict"),
         ({"lowers": {"named": {"m2": {"namespaces": []}}}}, "lowers.named.m2: a table needs a path"),
         ({"lowers": {"named": {"m2": {"path": "/srv/m2", "ns": []}}}}, "lowers.named.m2.ns: unknown key"),
+        ({"lowers": {"named": {"m2": {"path": "/srv/m2", "create": "yes"}}}}, "m2.create: expected a bool"),
         ({"lowers": {"named": {"m2": {"path": "/srv/m2", "namespaces": ["Team_A"]}}}}, "not a Kubernetes namespace"),
         ({"lowers": {"allowed_roots": ["/"]}}, "overlaps the system dir"),
         ({"lowers": {"named": {"etc": "/etc"}}}, "named lower 'etc' '/etc': overlaps the system dir /etc"),
