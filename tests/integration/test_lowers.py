@@ -276,8 +276,8 @@ def test_a_named_lower_with_create_true_is_made_with_a_warning_and_counted(node:
     node.client.prepare("c", labels={LOWERS: "npm"})
     npm = node.caches / "npm"
     assert npm.is_dir() and stat.S_IMODE(npm.stat().st_mode) == 0o755 and os.listdir(npm) == []
-    warning = f"level=WARNING logger=addlower.engine.pinning msg=label {LOWERS}: entry named lower 'npm' ({npm}) " \
-              "did not exist: made it, empty, for snapshot c"
+    warning = f'level=warning logger=addlower.engine.pinning msg="label {LOWERS}: entry named lower \'npm\' ({npm}) ' \
+              'did not exist: made it, empty, for snapshot c" key=c entry="named lower \'npm\' (' + str(npm) + ')"'
     assert warning in node.daemon.log()
     assert node.metric("addlower_extra_lowers_created_total", entry="named") == 1
     node.client.mounts("c")  # there now: nothing more to say
