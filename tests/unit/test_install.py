@@ -366,3 +366,13 @@ def test_the_daemonset_runs_on_labelled_nodes_and_rolls_when_its_config_changes(
     args = pod["spec"]["initContainers"][0]["args"]
     assert args[:4] == ["install", "--host-root", "/host", "--nsenter"] and pod["spec"]["hostPID"] is True
     assert {"--start", "--restart-containerd"} <= set(args)
+
+
+def test_setup_refuses_a_python_the_readme_commands_would_not_run(tmp_path: Path):
+    other = tmp_path / "python3"
+    other.write_text("#!/bin/sh\necho /opt/other/bin/python3\n")  # answers as another interpreter would
+    other.chmod(0o755)
+    for python, says in ((other, "/opt/other/bin/python3, but python3 on PATH is"), (tmp_path / "none", "cannot run")):
+        r = subprocess.run(["bash", str(REPO / "scripts/setup.sh")], env={**os.environ, "PYTHON": str(python)},
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and says in r.stderr and "installing" not in r.stdout
