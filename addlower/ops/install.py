@@ -189,7 +189,7 @@ def wheel_pythons(names: Sequence[str]) -> list[str] | None:
 def venv_commands(python: str, venv: str, wheels: str, pythons: list[str] | None) -> list[list[str]]:
     """Build the daemon's venv with the node's `python` from a wheelhouse, no index: first a check
     that the wheels fit that Python (pip's own message would only say "no matching distribution")."""
-    check = []
+    check: list[list[str]] = []
     if pythons is not None:
         check = [[python, "-c", "import sys; v = '%d.%d' % sys.version_info[:2]; "
                   f"ok = {' '.join(pythons)!r}; "
@@ -297,6 +297,8 @@ class CopyWheels(Step):
 
 @dataclass(frozen=True)
 class RemoveTree(Step):
+    """Remove a directory of ours (the venv and wheels under /opt/addlower)."""
+
     path: str
 
     def text(self, done: bool) -> str:
