@@ -23,7 +23,6 @@ from addlower.core.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SOCKET_NAME,
-    Config,
     ConfigError,
     check_metrics_address,
     load_config,
@@ -178,7 +177,7 @@ def _node_options(command: Callable[..., None]) -> Callable[..., None]:
               help="The daemon's path on the node for the unit's ExecStart [default: the venv --wheels builds, "
                    "else this installation's overlay-custom-add-lower-snapshotter].")
 @click.option("--wheels", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
-              help="Wheelhouse (addlower and its dependencies) to build a venv from on the node, under /opt/addlower.")
+              help="Wheelhouse (addlower and its dependencies) to build a venv from on the node, in /opt/addlower.")
 @click.option("--python", "python", default="python3", show_default=True,
               help="The node's python (3.11 to 3.13) for the venv --wheels builds.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,

@@ -1,9 +1,9 @@
 """`addlower demo`: the snapshotter with a private containerd beside it, ready for `ctr`.
 
 Starts the daemon and a containerd that uses it as a proxy plugin, both confined to one work
-directory (a new private one unless told which), imports a locally built busybox image into the snapshotter, makes it the default
-snapshotter of the namespace, runs one container, then keeps both running until Ctrl-C so the
-operator can try `ctr` by hand. Nothing here is used by the daemon itself.
+directory (a new private one unless told which), imports a locally built busybox image into the
+snapshotter, makes it the default snapshotter of the namespace, runs one container, then keeps
+both running until Ctrl-C so the operator can try `ctr` by hand. Nothing here is used by the daemon itself.
 """
 
 from __future__ import annotations

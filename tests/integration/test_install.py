@@ -61,7 +61,8 @@ def test_the_installed_unit_is_hardened_without_a_mount_namespace(node: Path):
     text = analyze(node, "security", "--offline=true")
     score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", text.stdout).group(1))
     assert score <= 4.5, text.stdout  # 9.6 UNSAFE before
-    checks = {c["name"]: c["set"] for c in json.loads(analyze(node, "security", "--offline=true", "--json=short").stdout)}
+    report = json.loads(analyze(node, "security", "--offline=true", "--json=short").stdout)
+    checks = {c["name"]: c["set"] for c in report}
     assert {name: checks[name] for name in OWN_MOUNT_NAMESPACE} == {name: False for name in OWN_MOUNT_NAMESPACE}
     assert checks["NoNewPrivileges="] and checks["MemoryDenyWriteExecute="] and checks["RestrictNamespaces=~mnt"]
     assert checks["CapabilityBoundingSet=~CAP_SYS_MODULE"] and checks["RestrictAddressFamilies=~AF_NETLINK"]
