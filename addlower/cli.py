@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from addlower.core.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     SOCKET_NAME,
-    Config,
     ConfigError,
     check_metrics_address,
     load_config,
@@ -106,15 +106,19 @@ admin.add_command(serve, name="serve")
 
 
 @admin.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("/tmp/addlower-demo"), show_default=True,
-              help="Where the demo keeps the snapshotter root, containerd's state and logs.")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the demo keeps the snapshotter root, containerd's state and logs: a dir of yours that only "
+                   "you may write in [default: a new private one under $TMPDIR].")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.option("--exit", "exit_after", is_flag=True, help="Stop after the first container instead of waiting.")
-def demo(workdir: Path, log_level: str, exit_after: bool) -> None:
+def demo(workdir: Path | None, log_level: str, exit_after: bool) -> None:
     """Run the snapshotter with a private containerd beside it and start a container on it."""
-    from addlower.dev.demo import run_demo
+    from addlower.dev.demo import DemoError, run_demo
 
-    sys.exit(run_demo(workdir, log_level, keep_running=not exit_after))
+    try:
+        sys.exit(run_demo(workdir, log_level, keep_running=not exit_after))
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _go_style_flags(argv: list[str]) -> list[str]:
@@ -130,34 +134,72 @@ if __name__ == "__main__":
     snapshotter_main()
 
 
+def _node_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The options install and uninstall share: which node, how commands reach it, dry run."""
+    for option in reversed([
+        click.option("--host-root", type=click.Path(path_type=Path, file_okay=False), default=Path("/"),
+                     show_default=True, help="Where the node's / is mounted; files are written under it only."),
+        click.option("--nsenter", is_flag=True,
+                     help="Run the node's commands (systemctl, python3, containerd --version) in PID 1's namespaces "
+                          "(a pod with hostPID). Without it they run here, and only when --host-root is /."),
+        click.option("--dry-run", is_flag=True, help="Print every change (files with diffs, commands), make none."),
+        click.option("--socket", default=str(DEFAULT_ROOT / SOCKET_NAME), show_default=True,
+                     help="The snapshotter's socket, as containerd on the node dials it."),
+        click.option("--containerd-version", default=None, metavar="X.Y.Z",
+                     help="The node's containerd version [default: asked of its containerd]."),
+    ]):
+        command = option(command)
+    return command
+
+
 @admin.command()
-@click.option("--host-root", type=click.Path(path_type=Path, file_okay=False), default=Path("/host"), show_default=True,
-              help="Where the node's / is mounted.")
-@click.option("--socket", default=str(DEFAULT_ROOT / SOCKET_NAME), show_default=True,
-              help="The snapshotter's socket, as containerd on the node will dial it.")
-@click.option("--unit", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              default=Path("/deploy/systemd/overlay-custom-add-lower-snapshotter.service"), show_default=True,
-              help="systemd unit template to install.")
+@_node_options
+@click.option("--exec-start", default=None, metavar="PATH",
+              help="The daemon's path on the node for the unit's ExecStart [default: the venv --wheels builds, "
+                   "else this installation's overlay-custom-add-lower-snapshotter].")
 @click.option("--wheels", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
-              help="Directory of wheels (addlower and its dependencies) to install on the node.")
+              help="Wheelhouse (addlower and its dependencies) to build a venv from on the node, in /opt/addlower.")
+@click.option("--python", "python", default="python3", show_default=True,
+              help="The node's python (3.11 to 3.13) for the venv --wheels builds.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help=f"Daemon config file to install as {DEFAULT_CONFIG} (checked first).")
-@click.option("--start/--no-start", default=True, show_default=True,
-              help="Build the venv, start the unit and restart containerd in the node's namespaces.")
-@click.option("--containerd-version", default=None, metavar="X.Y.Z",
-              help="The node's containerd version [default: asked of <host-root>/usr/bin/containerd].")
-def install(host_root: Path, socket: str, unit: Path, wheels: Path | None, config_path: Path | None,
-            start: bool, containerd_version: str | None) -> None:
-    """Put the daemon on a node and point its containerd at it (the DaemonSet's init container)."""
-    from addlower.core.ctrdconfig import parse_version
-    from addlower.ops.install import InstallError, containerd_version as node_containerd, install as run_install
+@click.option("--start", is_flag=True, help="Enable and (re)start the unit (systemctl, on the node).")
+@click.option("--restart-containerd", is_flag=True, help="Restart containerd if its config changed.")
+def install(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containerd_version: str | None,
+            exec_start: str | None, wheels: Path | None, python: str, config_path: Path | None, start: bool,
+            restart_containerd: bool) -> None:
+    """Put the daemon on a node under systemd and point its containerd at it.
+
+    On a node: `addlower install --start --restart-containerd`. The DaemonSet's init container adds
+    `--host-root /host --nsenter --wheels /wheels`.
+    """
+    from addlower.ops.install import Install, InstallError, node, plan_install
 
     try:
-        config = load_config(config_path) if config_path is not None else Config()  # a bad file stops here
-        config_text = config_path.read_text() if config_path else None
-        version = parse_version(f" {containerd_version}") if containerd_version else node_containerd(host_root)
-        for line in run_install(host_root, socket, str(config.root_dir), unit.read_text(), wheels, start, version,
-                                config_text):
-            click.echo(line)
-    except (InstallError, ConfigError, ValueError) as exc:
+        host, version, config = node(host_root, nsenter, containerd_version, config_path)
+        request = Install(socket, str(config.root_dir), version, exec_start, wheels, python,
+                          config_path.read_text() if config_path else None, start, restart_containerd)
+        plan_install(host, request).carry_out(host, dry_run, click.echo)
+    except (InstallError, ConfigError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@admin.command()
+@_node_options
+@click.option("--stop", is_flag=True, help="Stop and disable the unit, then remove the venv under /opt/addlower.")
+@click.option("--restart-containerd", is_flag=True, help="Restart containerd once its config is restored.")
+@click.option("--force", is_flag=True, help="Restore containerd's backup config even if the config changed since.")
+def uninstall(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containerd_version: str | None,
+              stop: bool, restart_containerd: bool, force: bool) -> None:
+    """Undo `addlower install`: containerd's config from its backup, the unit, the venv.
+
+    The daemon's config and the snapshots under its root are kept.
+    """
+    from addlower.ops.install import InstallError, Uninstall, node, plan_uninstall
+
+    try:
+        host, version, config = node(host_root, nsenter, containerd_version)
+        request = Uninstall(socket, str(config.root_dir), version, stop, restart_containerd, force)
+        plan_uninstall(host, request).carry_out(host, dry_run, click.echo)
+    except (InstallError, ConfigError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None

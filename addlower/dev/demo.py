@@ -1,19 +1,21 @@
 """`addlower demo`: the snapshotter with a private containerd beside it, ready for `ctr`.
 
 Starts the daemon and a containerd that uses it as a proxy plugin, both confined to one work
-directory, imports a locally built busybox image into the snapshotter, makes it the default
-snapshotter of the namespace, runs one container, then keeps both running until Ctrl-C so the
-operator can try `ctr` by hand. Nothing here is used by the daemon itself.
+directory (a new private one unless told which), imports a locally built busybox image into the
+snapshotter, makes it the default snapshotter of the namespace, runs one container, then keeps
+both running until Ctrl-C so the operator can try `ctr` by hand. Nothing here is used by the daemon itself.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
+import stat
+import tempfile
 import threading
 from pathlib import Path
-
 
 from addlower.core.config import PLUGIN_NAME
 from addlower.dev.devcontainerd import PrivateContainerd, SnapshotterProcess
@@ -23,11 +25,32 @@ from addlower.dev.ociimage import BUSYBOX_REF, build_busybox_image
 NAMESPACE = "default"
 
 
-def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
+class DemoError(Exception):
+    """The demo cannot start; nothing was started."""
+
+
+def private_workdir(workdir: Path | None) -> Path:
+    """The demo's own dir: a new one made by mkdtemp (0700), or `workdir` if it is this user's and
+    no one else may write in it, so another user's files or symlinks never become the
+    snapshotter's root or containerd's state."""
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix="addlower-demo-"))
     workdir = workdir.absolute()
+    try:
+        workdir.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    st = os.lstat(workdir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise DemoError(f"{workdir} is not a directory of yours that only you may write in: "
+                        "give another --workdir, or none for a new private one")
+    return workdir
+
+
+def run_demo(workdir: Path | None, log_level: str, keep_running: bool) -> int:
+    workdir = private_workdir(workdir)
     lower = workdir / "host-cache"
     config = workdir / "snapshotter.toml"  # the default policy allows no dir of ours: allow this one
-    workdir.mkdir(parents=True, exist_ok=True)
     config.write_text(f"[lowers]\nallowed_roots = [{json.dumps(str(lower))}]\n")
     daemon = SnapshotterProcess(workdir / "snapshotter", args=["--log-level", log_level, "--config", str(config)])
     containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket})
@@ -71,6 +94,7 @@ def run_demo(workdir: Path, log_level: str, keep_running: bool) -> int:
     finally:
         containerd.stop()
         daemon.stop()
+        say(f"the demo's files stay in {workdir} (logs, images): rm -r it when done")
 
 
 def say(text: str) -> None:

@@ -1,26 +1,40 @@
-"""`addlower install`: point a node's containerd at the snapshotter (what the DaemonSet's init
-container runs), without breaking the node's config.
+"""`addlower install` and `addlower uninstall`: put the snapshotter on a node under its systemd and
+point the node's containerd at it, or take both back, without breaking the node's config.
 
-The pure part edits the config text with tomlkit, which keeps every comment, spelling and table
-order the node's admin wrote: it adds the proxy plugin (with `exports.root`, where CRI reports
-the image filesystem), sets CRI's snapshotter in the table the config version uses, and on
-containerd 2.1+ lists the snapshotter in the Transfer service's `unpack_config` (addlower.core.ctrdconfig
-holds those facts). It refuses, changing nothing, when the result would not parse or not say what
-it must. Must not know the daemon.
+The config edit uses tomlkit, which keeps every comment, spelling and table order the node's admin
+wrote: it adds the proxy plugin (with `exports.root`, where CRI reports the image filesystem),
+sets CRI's snapshotter in the table the config version uses, and on containerd 2.1+ lists the
+snapshotter in the Transfer service's `unpack_config` (addlower.core.ctrdconfig holds those
+facts). It refuses, changing nothing, when the result would not parse or not say what it must.
+
+Both commands first make a plan (files to write or remove, commands to run on the node), checking
+everything they can before anything changes, then print it (`--dry-run`) or carry it out. Files
+go under the host root only; commands run on the node only when the host root is / or through
+nsenter into PID 1's namespaces when asked, never on whatever machine the installer runs on.
+Must not know the daemon.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
 import shutil
 import subprocess
+import sysconfig
+import tempfile
 import tomllib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from addlower.core import ctrdconfig
-from addlower.core.config import PLUGIN_NAME
+from addlower.core.config import DEFAULT_CONFIG, PLUGIN_NAME, Config, load_config
 from addlower.core.ctrdconfig import get_path, set_path
 
 Version = tuple[int, int, int]
@@ -96,90 +110,406 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
         raise InstallError("the edited config would not say what it must; nothing written")
 
 
-def containerd_version(host_root: Path) -> Version:
-    """The node's containerd version, from its binary under `host_root`."""
-    for d in ("usr/local/bin", "usr/bin"):
-        binary = host_root / d / "containerd"
-        if binary.exists():
-            try:
-                out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout
-                return ctrdconfig.parse_version(out)
-            except (OSError, subprocess.CalledProcessError, ValueError) as exc:
-                raise InstallError(f"cannot tell the version of {binary} ({exc}): "
-                                   "give it with --containerd-version") from None
-    raise InstallError(f"no containerd under {host_root}/usr/bin or /usr/local/bin: give its version with "
-                       "--containerd-version")
+
+UNIT_NAME = f"{PLUGIN_NAME}.service"
+UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+DAEMON_COMMAND = PLUGIN_NAME  # the console script
+DAEMON_CONFIG = str(DEFAULT_CONFIG)
+CONTAINERD_CONFIG = "/etc/containerd/config.toml"
+BACKUP = f"{CONTAINERD_CONFIG}.bak-addlower"  # the node's config from before the first install
+HOST_PREFIX = "/opt/addlower"  # on the node, with --wheels: wheels/ and venv/
+WHEELS = f"{HOST_PREFIX}/wheels"
+VENV = f"{HOST_PREFIX}/venv"
+NSENTER = ("nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--")
+# ExecStart= is written as is: no quoting, no %-specifiers, no $-expansion to get wrong.
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._+@/-]+")
 
 
-UNIT_NAME = "overlay-custom-add-lower-snapshotter.service"
-HOST_PREFIX = "/opt/addlower"  # on the host: wheels/ and venv/
-DAEMON_CONFIG = "/etc/overlay-custom-add-lower-snapshotter/config.toml"
-NSENTER = ["nsenter", "--target", "1", "--mount", "--uts", "--ipc", "--net", "--pid", "--"]
+def containerd_version(host: Host) -> Version:
+    """The node's containerd version: asked of `containerd --version` on the node (through
+    nsenter), or of the binary under the host root."""
+    if host.nsenter:
+        candidates = [list(host.command(["containerd", "--version"], "asking containerd's version"))]
+    else:
+        candidates = [[str(host.path(d) / "containerd"), "--version"] for d in ("/usr/local/bin", "/usr/bin")]
+        candidates = [c for c in candidates if Path(c[0]).exists()]
+        if not candidates:
+            raise InstallError(f"no containerd under {host.root}/usr/bin or /usr/local/bin: give its version with "
+                               "--containerd-version")
+    try:
+        out = subprocess.run(candidates[0], capture_output=True, text=True, check=True).stdout
+        return ctrdconfig.parse_version(out)
+    except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+        raise InstallError(f"cannot tell containerd's version ({' '.join(candidates[0])}: {exc}): "
+                           "give it with --containerd-version") from None
 
 
-def unit_file(template: str) -> str:
-    """The systemd unit, running the daemon from the host venv the installer made."""
-    return template.replace("ExecStart=/usr/local/bin/", f"ExecStart={HOST_PREFIX}/venv/bin/")
+def node(root: Path, nsenter: bool, containerd: str | None, config: Path | None = None
+         ) -> tuple[Host, Version, Config]:
+    """The node, its containerd version (`containerd` if given) and the daemon config that
+    applies: `config`, else the node's installed one, else the defaults."""
+    host = Host(root, nsenter)
+    installed = host.path(DAEMON_CONFIG)
+    daemon = config or (installed if installed.exists() else None)
+    version = ctrdconfig.parse_version(f" {containerd}") if containerd else containerd_version(host)
+    return host, version, load_config(daemon) if daemon is not None else Config()
 
 
-def _listing(directory: Path) -> set[tuple[str, int]]:
-    return {(p.name, p.stat().st_size) for p in directory.iterdir()} if directory.is_dir() else set()
+def render_unit(exec_start: str) -> str:
+    """The systemd unit (package data, so a pip install has it) running `exec_start`."""
+    if not _PLAIN_PATH.fullmatch(exec_start):
+        raise InstallError(f"the daemon's path {exec_start!r} must be absolute and plain (letters, digits, ._+@-)")
+    template = resources.files("addlower.ops").joinpath(UNIT_NAME).read_text()
+    return template.replace("@EXEC_START@", exec_start)
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
-    if path.exists() and path.read_text() == text:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return True
+def this_installation() -> str:
+    """The daemon command installed beside this addlower (its scheme's scripts dir, or PATH)."""
+    beside = Path(sysconfig.get_path("scripts")) / DAEMON_COMMAND
+    found = str(beside) if beside.exists() else shutil.which(DAEMON_COMMAND)
+    if found is None:
+        raise InstallError(f"no {DAEMON_COMMAND} beside this addlower nor on PATH: give --exec-start")
+    return str(Path(found).absolute())
 
 
-def install(host_root: Path, socket: str, root: str, unit_template: str, wheels: Path | None, start: bool,
-            containerd: Version, config_text: str | None = None) -> list[str]:
-    """Put the daemon on the host (a venv from `wheels`, the systemd unit), point containerd at it.
+def wheel_pythons(names: Sequence[str]) -> list[str] | None:
+    """The Python versions ("3.12") that every CPython-specific wheel among `names` is built for;
+    None when all are pure or abi3 (any Python addlower supports will do)."""
+    per_dist: dict[str, set[str]] = {}
+    for name in names:
+        dist, *_, pythons, abi, _platform = name.removesuffix(".whl").split("-")
+        if re.fullmatch(r"cp3\d+", abi):
+            per_dist.setdefault(dist.lower(), set()).update(
+                f"3.{tag[3:]}" for tag in pythons.split(".") if re.fullmatch(r"cp3\d+", tag))
+    if not per_dist:
+        return None
+    return sorted(set.intersection(*per_dist.values()), key=lambda v: int(v.split(".")[1]))
 
-    `host_root` is where the host's / is mounted (the DaemonSet mounts it at /host); `root` is the
-    daemon's root (containerd's `exports.root`), `containerd` the node's version. With `start`,
-    commands run in the host's namespaces (nsenter into pid 1): build the venv, enable and start
-    the unit (restarted when its files changed), then restart containerd if its config changed, in
-    that order, so containerd finds the socket. `config_text` becomes the daemon's config file.
-    """
-    done = []
-    daemon_changed = False
-    if config_text is not None:
-        if _write_if_changed(host_root / DAEMON_CONFIG.lstrip("/"), config_text):
-            daemon_changed = True
-            done.append(f"wrote {DAEMON_CONFIG}")
-    target = host_root / HOST_PREFIX.lstrip("/") / "wheels"
-    if wheels is not None and _listing(wheels) != _listing(target):
+
+def venv_commands(python: str, venv: str, wheels: str, pythons: list[str] | None) -> list[list[str]]:
+    """Build the daemon's venv with the node's `python` from a wheelhouse, no index: first a check
+    that the wheels fit that Python (pip's own message would only say "no matching distribution")."""
+    check: list[list[str]] = []
+    if pythons is not None:
+        check = [[python, "-c", "import sys; v = '%d.%d' % sys.version_info[:2]; "
+                  f"ok = {' '.join(pythons)!r}; "
+                  f"sys.exit(None if v in ok.split() else '%s is Python %s; the wheels in {wheels} are for ' "
+                  "'Python %s: install one of those on the node (or give --python)' % (sys.executable, v, ok))"]]
+    return [*check,
+            [python, "-m", "venv", venv],
+            [f"{venv}/bin/pip", "install", "--quiet", "--disable-pip-version-check", "--no-index",
+             "--only-binary=:all:", "--find-links", wheels, "--force-reinstall", "addlower"]]
+
+
+class Step(ABC):
+    """One change on the node, said before (`--dry-run`) or after it is made."""
+
+    @abstractmethod
+    def text(self, done: bool) -> str: ...
+
+    def details(self) -> list[str]:
+        """What `--dry-run` shows beside the step's line (a diff, the file names)."""
+        return []
+
+    @abstractmethod
+    def apply(self, host: Host) -> None: ...
+
+
+def _say(done: bool, present: str, past: str, rest: str) -> str:
+    return f"{past if done else 'would ' + present} {rest}"
+
+
+@dataclass(frozen=True)
+class Write(Step):
+    """Write a file (new text None: remove it), in one rename that keeps its mode: containerd and
+    systemd never read half a file."""
+
+    path: str
+    old: str | None
+    new: str | None
+    note: str = ""
+
+    def text(self, done: bool) -> str:
+        verb = ("remove", "removed") if self.new is None else ("create", "created") if self.old is None \
+            else ("write", "wrote")
+        return _say(done, *verb, self.path + self.note)
+
+    def details(self) -> list[str]:
+        return list(difflib.unified_diff((self.old or "").splitlines(), (self.new or "").splitlines(),
+                                         "a" + self.path if self.old is not None else "/dev/null",
+                                         "b" + self.path if self.new is not None else "/dev/null", lineterm=""))
+
+    def apply(self, host: Host) -> None:
+        target = host.path(self.path)
+        if self.new is None:
+            target.unlink(missing_ok=True)
+            return
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o644
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.new)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, target)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+@dataclass(frozen=True)
+class Backup(Step):
+    """Copy a file aside with its mode (a containerd config may hold registry credentials)."""
+
+    path: str
+    to: str
+
+    def text(self, done: bool) -> str:
+        return _say(done, "back up", "backed up", f"{self.path} to {self.to}")
+
+    def apply(self, host: Host) -> None:
+        shutil.copy2(host.path(self.path), host.path(self.to))
+
+
+@dataclass(frozen=True)
+class CopyWheels(Step):
+    """Replace the node's wheelhouse with `source`'s wheels."""
+
+    source: Path
+    to: str
+    names: tuple[str, ...]
+
+    def text(self, done: bool) -> str:
+        return _say(done, "copy", "copied", f"{len(self.names)} wheels from {self.source} to {self.to}")
+
+    def details(self) -> list[str]:
+        return list(self.names)
+
+    def apply(self, host: Host) -> None:
+        target = host.path(self.to)
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(wheels, target)
+        target.mkdir(parents=True)
+        for name in self.names:
+            shutil.copy2(self.source / name, target / name)
+
+
+@dataclass(frozen=True)
+class RemoveTree(Step):
+    """Remove a directory of ours (the venv and wheels under /opt/addlower)."""
+
+    path: str
+
+    def text(self, done: bool) -> str:
+        return _say(done, "remove", "removed", f"{self.path} and all it holds")
+
+    def apply(self, host: Host) -> None:
+        shutil.rmtree(host.path(self.path))
+
+
+@dataclass(frozen=True)
+class Run(Step):
+    """A command on the node, as `Host.command` made it."""
+
+    argv: tuple[str, ...]
+
+    def text(self, done: bool) -> str:
+        return _say(done, "run", "ran", " ".join(self.argv))
+
+    def apply(self, host: Host) -> None:
+        code = subprocess.run(self.argv, stdin=subprocess.DEVNULL).returncode
+        if code != 0:
+            raise InstallError(f"{' '.join(self.argv)} failed (exit code {code}); the lines above say what was done")
+
+
+@dataclass(frozen=True)
+class Host:
+    """The node acted on: where its / is mounted here, and whether its commands run through nsenter
+    into PID 1's namespaces (the DaemonSet's pod shares the node's PID namespace)."""
+
+    root: Path
+    nsenter: bool = False
+
+    @property
+    def local(self) -> bool:
+        return self.root.resolve() == Path("/")
+
+    def path(self, on_node: str) -> Path:
+        return self.root / on_node.lstrip("/")
+
+    def command(self, argv: Sequence[str], why: str) -> tuple[str, ...]:
+        """`argv` as run on the node; refused when the node is not this machine and no nsenter."""
+        if self.nsenter:
+            return (*NSENTER, *argv)
+        if self.local:
+            return tuple(argv)
+        raise InstallError(f"{why} runs commands on the node, and --host-root {self.root} is not this machine's /: "
+                           "add --nsenter to run them in PID 1's namespaces (the DaemonSet does), or leave it out")
+
+    def read(self, on_node: str) -> str | None:
+        path = self.path(on_node)
+        return path.read_text() if path.exists() else None
+
+
+@dataclass
+class Plan:
+    """The steps, in order, and notes printed last (what is left for the operator to do)."""
+
+    steps: list[Step] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def carry_out(self, host: Host, dry_run: bool, echo: Callable[[str], None]) -> None:
+        if dry_run:
+            echo("dry run: nothing is changed")
+        if not self.steps:
+            echo("nothing to change")
+        for step in self.steps:
+            if dry_run:
+                echo(step.text(done=False))
+                for line in step.details():
+                    echo("    " + line)
+            else:
+                step.apply(host)
+                echo(step.text(done=True))
+        for line in self.notes:
+            echo(line)
+
+
+@dataclass(frozen=True)
+class Install:
+    """What `addlower install` is asked to do. `root` is the daemon's root (containerd's
+    `exports.root`); `exec_start` the daemon's path on the node (default: the venv built from
+    `wheels`, else this installation's)."""
+
+    socket: str
+    root: str
+    containerd: Version
+    exec_start: str | None = None
+    wheels: Path | None = None
+    python: str = "python3"
+    daemon_config: str | None = None
+    start: bool = False
+    restart_containerd: bool = False
+
+
+def plan_install(host: Host, req: Install) -> Plan:
+    """Every change `install` makes, checked before any is made: the daemon's config, the venv from
+    the wheels, the unit, containerd's config (backed up once), then, when asked, the unit enabled
+    and (re)started and containerd restarted, in that order so containerd finds the socket."""
+    plan = Plan()
+    daemon_changed = False
+    if req.daemon_config is not None and host.read(DAEMON_CONFIG) != req.daemon_config:
+        plan.steps.append(Write(DAEMON_CONFIG, host.read(DAEMON_CONFIG), req.daemon_config))
         daemon_changed = True
-        done.append(f"copied {len(list(target.iterdir()))} wheels to {HOST_PREFIX}/wheels")
-    if _write_if_changed(host_root / "etc/systemd/system" / UNIT_NAME, unit_file(unit_template)):
+    if req.wheels is not None:
+        names = tuple(sorted(p.name for p in req.wheels.glob("*.whl")))
+        if not any(n.startswith("addlower-") for n in names):
+            raise InstallError(f"no addlower wheel in {req.wheels}")
+        installed = host.path(WHEELS)
+        current = {(p.name, p.stat().st_size) for p in installed.iterdir()} if installed.is_dir() else set()
+        copy = current != {(n, (req.wheels / n).stat().st_size) for n in names}
+        if copy:
+            plan.steps.append(CopyWheels(req.wheels, WHEELS, names))
+        if copy or not host.path(f"{VENV}/bin/{DAEMON_COMMAND}").exists():
+            plan.steps += [Run(host.command(c, "building the venv with the node's python"))
+                           for c in venv_commands(req.python, VENV, WHEELS, wheel_pythons(names))]
+            daemon_changed = True
+    exec_start = req.exec_start or (f"{VENV}/bin/{DAEMON_COMMAND}" if req.wheels else None)
+    if exec_start is None:
+        if not host.local:
+            raise InstallError(f"this addlower is not the node's at --host-root {host.root}: give --exec-start "
+                               "(the daemon's path on the node) or --wheels (a venv is built on the node)")
+        exec_start = this_installation()
+    unit = render_unit(exec_start)
+    if not (req.wheels and exec_start == f"{VENV}/bin/{DAEMON_COMMAND}") \
+            and not os.access(host.path(exec_start), os.X_OK):
+        raise InstallError(f"{exec_start} is not an executable file on the node: systemd could not start it")
+    if host.read(UNIT_PATH) != unit:
+        plan.steps.append(Write(UNIT_PATH, host.read(UNIT_PATH), unit))
         daemon_changed = True
-        done.append(f"wrote /etc/systemd/system/{UNIT_NAME}")
-    config = host_root / "etc/containerd/config.toml"
-    text = config.read_text() if config.exists() else new_config(containerd)
-    new = configure(text, socket, root, containerd)
-    changed = new != text
-    if changed:
-        if config.exists():
-            shutil.copy2(config, config.with_name(config.name + ".bak-addlower"))
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(new)
-        done.append("configured /etc/containerd/config.toml (backup: config.toml.bak-addlower)")
-    if start:
-        steps = [
-            ["python3", "-m", "venv", f"{HOST_PREFIX}/venv"],
-            [f"{HOST_PREFIX}/venv/bin/pip", "install", "-q", "--no-index", "--find-links", f"{HOST_PREFIX}/wheels",
-             "--upgrade", "addlower"],
-            ["systemctl", "daemon-reload"],
-            ["systemctl", "enable", UNIT_NAME],
-            ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME],
-            *([["systemctl", "restart", "containerd"]] if changed else []),
-        ]
-        for step in steps:
-            subprocess.run([*NSENTER, *step], check=True)
-            done.append("ran " + " ".join(step))
-    return done
+    old = host.read(CONTAINERD_CONFIG)
+    new = configure(new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd)
+    containerd_changed = new != old
+    if containerd_changed:
+        if old is not None and host.read(BACKUP) is None:
+            plan.steps.append(Backup(CONTAINERD_CONFIG, BACKUP))
+        plan.steps.append(Write(CONTAINERD_CONFIG, old, new, "" if old is None else f" (the original is in {BACKUP})"))
+    commands = [["systemctl", "daemon-reload"], ["systemctl", "enable", UNIT_NAME],
+                ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME]]
+    if req.start:
+        plan.steps += [Run(host.command(c, "--start")) for c in commands]
+    elif daemon_changed:
+        plan.notes.append("next: " + " && ".join(" ".join(c) for c in commands) + "  (or add --start)")
+    if containerd_changed and req.restart_containerd:
+        plan.steps.append(Run(host.command(["systemctl", "restart", "containerd"], "--restart-containerd")))
+    elif containerd_changed:
+        plan.notes.append("next: systemctl restart containerd  (it reads its config only when it starts; "
+                          "or add --restart-containerd)")
+    return plan
+
+
+@dataclass(frozen=True)
+class Uninstall:
+    """What `addlower uninstall` is asked to do; `socket`, `root` and `containerd` as install had them,
+    to tell whether containerd's config is still what install made of the backup."""
+
+    socket: str
+    root: str
+    containerd: Version
+    stop: bool = False
+    restart_containerd: bool = False
+    force: bool = False
+
+
+def plan_uninstall(host: Host, req: Uninstall) -> Plan:
+    """Every change `uninstall` makes: containerd's config restored from the backup install wrote
+    (refused, unless forced, when it changed since), containerd restarted if asked, then the unit
+    stopped and removed and the venv removed. The daemon's config and its snapshots are kept."""
+    plan = Plan()
+    current, original = host.read(CONTAINERD_CONFIG), host.read(BACKUP)
+    if original is not None:
+        if current != configure(original, req.socket, req.root, req.containerd) and not req.force:
+            raise InstallError(
+                f"{CONTAINERD_CONFIG} is not what addlower install made of {BACKUP} (edited since, or another "
+                "containerd version or socket): restoring the backup would undo that. See the difference with "
+                "--dry-run --force, then add --force to restore it anyway")
+        plan.steps += [Write(CONTAINERD_CONFIG, current, original, f" (restored from {BACKUP})"),
+                       Write(BACKUP, original, None)]
+    elif current is not None and current == configure(new_config(req.containerd), req.socket, req.root,
+                                                       req.containerd):
+        plan.steps.append(Write(CONTAINERD_CONFIG, current, None, " (addlower install created it)"))
+    elif current is not None and _declares_plugin(current):
+        raise InstallError(f"{CONTAINERD_CONFIG} declares the snapshotter but there is no backup {BACKUP} to restore: "
+                           f"remove [proxy_plugins.{PLUGIN_NAME}], CRI's snapshotter = \"{PLUGIN_NAME}\" and its "
+                           "unpack_config entries by hand, then run uninstall again")
+    containerd_changed = bool(plan.steps)
+    if containerd_changed and req.restart_containerd:
+        plan.steps.append(Run(host.command(["systemctl", "restart", "containerd"], "--restart-containerd")))
+    elif containerd_changed:
+        plan.notes.append("next: systemctl restart containerd  (it still dials the snapshotter until then; "
+                          "or add --restart-containerd)")
+    unit = host.read(UNIT_PATH)
+    wanted = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"  # what `systemctl enable` made
+    if unit is not None and req.stop:
+        plan.steps += [Run(host.command(["systemctl", "disable", "--now", UNIT_NAME], "--stop")),
+                       Write(UNIT_PATH, unit, None), Run(host.command(["systemctl", "daemon-reload"], "--stop"))]
+    elif unit is not None:
+        plan.steps += [Write(wanted, None, None)] if os.path.lexists(host.path(wanted)) else []
+        plan.steps.append(Write(UNIT_PATH, unit, None))
+        plan.notes.append(f"next: systemctl stop {UNIT_NAME} && systemctl daemon-reload  (or add --stop)")
+    if host.path(HOST_PREFIX).exists() and req.stop:
+        plan.steps.append(RemoveTree(HOST_PREFIX))
+    elif host.path(HOST_PREFIX).exists():
+        plan.notes.append(f"next: rm -r {HOST_PREFIX} once the daemon is stopped (it runs from there; or add --stop)")
+    kept = [p for p in (DAEMON_CONFIG, req.root) if host.path(p).exists()]
+    if plan.steps and kept:
+        plan.notes.append(f"kept: {' and '.join(kept)} (the daemon's config and snapshots)")
+    return plan
+
+
+def _declares_plugin(text: str) -> bool:
+    try:
+        return get_path(tomllib.loads(text), ("proxy_plugins", PLUGIN_NAME)) is not None
+    except tomllib.TOMLDecodeError:
+        return True  # cannot tell: do not pretend there is nothing to undo

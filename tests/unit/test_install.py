@@ -1,19 +1,23 @@
-"""Pointing a node's containerd at the snapshotter: config edits, the installer's files, the manifests."""
+"""Pointing a node's containerd at the snapshotter: config edits, install and uninstall on a scratch node, the
+manifests."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from addlower.cli import admin
 from addlower.core.config import DEFAULT_ROOT, SOCKET_NAME
 from addlower.ops.admin import ContainerdFile, check_containerd
-from addlower.ops.install import InstallError, configure
+from addlower.ops.install import DAEMON_CONFIG, InstallError, configure, this_installation, wheel_pythons
 
 REPO = Path(__file__).resolve().parents[2]
 SOCK = "/var/lib/x/grpc.socks"
@@ -120,39 +124,213 @@ def test_doctor_fails_a_plugin_without_exports_root(tmp_path: Path):
     assert checks["image filesystem"].status == "FAIL" and "ImageFsInfo" in checks["image filesystem"].detail
 
 
-def test_install_into_a_host_root(tmp_path: Path):
-    host = tmp_path / "host"
+DAEMON = "/usr/local/bin/overlay-custom-add-lower-snapshotter"
+UNIT = f"etc/systemd/system/{NAME}.service"
+CONFIG = "etc/containerd/config.toml"
+BACKUP = "etc/containerd/config.toml.bak-addlower"
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Path:
+    """A scratch node's /: containerd's config (0600, as one holding registry credentials would
+    be) and the daemon installed in /usr/local/bin."""
+    host = tmp_path / "node"
     (host / "etc/containerd").mkdir(parents=True)
-    (host / "etc/containerd/config.toml").write_text(V2)
+    (host / CONFIG).write_text(V2)
+    (host / CONFIG).chmod(0o600)
+    (host / "usr/local/bin").mkdir(parents=True)
+    (host / DAEMON.lstrip("/")).write_text("#!/bin/sh\n")
+    (host / DAEMON.lstrip("/")).chmod(0o755)
+    return host
+
+
+def tree(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `root`: mode and text (symlinks by target)."""
+    return {str(p.relative_to(root)): (p.lstat().st_mode, os.readlink(p) if p.is_symlink() else p.read_text())
+            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(admin, [str(a) for a in args])
+
+
+def install(node: Path, *args: str | Path) -> Result:
+    return run("install", "--host-root", node, "--containerd-version", "1.7.24", "--exec-start", DAEMON, *args)
+
+
+def uninstall(node: Path, *args: str | Path) -> Result:
+    return run("uninstall", "--host-root", node, "--containerd-version", "1.7.24", *args)
+
+
+def test_install_writes_the_unit_the_config_and_the_backup_it_names(node: Path, tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[kubernetes]\nenabled = true\n')
+    first = install(node, "--config", config)
+    assert first.exit_code == 0, first.output
+    assert first.output.splitlines()[:4] == [
+        f"created {DAEMON_CONFIG}",
+        f"created /{UNIT}",
+        f"backed up /{CONFIG} to /{BACKUP}",
+        f"wrote /{CONFIG} (the original is in /{BACKUP})",
+    ]
+    assert "next: systemctl daemon-reload && systemctl enable" in first.output  # nothing started unasked
+    assert "next: systemctl restart containerd" in first.output
+    assert f"\nExecStart={DAEMON}\n" in (node / UNIT).read_text()
+    assert (node / BACKUP).read_text() == V2 and (node / BACKUP).stat().st_mode & 0o777 == 0o600
+    assert (node / CONFIG).stat().st_mode & 0o777 == 0o600
+    assert NAME in tomllib.loads((node / CONFIG).read_text())["proxy_plugins"]
+    assert (node / DAEMON_CONFIG.lstrip("/")).read_text() == config.read_text()
+    assert set(tree(node)) == {UNIT, CONFIG, BACKUP, DAEMON.lstrip("/"), DAEMON_CONFIG.lstrip("/")}
+    second = install(node, "--config", config)
+    assert second.exit_code == 0 and second.output == "nothing to change\n"
+
+
+def test_a_second_install_keeps_the_first_backup(node: Path):
+    assert install(node).exit_code == 0
+    (node / CONFIG).write_text(V2.replace("overlayfs", "native"))  # the admin changes the config
+    again = install(node)
+    assert again.exit_code == 0 and "backed up" not in again.output
+    assert (node / BACKUP).read_text() == V2
+
+
+def test_dry_run_prints_every_change_and_makes_none(node: Path, tmp_path: Path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("addlower-0.1.0-py3-none-any.whl", "grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl",
+                 "grpcio-1.85.3-cp313-cp313-manylinux2014_x86_64.whl"):
+        (wheels / name).write_bytes(b"wheel")
+    before = tree(node)
+    r = run("install", "--host-root", node, "--containerd-version", "2.1.9", "--wheels", wheels, "--nsenter",
+            "--start", "--restart-containerd", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert tree(node) == before
+    lines = r.output.splitlines()
+    assert lines[0] == "dry run: nothing is changed"
+    said = [line for line in lines if line.startswith("would ")]
+    nsenter = "nsenter --target 1 --mount --uts --ipc --net --pid -- "
+    assert said[0] == f"would copy 3 wheels from {wheels} to /opt/addlower/wheels"
+    assert said[1].startswith(f"would run {nsenter}python3 -c ") and "3.11 3.13" in said[1]
+    assert said[2:] == [
+        f"would run {nsenter}python3 -m venv /opt/addlower/venv",
+        f"would run {nsenter}/opt/addlower/venv/bin/pip install --quiet --disable-pip-version-check --no-index "
+        "--only-binary=:all: --find-links /opt/addlower/wheels --force-reinstall addlower",
+        f"would create /{UNIT}",
+        f"would back up /{CONFIG} to /{BACKUP}",
+        f"would write /{CONFIG} (the original is in /{BACKUP})",
+        f"would run {nsenter}systemctl daemon-reload",
+        f"would run {nsenter}systemctl enable {NAME}.service",
+        f"would run {nsenter}systemctl restart {NAME}.service",  # before containerd, which dials it
+        f"would run {nsenter}systemctl restart containerd",
+    ]
+    assert "    +ExecStart=/opt/addlower/venv/bin/overlay-custom-add-lower-snapshotter" in lines
+    assert '    -  snapshotter = "overlayfs"' in lines
+    assert f'    +snapshotter = "{NAME}"' in lines  # 2.1 on a version 2 file: the unpack entries too
+    assert "not run" not in r.output and "next:" not in r.output
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--start"], "add --nsenter"),
+    (["--restart-containerd"], "add --nsenter"),
+    (["--wheels", "{wheels}"], "add --nsenter"),
+    (["--exec-start", "/usr/bin/missing"], "/usr/bin/missing is not an executable file on the node"),
+    (["--exec-start", "relative/path"], "must be absolute"),
+])
+def test_refusals_change_nothing(node: Path, tmp_path: Path, args: list[str], says: str):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "addlower-0.1.0-py3-none-any.whl").write_bytes(b"wheel")
-    config = tmp_path / "config.toml"
-    config.write_text('[kubernetes]\nenabled = true\n')
-    unit = REPO / "deploy/systemd/overlay-custom-add-lower-snapshotter.service"
-    args = ["install", "--host-root", str(host), "--unit", str(unit), "--wheels", str(wheels),
-            "--config", str(config), "--no-start", "--containerd-version", "1.7.24"]
-    first = CliRunner().invoke(admin, args)
-    assert first.exit_code == 0, first.output
-    installed = (host / "etc/systemd/system" / unit.name).read_text()
-    assert "ExecStart=/opt/addlower/venv/bin/overlay-custom-add-lower-snapshotter" in installed
-    assert "Before=containerd.service" in installed and "Type=notify" in installed
-    assert (host / "opt/addlower/wheels/addlower-0.1.0-py3-none-any.whl").exists()
-    assert (host / "etc/overlay-custom-add-lower-snapshotter/config.toml").read_text() == config.read_text()
-    assert (host / "etc/containerd/config.toml.bak-addlower").read_text() == V2
-    assert NAME in tomllib.loads((host / "etc/containerd/config.toml").read_text())["proxy_plugins"]
-    second = CliRunner().invoke(admin, args)
-    assert second.exit_code == 0 and second.output == ""  # nothing left to change
+    before = tree(node)
+    r = run("install", "--host-root", node, "--containerd-version", "1.7.24", "--exec-start", DAEMON,
+            *[a.format(wheels=wheels) for a in args])
+    assert r.exit_code == 1 and says in r.output
+    assert tree(node) == before
 
 
-def test_install_refuses_a_bad_daemon_config(tmp_path: Path):
+def test_another_host_root_needs_the_daemons_path_on_that_node(node: Path):
+    r = run("install", "--host-root", node, "--containerd-version", "1.7.24")
+    assert r.exit_code == 1 and "give --exec-start" in r.output
+
+
+def test_the_default_daemon_is_this_installations_entry_point():
+    found = this_installation()
+    assert Path(found).is_absolute() and Path(found).name == NAME
+    out = subprocess.run([found, "--version"], capture_output=True, text=True, check=True).stdout
+    assert NAME in out
+
+
+def test_uninstall_restores_the_backup_and_removes_the_unit(node: Path):
+    assert install(node).exit_code == 0
+    wants = node / "etc/systemd/system/multi-user.target.wants" / f"{NAME}.service"
+    wants.parent.mkdir(parents=True)
+    wants.symlink_to(f"/{UNIT}")  # as `systemctl enable` leaves it
+    r = uninstall(node)
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[:4] == [
+        f"wrote /{CONFIG} (restored from /{BACKUP})",
+        f"removed /{BACKUP}",
+        f"removed /{wants.relative_to(node)}",
+        f"removed /{UNIT}",
+    ]
+    assert "next: systemctl restart containerd" in r.output and f"next: systemctl stop {NAME}" in r.output
+    assert (node / CONFIG).read_text() == V2 and (node / CONFIG).stat().st_mode & 0o777 == 0o600
+    assert set(tree(node)) == {CONFIG, DAEMON.lstrip("/")}
+    assert uninstall(node).output == "nothing to change\n"
+
+
+def test_uninstall_refuses_to_undo_later_edits_unless_forced(node: Path):
+    assert install(node).exit_code == 0
+    edited = (node / CONFIG).read_text() + "# the admin's\n"
+    (node / CONFIG).write_text(edited)
+    r = uninstall(node)
+    assert r.exit_code == 1 and "--force" in r.output and (node / CONFIG).read_text() == edited
+    dry = uninstall(node, "--force", "--dry-run")
+    assert "    -# the admin's" in dry.output.splitlines() and (node / CONFIG).read_text() == edited
+    assert uninstall(node, "--force").exit_code == 0 and (node / CONFIG).read_text() == V2
+
+
+def test_uninstall_without_a_backup(node: Path):
+    (node / CONFIG).unlink()
+    assert install(node).exit_code == 0 and not (node / BACKUP).exists()  # nothing to back up
+    r = uninstall(node)
+    assert r.exit_code == 0 and f"removed /{CONFIG} (addlower install created it)" in r.output
+    assert not (node / CONFIG).exists()
+    (node / CONFIG).write_text(configure(V2, SOCK, ROOT, V17))  # declared by hand, or by someone else
+    r = uninstall(node)
+    assert r.exit_code == 1 and f"no backup /{BACKUP}" in r.output and f"[proxy_plugins.{NAME}]" in r.output
+
+
+def test_uninstall_with_stop_runs_only_through_nsenter_on_another_root(node: Path):
+    assert install(node).exit_code == 0
+    r = uninstall(node, "--stop")
+    assert r.exit_code == 1 and "add --nsenter" in r.output and (node / UNIT).exists()
+    dry = uninstall(node, "--stop", "--restart-containerd", "--nsenter", "--dry-run")
+    said = [line.replace("nsenter --target 1 --mount --uts --ipc --net --pid -- ", "")
+            for line in dry.output.splitlines() if line.startswith("would ")]
+    assert said == [f"would write /{CONFIG} (restored from /{BACKUP})", f"would remove /{BACKUP}",
+                    "would run systemctl restart containerd",  # first: containerd lets go of us
+                    f"would run systemctl disable --now {NAME}.service", f"would remove /{UNIT}",
+                    "would run systemctl daemon-reload"]
+
+
+def test_install_refuses_a_bad_daemon_config(node: Path, tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text('[kubernetes]\nenabled = "yes"\n')
-    unit = REPO / "deploy/systemd/overlay-custom-add-lower-snapshotter.service"
-    r = CliRunner().invoke(admin, ["install", "--host-root", str(tmp_path / "host"), "--unit", str(unit),
-                                   "--config", str(config), "--no-start", "--containerd-version", "1.7.24"])
+    before = tree(node)
+    r = install(node, "--config", config)
     assert r.exit_code != 0 and "kubernetes.enabled: expected a bool" in r.output
-    assert not (tmp_path / "host").exists()
+    assert tree(node) == before
+
+
+@pytest.mark.parametrize("names, pythons", [
+    (["addlower-0.1.0-py3-none-any.whl", "click-8.5.1-py3-none-any.whl",
+      "protobuf-6.33.6-cp39-abi3-manylinux2014_x86_64.whl"], None),  # any python will do
+    (["grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl", "grpcio-1.85.3-cp312-cp312-manylinux2014_x86_64.whl",
+      "google_re2-1.1.20251105-1-cp312-cp312-manylinux_2_28_x86_64.whl",
+      "google_re2-1.1.20251105-1-cp311-cp311-manylinux_2_28_x86_64.whl",
+      "google_re2-1.1.20251105-1-cp313-cp313-manylinux_2_28_x86_64.whl"], ["3.11", "3.12"]),  # grpcio lacks 3.13
+])
+def test_the_pythons_a_wheelhouse_serves(names, pythons):
+    assert wheel_pythons(names) == pythons
 
 
 @pytest.mark.parametrize("snippet, containerd", [("config-v2.toml", V16), ("config-v2.toml", V17),
@@ -179,3 +357,25 @@ def test_a_manifest_error_is_caught():
     ds["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ds, "1.30.0", strict=True)
+
+
+def test_the_daemonset_runs_on_labelled_nodes_and_rolls_when_its_config_changes():
+    _, configmap, ds = yaml.safe_load_all((REPO / "deploy/kubernetes/addlower.yaml").read_text())
+    pod = ds["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"addlower.io/enabled": "true"}
+    digest = hashlib.sha256(configmap["data"]["config.toml"].encode()).hexdigest()
+    assert pod["metadata"]["annotations"]["addlower.io/config-sha256"] == digest, \
+        f"config.toml changed: set addlower.io/config-sha256 to {digest}"
+    args = pod["spec"]["initContainers"][0]["args"]
+    assert args[:4] == ["install", "--host-root", "/host", "--nsenter"] and pod["spec"]["hostPID"] is True
+    assert {"--start", "--restart-containerd"} <= set(args)
+
+
+def test_setup_refuses_a_python_the_readme_commands_would_not_run(tmp_path: Path):
+    other = tmp_path / "python3"
+    other.write_text("#!/bin/sh\necho /opt/other/bin/python3\n")  # answers as another interpreter would
+    other.chmod(0o755)
+    for python, says in ((other, "/opt/other/bin/python3, but python3 on PATH is"), (tmp_path / "none", "cannot run")):
+        r = subprocess.run(["bash", str(REPO / "scripts/setup.sh")], env={**os.environ, "PYTHON": str(python)},
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and says in r.stderr and "installing" not in r.stdout
