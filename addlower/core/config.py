@@ -40,6 +40,7 @@ class Config:
     metrics_address: str | None = None  # host:port serving Prometheus metrics; off when None
     mount_options: tuple[str, ...] = ()
     mount_targets: str = "auto"  # lowers at container paths: "auto" asks containerd's version, "on", "off"
+    parallel_unpack: bool = False  # parentless actives as overlays (containerd 2.2+ with "rebase")
     allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     kubernetes: KubernetesConfig = KubernetesConfig()
@@ -60,6 +61,7 @@ _TOP = {
     "metrics_address": (str, str),
     "mount_options": (list, tuple),
     "mount_targets": (str, str),
+    "parallel_unpack": (bool, bool),
 }
 
 

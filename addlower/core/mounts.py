@@ -61,6 +61,11 @@ class Layout:
         image's own dirs above it keep their modes."""
         return f"{self.root}/snapshots/{sid}/mountpoints"
 
+    @property
+    def empty(self) -> str:
+        """A dir kept empty: the lower of a parentless active when unpacks run in parallel."""
+        return f"{self.root}/empty"
+
     def targets(self, sid: int | str) -> str:
         return f"{self.root}/snapshots/{sid}/targets"
 
@@ -104,6 +109,7 @@ def compute_mounts(
     options: Sequence[str] = (),
     extra_lowers: Sequence[str] = (),
     targets: Sequence[tuple[str, Sequence[str]]] = (),
+    parallel_unpack: bool = False,
 ) -> list[Mount]:
     """The mounts for snapshot `sid` whose parents are `parent_ids`, nearest first.
 
@@ -113,16 +119,22 @@ def compute_mounts(
     upper dir or a parentless view's own dir, above every image layer. `targets` are (container
     path, host dirs topmost first): each becomes one more mount with that `target`, which
     containerd 1.7+ mounts inside the rootfs, after it; the rootfs then gets the mountpoints lower
-    at its bottom.
+    at its bottom. `parallel_unpack`: a parentless active is an overlay over Layout.empty, not a
+    bind, so that containerd's diff applier writes a layer's whiteouts and opaque dirs into it
+    (containerd 2.2+ unpacks each layer into a parentless active and rebases it at Commit; it
+    turns the bind into an overlay itself only for the snapshotter named "overlayfs").
     """
     rule = rule_for(kind, len(parent_ids))
-    if rule.type == "bind" and not extra_lowers and not targets:
+    overlay_for_unpack = parallel_unpack and kind == Kind.ACTIVE and not parent_ids
+    if rule.type == "bind" and not extra_lowers and not targets and not overlay_for_unpack:
         src = sid if rule.bind_of == "self" else parent_ids[0]
         return [Mount("bind", layout.upper(src), (rule.mode, "rbind"))]
     opts = list(options)
     lowers = [*extra_lowers, *(layout.upper(p) for p in parent_ids)]
     if targets:
         lowers.append(layout.mountpoints(sid))
+    if not lowers:  # a parentless active with nothing else below it
+        lowers.append(layout.empty)
     if kind == Kind.ACTIVE:
         opts += [f"workdir={layout.work(sid)}", f"upperdir={layout.upper(sid)}"]
     elif not parent_ids:

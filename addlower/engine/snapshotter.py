@@ -116,6 +116,7 @@ class Snapshotter:
             )
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
+        Path(self.layout.empty).mkdir(mode=0o755, exist_ok=True)
         self.policy = Policy.of(str(root), config)
         self.pods = PodLowers(config.kubernetes) if config.kubernetes.enabled else None
         k8s = config.kubernetes
@@ -249,7 +250,7 @@ class Snapshotter:
                     targets.setdefault(lower.target, []).append(pin)
             self._make_target_dirs(snap, targets)
             mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, at_root,
-                                    list(targets.items()))
+                                    list(targets.items()), self.config.parallel_unpack)
             if pins:
                 check_mount_limits(mounts, source)
         except BaseException:

@@ -4,6 +4,8 @@ socket, with real overlay mounts and a restart."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import grpc
@@ -11,7 +13,7 @@ import grpc
 from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import GC_ROOT, apply, assert_tree_is, create_file, expect_code, mount_snapshot
-from tests.support.daemon import Daemon
+from tests.support.daemon import Daemon, config_args
 
 Code = grpc.StatusCode
 
@@ -63,3 +65,28 @@ def test_a_rebase_onto_a_missing_or_uncommitted_parent_changes_nothing(client: S
     assert info.kind == pb.ACTIVE and info.parent == ""  # still the active it was
     client.commit("x", "l1", GC_ROOT)
     assert client.stat("x").parent == ""
+
+
+def test_with_parallel_unpack_a_layer_is_unpacked_through_an_overlay_and_its_whiteouts_hide_below(
+        tmp_path: Path):
+    """containerd's applier writes whiteouts (0/0 char devices in the upper dir) only into an
+    overlay mount: with parallel_unpack a parentless active is one, over an empty dir."""
+    work = tmp_path / "work"
+    d = Daemon(root=tmp_path / "root", args=config_args(tmp_path / "config.toml", "parallel_unpack = true\n")).start()
+    try:
+        with d.channel() as ch:
+            client = SnapshotsClient(ch)
+            unpacked(client, work, "l1", create_file("/a", "1\n"), create_file("/gone", "1\n"))
+            (m,) = client.prepare("l2", "", GC_ROOT)
+            options = dict(o.split("=", 1) for o in m.options if "=" in o)
+            assert m.type == "overlay" and options["lowerdir"] == str(tmp_path / "root" / "empty")
+            with mount_snapshot([m], work / "l2") as target:
+                apply(target, create_file("/b", "2\n"))
+            os.mknod(Path(options["upperdir"]) / "gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))  # as the applier
+            client.commit("layer-1", "l1", GC_ROOT)
+            client.commit("layer-2", "l2", GC_ROOT, parent="layer-1")
+            with mount_snapshot(client.view("v", "layer-2", GC_ROOT), work / "v") as target:
+                assert_tree_is(target, create_file("/a", "1\n"), create_file("/b", "2\n"))
+            assert os.listdir(tmp_path / "root" / "empty") == []
+    finally:
+        d.stop()

@@ -68,3 +68,11 @@ def test_targets_of_a_view_are_read_only():
 
 def test_a_target_dir_follows_the_target_not_its_place():
     assert L.target_dir(7, "/root/.m2") == L.target_dir(7, "/root/.m2") != L.target_dir(7, "/root/.npm")
+
+
+def test_for_parallel_unpack_a_parentless_active_is_an_overlay_over_the_empty_dir():
+    (m,) = compute_mounts(L, Kind.ACTIVE, 7, [], ("index=off",), parallel_unpack=True)
+    assert (m.type, m.options) == ("overlay", ("index=off", "workdir=/r/snapshots/7/work",
+                                               "upperdir=/r/snapshots/7/fs", "lowerdir=/r/empty"))
+    assert compute_mounts(L, Kind.ACTIVE, 7, [3], parallel_unpack=True) == compute_mounts(L, Kind.ACTIVE, 7, [3])
+    assert compute_mounts(L, Kind.VIEW, 7, [], parallel_unpack=True) == compute_mounts(L, Kind.VIEW, 7, [])
