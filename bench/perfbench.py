@@ -42,8 +42,8 @@ clock, around the `ctr` processes:
                        untimed run); median of the round's runs
   10 concurrent runs   10 such `ctr run --rm` at once, until the last exits
   ctr snapshots ls     `ctr snapshots --snapshotter S ls` of a namespace holding exactly 100, then
-                       1000 committed snapshots (made untimed with bench/goclient through containerd,
-                       labelled containerd.io/gc.root); median of the round's runs
+                       1000 snapshots (made untimed by bench/goclient through containerd: active, one
+                       Prepare each, labelled containerd.io/gc.root); median of the round's runs
   CRI stats loop       real CRI, no kubelet: a pod (busybox pause) and 100 created, not started,
                        containers; containerd's CRI snapshot syncer then Walks the k8s.io snapshots
                        (through containerd: one Stat per snapshot for a proxy) and calls Usage of
@@ -435,10 +435,9 @@ def ratio(x: float) -> str:
 
 
 def ratios(samples: dict[str, list[float]], a: str, b: str) -> Spread | None:
-    """The per-round ratios a/b (paired within rounds)."""
-    if a not in samples or b not in samples:
-        return None
-    return Spread.of([x / y if y else float("inf") for x, y in zip(samples[a], samples[b])])
+    """The per-round ratios a/b (paired within rounds; rounds where b is 0, e.g. no CPU tick, left out)."""
+    pairs = [x / y for x, y in zip(samples.get(a, ()), samples.get(b, ())) if y]
+    return Spread.of(pairs) if pairs else None
 
 
 def summary(samples: Samples, pairs: Sequence[tuple[str, str]]) -> dict:
@@ -449,7 +448,7 @@ def summary(samples: Samples, pairs: Sequence[tuple[str, str]]) -> dict:
 
 def render_per_op(samples: Samples, plan: Plan, targets: Sequence[str]) -> str:
     lines = [f"per-op: bench/goclient (containerd's Go proxy client) on each daemon's socket, {plan.rounds} rounds, "
-             "fresh ext4 per target and round; median [min-max] over rounds",
+             "fresh ext4 per target and round; median [min-max] over rounds; CPU from /proc/PID/stat, 10 ms ticks",
              f"{'op':<15}{'c':>2}  {'target':<7}{'ops/s':>22}{'p50 us':>10}{'p99 us':>10}{'server CPU us/call':>26}"]
     for op, _ in plan.ops:
         for c in CONCURRENCY:
@@ -463,16 +462,17 @@ def render_per_op(samples: Samples, plan: Plan, targets: Sequence[str]) -> str:
         lines.append(f"{what:<24}" + "".join(f"  {t} {Spread.of(samples[metric][t]).show(num)}" for t in targets))
     lines += ["", "per-op ratios, median [min-max] of the per-round ratios (ops/s: < 1 means slower; "
               "CPU/call: > 1 means more CPU)",
-              f"{'op':<15}{'c':>2}{'ops/s ours/go':>22}{'ops/s go/go':>20}{'CPU ours/go':>20}{'CPU go/go':>20}"]
+              f"{'op':<15}{'c':>2}" + "".join(f"{h:>20}" for h in ("ops/s ours/go", "ops/s go/go'", "CPU ours/go",
+                                                                   "CPU go/go'"))]
     for op, _ in plan.ops:
         for c in CONCURRENCY:
             key = f"{op}/c{c}"
             cells = [ratios(samples[f"{key}/{f}"], a, b) for f in ("ops_per_s", "cpu_us_per_op")
                      for a, b in (("ours", "go"), ("go", "go'"))]
             lines.append(f"{op:<15}{c:>2}" + "".join(f"{s.show(ratio) if s else '-':>20}" for s in cells))
-    for metric in ("rss_mib", "hwm_mib"):
+    for metric, what in (("rss_mib", "RSS ours/go"), ("hwm_mib", "peak RSS ours/go")):
         s = ratios(samples[metric], "ours", "go")
-        lines.append(f"{metric.replace('_mib', ' ours/go'):<17}{s.show(ratio) if s else '-':>22}")
+        lines.append(f"{what:<17}{s.show(ratio) if s else '-':>20}")
     return "\n".join(lines)
 
 
@@ -483,11 +483,11 @@ E2E_ROWS = (
     ("ls100_s", "ctr snapshots ls 100, s"),
     ("ls1000_s", "ctr snapshots ls 1000, s"),
     ("stats_snap_cpu_s_min", "stats: snapshotter CPU-s/min"),
-    ("stats_total_cpu_s_min", "stats: +containerd CPU-s/min"),
+    ("stats_total_cpu_s_min", "stats: containerd+snapshotter CPU-s/min"),
     ("snap_rss_mib", "snapshotter RSS, MiB"),
     ("snap_hwm_mib", "snapshotter peak RSS, MiB"),
     ("ctrd_rss_mib", "containerd RSS, MiB"),
-    ("total_rss_mib", "RSS both, MiB"),
+    ("total_rss_mib", "containerd+snapshotter RSS, MiB"),
 )
 
 
@@ -499,20 +499,20 @@ def render_e2e(samples: Samples, plan: Plan, targets: Sequence[str], env: dict[s
              f"{plan.start_runs}; ls: median of {plan.ls_runs}; stats: real CRI snapshot syncer over "
              f"{plan.stats_containers} created containers, period {STATS_PERIOD} s, {plan.stats_syncs} periods, "
              f"scaled to the default {DEFAULT_STATS_PERIOD} s",
-             f"{'metric':<30}" + "".join(f"{t:>22}" for t in targets)]
+             f"{'metric':<40}" + "".join(f"{t:>22}" for t in targets)]
     for metric, what in E2E_ROWS:
         if metric in samples:
             by = samples[metric]
-            lines.append(f"{what:<30}" + "".join(f"{Spread.of(by[t]).show(num) if t in by else '-':>22}"
+            lines.append(f"{what:<40}" + "".join(f"{Spread.of(by[t]).show(num) if t in by else '-':>22}"
                                                  for t in targets))
     pairs = (("ours", "go"), ("ours", "overlayfs"), ("go", "go'"))
     lines += ["", "end-to-end ratios, median [min-max] of the per-round ratios (> 1 means ours takes longer / "
               "more CPU / more memory)",
-              f"{'metric':<30}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs)]
+              f"{'metric':<40}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs)]
     for metric, what in E2E_ROWS:
         if metric in samples:
             cells = [ratios(samples[metric], a, b) for a, b in pairs]
-            lines.append(f"{what:<30}" + "".join(f"{s.show(ratio) if s else '-':>20}" for s in cells))
+            lines.append(f"{what:<40}" + "".join(f"{s.show(ratio) if s else '-':>20}" for s in cells))
     return "\n".join(lines)
 
 

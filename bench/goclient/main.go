@@ -9,8 +9,9 @@
 // the timed phase and outside the CPU window. List ops must come first, on an empty store: they
 // fill it to exactly 100 or 1000 committed snapshots and check the count on every call.
 //
-// Populate mode (-populate N): creates N committed snapshots labelled containerd.io/gc.root (so
-// containerd's garbage collector keeps them), with -c goroutines, and prints {"created", "seconds"}.
+// Populate mode (-populate N): creates N active snapshots (one Prepare each, no parent) labelled
+// containerd.io/gc.root (so containerd's garbage collector keeps them), with -c goroutines, and
+// prints {"created", "seconds"}.
 // With -namespace the calls carry containerd's namespace header: -address may then be containerd's
 // own socket, -snapshotter naming the snapshotter behind it.
 package main
@@ -134,7 +135,7 @@ func run(o options) error {
 	out := json.NewEncoder(os.Stdout)
 	if o.populate > 0 {
 		start := time.Now()
-		if err := b.fill(o.populate, maxConc, "pop", snapshots.WithLabels(map[string]string{gcRootLabel: "perfbench"})); err != nil {
+		if err := b.populate(o.populate, maxConc); err != nil {
 			return err
 		}
 		return out.Encode(map[string]interface{}{"created": o.populate, "seconds": time.Since(start).Seconds()})
@@ -269,15 +270,22 @@ func (b *bench) key(parts ...interface{}) string {
 }
 
 // committed prepares `name`-active on parent and commits it as `name`.
-func (b *bench) committed(sn snapshots.Snapshotter, name, parent string, opts ...snapshots.Opt) error {
-	if _, err := sn.Prepare(b.ctx, name+"-active", parent, opts...); err != nil {
+func (b *bench) committed(sn snapshots.Snapshotter, name, parent string) error {
+	if _, err := sn.Prepare(b.ctx, name+"-active", parent); err != nil {
 		return err
 	}
-	return sn.Commit(b.ctx, name, name+"-active", opts...)
+	return sn.Commit(b.ctx, name, name+"-active")
 }
 
 // fill creates `count` committed snapshots named after `tag` with `workers` goroutines.
-func (b *bench) fill(count, workers int, tag string, opts ...snapshots.Opt) error {
+func (b *bench) fill(count, workers int, tag string) error {
+	return b.parallel(count, workers, func(sn snapshots.Snapshotter, i int) error {
+		return b.committed(sn, b.key(tag, i), "")
+	})
+}
+
+// parallel calls f for i in [0, count) from `workers` goroutines, goroutine w on connection w.
+func (b *bench) parallel(count, workers int, f func(sn snapshots.Snapshotter, i int) error) error {
 	errs := make([]error, workers)
 	var wg sync.WaitGroup
 	for w := 0; w < workers; w++ {
@@ -285,7 +293,7 @@ func (b *bench) fill(count, workers int, tag string, opts ...snapshots.Opt) erro
 		go func(w int) {
 			defer wg.Done()
 			for i := w; i < count && errs[w] == nil; i += workers {
-				errs[w] = b.committed(b.sns[w], b.key(tag, i), "", opts...)
+				errs[w] = f(b.sns[w], i)
 			}
 		}(w)
 	}
@@ -296,6 +304,15 @@ func (b *bench) fill(count, workers int, tag string, opts ...snapshots.Opt) erro
 		}
 	}
 	return nil
+}
+
+// populate prepares `count` active snapshots labelled gc.root with `workers` goroutines.
+func (b *bench) populate(count, workers int) error {
+	label := snapshots.WithLabels(map[string]string{gcRootLabel: "perfbench"})
+	return b.parallel(count, workers, func(sn snapshots.Snapshotter, i int) error {
+		_, err := sn.Prepare(b.ctx, b.key("pop", i), "", label)
+		return err
+	})
 }
 
 func listOp(size int) op {
