@@ -29,8 +29,9 @@ ceil(N/c)), after untimed fixtures and a warm-up of a tenth of the calls (1 to 5
   chain                10 layers: Prepare on the previous layer, mount (containerd's mount package),
                        write 50 small files, unmount, Commit; the time of a whole chain
 ops/s = calls / wall time of the timed phase; p50/p99 over every call's latency; server CPU per
-call = the daemon's utime+stime (/proc/PID/stat, clock ticks of 10 ms) over the timed phase, divided
-by the calls; then VmRSS and VmHWM (peak) of the daemon after all ops.
+call = the daemon's CPU time over the timed phase, divided by the calls: the sum of its threads'
+run times (/proc/PID/task/TID/schedstat, ns), or, if one of them exited meanwhile, utime+stime
+(/proc/PID/stat, 10 ms ticks; the JSON has both); then VmRSS and VmHWM (peak) of the daemon.
 
 Part 2, end to end (`--only e2e`): a private containerd (addlower.dev.devcontainerd, the one on
 PATH or $ADDLOWER_CONTAINERD_BIN_DIR) per target and round, with its CRI plugin on and CRI's
@@ -48,7 +49,7 @@ clock, around the `ctr` processes:
                        containers; containerd's CRI snapshot syncer then Walks the k8s.io snapshots
                        (through containerd: one Stat per snapshot for a proxy) and calls Usage of
                        each active one, every stats_collect_period, set to 1 s here. After 2 s to
-                       settle, the CPU time (utime+stime) of the snapshotter process and of
+                       settle, the CPU time (as for per-op) of the snapshotter process and of
                        containerd over a window of K periods, /K = CPU per sync, x6 = CPU-s per
                        minute at CRI's default period of 10 s (idle CPU in the window included). For
                        overlayfs the snapshotter is containerd itself: compare the totals.
@@ -64,6 +65,7 @@ Usage: python3 bench/perfbench.py [--quick] [--only per-op|e2e] [--rounds N] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -143,10 +145,29 @@ def rotated(items: Sequence[Target], by: int) -> list[Target]:
 # --- processes and filesystems ----------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads, exited ones included), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+@dataclass(frozen=True)
+class CpuSample:
+    """A process's CPU time at one instant: utime+stime (/proc/PID/stat, clock ticks, exited threads
+    included) and each live thread's run time (/proc/PID/task/TID/schedstat, ns)."""
+
+    stat_s: float
+    threads_ns: dict[str, int]
+
+    @staticmethod
+    def of(pid: int) -> CpuSample:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        threads = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # the thread exited meanwhile
+                threads[task.name] = int((task / "schedstat").read_text().split()[0])
+        return CpuSample((int(fields[11]) + int(fields[12])) / CLK_TCK, threads)
+
+    def until(self, later: CpuSample) -> float:
+        """CPU seconds from this sample to `later`: from the threads' run times unless one of them
+        exited (its time would be lost), else from utime+stime, 10 ms coarse."""
+        if not self.threads_ns.keys() <= later.threads_ns.keys():
+            return later.stat_s - self.stat_s
+        return sum(ns - self.threads_ns.get(tid, 0) for tid, ns in later.threads_ns.items()) / 1e9
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -247,6 +268,8 @@ def per_op_turn(target: Target, fs: Path, plan: Plan, client: Path) -> dict[str,
     figures = {"rss_mib": memory["VmRSS"] / 1024, "hwm_mib": memory["VmHWM"] / 1024}
     for r in results:
         key = f"{r['op']}/c{r['concurrency']}"
+        if r["server_cpu_source"] != "schedstat":
+            log(f"  note: {target.name} {key}: a server thread exited, CPU from /proc/PID/stat (10 ms ticks)")
         figures |= {f"{key}/ops_per_s": r["ops_per_s"], f"{key}/p50_us": r["p50_us"],
                     f"{key}/p99_us": r["p99_us"], f"{key}/cpu_us_per_op": r["server_cpu_us_per_op"]}
     return figures
@@ -371,9 +394,9 @@ def stats_loop(ctrd: PrivateContainerd, images: Images, plan: Plan, fs: Path, sn
         for i in range(plan.stats_containers):
             cri.create_container(pod.id, pod.config, f"c{i}", images.busybox.ref, ["sleep", "3600"])
         time.sleep(2 * STATS_PERIOD)  # the first syncs also take the new snapshots' Usage
-        snap0, ctrd0 = cpu_seconds(snap_pid), cpu_seconds(ctrd_pid)
+        snap0, ctrd0 = CpuSample.of(snap_pid), CpuSample.of(ctrd_pid)
         time.sleep(plan.stats_syncs * STATS_PERIOD)
-        snap, total = cpu_seconds(snap_pid) - snap0, cpu_seconds(ctrd_pid) - ctrd0
+        snap, total = snap0.until(CpuSample.of(snap_pid)), ctrd0.until(CpuSample.of(ctrd_pid))
     finally:
         cri.close()
     scale = 60 / DEFAULT_STATS_PERIOD / plan.stats_syncs  # per sync, then syncs per minute at 10 s
@@ -448,7 +471,7 @@ def summary(samples: Samples, pairs: Sequence[tuple[str, str]]) -> dict:
 
 def render_per_op(samples: Samples, plan: Plan, targets: Sequence[str]) -> str:
     lines = [f"per-op: bench/goclient (containerd's Go proxy client) on each daemon's socket, {plan.rounds} rounds, "
-             "fresh ext4 per target and round; median [min-max] over rounds; CPU from /proc/PID/stat, 10 ms ticks",
+             "fresh ext4 per target and round; median [min-max] over rounds",
              f"{'op':<15}{'c':>2}  {'target':<7}{'ops/s':>22}{'p50 us':>10}{'p99 us':>10}{'server CPU us/call':>26}"]
     for op, _ in plan.ops:
         for c in CONCURRENCY:

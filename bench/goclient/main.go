@@ -4,8 +4,9 @@
 // Bench mode (default): runs the ops given by -ops (name:iterations, in that order) at each
 // concurrency of -c (1,8: one goroutine, then 8, each goroutine on its own gRPC connection) and
 // prints one JSON array: per op and concurrency the timed calls, wall seconds, ops/s, p50/p99
-// latency and the server's CPU seconds (utime+stime of -pid in /proc/PID/stat) over the timed
-// phase. Fixtures and warm-up calls (a tenth of the iterations per goroutine, 1 to 50) run before
+// latency and the server's CPU seconds over the timed phase: the sum over its threads of
+// /proc/PID/task/TID/schedstat's run time (ns), or, if a thread exited meanwhile (its time would be
+// lost), utime+stime of /proc/PID/stat (clock ticks, 10 ms); both are in the output. Fixtures and warm-up calls (a tenth of the iterations per goroutine, 1 to 50) run before
 // the timed phase and outside the CPU window. List ops must come first, on an empty store: they
 // fill it to exactly 100 or 1000 committed snapshots and check the count on every call.
 //
@@ -70,7 +71,16 @@ type result struct {
 	P50Us       float64 `json:"p50_us"`
 	P99Us       float64 `json:"p99_us"`
 	ServerCPUS  float64 `json:"server_cpu_s"`
+	CPUSource   string  `json:"server_cpu_source"` // schedstat or stat
+	StatCPUS    float64 `json:"server_cpu_s_stat"`
 	CPUUsPerOp  float64 `json:"server_cpu_us_per_op"`
+}
+
+// cpuSample is a server's CPU time at one instant: utime+stime in seconds, and the run time in ns
+// of each live thread.
+type cpuSample struct {
+	stat    float64
+	threads map[string]uint64
 }
 
 // step is one timed iteration i of goroutine w.
@@ -204,7 +214,7 @@ func (b *bench) measure(name string, o op, n, c int) (result, error) {
 		}(w)
 	}
 	ready.Wait()
-	cpu0, err := b.serverCPU()
+	cpu0, err := b.sampleCPU()
 	if err != nil {
 		return result{}, err
 	}
@@ -212,7 +222,7 @@ func (b *bench) measure(name string, o op, n, c int) (result, error) {
 	close(begin)
 	done.Wait()
 	wall := time.Since(start)
-	cpu1, err := b.serverCPU()
+	cpu1, err := b.sampleCPU()
 	if err != nil {
 		return result{}, err
 	}
@@ -224,12 +234,13 @@ func (b *bench) measure(name string, o op, n, c int) (result, error) {
 		all = append(all, lat[w]...)
 	}
 	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
-	cpu := cpu1 - cpu0
+	cpu, source := cpuBetween(cpu0, cpu1)
 	return result{
 		Op: name, Concurrency: c, N: len(all), Seconds: wall.Seconds(),
 		OpsPerS: float64(len(all)) / wall.Seconds(),
 		P50Us:   percentile(all, 50), P99Us: percentile(all, 99),
-		ServerCPUS: cpu, CPUUsPerOp: cpu / float64(len(all)) * 1e6,
+		ServerCPUS: cpu, CPUSource: source, StatCPUS: cpu1.stat - cpu0.stat,
+		CPUUsPerOp: cpu / float64(len(all)) * 1e6,
 	}, nil
 }
 
@@ -242,23 +253,60 @@ func percentile(sorted []time.Duration, p float64) float64 {
 	return float64(sorted[rank].Nanoseconds()) / 1e3
 }
 
-// serverCPU is utime+stime of the server process in seconds (0 without -pid).
-func (b *bench) serverCPU() (float64, error) {
+// sampleCPU reads the server's CPU time (zero without -pid).
+func (b *bench) sampleCPU() (cpuSample, error) {
+	s := cpuSample{threads: map[string]uint64{}}
 	if b.opt.pid == 0 {
-		return 0, nil
+		return s, nil
 	}
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", b.opt.pid))
+	proc := fmt.Sprintf("/proc/%d", b.opt.pid)
+	data, err := os.ReadFile(proc + "/stat")
 	if err != nil {
-		return 0, err
+		return s, err
 	}
 	// Fields after the command name (which may hold spaces) start at field 3, state.
 	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
 	utime, err1 := strconv.ParseFloat(fields[11], 64)
 	stime, err2 := strconv.ParseFloat(fields[12], 64)
 	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("cannot parse /proc/%d/stat", b.opt.pid)
+		return s, fmt.Errorf("cannot parse %s/stat", proc)
 	}
-	return (utime + stime) / float64(b.opt.clkTck), nil
+	s.stat = (utime + stime) / float64(b.opt.clkTck)
+	tasks, err := os.ReadDir(proc + "/task")
+	if err != nil {
+		return s, err
+	}
+	for _, t := range tasks {
+		data, err := os.ReadFile(proc + "/task/" + t.Name() + "/schedstat")
+		if err != nil { // the thread exited meanwhile
+			continue
+		}
+		if f := strings.Fields(string(data)); len(f) > 0 {
+			if ns, err := strconv.ParseUint(f[0], 10, 64); err == nil {
+				s.threads[t.Name()] = ns
+			}
+		}
+	}
+	return s, nil
+}
+
+// cpuBetween is the CPU time from a to z: from the threads' run times unless a thread of a is gone
+// in z, else (coarser, but with exited threads) from utime+stime. It says which.
+func cpuBetween(a, z cpuSample) (float64, string) {
+	var ns uint64
+	for tid, before := range a.threads {
+		after, ok := z.threads[tid]
+		if !ok {
+			return z.stat - a.stat, "stat"
+		}
+		ns += after - before
+	}
+	for tid, after := range z.threads {
+		if _, ok := a.threads[tid]; !ok {
+			ns += after
+		}
+	}
+	return float64(ns) / 1e9, "schedstat"
 }
 
 func (b *bench) key(parts ...interface{}) string {
