@@ -7,21 +7,25 @@ go/go' ratios show the run's noise; they should be near 1.0). The end-to-end par
 containerd's built-in snapshotter. Every target gets, in every round, a filesystem of its own made
 for it: a sparse file under the run's dir in /tmp, `mkfs.ext4 -i 8192 -E lazy_itable_init=0,
 lazy_journal_init=0` (no background inode-table init during the measurements), loop-mounted,
-holding the snapshotter's root and, end to end, containerd's root and state too; it is unmounted
-and deleted after that target's turn (a long-used disk's allocator slowed containerd's import 1.4-3x).
-Each round runs every target once, one after the other, the order rotating by one each round, so
-drift (other load, page cache) spreads over all targets. Figures are the median over the rounds,
-with [min-max]; ratios are computed per round (targets paired within a round), then their median
-and [min-max] are shown.
+holding the snapshotter's root and, end to end, containerd's root and state too; unmounted and
+deleted once the target's turn (per-op: the round) is over. (On a long-used disk, ext4's allocator
+made containerd's import 1.4-3x slower.)
+In each round every target takes its turn, the order rotating from round to round (per-op: from op
+to op too), so drift (other load, page cache) spreads over all targets. Figures are the median over
+the rounds, with [min-max]; ratios are computed per round (targets paired within a round), then
+their median and [min-max] are shown.
 
 Part 1, per-op (`--only per-op`): bench/goclient, a Go program using containerd's own Snapshots
 proxy client (github.com/containerd/containerd/snapshots/proxy over a gRPC unix socket), is built
 at run time into the run's dir from Debian's golang-go and golang-github-containerd-containerd-dev
 (GOPATH mode, offline). Against each target's socket, directly, it runs each op at concurrency 1
 (one goroutine) and 8 (8 goroutines, each on its own connection), N calls in all (each goroutine
-ceil(N/c)), after untimed fixtures and a warm-up of a tenth of the calls (1 to 50 per goroutine):
-  list-100, list-1000  List (the client's Walk) of the whole store holding exactly 100, then 1000
-                       committed snapshots (run first, on the empty store; count checked each call)
+ceil(N/c)), after untimed fixtures and a warm-up of a tenth of the calls (1 to 50 per goroutine).
+In a round the three daemons run at once, each on its own fresh filesystem, and each op is run on
+every target in turn (a goclient process per op and target), so one op's figures are taken
+seconds apart. The ops, in this order:
+  list-100, list-1000  List (the client's Walk) of the whole store, filled with committed snapshots
+                       to exactly 100, then 1000 (these run first; the count is checked each call)
   stat                 Stat of a committed snapshot
   mounts               Mounts of an active snapshot with 3 committed parents
   prepare-remove       Prepare on a committed parent, then Remove (timed together)
@@ -50,9 +54,10 @@ clock, around the `ctr` processes:
                        (through containerd: one Stat per snapshot for a proxy) and calls Usage of
                        each active one, every stats_collect_period, set to 1 s here. After 2 s to
                        settle, the CPU time (as for per-op) of the snapshotter process and of
-                       containerd over a window of K periods, /K = CPU per sync, x6 = CPU-s per
-                       minute at CRI's default period of 10 s (idle CPU in the window included). For
-                       overlayfs the snapshotter is containerd itself: compare the totals.
+                       containerd over a window of K periods (10; --quick 5); /K = CPU per sync,
+                       x6 = CPU-s per minute at CRI's default period of 10 s (idle CPU in the
+                       window included). For overlayfs the snapshotter is containerd itself:
+                       compare the totals.
   RSS                  VmRSS and VmHWM of the snapshotter and of containerd at the end of the round.
 
 Needs root, mount, mkfs.ext4 (e2fsprogs), containerd, ctr, runc, go and the Go original
@@ -135,6 +140,10 @@ class Target:
     @property
     def snapshotter(self) -> str:
         return PLUGIN_NAME if self.command else BUILTIN
+
+
+Figures = dict[str, dict[str, float]]  # one round: target -> metric -> value
+Samples = dict[str, dict[str, list[float]]]  # metric -> target -> one value per round
 
 
 def rotated(items: Sequence[Target], by: int) -> list[Target]:
@@ -254,24 +263,37 @@ def goclient(binary: Path, *args: str) -> object:
 # --- per-op -----------------------------------------------------------------------------------
 
 
-def per_op_turn(target: Target, fs: Path, plan: Plan, client: Path) -> dict[str, float]:
-    """One target's turn in a round: a fresh daemon on `fs`, every op at each concurrency."""
-    assert target.command
-    with running(SnapshotterProcess(fs / "root", command=target.command)) as daemon:
-        assert daemon.proc is not None
-        (fs / "mnt").mkdir()
-        results = goclient(client, "-address", str(daemon.socket), "-pid", str(daemon.proc.pid),
-                           "-clk-tck", str(CLK_TCK), "-workdir", str(fs / "mnt"), "-prefix", "pb",
-                           "-ops", ",".join(f"{op}:{n}" for op, n in plan.ops),
-                           "-c", ",".join(map(str, CONCURRENCY)))
-        memory = memory_kib(daemon.proc.pid)
-    figures = {"rss_mib": memory["VmRSS"] / 1024, "hwm_mib": memory["VmHWM"] / 1024}
-    for r in results:
-        key = f"{r['op']}/c{r['concurrency']}"
-        if r["server_cpu_source"] != "schedstat":
-            log(f"  note: {target.name} {key}: a server thread exited, CPU from /proc/PID/stat (10 ms ticks)")
-        figures |= {f"{key}/ops_per_s": r["ops_per_s"], f"{key}/p50_us": r["p50_us"],
-                    f"{key}/p99_us": r["p99_us"], f"{key}/cpu_us_per_op": r["server_cpu_us_per_op"]}
+def per_op_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, client: Path) -> Figures:
+    """Round r of part 1: every target's daemon up at once, each on a fresh filesystem of its own;
+    then op by op (each at every concurrency) every target in turn, the order rotating with the op
+    and the round, so the targets' figures for one op are taken seconds apart."""
+    figures: Figures = {t.name: {} for t in targets}
+    with ExitStack() as stack:
+        daemons = {}
+        for t in targets:
+            assert t.command
+            fs = stack.enter_context(fresh_fs(work / fs_name("per-op", r, t), FS_SIZE["per-op"], work / "failed-logs"))
+            (fs / "mnt").mkdir()
+            daemons[t.name] = stack.enter_context(running(SnapshotterProcess(fs / "root", command=t.command))), fs
+        for i, (op, n) in enumerate(plan.ops):
+            for t in rotated(targets, r + i):
+                daemon, fs = daemons[t.name]
+                assert daemon.proc is not None
+                results = goclient(client, "-address", str(daemon.socket), "-pid", str(daemon.proc.pid),
+                                   "-clk-tck", str(CLK_TCK), "-workdir", str(fs / "mnt"), "-prefix", "pb",
+                                   "-ops", f"{op}:{n}", "-c", ",".join(map(str, CONCURRENCY)))
+                for res in results:
+                    key = f"{res['op']}/c{res['concurrency']}"
+                    if res["server_cpu_source"] != "schedstat":
+                        log(f"  note: {t.name} {key}: a server thread exited, CPU from /proc/PID/stat (10 ms ticks)")
+                    figures[t.name] |= {f"{key}/ops_per_s": res["ops_per_s"], f"{key}/p50_us": res["p50_us"],
+                                        f"{key}/p99_us": res["p99_us"],
+                                        f"{key}/cpu_us_per_op": res["server_cpu_us_per_op"]}
+        for t in targets:
+            daemon, _ = daemons[t.name]
+            assert daemon.proc is not None
+            memory = memory_kib(daemon.proc.pid)
+            figures[t.name] |= {"rss_mib": memory["VmRSS"] / 1024, "hwm_mib": memory["VmHWM"] / 1024}
     return figures
 
 
@@ -409,21 +431,31 @@ def stats_loop(ctrd: PrivateContainerd, images: Images, plan: Plan, fs: Path, sn
 # --- the run ----------------------------------------------------------------------------------
 
 
-Samples = dict[str, dict[str, list[float]]]  # metric -> target -> one value per round
+
+def e2e_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, images: Images, client: Path) -> Figures:
+    """Round r of part 2: one target after the other (order rotating with the round), each with a
+    fresh filesystem, containerd and daemon of its own, torn down before the next starts."""
+    figures: Figures = {}
+    for t in rotated(targets, r):
+        started = time.monotonic()
+        with fresh_fs(work / fs_name("e2e", r, t), FS_SIZE["e2e"], work / "failed-logs") as fs:
+            figures[t.name] = e2e_turn(t, fs, plan, images, client)
+        log(f"  e2e round {r + 1}/{plan.rounds} {t.name}: {time.monotonic() - started:.0f} s")
+    return figures
 
 
-def run_part(part: str, targets: Sequence[Target], plan: Plan, work: Path,
-             turn: Callable[[Target, Path], dict[str, float]]) -> Samples:
+def fs_name(part: str, r: int, target: Target) -> str:
+    return f"{part}-r{r + 1}-{target.name.replace(chr(39), '2')}"
+
+
+def run_rounds(part: str, plan: Plan, one_round: Callable[[int], Figures]) -> Samples:
     samples: Samples = {}
     for r in range(plan.rounds):
-        for target in rotated(targets, r):
-            started = time.monotonic()
-            fs_name = f"{part}-r{r + 1}-{target.name.replace(chr(39), '2')}"
-            with fresh_fs(work / fs_name, FS_SIZE[part], work / "failed-logs") as fs:
-                figures = turn(target, fs)
+        started = time.monotonic()
+        for target, figures in one_round(r).items():
             for metric, value in figures.items():
-                samples.setdefault(metric, {}).setdefault(target.name, []).append(value)
-            log(f"  {part} round {r + 1}/{plan.rounds} {target.name}: {time.monotonic() - started:.0f} s")
+                samples.setdefault(metric, {}).setdefault(target, []).append(value)
+        log(f"{part} round {r + 1}/{plan.rounds}: {time.monotonic() - started:.0f} s")
     return samples
 
 
@@ -581,14 +613,14 @@ def main() -> int:
         client = build_goclient(work / "goclient")
         if args.only in (None, "per-op"):
             targets = (ours, go, go2)
-            samples = run_part("per-op", targets, plan, work, lambda t, fs: per_op_turn(t, fs, plan, client))
+            samples = run_rounds("per-op", plan, lambda r: per_op_round(r, targets, plan, work, client))
             out["per_op"] = {"samples": samples, "summary": summary(samples, (("ours", "go"), ("go", "go'")))}
             text += ["", render_per_op(samples, plan, [t.name for t in targets])]
         if args.only in (None, "e2e"):
             log("building the images ...")
             images = build_images(work / "images")
             targets = (ours, go, go2, Target("overlayfs", None))
-            samples = run_part("e2e", targets, plan, work, lambda t, fs: e2e_turn(t, fs, plan, images, client))
+            samples = run_rounds("e2e", plan, lambda r: e2e_round(r, targets, plan, work, images, client))
             out["e2e"] = {"samples": samples, "summary": summary(
                 samples, (("ours", "go"), ("ours", "overlayfs"), ("go", "go'")))}
             text += ["", render_e2e(samples, plan, [t.name for t in targets], env)]
