@@ -62,7 +62,7 @@ clock, around the `ctr` processes:
 
 Needs root, mount, mkfs.ext4 (e2fsprogs), containerd, ctr, runc, go and the Go original
 (bash /work/shared/peers/seedsnap/build.sh). --quick: 2 rounds, a tenth of the calls, shorter
-windows (about 5 min); the default: 5 rounds (about 25 min on 2 CPUs).
+windows (about 4 min); the default: 5 rounds (about 14 min on 2 busy CPUs).
 
 Usage: python3 bench/perfbench.py [--quick] [--only per-op|e2e] [--rounds N] [--json OUT] [--go-bin PATH]
 """
@@ -79,6 +79,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -200,27 +201,31 @@ def fresh_fs(mountpoint: Path, size: int, keep_logs: Path) -> Iterator[Path]:
     """A new ext4 on a sparse loop file beside `mountpoint`, mounted there; unmounted and deleted
     afterwards. If the block fails, the logs on it are copied to `keep_logs` first."""
     image = mountpoint.with_name(mountpoint.name + ".ext4")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "8192", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                    str(image)], check=True)
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    mounted = False
     try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "8192", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(image)], check=True)
+        mountpoint.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+        mounted = True
         yield mountpoint
     except BaseException:
-        for log in mountpoint.rglob("*.log"):
+        for log in mountpoint.rglob("*.log") if mounted else ():
             if log.is_file() and "pod-logs" not in log.parts:
                 dest = keep_logs / mountpoint.name / log.relative_to(mountpoint)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(log, dest)
         raise
     finally:
-        unmount_under(mountpoint)
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mountpoint)], check=True)
-        image.unlink()
-        mountpoint.rmdir()
+        if mounted:
+            unmount_under(mountpoint)
+            if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+        image.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            mountpoint.rmdir()
 
 
 @contextmanager
@@ -237,7 +242,8 @@ class BenchContainerd(PrivateContainerd):
 
     def config(self) -> str:
         doc = tomlkit.parse(super().config())
-        table = ctrdconfig.cri_images_table(3) if self.config_version >= 3 else ("plugins", ctrdconfig.CRI_SERVICE)
+        version = self.config_version  # the setting moved to CRI's images plugin in 2.0
+        table = ctrdconfig.cri_images_table(version) if version >= 3 else ("plugins", ctrdconfig.CRI_SERVICE)
         ctrdconfig.set_path(doc, table, "stats_collect_period", STATS_PERIOD)
         return tomlkit.dumps(doc)
 
@@ -305,6 +311,7 @@ class Images:
     workload: ociimage.OciImage
     busybox: ociimage.OciImage
     pause: ociimage.OciImage
+    summary: str  # what the workload image holds
 
 
 def workload_layers(files_per_layer: Sequence[int], seed: int = 14) -> list[list[ociimage.Entry]]:
@@ -342,12 +349,16 @@ def workload_layers(files_per_layer: Sequence[int], seed: int = 14) -> list[list
 
 
 def build_images(out: Path) -> Images:
-    return Images(
-        workload=ociimage.build_busybox_image(out / "workload.tar", ref=WORKLOAD_REF, cmd=("/bin/true",),
-                                              extra_layers=workload_layers(WORKLOAD_LAYERS)),
-        busybox=ociimage.build_busybox_image(out / "busybox.tar"),
-        pause=ociimage.build_pause_image(out / "pause.tar"),
-    )
+    layers = workload_layers(WORKLOAD_LAYERS)
+    workload = ociimage.build_busybox_image(out / "workload.tar", ref=WORKLOAD_REF, cmd=("/bin/true",),
+                                            extra_layers=layers)
+    entries = [e for layer in layers for e in layer]
+    count = {kind: sum(e.type == kind for e in entries) for kind in (tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE)}
+    summary = (f"busybox + {len(layers)} layers: {count[tarfile.REGTYPE]} files, {count[tarfile.SYMTYPE]} symlinks, "
+               f"{count[tarfile.DIRTYPE]} dirs, {sum(len(e.data) for e in entries) >> 20} MiB "
+               f"({workload.path.stat().st_size >> 20} MiB as the tar of gzipped layers)")
+    return Images(workload, ociimage.build_busybox_image(out / "busybox.tar"),
+                  ociimage.build_pause_image(out / "pause.tar"), summary)
 
 
 def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path) -> dict[str, float]:
@@ -428,10 +439,6 @@ def stats_loop(ctrd: PrivateContainerd, images: Images, plan: Plan, fs: Path, sn
     return {"stats_total_cpu_s_min": total * scale}
 
 
-# --- the run ----------------------------------------------------------------------------------
-
-
-
 def e2e_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, images: Images, client: Path) -> Figures:
     """Round r of part 2: one target after the other (order rotating with the round), each with a
     fresh filesystem, containerd and daemon of its own, torn down before the next starts."""
@@ -442,6 +449,9 @@ def e2e_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, images:
             figures[t.name] = e2e_turn(t, fs, plan, images, client)
         log(f"  e2e round {r + 1}/{plan.rounds} {t.name}: {time.monotonic() - started:.0f} s")
     return figures
+
+
+# --- the run ----------------------------------------------------------------------------------
 
 
 def fs_name(part: str, r: int, target: Target) -> str:
@@ -546,12 +556,12 @@ E2E_ROWS = (
 )
 
 
-def render_e2e(samples: Samples, plan: Plan, targets: Sequence[str], env: dict[str, str]) -> str:
-    files = sum(WORKLOAD_LAYERS)
+def render_e2e(samples: Samples, plan: Plan, targets: Sequence[str], env: dict[str, str], image: str) -> str:
     lines = [f"end to end through containerd {env['containerd']} (CRI on), {plan.rounds} rounds, fresh ext4 per "
              "target and round; median [min-max]",
-             f"image: busybox + {len(WORKLOAD_LAYERS)} layers, {files} files; ctr run: /bin/true, median of "
-             f"{plan.start_runs}; ls: median of {plan.ls_runs}; stats: real CRI snapshot syncer over "
+             f"image: {image}",
+             f"ctr run: /bin/true, median of {plan.start_runs}; ls: median of {plan.ls_runs}; "
+             "stats: real CRI snapshot syncer over "
              f"{plan.stats_containers} created containers, period {STATS_PERIOD} s, {plan.stats_syncs} periods, "
              f"scaled to the default {DEFAULT_STATS_PERIOD} s",
              f"{'metric':<40}" + "".join(f"{t:>22}" for t in targets)]
@@ -585,7 +595,7 @@ def loadavg() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds, a tenth of the calls (about 5 min)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, a tenth of the calls (about 4 min)")
     parser.add_argument("--only", choices=("per-op", "e2e"), help="run one part only")
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
@@ -621,9 +631,9 @@ def main() -> int:
             images = build_images(work / "images")
             targets = (ours, go, go2, Target("overlayfs", None))
             samples = run_rounds("e2e", plan, lambda r: e2e_round(r, targets, plan, work, images, client))
-            out["e2e"] = {"samples": samples, "summary": summary(
+            out["e2e"] = {"image": images.summary, "samples": samples, "summary": summary(
                 samples, (("ours", "go"), ("ours", "overlayfs"), ("go", "go'")))}
-            text += ["", render_e2e(samples, plan, [t.name for t in targets], env)]
+            text += ["", render_e2e(samples, plan, [t.name for t in targets], env, images.summary)]
     except BaseException:
         log(f"failed; logs of the failed turn, if any, are in {work / 'failed-logs'}")
         raise

@@ -4,16 +4,18 @@
 // Bench mode (default): runs the ops given by -ops (name:iterations, in that order) at each
 // concurrency of -c (1,8: one goroutine, then 8, each goroutine on its own gRPC connection) and
 // prints one JSON array: per op and concurrency the timed calls, wall seconds, ops/s, p50/p99
-// latency and the server's CPU seconds over the timed phase: the sum over its threads of
-// /proc/PID/task/TID/schedstat's run time (ns), or, if a thread exited meanwhile (its time would be
-// lost), utime+stime of /proc/PID/stat (clock ticks, 10 ms); both are in the output. Fixtures and warm-up calls (a tenth of the iterations per goroutine, 1 to 50) run before
-// the timed phase and outside the CPU window. The list ops fill the store to exactly 100 or 1000
-// snapshots with committed ones and check the count on every call: run them first, before the
-// other ops add theirs.
+// latency and the server's CPU seconds over the timed phase. That CPU time is the sum over the
+// server's threads of their run time in /proc/PID/task/TID/schedstat (ns) or, if a thread exited
+// meanwhile (its time would be lost), utime+stime of /proc/PID/stat (clock ticks, 10 ms); both are
+// in the output. Fixtures and warm-up calls (a tenth of the iterations per goroutine, 1 to 50) run
+// before the timed phase and outside the CPU window. The list ops fill the store to exactly 100 or
+// 1000 snapshots with committed ones and check the count on every call: run them first, before
+// the other ops add theirs.
 //
 // Populate mode (-populate N): creates N active snapshots (one Prepare each, no parent) labelled
 // containerd.io/gc.root (so containerd's garbage collector keeps them), with -c goroutines, and
 // prints {"created", "seconds"}.
+//
 // With -namespace the calls carry containerd's namespace header: -address may then be containerd's
 // own socket, -snapshotter naming the snapshotter behind it.
 package main
