@@ -3,9 +3,11 @@
 Why not grpcio's server: its per-call cost in Python (completion-queue polling, a thread hop per
 call, GIL hand-offs) made Stat and Mounts about half as fast as the Go original, and CRI stats
 every snapshot every 10 s; grpcio's asyncio server and grpclib measured slower still. Here one
-asyncio loop parses frames, runs quick handlers inline and sends blocking ones to bounded thread
-pools. HPACK decoding is the `hpack` library's; responses use literal header fields without
-indexing, so no encoder state is kept. Scope: what gRPC clients (grpc-go in containerd, grpcio)
+asyncio loop (uvloop's, in the daemon) parses frames in place, runs quick handlers inline and
+sends blocking ones to bounded thread pools. HPACK decoding is the `hpack` library's, and a header
+block made only of indexed fields (what a client sends again and again) is decoded once per
+table state; responses use literal header fields without indexing, so no encoder state is kept,
+and a unary answer goes out as one write. Scope: what gRPC clients (grpc-go in containerd, grpcio)
 send to a unix socket: no TLS, no compression, no server push.
 
 Hand-written, so it guards what a peer sends the way python-hyper's h2 does: every length,
