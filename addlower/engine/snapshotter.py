@@ -302,6 +302,15 @@ class Snapshotter:
                 metrics.LOWERS_RESOLVED.inc(request.metric)
         return mounts
 
+    def plain(self, key: str) -> Info | None:
+        """The Info of `key` when its mounts follow from the store alone (no extra lowers asked
+        for, no pod to look up): they stay what they are as long as that Info lives."""
+        with self.store.read() as reader:
+            _, info, _ = reader.get_info(key)
+        if info.kind not in (Kind.ACTIVE, Kind.VIEW) or EXTRA_LOWERS_LABEL in info.labels or self._held_for_pods(key):
+            return None
+        return info
+
     def _pod_lowers(self, key: str, snap: Snapshot) -> Request:
         """A CRI-namespace snapshot's lowers: held to its pod's namespace, found through containerd
         until POD_LABEL records it; none while no pod is known."""

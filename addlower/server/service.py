@@ -88,6 +88,7 @@ class SnapshotsService:
     def __init__(self, snapshotter: Snapshotter):
         self.sn = snapshotter
         self.infos = InfoCache()
+        self.plain_mounts: weakref.WeakKeyDictionary[Info, bytes] = weakref.WeakKeyDictionary()
 
     # Prepare, View and Mounts run on the loop, unless they have host dirs to open: then in the
     # blocking pool (Offload), where a hung filesystem under an allowed root stalls only them.
@@ -102,9 +103,18 @@ class SnapshotsService:
         mounts = self._offloading(lambda quick: self.sn.view(request.key, request.parent, labels, quick))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
-    def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse:
-        mounts = self._offloading(lambda quick: self.sn.mounts(request.key, quick))
-        return pb.MountsResponse(mounts=mounts_to_pb(mounts))
+    def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse | bytes:
+        """Serialized once for a snapshot whose mounts follow from the store alone (kept as long
+        as its Info lives); computed each time for one with extra lowers, which are checked again."""
+        info = self.sn.plain(request.key)
+        data = self.plain_mounts.get(info) if info is not None else None
+        if data is None:
+            mounts = self._offloading(lambda quick: self.sn.mounts(request.key, quick))
+            reply = pb.MountsResponse(mounts=mounts_to_pb(mounts))
+            if info is None:
+                return reply
+            data = self.plain_mounts[info] = reply.SerializeToString()
+        return data
 
     @staticmethod
     def _offloading(call: Callable[[bool], Any]) -> Any:

@@ -433,3 +433,17 @@ def test_usage_and_commit_of_a_big_upper_dir_count_every_inode(client: Snapshots
     assert client.usage("big").inodes == QUICK_WALK_INODES + 11  # the files and the dir itself
     client.commit("big-done", "big")
     assert client.usage("big-done").inodes == QUICK_WALK_INODES + 11
+
+
+def test_mounts_of_a_key_used_again_are_the_new_snapshots(client: SnapshotsClient):
+    """Mounts replies are kept per snapshot, not per key: a key removed and prepared again (a new
+    id, another parent) answers with its new dirs."""
+    client.prepare("a")
+    client.commit("base", "a")
+    client.prepare("k")
+    first = client.mounts("k")[0].source
+    client.remove("k")
+    client.prepare("k", "base")
+    (m,) = client.mounts("k")
+    assert m.type == "overlay" and first not in ",".join(m.options)
+    assert client.mounts("k") == [m]
