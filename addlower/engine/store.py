@@ -145,10 +145,10 @@ class Reader:
     def __init__(self, mirror: _Mirror):
         self._m = mirror
 
-    def _get(self, key: str) -> Record:
+    def _get(self, key: str, what: str = "snapshot") -> Record:
         rec = self._m.by_key.get(key)
         if rec is None:
-            raise NotFound(f"snapshot {key!r} does not exist")
+            raise NotFound(f"{what} {key!r} does not exist")
         return rec
 
     def get_info(self, key: str) -> tuple[int, Info, Usage]:
@@ -200,9 +200,7 @@ class Tx(Reader):
             raise InvalidArgument("snapshot key must not be empty")
         parent_id = None
         if parent:
-            prec = self._m.by_key.get(parent)
-            if prec is None:
-                raise NotFound(f"parent snapshot {parent!r} does not exist")
+            prec = self._get(parent, "parent snapshot")
             if prec.info.kind != Kind.COMMITTED:
                 raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
             parent_id = prec.id
@@ -235,9 +233,7 @@ class Tx(Reader):
             if rec.info.parent:
                 raise InvalidArgument(f"cannot change the parent of active snapshot {key!r} from "
                                       f"{rec.info.parent!r} to {parent!r} on commit")
-            prec = self._m.by_key.get(parent)
-            if prec is None:
-                raise NotFound(f"parent snapshot {parent!r} does not exist")
+            prec = self._get(parent, "parent snapshot")
             if prec.info.kind != Kind.COMMITTED:
                 raise FailedPrecondition(f"parent {parent!r} is {prec.info.kind.label}, not committed")
             parent_id = prec.id
