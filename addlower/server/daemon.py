@@ -81,7 +81,7 @@ class Daemon:
     """The snapshotter and its server; serve() runs until SIGTERM or SIGINT, and applies a
     re-read config (`reread`) on SIGHUP."""
 
-    def __init__(self, config: Config, reread: Callable[[], Config] = lambda: Config()):
+    def __init__(self, config: Config, reread: Callable[[], Config]):
         self.config = config
         self.reread = reread
         try:
@@ -160,7 +160,7 @@ class Daemon:
             pass
 
 
-def run(config: Config, reread: Callable[[], Config] = lambda: Config()) -> int:
+def run(config: Config, reread: Callable[[], Config]) -> int:
     """Serve until SIGTERM or SIGINT, re-reading the config with `reread` on SIGHUP; returns the
     process exit code."""
     os.umask(0o022)  # dirs made for missing lowers are 0755, whatever umask started the daemon
