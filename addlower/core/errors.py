@@ -32,6 +32,13 @@ class FailedPrecondition(SnapshotError):
     code = Code.FAILED_PRECONDITION
 
 
+class ResourceExhausted(SnapshotError):
+    """A node-wide budget is spent, or the root's filesystem is full: nothing the caller can fix by
+    asking differently, but removing things frees room."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
 class Unavailable(SnapshotError):
     """A service we depend on (containerd, for Kubernetes pods) did not answer in time."""
 

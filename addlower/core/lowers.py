@@ -227,7 +227,23 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
                                   "with lowers.allowed_roots (or kubernetes.allowed_roots for pods) in the "
                                   "snapshotter's config file")
         dirs.append(Lower(entry, root, target if at else ROOT_TARGET))
+    refuse_nested_targets(dirs, source)
     return tuple(dirs)
+
+
+def refuse_nested_targets(lowers: Sequence[Lower], source: str) -> None:
+    """Refuse targets one of which lies inside another: the outer mount, made after the inner one,
+    hides it (and keeps it busy), or, made before it, has no mountpoint for it. The same target
+    twice is fine: those entries stack into one mount."""
+    first: dict[str, Lower] = {}
+    for lower in lowers:
+        if lower.target != ROOT_TARGET:
+            first.setdefault(lower.target, lower)
+    for outer, a in first.items():
+        for inner, b in first.items():
+            if inner != outer and is_within(inner, outer):
+                raise InvalidArgument(f"{source}: entry {b.shown} at {inner!r} lies inside entry {a.shown} at "
+                                      f"{outer!r}: targets must not nest; mount them side by side")
 
 
 def compact_lowerdirs(options: Sequence[str]) -> tuple[list[str], str | None]:

@@ -7,6 +7,7 @@ metadata or gRPC.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -14,9 +15,11 @@ import os
 import re
 import platform
 import stat
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 DT_UNKNOWN = 0
 
@@ -35,28 +38,36 @@ class _Dirent(ctypes.Structure):
 def supports_dtype(directory: Path) -> bool:
     """Whether the filesystem under `directory` fills in d_type, which overlayfs requires.
 
-    Python's scandir hides d_type, so this reads the directory through libc's readdir.
+    Python's scandir hides d_type, so this reads directories through libc's readdir: `directory`
+    itself when it has entries (a full disk must not stop a restart), else a probe made in it.
     """
+    if any(True for _ in os.scandir(directory)):
+        return _dtype_known(directory)
+    with tempfile.TemporaryDirectory(dir=directory, prefix="d_type-check-") as tmp:
+        Path(tmp, "probe").touch()
+        return _dtype_known(Path(tmp))
+
+
+def _dtype_known(directory: Path) -> bool:
+    """Whether readdir gives the first entry of `directory` (other than . and ..) a d_type."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.opendir.restype = ctypes.c_void_p
     libc.opendir.argtypes = [ctypes.c_char_p]
     libc.readdir.restype = ctypes.POINTER(_Dirent)
     libc.readdir.argtypes = [ctypes.c_void_p]
     libc.closedir.argtypes = [ctypes.c_void_p]
-    with tempfile.TemporaryDirectory(dir=directory, prefix="d_type-check-") as tmp:
-        Path(tmp, "probe").touch()
-        handle = libc.opendir(tmp.encode())
-        if not handle:
-            raise OSError(ctypes.get_errno(), f"opendir {tmp}")
-        try:
-            while True:
-                entry = libc.readdir(handle)
-                if not entry:
-                    return False
-                if entry.contents.d_name == b"probe":
-                    return entry.contents.d_type != DT_UNKNOWN
-        finally:
-            libc.closedir(handle)
+    handle = libc.opendir(os.fsencode(directory))
+    if not handle:
+        raise OSError(ctypes.get_errno(), f"opendir {directory}")
+    try:
+        while True:
+            entry = libc.readdir(handle)
+            if not entry:
+                return False
+            if entry.contents.d_name not in (b".", b".."):
+                return entry.contents.d_type != DT_UNKNOWN
+    finally:
+        libc.closedir(handle)
 
 
 def _kernel_at_least(major: int, minor: int) -> bool:
@@ -117,6 +128,75 @@ def disk_usage(root: Path, max_inodes: int | None = None) -> Usage | None:
     return Usage(size=size, inodes=len(seen))
 
 
+# What a filesystem says when it is full: no blocks, no inodes, or the user's quota.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class Space:
+    """Free room on a filesystem, as an unprivileged writer sees it, and where it is mounted."""
+
+    mount_point: str
+    free_bytes: int
+    free_inodes: int
+
+
+def space(path: Path) -> Space:
+    """The free room on `path`'s filesystem, and its mount point (the topmost dir on the same
+    device: bind mounts of the same filesystem end it too, so it is where `path` is mounted)."""
+    st = os.statvfs(path)
+    point = os.path.abspath(path)
+    dev = os.stat(point).st_dev
+    while point != "/" and os.stat(os.path.dirname(point)).st_dev == dev:
+        point = os.path.dirname(point)
+    return Space(point, st.f_bavail * st.f_frsize, st.f_favail)
+
+
+class Reserve:
+    """Room kept back on the root's filesystem, as a file of `size` bytes: when the filesystem is
+    full, deleting it lets the database write the deletion of rows (SQLite appends to its WAL even
+    to delete), so containers can still be removed and space freed through containerd."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = path
+        self.size = size
+        self.kept = False
+
+    def keep(self) -> bool:
+        """Make the file if it is missing; False when the filesystem has no room for it."""
+        try:
+            if os.stat(self.path).st_blocks * 512 >= self.size:
+                self.kept = True
+                return True
+        except FileNotFoundError:
+            pass
+        part = self.path.with_name(f"{self.path.name}.new")
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+            os.rename(part, self.path)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+            if exc.errno in NO_SPACE:
+                return False
+            raise
+        self.kept = True
+        return True
+
+    def release(self) -> bool:
+        """Give the room back to the filesystem; False when there was none kept."""
+        self.kept = False
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            return False
+        return True
+
+
 def mount_points() -> list[str]:
     """Every mount point this process sees, from /proc/self/mountinfo (which escapes space, tab,
     newline and backslash in octal)."""
@@ -124,37 +204,86 @@ def mount_points() -> list[str]:
         return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in f]
 
 
+def mounts_inside(top: str, names: Iterable[str]) -> dict[str, list[str]]:
+    """The mount points inside each of the dirs `top`/<name>, from one read of the mount table:
+    linear in the table and the names, however many there are."""
+    wanted = set(names)
+    prefix = top.rstrip("/") + "/"
+    inside: dict[str, list[str]] = {}
+    for point in mount_points():
+        if point.startswith(prefix):
+            name = point[len(prefix):].partition("/")[0]
+            if name in wanted:
+                inside.setdefault(name, []).append(point)
+    return inside
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree; a tree that is already gone is fine (Cleanup retries the rest).
 
-    Refuses (EBUSY) a tree with anything mounted in it: a walk through a mount would delete what
-    the mount shows, a host dir for all it knows."""
-    inside = [m for m in mount_points() if m == str(path) or m.startswith(f"{path}/")]
-    if inside:
-        raise OSError(errno.EBUSY, f"{len(inside)} mount(s) inside, such as {inside[0]}: not removing it", str(path))
+    Never crosses into a mount (a host dir, for all it knows): each dir's mount is checked as it
+    is opened, so one mounted after any look at the mount table stops the removal too (EBUSY),
+    with what lies on the tree's own mount partly removed."""
     try:
         top = os.open(path, _O_TREE)
     except FileNotFoundError:
         return
     try:
-        _remove_contents(top)
+        parent = os.open(path.parent, _O_TREE)
+        try:
+            own = mount_id(parent)
+        finally:
+            os.close(parent)
+        _remove_contents(top, own, str(path))
     finally:
         os.close(top)
     os.rmdir(path)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+_STATX_MNT_ID = 0x1000
+_AT_EMPTY_PATH = 0x1000
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_SIZE = 256  # struct statx
+_STATX_MASK_AT, _STATX_MNT_ID_AT = 0, 144  # offsets of stx_mask and stx_mnt_id
+
+
+def mount_id(fd: int) -> tuple[int, int]:
+    """Which mount the file open at `fd` is on: (1, mount id) from statx (Linux 5.8+), else
+    (0, st_dev), which tells apart mounts of other filesystems only."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID, buf) == 0:
+        mask, = struct.unpack_from("<I", buf, _STATX_MASK_AT)
+        if mask & _STATX_MNT_ID:
+            return 1, struct.unpack_from("<Q", buf, _STATX_MNT_ID_AT)[0]
+    return 0, os.fstat(fd).st_dev
 
 
 # A directory of a tree being removed: never through a symlink a container may have put there.
 _O_TREE = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _remove_contents(top: int) -> None:
+def _remove_contents(top: int, mount: tuple[int, int], shown: str) -> None:
     """Empty the directory open at `top`, depth first with an explicit stack and every step
     relative to its parent's fd: a container can make its upper dir as deep as it likes
-    (shutil.rmtree recurses on Python 3.11), and can swap dirs for symlinks meanwhile."""
+    (shutil.rmtree recurses on Python 3.11), and can swap dirs for symlinks meanwhile. Every dir
+    must be on `mount`."""
     stack: list[tuple[int, list[str] | None, str]] = [(top, None, "")]  # (fd, subdirs left, name)
+    try:
+        _remove_stack(stack, mount, shown)
+    finally:
+        for fd, _, _ in stack[1:]:  # the fds below the top that an error left open
+            os.close(fd)
+
+
+def _remove_stack(stack: list[tuple[int, list[str] | None, str]], mount: tuple[int, int], shown: str) -> None:
     while stack:
         fd, pending, name = stack[-1]
         if pending is None:
+            if mount_id(fd) != mount:
+                path = "/".join(n for _, _, n in stack if n)
+                raise OSError(errno.EBUSY, f"{path or 'it'} is a mount point: not removing it", shown)
             pending = []
             with os.scandir(fd) as entries:
                 for entry in entries:

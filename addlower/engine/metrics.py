@@ -120,6 +120,7 @@ class StoreView:
     counts: Callable[[], dict[str, int]]  # snapshots by kind
     lowers: Callable[[], list[str]]  # the extra lowers label of each active snapshot that has one
     db: Path
+    root: Path  # the snapshotter's root: its filesystem's free room
 
 
 def lower_users(values: Iterable[str]) -> dict[str, int]:
@@ -161,6 +162,11 @@ class StoreCollector:
         db = self._view.db
         size = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
         yield core.GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)
+        room = os.statvfs(self._view.root)
+        yield core.GaugeMetricFamily("addlower_root_free_bytes", "Bytes free (to unprivileged writers) on the "
+                                     "root's filesystem.", value=room.f_bavail * room.f_frsize)
+        yield core.GaugeMetricFamily("addlower_root_free_inodes", "Inodes free (to unprivileged writers) on the "
+                                     "root's filesystem.", value=room.f_favail)
 
 
 def serve(address: str, calls: CallStats, store: StoreView) -> None:

@@ -8,8 +8,11 @@ about gRPC; errors are raised as addlower.core.errors types.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import threading
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -19,7 +22,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 from addlower.engine import fsutil
 from addlower.engine import metrics
 from addlower.core.config import Config, reloaded
-from addlower.core.errors import InvalidArgument, NotFound
+from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from addlower.engine.fsutil import Usage
 from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine.podlookup import PodLowers
@@ -29,14 +32,21 @@ from addlower.engine.ctrdversion import TargetSupport
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 from addlower.engine.pinning import Opened, Pins
-from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, matching, stored_schema_version
+from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = "new-"
 REMOVED_PREFIX = "rm-"
+# The snapshot id a dir under snapshots/ is named after: its own, set aside, or set aside again.
+_DIR_ID = re.compile(rf"(?:{REMOVED_PREFIX})?(\d+)(?:-\d+)?")
 
 LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
+
+# Room kept back on the root's filesystem for deleting rows when it is full (see fsutil.Reserve):
+# SQLite writes a few 4 KiB pages to its WAL per Remove, so this covers thousands.
+RESERVE_NAME = "reserve"
+RESERVE_BYTES = 8 << 20
 
 
 T = TypeVar("T")
@@ -122,10 +132,17 @@ class Snapshotter:
         k8s = config.kubernetes
         self.targets = TargetSupport(config.mount_targets, k8s.containerd_address, k8s.timeout)
         self._refuse_lost_metadata()
-        self.store = MetaStore(root / DB_NAME)
+        self.reserve = fsutil.Reserve(root / RESERVE_NAME, RESERVE_BYTES)
         self.pins = Pins(str(root))
         self.overlay_options = fsutil.overlay_options(config.mount_options)
-        self._set_aside_unrecorded()
+        self._cleaning = threading.Lock()
+        # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
+        # (its -wal and -shm files) and start-up record what it sets aside.
+        self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME), "open the metadata")
+        self._with_reserve(self._set_aside_unrecorded, "start")
+        if not self.reserve.keep():
+            log.warning("the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused "
+                        "until it has", root, RESERVE_BYTES)
 
     def close(self) -> None:
         self.store.close()
@@ -142,6 +159,9 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], quick: bool) -> list[Mount]:
         validate_labels(labels)
+        if not self.reserve.kept and not self.reserve.keep():
+            raise self._no_space(f"no room for a new snapshot while the filesystem cannot hold the reserve kept for "
+                                 f"removals ({RESERVE_BYTES} bytes)")
         self._refuse_reserved(labels, {})
         lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
         if lowers and quick:
@@ -406,6 +426,42 @@ class Snapshotter:
         self.pins.release(sid)  # a committed snapshot has no mounts
 
     def remove(self, key: str) -> None:
+        """Remove `key`; on a full filesystem, again with the reserve's room (new snapshots are
+        refused until a Cleanup or this removal gives the room back)."""
+        self._with_reserve(lambda: self._remove(key), f"remove {key!r}")
+        if not self.reserve.kept:
+            self.reserve.keep()
+
+    def _with_reserve(self, call: Callable[[], T], what: str) -> T:
+        """call(), and once more with the reserve's room when it failed for want of space."""
+        try:
+            return call()
+        except Exception as exc:
+            if not (self._full(exc) and self.reserve.release()):
+                raise
+        log.warning("the filesystem of %s is full: released its reserve (%d bytes) to %s", self.root,
+                    RESERVE_BYTES, what)
+        return call()
+
+    @staticmethod
+    def _full(exc: BaseException) -> bool:
+        return (isinstance(exc, OSError) and exc.errno in fsutil.NO_SPACE) or disk_full(exc)
+
+    def explain(self, exc: BaseException) -> BaseException:
+        """A failure for want of space as RESOURCE_EXHAUSTED naming the filesystem; others as they are."""
+        if not self._full(exc):
+            return exc
+        what = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) and exc.filename else str(exc)
+        return self._no_space(what)
+
+    def _no_space(self, what: str) -> ResourceExhausted:
+        room = fsutil.space(self.root)
+        return ResourceExhausted(
+            f"the filesystem of {self.root} (mounted at {room.mount_point}) is full: {room.free_bytes} bytes and "
+            f"{room.free_inodes} inodes free ({what}); remove containers and images (containerd's Cleanup then "
+            "frees their snapshots) or give it more room")
+
+    def _remove(self, key: str) -> None:
         if self.config.async_remove:
             with self.store.transaction() as tx:
                 sid, _ = tx.remove(key)
@@ -416,6 +472,8 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 sid, _ = tx.remove(key)
                 current, removed = Path(self.layout.dir(sid)), self.snapshots_dir / f"{REMOVED_PREFIX}{sid}"
+                if os.path.lexists(removed):  # a create's leftover of the same id, from before ids were reserved
+                    self._set_aside(removed.name, again=True)
                 os.rename(current, removed)
                 moved = (current, removed)
         except BaseException:
@@ -430,19 +488,31 @@ class Snapshotter:
 
     def cleanup(self) -> list[str]:
         """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
-        snapshots that are gone; returns the names of the directories removed."""
-        with self.store.exclusive() as reader:
-            ids = reader.ids()
-            live = {str(i) for i in ids}
-            doomed = [self._set_aside(e) for e in os.listdir(self.snapshots_dir) if e not in live]
-            self.pins.release_all_but(ids)  # under the lock: creates pin inside their transaction
-        removed = []
-        for name in doomed:
-            try:
-                fsutil.remove_tree(self.snapshots_dir / name)
-                removed.append(name)
-            except Exception as exc:  # left for the next Cleanup, and for the operator to look at
-                log.error("cleanup could not remove %s: %s", self.snapshots_dir / name, exc)
+        snapshots that are gone; returns the names of the directories removed. One at a time: a
+        second Cleanup waits for the first, then finds what is left."""
+        with self._cleaning:
+            with self.store.exclusive() as reader:
+                ids = reader.ids()
+                live = {str(i) for i in ids}
+                doomed = [self._set_aside(e, in_place_when_full=True) for e in os.listdir(self.snapshots_dir)
+                          if e not in live]
+                self.pins.release_all_but(ids)  # under the lock: creates pin inside their transaction
+            # One read of the mount table, after the renames: nobody is handed a set-aside name to
+            # mount on, and remove_tree stops at any mount made since.
+            mounted = fsutil.mounts_inside(str(self.snapshots_dir), doomed) if doomed else {}
+            removed = []
+            for name in doomed:
+                path = self.snapshots_dir / name
+                try:
+                    if name in mounted:
+                        raise OSError(errno.EBUSY, f"{len(mounted[name])} mount(s) inside, such as "
+                                                   f"{mounted[name][0]}: not removing it", str(path))
+                    fsutil.remove_tree(path)
+                    removed.append(name)
+                except Exception as exc:  # left for the next Cleanup, and for the operator to look at
+                    log.error("cleanup could not remove %s: %s", path, exc)
+        if removed and not self.reserve.kept:
+            self.reserve.keep()
         return removed
 
     def _refuse_lost_metadata(self) -> None:
@@ -461,26 +531,38 @@ class Snapshotter:
         """At start-up, undo what a kill between a directory rename and its COMMIT left behind.
 
         A create that died leaves a temp dir or the dir of the one id after the last committed one
-        (creates hold the store's lock, so there is at most one, and the id will be handed out
-        again): set it aside for Cleanup. A synchronous remove that died leaves a live snapshot's
-        dir renamed to rm-<id>: put it back. Dirs of higher ids mean metadata.db is older than
+        (creates hold the store's lock, so there is at most one): set it aside for Cleanup, and
+        reserve its id, so that no later snapshot gets it (and a dir named after it). A synchronous
+        remove that died leaves a live snapshot's dir renamed to rm-<id>: put it back, unless the
+        live dir is there too (a set-aside create of the same id, when ids could be handed out
+        twice): then the rm-<id> is the garbage. Dirs of higher ids mean metadata.db is older than
         snapshots/ (restored from an old copy?): refuse, rather than delete them.
         """
         with self.store.read() as reader:
             last, live = reader.last_id(), reader.ids()
-        ahead = sorted(int(e) for e in os.listdir(self.snapshots_dir) if e.isdigit() and int(e) > last + 1)
+        entries = os.listdir(self.snapshots_dir)
+        ahead = sorted(int(e) for e in entries if e.isdigit() and int(e) > last + 1)
         if ahead:
             raise LostMetadata(
                 f"{self.snapshots_dir} holds directories {ahead[:5]} of ids that {DB_NAME} never handed out "
                 f"(its last is {last}): it is older than the snapshots. Nothing was changed. Restore the "
                 f"{DB_NAME} that belongs to them, or move {self.root} aside and start on an empty root")
-        for entry in os.listdir(self.snapshots_dir):
+        for entry in entries:
             sid = entry.removeprefix(REMOVED_PREFIX)
             if entry.startswith(REMOVED_PREFIX) and sid.isdigit() and int(sid) in live:
-                os.rename(self.snapshots_dir / entry, self.snapshots_dir / sid)
-                log.info("restored directory %s of live snapshot %s", entry, sid)
+                if os.path.lexists(self.layout.dir(sid)):
+                    log.warning("set aside %s as %s: snapshot %s's own directory is there", entry,
+                                self._set_aside(entry, again=True), sid)
+                else:
+                    os.rename(self.snapshots_dir / entry, self.snapshots_dir / sid)
+                    log.info("restored directory %s of live snapshot %s", entry, sid)
             elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
+        named = max((int(m[1]) for m in map(_DIR_ID.fullmatch, entries) if m), default=0)
+        if named > last:
+            with self.store.transaction() as tx:
+                tx.reserve_ids(named)
+            log.info("ids up to %d are taken by directories on disk: new snapshots start above", named)
         for sid in self.pins.release_all_but(live):
             log.info("released the pinned lowers of snapshot %s, which is gone", sid)
         for sid in sorted(live):
@@ -488,12 +570,20 @@ class Snapshotter:
                 log.error("snapshot id %d has no directory %s (lost in a power cut?); remove it "
                           "with ctr snapshots rm and pull its image again", sid, self.layout.upper(sid))
 
-    def _set_aside(self, entry: str) -> str:
-        """Rename snapshots/<entry> to a name no snapshot can take; returns the new name."""
-        if entry.startswith(REMOVED_PREFIX):
+    def _set_aside(self, entry: str, again: bool = False, in_place_when_full: bool = False) -> str:
+        """Rename snapshots/<entry> to a name no snapshot can take and start-up never restores;
+        returns the new name. An rm- dir stays as it is, unless `again`. `in_place_when_full`: a
+        full directory block cannot take a longer name; Cleanup then removes it where it is (under
+        the store's lock it is garbage, and its id is never handed out again)."""
+        if entry.startswith(REMOVED_PREFIX) and not again:
             return entry
-        target = REMOVED_PREFIX + entry
-        if os.path.lexists(self.snapshots_dir / target):
+        target = entry if again else REMOVED_PREFIX + entry
+        if again or os.path.lexists(self.snapshots_dir / target):
             target += f"-{time.time_ns()}"
-        os.rename(self.snapshots_dir / entry, self.snapshots_dir / target)
+        try:
+            os.rename(self.snapshots_dir / entry, self.snapshots_dir / target)
+        except OSError as exc:
+            if not (in_place_when_full and exc.errno in fsutil.NO_SPACE):
+                raise
+            return entry
         return target

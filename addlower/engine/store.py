@@ -45,6 +45,11 @@ CREATE INDEX snapshots_parent ON snapshots(parent_id);
 """
 
 
+def disk_full(exc: BaseException) -> bool:
+    """Whether SQLite failed for want of space (SQLITE_FULL) on the database's filesystem."""
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
 def stored_schema_version(path: Path) -> int:
     """The schema version of the database at `path`: 0 when it is missing, empty or was never
     initialised; -1 when it is no SQLite database (MetaStore says more). Opens it read-only, so it
@@ -258,6 +263,16 @@ class Tx(Reader):
         self.pending.append(lambda: self._m.drop(rec))
         return rec.id, rec.info.kind
 
+    def reserve_ids(self, upto: int) -> None:
+        """Never hand out ids up to `upto` (again): start-up found dirs of them that no row accounts
+        for (a create killed between its dir's rename and its COMMIT)."""
+        if upto <= self._m.last_id:
+            return
+        done = self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'snapshots'", (upto,))
+        if done.rowcount == 0:  # no row was ever inserted
+            self._db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('snapshots', ?)", (upto,))
+        self.pending.append(lambda: setattr(self._m, "last_id", max(self._m.last_id, upto)))
+
     def update_info(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> tuple[int, Info]:
         """Apply a field-masked label update, as containerd's storage does."""
         rec = self._get(name)
@@ -298,6 +313,8 @@ class MetaStore:
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:
+            if disk_full(exc):
+                raise
             raise RuntimeError(f"{path}: {exc}; if this root was the Go original's (a bolt database), "
                                "move it aside or use another root: its snapshots cannot be read") from None
 

@@ -25,7 +25,7 @@ from addlower.core.errors import SnapshotError
 from addlower.server.grpcserver import GrpcServer
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.logformat import fields
-from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, map_error, routes
+from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, routes
 from addlower.engine.snapshotter import Snapshotter
 
 log = logging.getLogger("addlower")
@@ -97,12 +97,13 @@ class Daemon:
             KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
         }
         calls = metrics.CallStats(METHODS)
-        self.server = GrpcServer(routes(SnapshotsService(self.snapshotter)), self.pools, map_error, calls.observe)
+        service = SnapshotsService(self.snapshotter)
+        self.server = GrpcServer(routes(service), self.pools, service.map_error, calls.observe)
         if config.metrics_address:
             store = self.snapshotter.store
             try:
                 metrics.serve(config.metrics_address, calls, metrics.StoreView(
-                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path))
+                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path, config.root_dir))
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 

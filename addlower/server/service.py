@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from addlower.api import mount_pb2, snapshots_pb2 as pb
-from addlower.core.errors import SnapshotError, status_code
+from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
 from addlower.core.codes import Code
 from addlower.server.grpcserver import Offload, Route, on_loop
 from addlower.core.mounts import Mount
@@ -77,18 +77,21 @@ def mounts_to_pb(mounts: Iterable[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, target=m.target, options=m.options) for m in mounts]
 
 
-def map_error(exc: BaseException) -> tuple[Code, str]:
-    """The gRPC status (code number, message) for an exception raised by a handler."""
-    if not isinstance(exc, SnapshotError):
-        log.error("call failed unexpectedly", exc_info=exc)
-    return status_code(exc), str(exc)
-
-
 class SnapshotsService:
     def __init__(self, snapshotter: Snapshotter):
         self.sn = snapshotter
         self.infos = InfoCache()
         self.plain_mounts: weakref.WeakKeyDictionary[Info, bytes] = weakref.WeakKeyDictionary()
+
+    def map_error(self, exc: BaseException) -> tuple[Code, str]:
+        """The gRPC status (code number, message) for an exception raised by a handler: a full
+        filesystem as RESOURCE_EXHAUSTED naming it, the unexpected with a traceback."""
+        exc = self.sn.explain(exc)
+        if not isinstance(exc, SnapshotError):
+            log.error("call failed unexpectedly", exc_info=exc)
+        elif isinstance(exc, ResourceExhausted):
+            log.warning("call refused: %s", exc)
+        return status_code(exc), str(exc)
 
     # Prepare, View and Mounts run on the loop, unless they have host dirs to open: then in the
     # blocking pool (Offload), where a hung filesystem under an allowed root stalls only them.

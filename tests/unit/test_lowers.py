@@ -60,6 +60,23 @@ def test_bad_targets_are_refused(entry, says):
         parse_lowers(entry, POLICY, SRC)
 
 
+@pytest.mark.parametrize("value, inner, outer", [
+    ("/tmp/x@/a/b:/tmp/y@/a", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
+    ("/tmp/y@/a:/tmp/x@/a/b", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
+    ("maven:/tmp/x@/root", "named lower 'maven' (/srv/m2) at '/root/.m2'", "'/tmp/x' at '/root'"),
+])
+def test_targets_that_nest_are_refused_naming_both(value, inner, outer):
+    policy = LowerPolicy(ROOT, ("/tmp",), {"maven": NamedLower("/srv/m2", target="/root/.m2")})
+    with pytest.raises(InvalidArgument, match="targets must not nest") as refused:
+        parse_lowers(value, policy, SRC)
+    assert f"entry {inner} lies inside entry {outer}" in str(refused.value)
+
+
+def test_the_same_target_twice_stacks_and_siblings_that_share_a_prefix_do_not_nest():
+    lowers = parse_lowers("/tmp/x@/a:/tmp/y@/a:/tmp/z@/ab:/tmp/w@/a-b", POLICY, SRC)
+    assert [lower.target for lower in lowers] == ["/a", "/a", "/ab", "/a-b"]
+
+
 def test_named_lower_resolves_to_its_host_dir():
     assert paths(parse_lowers("maven:/tmp/x", POLICY, SRC)) == ("/var/cache/ci/m2", "/tmp/x")
 
