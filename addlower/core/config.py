@@ -23,6 +23,10 @@ SOCKET_NAME = "grpc.socks"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.engine.ctrdversion
+# lowers.max_host_mounts: pins and target mounts on the node at once. A mount namespace holds at
+# most fs.mount-max mounts (100,000 by default) and containerd, runc and every other mount of the
+# node share the host's: this leaves them nine tenths.
+DEFAULT_MAX_HOST_MOUNTS = 10_000
 
 
 class ConfigError(Exception):
@@ -43,6 +47,7 @@ class Config:
     parallel_unpack: bool = False  # parentless actives as overlays (containerd 2.2+ with "rebase")
     allowed_roots: tuple[str, ...] = DEFAULT_ALLOWED_ROOTS
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
+    max_host_mounts: int = DEFAULT_MAX_HOST_MOUNTS
     kubernetes: KubernetesConfig = KubernetesConfig()
 
     @property
@@ -100,12 +105,15 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         _typed(f"mount_options[{i}]", opt, str)
     lowers = _typed("lowers", data.get("lowers", {}), dict)
     for key in lowers:
-        if key not in ("allowed_roots", "named"):
+        if key not in ("allowed_roots", "named", "max_host_mounts"):
             raise ConfigError(f"lowers.{key}: unknown key")
+    budget = _typed("lowers.max_host_mounts", lowers.get("max_host_mounts", DEFAULT_MAX_HOST_MOUNTS), int)
+    if budget < 1:
+        raise ConfigError(f"lowers.max_host_mounts: must be positive, not {budget}")
     roots = _strings("lowers.allowed_roots", lowers.get("allowed_roots", list(DEFAULT_ALLOWED_ROOTS)))
     named = {name: _named_lower(f"lowers.named.{name}", value)
              for name, value in _typed("lowers.named", lowers.get("named", {}), dict).items()}
-    config = Config(**values, allowed_roots=roots, named_lowers=named,
+    config = Config(**values, allowed_roots=roots, named_lowers=named, max_host_mounts=budget,
                     kubernetes=_kubernetes(_typed("kubernetes", data.get("kubernetes", {}), dict)))
     root = str(config.root_dir)
     try:  # the same checks the snapshotter applies
@@ -200,7 +208,7 @@ def load_config(path: Path | None) -> Config:
 
 # What a reload (SIGHUP) applies: the policy's keys and the log level. The rest is how the daemon
 # was set up (its root, socket, pools, containerd client) and changes only with a restart.
-_RELOADED = ("allowed_roots", "named_lowers", "log_level")  # lowers.allowed_roots, lowers.named, log_level
+_RELOADED = ("allowed_roots", "named_lowers", "max_host_mounts", "log_level")  # [lowers] keys, log_level
 _RELOADED_KUBERNETES = ("allowed_roots", "namespaces")
 
 

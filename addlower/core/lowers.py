@@ -231,6 +231,19 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
     return tuple(dirs)
 
 
+def target_count(value: str, named: Mapping[str, NamedLower]) -> int:
+    """How many container paths (targets) a label value that was accepted before puts lowers at;
+    unchecked, for accounting what is pinned already (a name no longer configured counts at /)."""
+    targets = set()
+    for item in value.split(":"):
+        entry, at, target = item.partition(TARGET_SEPARATOR)
+        if at:
+            targets.add(target)
+        elif entry in named:
+            targets.add(named[entry].target)
+    return len(targets - {ROOT_TARGET})
+
+
 def refuse_nested_targets(lowers: Sequence[Lower], source: str) -> None:
     """Refuse targets one of which lies inside another: the outer mount, made after the inner one,
     hides it (and keeps it busy), or, made before it, has no mountpoint for it. The same target

@@ -121,6 +121,7 @@ class StoreView:
     lowers: Callable[[], list[str]]  # the extra lowers label of each active snapshot that has one
     db: Path
     root: Path  # the snapshotter's root: its filesystem's free room
+    host_mounts: Callable[[], tuple[int, int]]  # pins and target mounts of extra lowers, and their budget
 
 
 def lower_users(values: Iterable[str]) -> dict[str, int]:
@@ -162,6 +163,11 @@ class StoreCollector:
         db = self._view.db
         size = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
         yield core.GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)
+        used, budget = self._view.host_mounts()
+        yield core.GaugeMetricFamily("addlower_host_mounts", "Host mounts that extra lowers take: a pin per entry "
+                                     "and a mount per container path, of snapshots that have them.", value=used)
+        yield core.GaugeMetricFamily("addlower_host_mounts_budget", "lowers.max_host_mounts: the most host mounts "
+                                     "extra lowers may take on the node.", value=budget)
         room = os.statvfs(self._view.root)
         yield core.GaugeMetricFamily("addlower_root_free_bytes", "Bytes free (to unprivileged writers) on the "
                                      "root's filesystem.", value=room.f_bavail * room.f_frsize)

@@ -25,11 +25,11 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
-from addlower.core.errors import InvalidArgument
+from addlower.core.errors import InvalidArgument, ResourceExhausted
 from addlower.core.logformat import fields
-from addlower.core.lowers import Lower
+from addlower.core.lowers import ROOT_TARGET, Lower
 from addlower.engine import metrics
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,14 @@ class Opened:
             os.close(fd)
         self.fds.clear()
 
+    @property
+    def host_mounts(self) -> int:
+        """The host mounts these lowers take once pinned and mounted: a pin each, and a mount per
+        container path (target) they go to."""
+        if not self.fds:
+            return 0
+        return len(self.fds) + len({lower.target for lower in self.lowers if lower.target != ROOT_TARGET})
+
     def __enter__(self) -> Opened:
         return self
 
@@ -145,6 +153,23 @@ class Pins:
         self._lock = threading.Lock()
         # Snapshots that may have pins: most have none, and their Mounts calls skip the disk.
         self._pinned: set[str] = set(os.listdir(self.dir))
+        # The node-wide budget: host mounts each pinned snapshot's lowers take, and their sum.
+        self._mounts: dict[str, int] = {}
+        self.host_mounts = 0
+
+    def count(self, targets: Callable[[int], int]) -> None:
+        """Account for the pins found on disk at start-up: each snapshot's pins, plus its
+        `targets(id)` target mounts."""
+        with self._lock:
+            for entry in os.listdir(self.dir):
+                if entry.isdigit():
+                    pins = sum(1 for pin in os.listdir(f"{self.dir}/{entry}") if pin.isdigit())
+                    self._account(entry, pins + targets(int(entry)) if pins else 0)
+
+    def _account(self, sid: str, mounts: int) -> None:
+        self.host_mounts += mounts - self._mounts.pop(sid, 0)
+        if mounts:
+            self._mounts[sid] = mounts
 
     def path(self, sid: int, n: int) -> str:
         return f"{self.dir}/{sid}/{n}"
@@ -177,17 +202,28 @@ class Pins:
             raise
         return Opened(tuple(lowers), fds)
 
-    def attach(self, sid: int, opened: Opened, what: str) -> tuple[str, ...]:
+    def attach(self, sid: int, opened: Opened, what: str, budget: int) -> tuple[str, ...]:
         """Pin the opened dirs for snapshot `sid` (quick: mounts of fds); the pins' paths in order.
-        With none, drops the pins `sid` had, if any."""
+        With none, drops the pins `sid` had, if any. Refused when the node's host mounts for
+        lowers would exceed `budget`."""
         if not opened.fds and str(sid) not in self._pinned:
             return ()
+        need = opened.host_mounts
         with self._lock:
+            had = self._mounts.get(str(sid), 0)
+            others = self.host_mounts - had
+            if need > had and others + need > budget:
+                raise ResourceExhausted(
+                    f"lowers.max_host_mounts: this snapshot's extra lowers need {need} host mounts (a pin per "
+                    f"entry, a mount per target) and {others} of the node's budget of {budget} are in use; "
+                    "remove containers that use extra lowers, or raise the budget in the snapshotter's config")
             try:
-                return self._sync(sid, opened.fds)
+                paths = self._sync(sid, opened.fds)
             except OSError as exc:  # e.g. its writer removed the dir while it was pinned
                 self._release(sid)
                 raise InvalidArgument(f"{what}: a dir changed while it was pinned ({exc.strerror})") from None
+            self._account(str(sid), need)
+            return paths
 
     @staticmethod
     def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:
@@ -250,9 +286,11 @@ class Pins:
             entries = os.listdir(base)
         except FileNotFoundError:
             self._pinned.discard(str(sid))
+            self._account(str(sid), 0)
             return
         for entry in entries:
             self._remove_pin(f"{base}/{entry}")
+        self._account(str(sid), 0)
         try:
             os.rmdir(base)
             self._pinned.discard(str(sid))

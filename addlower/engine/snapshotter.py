@@ -29,7 +29,7 @@ from addlower.engine.podlookup import PodLowers
 from addlower.core.logformat import fields
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.engine.ctrdversion import TargetSupport
-from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers
+from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers, target_count
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, disk_full, matching, stored_schema_version
@@ -261,7 +261,7 @@ class Snapshotter:
     def _mounts(self, snap: Snapshot, opened: Opened, source: str) -> list[Mount]:
         """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer has."""
         lowers = opened.lowers
-        pins = self.pins.attach(snap.id, opened, f"{source}: entry")
+        pins = self.pins.attach(snap.id, opened, f"{source}: entry", self.config.max_host_mounts)
         try:
             at_root = [pin for pin, lower in zip(pins, lowers) if lower.target == ROOT_TARGET]
             targets: dict[str, list[str]] = {}
@@ -565,6 +565,9 @@ class Snapshotter:
             log.info("ids up to %d are taken by directories on disk: new snapshots start above", named)
         for sid in self.pins.release_all_but(live):
             log.info("released the pinned lowers of snapshot %s, which is gone", sid)
+        with self.store.read() as reader:
+            labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in live}
+        self.pins.count(lambda sid: target_count(labels[sid], self.policy.lowers.named))
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
                 log.error("snapshot id %d has no directory %s (lost in a power cut?); remove it "

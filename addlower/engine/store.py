@@ -181,6 +181,9 @@ class Reader:
         being sent costs no copy of the store."""
         return ((r.id, r.info) for r in self._m.in_key_order())
 
+    def labels(self, sid: int) -> Mapping[str, str]:
+        return self._m.by_id[sid].info.labels
+
     def ids(self) -> set[int]:
         return set(self._m.by_id)
 

@@ -100,10 +100,12 @@ class Daemon:
         service = SnapshotsService(self.snapshotter)
         self.server = GrpcServer(routes(service), self.pools, service.map_error, calls.observe)
         if config.metrics_address:
-            store = self.snapshotter.store
+            sn = self.snapshotter
+            store = sn.store
             try:
                 metrics.serve(config.metrics_address, calls, metrics.StoreView(
-                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path, config.root_dir))
+                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path, config.root_dir,
+                    lambda: (sn.pins.host_mounts, sn.config.max_host_mounts)))
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 

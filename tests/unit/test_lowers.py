@@ -9,6 +9,7 @@ import pytest
 from addlower.core.config import ConfigError, parse_config
 from addlower.core.errors import InvalidArgument
 from addlower.core.lowers import (
+    target_count,
     DEFAULT_ALLOWED_ROOTS,
     LowerPolicy,
     NamedLower,
@@ -75,6 +76,12 @@ def test_targets_that_nest_are_refused_naming_both(value, inner, outer):
 def test_the_same_target_twice_stacks_and_siblings_that_share_a_prefix_do_not_nest():
     lowers = parse_lowers("/tmp/x@/a:/tmp/y@/a:/tmp/z@/ab:/tmp/w@/a-b", POLICY, SRC)
     assert [lower.target for lower in lowers] == ["/a", "/a", "/ab", "/a-b"]
+
+
+def test_target_count_of_an_accepted_value_counts_each_container_path_once():
+    named = {"maven": NamedLower("/srv/m2", target="/root/.m2"), "tools": NamedLower("/srv/tools")}
+    assert target_count("maven:tools:/tmp/x@/a:/tmp/y@/a:maven@/b:gone", named) == 3  # /root/.m2, /a, /b
+    assert target_count("", named) == 0
 
 
 def test_named_lower_resolves_to_its_host_dir():
@@ -244,6 +251,7 @@ def test_without_a_config_file_only_the_default_roots_are_allowed():
     "data, key",
     [
         ({"async_remove": "no"}, "async_remove: expected a bool"),
+        ({"lowers": {"max_host_mounts": 0}}, "lowers.max_host_mounts: must be positive"),
         ({"rootdir": "/x"}, "rootdir: unknown key"),
         ({"lowers": {"allowed": []}}, "lowers.allowed: unknown key"),
         ({"lowers": {"allowed_roots": ["srv"]}}, "allowed root 'srv': must be an absolute path"),
