@@ -7,6 +7,7 @@ Only flag parsing and logging setup live here; serving is daemon.py's job.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import click
 from addlower import __version__
 from addlower.core.config import (
     DEFAULT_CONFIG,
+    Config,
     DEFAULT_ROOT,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -54,6 +56,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default=None, help="[default: text]")
 @click.option("--metrics-address", default=None,
               help="Serve Prometheus metrics on this host:port (e.g. 127.0.0.1:9101) [default: off].")
+@click.option("--reload", is_flag=True,
+              help="Do not serve: have the daemon serving on this configuration's socket re-read its config file, "
+                   "print its answer and exit 1 if it refused the file (systemd's ExecReload).")
 @click.version_option(__version__, "--version", "-v", prog_name="overlay-custom-add-lower-snapshotter")
 def serve(config_path: Path | None, **flags: object) -> None:
     """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin. SIGHUP re-reads
@@ -63,12 +68,16 @@ def serve(config_path: Path | None, **flags: object) -> None:
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
 
-    def read() -> Config:
-        """The file (or the defaults), flags on top: at start and at each SIGHUP."""
-        config = replace(load_config(config_path), **{k: v for k, v in flags.items() if v is not None})
+    reload_ = flags.pop("reload")
+
+    def read(reload: bool = False) -> Config:
+        """The file (or the defaults), flags on top: at start, and at each reload (`reload`)."""
+        config = replace(load_config(config_path, reload), **{k: v for k, v in flags.items() if v is not None})
         return replace(config, root_dir=config.root_dir.absolute(),
                        address=config.address.absolute() if config.address else None)
 
+    if reload_:
+        sys.exit(_ask_reload(read, flags))
     try:
         config = read()
     except ConfigError as exc:
@@ -76,7 +85,26 @@ def serve(config_path: Path | None, **flags: object) -> None:
         logging.getLogger("addlower").error("bad configuration: %s", exc)
         sys.exit(1)
     _setup_logging(config.log_level, config.log_format)
-    sys.exit(run(config, read))
+    sys.exit(run(config, lambda: read(reload=True)))
+
+
+def _ask_reload(read: Callable[[], Config], flags: dict[str, object]) -> int:
+    """--reload: the daemon re-reads its file; its answer, and 1 when it refused. The daemon is
+    $MAINPID's socket under systemd; by hand, this configuration's (the flags' and the defaults'
+    when the file is the broken one)."""
+    from addlower.ops.client import listening_socket, reload
+
+    pid = os.environ.get("MAINPID", "")
+    socket = listening_socket(int(pid)) if pid.isdigit() else None
+    if socket is None:
+        try:
+            socket = read().socket_path
+        except ConfigError:
+            root, address = flags["root_dir"] or DEFAULT_ROOT, flags["address"]
+            socket = Path(address) if address else Path(root) / SOCKET_NAME  # type: ignore[arg-type]
+    ok, text = reload(socket)
+    click.echo(text, err=not ok)
+    return 0 if ok else 1
 
 
 class AdminGroup(click.Group):

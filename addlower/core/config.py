@@ -6,7 +6,9 @@ start anything or know about snapshots beyond the option names.
 
 from __future__ import annotations
 
+import os
 import re
+import time
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,6 +22,9 @@ DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
 PLUGIN_NAME = "overlay-custom-add-lower-snapshotter"  # as containerd configs and docs name it
 SOCKET_NAME = "grpc.socks"
+# The daemon's own gRPC service beside containerd's Snapshots on its socket (0660, root's): its
+# Reload re-reads the file the daemon was started with and takes nothing from the caller.
+ADMIN_SERVICE = "addlower.v1.Admin"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
 TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.engine.ctrdversion
@@ -182,24 +187,60 @@ def _kubernetes(section: Mapping[str, Any]) -> KubernetesConfig:
     return KubernetesConfig(**values, allowed_roots=roots, namespaces=namespaces)
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as data; ConfigError naming the file when it cannot be read or parsed."""
+# A reload reads only a file at rest: one changed within QUIET_SECONDS may still be being written
+# (an editor, `cat > file`); past SETTLE_SECONDS of changes the reload is refused.
+QUIET_SECONDS = 0.25
+SETTLE_SECONDS = 3.0
+
+
+def read_toml(path: Path, settled: bool = False) -> dict[str, Any]:
+    """A TOML file as data; ConfigError naming the file when it cannot be read or parsed.
+    `settled`: only once it has stopped changing (a reload must never apply a file caught halfway)."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        text = _read_settled(path) if settled else path.read_bytes()
+        return tomllib.loads(text.decode())
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def load_config(path: Path | None) -> Config:
-    """The file at `path`, or the default file if it exists, or the defaults."""
+def _read_settled(path: Path) -> bytes:
+    """The file's bytes once it was last changed at least QUIET_SECONDS ago and did not change
+    while it was read (same inode, size, mtime and ctime: a ConfigMap's swap of symlinks too)."""
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        before = os.stat(path)
+        age = time.time() - before.st_mtime
+        if not 0 <= age < QUIET_SECONDS:  # a future mtime is no writer at work either
+            data = path.read_bytes()
+            if _identity(os.stat(path)) == _identity(before):
+                return data
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{path}: still being written (it changed within {QUIET_SECONDS} s, again and "
+                              f"again, for {SETTLE_SECONDS} s)")
+        time.sleep(min(max(QUIET_SECONDS - age, 0.02), QUIET_SECONDS))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def load_config(path: Path | None, reload: bool = False) -> Config:
+    """The file at `path`, or the default file if it exists, or the defaults. `reload`: for a
+    running daemon, which keeps its config unless the file is there, at rest, complete and valid:
+    a missing file or one without a single setting (empty, or cut short before the first) is
+    refused, never taken for the defaults."""
     if path is None:
-        if not DEFAULT_CONFIG.exists():
+        if not DEFAULT_CONFIG.exists() and not reload:
             return Config()
         path = DEFAULT_CONFIG
-    data = read_toml(path)
+    data = read_toml(path, settled=reload)
+    if reload and not data:
+        raise ConfigError(f"{path}: no settings at all (an empty file, or one cut short?); a reload never goes "
+                          "back to the defaults: restart the daemon for that")
     try:
         return parse_config(data)
     except ConfigError as exc:

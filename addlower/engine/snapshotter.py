@@ -136,6 +136,7 @@ class Snapshotter:
         self.pins = Pins(str(root))
         self.overlay_options = fsutil.overlay_options(config.mount_options)
         self._cleaning = threading.Lock()
+        self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME), "open the metadata")
@@ -476,8 +477,10 @@ class Snapshotter:
                     self._set_aside(removed.name, again=True)
                 os.rename(current, removed)
                 moved = (current, removed)
+                self._removing.add(removed.name)  # not Cleanup's to delete
         except BaseException:
             if moved is not None:  # the row is still there: so is its directory
+                self._removing.discard(moved[1].name)
                 os.rename(moved[1], moved[0])
             raise
         self.pins.release(sid)
@@ -485,6 +488,8 @@ class Snapshotter:
             fsutil.remove_tree(removed)
         except Exception as exc:  # the metadata is gone already; Cleanup retries the directory
             log.warning("removing %s failed, Cleanup will retry: %s", removed, exc)
+        finally:
+            self._removing.discard(removed.name)
 
     def cleanup(self) -> list[str]:
         """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
@@ -492,11 +497,12 @@ class Snapshotter:
         second Cleanup waits for the first, then finds what is left."""
         with self._cleaning:
             with self.store.exclusive() as reader:
-                ids = reader.ids()
-                live = {str(i) for i in ids}
+                live = {str(i) for i in reader.ids()} | self._removing  # a sync Remove deletes its own
                 doomed = [self._set_aside(e, in_place_when_full=True) for e in os.listdir(self.snapshots_dir)
                           if e not in live]
-                self.pins.release_all_but(ids)  # under the lock: creates pin inside their transaction
+                # Under the lock: creates pin inside their transaction. A committed snapshot's pins
+                # are left only by a kill between its Commit and their release.
+                self.pins.release_all_but(reader.mountable_ids())
             # One read of the mount table, after the renames: nobody is handed a set-aside name to
             # mount on, and remove_tree stops at any mount made since.
             mounted = fsutil.mounts_inside(str(self.snapshots_dir), doomed) if doomed else {}
@@ -539,7 +545,7 @@ class Snapshotter:
         snapshots/ (restored from an old copy?): refuse, rather than delete them.
         """
         with self.store.read() as reader:
-            last, live = reader.last_id(), reader.ids()
+            last, live, mountable = reader.last_id(), reader.ids(), reader.mountable_ids()
         entries = os.listdir(self.snapshots_dir)
         ahead = sorted(int(e) for e in entries if e.isdigit() and int(e) > last + 1)
         if ahead:
@@ -563,10 +569,10 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 tx.reserve_ids(named)
             log.info("ids up to %d are taken by directories on disk: new snapshots start above", named)
-        for sid in self.pins.release_all_but(live):
-            log.info("released the pinned lowers of snapshot %s, which is gone", sid)
+        for sid in self.pins.release_all_but(mountable):
+            log.info("released the pinned lowers of snapshot %s, which is gone or committed", sid)
         with self.store.read() as reader:
-            labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in live}
+            labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in mountable}
         self.pins.count(lambda sid: target_count(labels[sid], self.policy.lowers.named))
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):

@@ -187,6 +187,10 @@ class Reader:
     def ids(self) -> set[int]:
         return set(self._m.by_id)
 
+    def mountable_ids(self) -> set[int]:
+        """The active and view snapshots': the only ones whose lowers stay pinned."""
+        return {sid for sid, rec in self._m.by_id.items() if rec.info.kind in (Kind.ACTIVE, Kind.VIEW)}
+
     def has_id(self, sid: int) -> bool:
         return sid in self._m.by_id
 

@@ -6,14 +6,18 @@ Errors stay grpc.RpcError; callers decide what a code means to them. Must not kn
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import grpc
-from google.protobuf import field_mask_pb2
+from google.protobuf import empty_pb2, field_mask_pb2, wrappers_pb2
 
 from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
-from addlower.core.config import PLUGIN_NAME
+from addlower.core.config import ADMIN_SERVICE, PLUGIN_NAME
+
+RELOAD_TIMEOUT = 30.0  # the daemon waits up to config.SETTLE_SECONDS for a file still being written
 
 
 @dataclass
@@ -70,3 +74,37 @@ class SnapshotsClient:
 
     def cleanup(self) -> None:
         self.stub.Cleanup(pb.CleanupRequest(snapshotter=self.snapshotter), metadata=self._md())
+
+
+def reload(socket: Path) -> tuple[bool, str]:
+    """Ask the daemon on `socket` to re-read its config file: (True, what it applied) or (False,
+    why it refused or could not be asked)."""
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        call = channel.unary_unary(f"/{ADMIN_SERVICE}/Reload", request_serializer=empty_pb2.Empty.SerializeToString,
+                                   response_deserializer=wrappers_pb2.StringValue.FromString)
+        try:
+            return True, call(empty_pb2.Empty(), timeout=RELOAD_TIMEOUT).value
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                return False, f"no daemon answers on {socket}: {exc.details()}"
+            return False, exc.details() or str(exc.code())
+
+
+_LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags
+
+
+def listening_socket(pid: int) -> Path | None:
+    """The unix socket (with a path) that process `pid` listens on, as the kernel says: how
+    systemd's ExecReload (which gets $MAINPID) finds the daemon whatever its config file says now."""
+    try:
+        inodes = {link[len("socket:["):-1] for link in (os.readlink(f"/proc/{pid}/fd/{fd}")
+                                                         for fd in os.listdir(f"/proc/{pid}/fd"))
+                  if link.startswith("socket:[")}
+        with open(f"/proc/{pid}/net/unix") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+    except OSError:
+        return None
+    for row in rows:
+        if len(row) >= 8 and int(row[3], 16) & _LISTENING and row[6] in inodes and row[7].startswith("/"):
+            return Path(row[7])
+    return None

@@ -7,6 +7,7 @@ rules (snapshotter.py) or flag parsing (cli.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 import uvloop
+from google.protobuf import empty_pb2, wrappers_pb2
 
 from addlower import __version__
 from addlower.engine import metrics
-from addlower.core.config import Config, ConfigError
-from addlower.core.errors import SnapshotError
-from addlower.server.grpcserver import GrpcServer
+from addlower.core.config import ADMIN_SERVICE, Config, ConfigError
+from addlower.core.errors import FailedPrecondition, SnapshotError
+from addlower.server.grpcserver import GrpcServer, Route
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.logformat import fields
 from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, routes
@@ -34,6 +36,7 @@ SOCKET_MODE = 0o660
 STOP_GRACE_SECONDS = 30.0
 BLOCKING_WORKERS = 16
 KUBERNETES_WORKERS = 4  # Mounts calls waiting for containerd's answer about a pod
+RELOAD = "reload"  # one thread for reloads: one at a time, and never a blocking-pool thread
 
 
 def _named(config: Config) -> str:
@@ -95,10 +98,13 @@ class Daemon:
         self.pools = {
             BLOCKING: futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking"),
             KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
+            RELOAD: futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reload"),
         }
-        calls = metrics.CallStats(METHODS)
+        self._hup_pending = False
+        calls = metrics.CallStats([*METHODS, self.Reload.__name__])
         service = SnapshotsService(self.snapshotter)
-        self.server = GrpcServer(routes(service), self.pools, service.map_error, calls.observe)
+        admin = {f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD)}
+        self.server = GrpcServer({**routes(service), **admin}, self.pools, service.map_error, calls.observe)
         if config.metrics_address:
             sn = self.snapshotter
             store = sn.store
@@ -109,24 +115,48 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 
-    def reload(self) -> None:
-        """Re-read the config file and swap the policy; a file that cannot be used changes nothing."""
+    def reload(self) -> str:
+        """Re-read the config file and swap the policy, in the RELOAD pool's one thread (it may
+        wait for a file still being written); returns what it applied. A file that cannot be used
+        changes nothing: FailedPrecondition with the reason."""
         try:
             config = self.reread()
         except ConfigError as exc:
             metrics.CONFIG_RELOADS.inc("failure")
             log.error("reload refused, the running config stays: %s", exc)
-            return
+            raise FailedPrecondition(f"reload refused, the running config stays: {exc}") from None
         later = self.snapshotter.reload(config)
         logging.getLogger().setLevel(config.log_level.upper())
         metrics.CONFIG_RELOADS.inc("success")
         c = self.snapshotter.config
-        log.info("reloaded the config", extra=fields(
-            allowed_roots=",".join(c.allowed_roots), named_lowers=_named(c), log_level=c.log_level,
-            kubernetes_allowed_roots=",".join(c.kubernetes.allowed_roots) or "-",
-            kubernetes_namespaces=",".join(c.kubernetes.namespaces) or "-"))
+        applied = {"allowed_roots": ",".join(c.allowed_roots), "named_lowers": _named(c),
+                   "max_host_mounts": c.max_host_mounts, "log_level": c.log_level,
+                   "kubernetes_allowed_roots": ",".join(c.kubernetes.allowed_roots) or "-",
+                   "kubernetes_namespaces": ",".join(c.kubernetes.namespaces) or "-"}
+        log.info("reloaded the config", extra=fields(**applied))
+        text = "reloaded the config: " + " ".join(f"{k}={v}" for k, v in applied.items())
         if later:
             log.warning("changed keys take effect only after a restart", extra=fields(keys=",".join(later)))
+            text += f"\nchanged keys that take effect only after a restart: {', '.join(later)}"
+        return text
+
+    def Reload(self, request: empty_pb2.Empty) -> wrappers_pb2.StringValue:
+        """addlower.v1.Admin/Reload, what `--reload` (systemd's ExecReload) calls."""
+        return wrappers_pb2.StringValue(value=self.reload())
+
+    def _hup(self) -> None:
+        """SIGHUP (on the loop): a reload in the RELOAD pool, its refusal in the log and the
+        metrics. A storm of signals queues at most one reload behind the one running."""
+        if self._hup_pending:
+            return
+        self._hup_pending = True
+
+        def reload() -> None:
+            self._hup_pending = False  # a signal from now on reads the file again
+            with contextlib.suppress(FailedPrecondition):
+                self.reload()
+
+        self.pools[RELOAD].submit(reload)
 
     async def serve(self) -> None:
         path = self.config.socket_path
@@ -139,7 +169,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._hup)
         c = self.config
         log.info("serving", extra=fields(
             version=__version__, root=str(c.root_dir), socket=str(path), async_remove=c.async_remove,
@@ -154,8 +184,8 @@ class Daemon:
         await self.server.shutdown(STOP_GRACE_SECONDS)
 
     def close(self) -> None:
-        for pool in self.pools.values():
-            pool.shutdown(wait=True)
+        for pool in self.pools.values():  # the server has let its calls finish: only reloads may be queued
+            pool.shutdown(wait=True, cancel_futures=True)
         self.snapshotter.close()
         try:
             os.unlink(self.config.socket_path)
