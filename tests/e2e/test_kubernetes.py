@@ -152,7 +152,8 @@ def test_per_container_key_wins_over_the_pod_wide_one(cri_target: Target, cri: C
 
 
 @pytest.mark.parametrize("value, says", [("/etc", "outside the allowed roots"),
-                                         ("gradle", "'gradle' is not a named lower")])
+                                         ("gradle", "'gradle' is not a named lower"),
+                                         ("maven@/a/b:npm@/a", "at '/a/b' lies inside entry named lower 'npm'")])
 def test_disallowed_request_fails_the_start_with_the_policy_error(
         cri_target: Target, cri: CriClient, busybox_image: OciImage, value: str, says: str):
     with cri.pod("evil", annotations={f"{ANNOTATION}.app": value}) as pod:

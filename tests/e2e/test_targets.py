@@ -20,6 +20,7 @@ from .conftest import Target, running_target
 pytestmark = pytest.mark.e2e
 
 NS = "targets"
+BUDGET = 4  # lowers.max_host_mounts: the tests below take at most 4 at once
 
 
 @pytest.fixture
@@ -33,6 +34,7 @@ def node(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, bina
         (host / name / file).write_text(f"{name}\n")
     config = work / "config.toml"
     config.write_text(f'[lowers]\nallowed_roots = ["{host}"]\n'
+                      f'max_host_mounts = {BUDGET}\n'
                       f'[lowers.named]\nmaven = {{ path = "{host / "m2"}", target = "/root/.m2" }}\n'
                       f'[kubernetes]\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n')
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
@@ -81,6 +83,30 @@ def test_two_targets_and_a_named_lowers_own_target(node: Target, busybox_image: 
         assert "a target needs containerd >= 1.7" in err.value.stderr
         return
     assert run(node, busybox_image, "two", lowers, script).split() == ["m2", "npm"]
+
+
+def test_targets_that_nest_are_refused_naming_both_and_nothing_is_left(node: Target, busybox_image: OciImage):
+    """Nested targets: the outer mount would hide the inner one (keeping it busy) or lack its
+    mountpoint. Refused before anything is made, on every containerd line."""
+    m2, npm = host(node) / "m2", host(node) / "npm"
+    with pytest.raises(CtrError) as err:
+        run(node, busybox_image, "nest", f"{m2}@/root/.m2/repository:{npm}@/root", "true")
+    assert (f"entry '{m2}' at '/root/.m2/repository' lies inside entry '{npm}' at '/root': targets must not "
+            "nest") in err.value.stderr
+    assert "nest" not in node.snapshots(NS)
+
+
+def test_past_the_host_mount_budget_a_container_is_refused_naming_it(node: Target, busybox_image: OciImage):
+    dirs = [host(node) / f"b{n}" for n in range(BUDGET + 1)]
+    for d in dirs:
+        d.mkdir(exist_ok=True)
+    with pytest.raises(CtrError) as err:
+        run(node, busybox_image, "over", ":".join(map(str, dirs)), "true")  # a pin each: 5 > 4
+    assert (f"lowers.max_host_mounts: this snapshot's extra lowers need {BUDGET + 1} host mounts (a pin per "
+            f"entry, a mount per target) and 0 of the node's budget of {BUDGET} are in use") in err.value.stderr
+    assert "over" not in node.snapshots(NS)
+    out = run(node, busybox_image, "within", ":".join(map(str, dirs[:BUDGET])), "echo ok")
+    assert out.split() == ["ok"]
 
 
 def test_removing_the_containers_and_the_image_leaves_no_dir_and_no_mount(
