@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what addlower and its tests need on a Debian machine, as root: containerd, runc, a static
-# busybox, a registry (docker-registry) and systemd (systemd-analyze checks the unit) from Debian,
+# busybox, a registry (docker-registry), systemd (systemd-analyze checks the unit) and e2fsprogs (a
+# full filesystem is a small loop-mounted ext4) from Debian,
 # the containerd of Debian's trixie (1.7) and sid (2.x) unpacked beside it for the e2e matrix
 # (scripts/containerd-versions.sh), then this project (editable) with its test extras. Idempotent.
 #
@@ -21,9 +22,9 @@ fi
 echo "setup.sh: installing addlower into $target (commands in $scripts)"
 export DEBIAN_FRONTEND=noninteractive
 if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! command -v docker-registry >/dev/null \
-  || ! command -v systemd-analyze >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then
+  || ! command -v systemd-analyze >/dev/null || ! command -v mkfs.ext4 >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then
   apt-get update -qq
-  apt-get install -y -qq containerd runc busybox-static docker-registry systemd >/dev/null
+  apt-get install -y -qq containerd runc busybox-static docker-registry systemd e2fsprogs >/dev/null
 fi
 scripts/containerd-versions.sh >/dev/null
 # A distribution's own python3 (PEP 668) refuses pip installs unless told this is wanted.
