@@ -34,16 +34,14 @@ OWN_MOUNT_NAMESPACE = ["PrivateMounts=", "PrivateTmp=", "PrivateDevices=", "Prot
 
 @pytest.fixture
 def node(tmp_path: Path) -> Path:
-    """A scratch node with systemd's own units, containerd's config, the daemon in /usr/local/bin,
-    /bin/kill, and the unit installed by `addlower install`."""
+    """A scratch node with systemd's own units, containerd's config, the daemon in /usr/local/bin
+    (ExecStart's and ExecReload's), and the unit installed by `addlower install`."""
     host = tmp_path / "node"
     shutil.copytree("/usr/lib/systemd/system", host / "usr/lib/systemd/system", symlinks=True)
     (host / "etc/containerd").mkdir(parents=True)
     (host / "etc/containerd/config.toml").write_text("version = 2\n")
     (host / DAEMON.lstrip("/")).parent.mkdir(parents=True)
     shutil.copy2(this_installation(), host / DAEMON.lstrip("/"))
-    (host / "bin").mkdir()
-    shutil.copy2("/bin/kill", host / "bin/kill")  # ExecReload's
     r = CliRunner().invoke(admin, ["install", "--host-root", str(host), "--exec-start", DAEMON,
                                    "--containerd-version", "1.7.24"])
     assert r.exit_code == 0, r.output
