@@ -93,7 +93,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     """Check a parsed TOML document and turn it into a Config."""
     values: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("lowers", "kubernetes"):
+        if key in ("lowers", "kubernetes", "containerd_address"):
             continue
         if key not in _TOP:
             raise ConfigError(f"{key}: unknown key")
@@ -118,8 +118,13 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     roots = _strings("lowers.allowed_roots", lowers.get("allowed_roots", list(DEFAULT_ALLOWED_ROOTS)))
     named = {name: _named_lower(f"lowers.named.{name}", value)
              for name, value in _typed("lowers.named", lowers.get("named", {}), dict).items()}
+    kubernetes = dict(_typed("kubernetes", data.get("kubernetes", {}), dict))
+    if "containerd_address" in data:  # what the differ, mount targets and pod lookups all ask
+        address = _typed("containerd_address", data["containerd_address"], str)
+        if kubernetes.setdefault("containerd_address", address) != address:
+            raise ConfigError("containerd_address and kubernetes.containerd_address differ: give one")
     config = Config(**values, allowed_roots=roots, named_lowers=named, max_host_mounts=budget,
-                    kubernetes=_kubernetes(_typed("kubernetes", data.get("kubernetes", {}), dict)))
+                    kubernetes=_kubernetes(kubernetes))
     root = str(config.root_dir)
     try:  # the same checks the snapshotter applies
         LowerPolicy(root, config.allowed_roots, config.named_lowers)

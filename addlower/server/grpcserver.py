@@ -74,6 +74,9 @@ MIN_FRAME, MAX_FRAME_LIMIT = 16_384, 2**24 - 1  # the range of SETTINGS_MAX_FRAM
 # Limits: each bounds something a peer controls.
 MAX_FRAME = 16_384  # frames we accept (we never raise SETTINGS_MAX_FRAME_SIZE)
 MAX_HEADER_BLOCK = 64 << 10  # one header block, HEADERS and CONTINUATION frames together
+# Request headers a handler may read (call_metadata()): containerd's namespace and lease, which a
+# differ passes on when it writes to containerd's content store. Nothing else is kept.
+KEPT_METADATA = frozenset({b"containerd-namespace", b"containerd-lease"})
 MAX_MESSAGE = 4 << 20  # one request message (containerd's largest are label maps of a few kB)
 STREAM_WINDOW = 1 << 20  # advertised per stream; extended while a message is still below MAX_MESSAGE
 CONNECTION_WINDOW = 2 * MAX_MESSAGE  # all the request data one connection may have buffered here
@@ -140,33 +143,36 @@ _MESSAGE_HEAD = struct.Struct(">BI")  # gRPC length-prefixed message: compressed
 
 
 class _Headers:
-    """HPACK decoding of request header blocks, down to what a call needs: `:path` and
-    `grpc-timeout`. A client that keeps calling sends the same few blocks of indexed fields (7
+    """HPACK decoding of request header blocks, down to what a call needs: `:path`,
+    `grpc-timeout` and the KEPT_METADATA (containerd's namespace and lease, for a differ that
+    writes to containerd's content store on the caller's behalf). A client that keeps calling sends the same few blocks of indexed fields (7
     bytes for grpc-go); such a block cannot change the decoder's table, so what it decoded to is
     remembered until a block that can change the table arrives."""
 
     def __init__(self) -> None:
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
-        self.known: dict[bytes, tuple[bytes, float | None]] = {}
+        self.known: dict[bytes, tuple[bytes, float | None, Metadata]] = {}
 
-    def decode(self, block: bytes) -> tuple[bytes, float | None]:
-        """(path, timeout in seconds or None); hpack.HPACKError for a bad block."""
+    def decode(self, block: bytes) -> tuple[bytes, float | None, Metadata]:
+        """(path, timeout in seconds or None, kept metadata); hpack.HPACKError for a bad block."""
         found = self.known.get(block)
         if found is not None:
             return found
-        path, timeout = b"", None
+        path, timeout, kept = b"", None, {}
         for name, value in self.decoder.decode(block, raw=True):  # always: HPACK state must stay in step
             if name == b":path":
                 path = value
             elif name == b"grpc-timeout":
                 timeout = grpc_timeout(value)
+            elif name in KEPT_METADATA:
+                kept[name.decode("latin-1")] = value.decode("latin-1")
         if block.translate(None, _INDEXED_FIELD_BYTES):
             self.known.clear()  # literals or a table size update: the table may have changed
         else:
             if len(self.known) >= MAX_REMEMBERED_BLOCKS:
                 self.known.clear()
-            self.known[block] = path, timeout
-        return path, timeout
+            self.known[block] = path, timeout, kept
+        return path, timeout, kept
 
 
 @dataclass(frozen=True)
@@ -186,13 +192,20 @@ class Route:
 
 
 ErrorMapper = Callable[[BaseException], tuple[Code, str]]
+Metadata = Mapping[str, str]  # the KEPT_METADATA a call came with
 
 _on_loop = contextvars.ContextVar("on_loop", default=False)
+_metadata: contextvars.ContextVar[Metadata] = contextvars.ContextVar("metadata", default={})
 
 
 def on_loop() -> bool:
     """Whether the handler calling this runs on the event loop (and so must be quick)."""
     return _on_loop.get()
+
+
+def call_metadata() -> Metadata:
+    """The KEPT_METADATA of the call the running handler answers."""
+    return _metadata.get()
 
 
 class Offload(Exception):
@@ -228,6 +241,7 @@ class _Stream:
     held: int = 0  # bytes of this stream counted against the connection's receive window
     unacked: int = 0  # bytes received since the stream's window was last extended
     path: bytes = b""
+    metadata: Metadata = field(default_factory=dict)
     deadline: float | None = None  # loop time
     body: bytearray = field(default_factory=bytearray)
     outbox: bytearray = field(default_factory=bytearray)
@@ -449,7 +463,7 @@ class _Connection(asyncio.Protocol):
             self.block_stream = sid
             return
         self.block_stream = 0
-        path, timeout = self.headers.decode(bytes(self.block))
+        path, timeout, metadata = self.headers.decode(bytes(self.block))
         self.block = bytearray()
         existing = self.streams.get(sid)
         if existing is not None:  # trailers after the request body: end of the request
@@ -460,7 +474,7 @@ class _Connection(asyncio.Protocol):
         if self.closing or len(self.streams) >= MAX_STREAMS:  # as advertised
             self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.REFUSED_STREAM)))
             return
-        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window, path=path)
+        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window, path=path, metadata=metadata)
         if timeout is not None:
             stream.deadline = asyncio.get_running_loop().time() + timeout
         if self.block_flags:
@@ -630,7 +644,7 @@ class _Connection(asyncio.Protocol):
         if pool is None:
             token = _on_loop.set(True)
             try:
-                self._complete(stream, route, request, started, self.server.call(route, request))
+                self._complete(stream, route, request, started, self.server.call(route, request, stream.metadata))
                 return
             except Offload as offload:
                 pool = offload.pool
@@ -640,7 +654,7 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"{MAX_QUEUED} calls are waiting already")
             return
         self.server.queued += 1
-        stream.work = future = self.server.pools[pool].submit(self.server.call, route, request)
+        stream.work = future = self.server.pools[pool].submit(self.server.call, route, request, stream.metadata)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(self._done, stream, route, request, started, f))
         if stream.deadline is not None:
             stream.timer = loop.call_at(stream.deadline, self._expire, stream)
@@ -770,9 +784,10 @@ class GrpcServer:
         self.queued = 0  # calls submitted to the pools and not done
         self._server: asyncio.AbstractServer | None = None
 
-    def call(self, route: Route, request: Any) -> tuple[Iterable[bytes], Code, str]:
+    def call(self, route: Route, request: Any, metadata: Metadata) -> tuple[Iterable[bytes], Code, str]:
         """Run a handler; returns its serialized answer (a list of one message, or lazily an
         iterator for streaming routes) and the status (code, message)."""
+        token = _metadata.set(metadata)
         try:
             result = route.handler(request)
             if route.streaming:
@@ -785,6 +800,8 @@ class GrpcServer:
         except Exception as exc:
             code, message = self.errors(exc)
             return iter(()), code, message
+        finally:
+            _metadata.reset(token)
 
     async def listen(self, path: str) -> None:
         loop = asyncio.get_running_loop()

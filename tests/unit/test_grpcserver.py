@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 from addlower.server import grpcserver as g
 from addlower.server.grpcserver import H2Error, frame
 
-ECHO, SLOW, MANY = b"/t.T/Echo", b"/t.T/Slow", b"/t.T/Many"
+ECHO, SLOW, MANY, WHO = b"/t.T/Echo", b"/t.T/Slow", b"/t.T/Many", b"/t.T/Who"
 
 
 class FakeTransport:
@@ -72,6 +72,8 @@ class Peer:
             ECHO.decode(): g.Route(wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(value=r.value.upper())),
             SLOW.decode(): g.Route(wrappers_pb2.StringValue, lambda r: r, pool="held"),
             MANY.decode(): g.Route(wrappers_pb2.StringValue, many, streaming=True),
+            WHO.decode(): g.Route(wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(
+                value=repr(sorted(g.call_metadata().items())))),
         }
         self.server = g.GrpcServer(routes, {"held": self.pool}, lambda exc: (g.Code.UNKNOWN, str(exc)))
         self.conn = g._Connection(self.server)
@@ -129,6 +131,23 @@ def test_a_call_is_answered():
         data = b"".join(payload for t, _, s, payload in out if t == g.DATA and s == 1)
         assert wrappers_pb2.StringValue.FromString(data[5:]).value == "HI"
         assert p.status(out, 1) == 0
+    run(test)
+
+
+def test_a_handler_sees_containerds_namespace_and_lease_of_its_own_call_and_nothing_else():
+    def test() -> None:
+        p = Peer()
+        p.frames()
+        kept = ((b"containerd-namespace", b"ci"), (b"containerd-lease", b"l1"), (b"authorization", b"secret"))
+        p.call(1, WHO, extra=kept)
+        p.call(3, WHO, extra=((b"containerd-namespace", b"other"),))
+        p.call(5, WHO, extra=kept)  # the same block again: remembered, with its metadata
+        out = p.frames()
+        answers = [wrappers_pb2.StringValue.FromString(b"".join(
+            payload for t, _, s, payload in out if t == g.DATA and s == sid)[5:]).value for sid in (1, 3, 5)]
+        both = "[('containerd-lease', 'l1'), ('containerd-namespace', 'ci')]"
+        assert answers == [both, "[('containerd-namespace', 'other')]", both]
+        assert g.call_metadata() == {}  # only while a handler runs
     run(test)
 
 
