@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. addlower/api/*.proto
-rm -f addlower/api/mount_pb2_grpc.py  # mount.proto has no service
+rm -f addlower/api/mount_pb2_grpc.py addlower/api/descriptor_pb2_grpc.py  # no services in them
 echo "regenerated: $(ls addlower/api/*_pb2*.py | tr '\n' ' ')"

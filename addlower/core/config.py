@@ -21,6 +21,7 @@ from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
 PLUGIN_NAME = "overlay-custom-add-lower-snapshotter"  # as containerd configs and docs name it
+DIFFER_NAME = "overlay-custom-add-lower-differ"  # the same daemon as containerd's diff proxy plugin
 SOCKET_NAME = "grpc.socks"
 # The daemon's own gRPC service beside containerd's Snapshots on its socket (0660, root's): its
 # Reload re-reads the file the daemon was started with and takes nothing from the caller.

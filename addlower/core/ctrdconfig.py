@@ -17,11 +17,16 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from addlower.core.config import PLUGIN_NAME
+from addlower.core.config import DIFFER_NAME, PLUGIN_NAME
 
 BUILTIN_SNAPSHOTTER = "overlayfs"
 CRI_SERVICE = "io.containerd.grpc.v1.cri"
 TRANSFER = ("plugins", "io.containerd.transfer.v1.local")
+# The diff service tries its differs in this key's order, the next one when a differ answers
+# UNIMPLEMENTED; containerd's own default is ["walking"]. The same table in config versions 2 and 3.
+DIFF_SERVICE = ("plugins", "io.containerd.service.v1.diff-service")
+WALKING = "walking"
+MIN_DIFF_PROXY = (1, 7)  # containerd 1.6 loads no proxy plugin of type diff
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
@@ -88,6 +93,22 @@ def host_platform() -> str:
 def proxy_plugin(address: str, root: str) -> dict[str, Any]:
     """The [proxy_plugins.<name>] table declaring the snapshotter at `address`, its data at `root`."""
     return {"type": "snapshot", "address": address, "exports": {"root": root}}
+
+
+def diff_proxy(version: tuple[int, ...]) -> bool:
+    """Whether a containerd of `version` can ask our differ (a proxy plugin of type diff)."""
+    return version[:2] >= MIN_DIFF_PROXY
+
+
+def differ_plugin(address: str) -> dict[str, Any]:
+    """The [proxy_plugins.<DIFFER_NAME>] table: the daemon's socket, serving containerd's Diff API."""
+    return {"type": "diff", "address": address}
+
+
+def differ_order(current: list[str] | None) -> list[str]:
+    """The diff service's `default` with our differ first (it passes on what is not ours)."""
+    rest = [name for name in (current or [WALKING]) if name != DIFFER_NAME]
+    return [DIFFER_NAME, *rest]
 
 
 def unpack_config(snapshotters: tuple[str, ...] = (BUILTIN_SNAPSHOTTER, PLUGIN_NAME)) -> list[dict[str, str]]:

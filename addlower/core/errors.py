@@ -39,6 +39,13 @@ class ResourceExhausted(SnapshotError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class Unimplemented(SnapshotError):
+    """Not ours to answer: containerd then asks the next plugin (its diff service falls through
+    its differs on this code)."""
+
+    code = Code.UNIMPLEMENTED
+
+
 class Unavailable(SnapshotError):
     """A service we depend on (containerd, for Kubernetes pods) did not answer in time."""
 

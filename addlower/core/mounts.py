@@ -69,6 +69,14 @@ class Layout:
     def targets(self, sid: int | str) -> str:
         return f"{self.root}/snapshots/{sid}/targets"
 
+    def sid_of_upper(self, path: str) -> int | None:
+        """The snapshot whose own dir `path` is (`snapshots/N/fs`), or None."""
+        prefix = f"{self.root}/snapshots/"
+        if not (path.startswith(prefix) and path.endswith("/fs")):
+            return None
+        sid = path[len(prefix):-len("/fs")]
+        return int(sid) if sid.isdigit() and sid[0] != "0" else None
+
     def target_dir(self, sid: int | str, target: str) -> str:
         """The upper and work dirs of the mount at container path `target`, named by its hash so
         that they follow the target, not its place in the label."""
@@ -94,6 +102,23 @@ MOUNT_RULES: dict[tuple[Kind, int | str], MountRule] = {
     (Kind.ACTIVE, "many"): MountRule("overlay"),
     (Kind.VIEW, "many"): MountRule("overlay"),
 }
+
+
+def option(mount: Mount, key: str) -> str | None:
+    """The value of option `key=` of `mount`, if it has one."""
+    prefix = key + "="
+    return next((o[len(prefix):] for o in mount.options if o.startswith(prefix)), None)
+
+
+def layer_dirs(mount: Mount) -> tuple[str | None, list[str]] | None:
+    """(upper dir or None, lower dirs topmost first) of a rootfs mount as a snapshotter gives it:
+    an overlay's upperdir= and lowerdir=, or a bind mount's source; None for anything else."""
+    if mount.type == "bind":
+        return None, [mount.source]
+    if mount.type != "overlay":
+        return None
+    lowers = option(mount, "lowerdir")
+    return option(mount, "upperdir"), lowers.split(":") if lowers else []
 
 
 def rule_for(kind: Kind, nparents: int) -> MountRule:

@@ -25,6 +25,7 @@ from pathlib import Path
 import tomlkit
 
 from addlower.core import ctrdconfig
+from addlower.core.config import DIFFER_NAME, PLUGIN_NAME
 from addlower.engine import fsutil
 
 # sun_path is 108 bytes including the trailing NUL.
@@ -142,6 +143,10 @@ class PrivateContainerd:
         if self.configure is None:
             doc["proxy_plugins"] = {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
                                     for name, address in self.proxy_plugins.items()}
+            ours = self.proxy_plugins.get(PLUGIN_NAME)
+            if ours is not None and ctrdconfig.diff_proxy(self.binaries.version):
+                doc["proxy_plugins"][DIFFER_NAME] = ctrdconfig.differ_plugin(str(ours))
+                ctrdconfig.set_path(doc, ctrdconfig.DIFF_SERVICE, "default", ctrdconfig.differ_order(None))
             if ctrdconfig.uses_transfer_unpack(self.binaries.version):
                 ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "unpack_config",
                                     ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)))

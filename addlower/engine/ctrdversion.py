@@ -41,6 +41,10 @@ class TargetSupport:
             raise InvalidArgument(f"{what}: a target needs containerd >= 1.7; this is {'.'.join(map(str, version))},"
                                   " which would mount it over the whole rootfs")
 
+    def version(self) -> tuple[int, int, int] | None:
+        """The containerd version, as asked (None when it did not answer)."""
+        return self._version()[0]
+
     def _version(self) -> tuple[tuple[int, int, int] | None, str]:
         now = time.monotonic()
         if self._known is None or now - self._known[0] > REMEMBER_SECONDS:

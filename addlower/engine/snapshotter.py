@@ -29,8 +29,9 @@ from addlower.engine.podlookup import PodLowers
 from addlower.core.logformat import fields
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.engine.ctrdversion import TargetSupport
+from addlower.engine.differ import Layers
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers, target_count
-from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.core.mounts import Kind, Layout, Mount, compute_mounts, layer_dirs
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, disk_full, matching, stored_schema_version
 
@@ -322,6 +323,39 @@ class Snapshotter:
             if request.lowers:
                 metrics.LOWERS_RESOLVED.inc(request.metric)
         return mounts
+
+    def diff_layers(self, left: Sequence[Mount], right: Sequence[Mount]) -> tuple[Layers, str] | None:
+        """What a differ compares when `right` is one of our active snapshots' mounts and `left`
+        its parent's (as containerd's CreateDiff asks: a view of the parent): the snapshot's own
+        dir and its parent's layers, never its extra lowers or targets; and the snapshot's key.
+        None for anything else, which the next differ takes."""
+        roots = [m for m in right if not m.target]
+        dirs = layer_dirs(roots[0]) if len(roots) == 1 else None
+        sid = self.layout.sid_of_upper(dirs[0]) if dirs and dirs[0] else None
+        if sid is None:
+            return None
+        with self.store.read() as reader:
+            if not reader.has_id(sid):
+                return None
+            snap = reader.snapshot_of(sid)
+            key = reader.key_of(sid)
+        if snap.kind != Kind.ACTIVE:
+            return None
+        parents = [self.layout.upper(p) for p in snap.parent_ids]
+        bases = [m for m in left if not m.target]
+        base = layer_dirs(bases[0]) if len(bases) == 1 else ((None, []) if not left else None)
+        if base is None or base[0] is not None:
+            return None
+        if base[1] != parents and (parents or not self._empty_view(base[1])):
+            return None
+        return Layers(os.fsencode(self.layout.upper(sid)), tuple(os.fsencode(d) for d in base[1])), key
+
+    def _empty_view(self, dirs: Sequence[str]) -> bool:
+        """Whether `dirs` is a parentless view of ours (the base a parentless snapshot is
+        compared with)."""
+        sid = self.layout.sid_of_upper(dirs[0]) if len(dirs) == 1 else None
+        with self.store.read() as reader:
+            return sid is not None and reader.has_id(sid) and not reader.snapshot_of(sid).parent_ids
 
     def plain(self, key: str) -> Info | None:
         """The Info of `key` when its mounts follow from the store alone (no extra lowers asked

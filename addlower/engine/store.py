@@ -160,6 +160,14 @@ class Reader:
         rec = self._get(key)
         return rec.id, rec.info, rec.usage
 
+    def key_of(self, sid: int) -> str:
+        return self._m.by_id[sid].info.name
+
+    def snapshot_of(self, sid: int) -> Snapshot:
+        """The snapshot with id `sid` (which must exist), any kind."""
+        rec = self._m.by_id[sid]
+        return Snapshot(rec.id, rec.info.kind, self._parent_ids(rec.parent_id), rec.info.labels)
+
     def get_snapshot(self, key: str) -> Snapshot:
         """The snapshot behind an active or view key (mountable kinds only)."""
         rec = self._get(key)

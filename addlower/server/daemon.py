@@ -24,6 +24,9 @@ from addlower import __version__
 from addlower.engine import metrics
 from addlower.core.config import ADMIN_SERVICE, Config, ConfigError
 from addlower.core.errors import FailedPrecondition, SnapshotError
+from addlower.engine.content import ContentStore
+from addlower.server.diffservice import DiffService
+from addlower.server.diffservice import routes as diff_routes
 from addlower.server.grpcserver import GrpcServer, Route
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.logformat import fields
@@ -101,10 +104,12 @@ class Daemon:
             RELOAD: futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="reload"),
         }
         self._hup_pending = False
-        calls = metrics.CallStats([*METHODS, self.Reload.__name__])
+        differ = DiffService(self.snapshotter, ContentStore(config.kubernetes.containerd_address))
+        calls = metrics.CallStats([*METHODS, self.Reload.__name__, differ.Diff.__name__, differ.Apply.__name__])
         service = SnapshotsService(self.snapshotter)
         admin = {f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD)}
-        self.server = GrpcServer({**routes(service), **admin}, self.pools, service.map_error, calls.observe)
+        self.server = GrpcServer({**routes(service), **diff_routes(differ, BLOCKING), **admin}, self.pools,
+                                 service.map_error, calls.observe)
         if config.metrics_address:
             sn = self.snapshotter
             store = sn.store
