@@ -38,6 +38,7 @@ from addlower.ops.client import SnapshotsClient
 from addlower.core.config import (
     DEFAULT_CONFIG,
     DEFAULT_ROOT,
+    DIFFER_NAME,
     PLUGIN_NAME,
     SOCKET_NAME,
     Config,
@@ -60,6 +61,7 @@ from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
 SNAPSHOTTER_PLUGIN_TYPE = "io.containerd.snapshotter.v1"  # containerd's plugin type of snapshotters, proxies too
+DIFFER_PLUGIN_TYPE = "io.containerd.differ.v1"  # and of differs
 WIDTH = 80  # columns of a terminal that does not say
 GAP = "  "  # between table columns
 MIN_FLEXIBLE = 8  # a shrinking column keeps at least this many characters
@@ -529,7 +531,7 @@ def cleanup(inv: Invocation) -> None:
 
 # --- doctor ---------------------------------------------------------------------------------------
 
-PASS, FAIL, INFO = "PASS", "FAIL", "INFO"
+PASS, FAIL, WARN, INFO = "PASS", "FAIL", "WARN", "INFO"  # WARN: works, with a limit to know
 
 
 @dataclass(frozen=True)
@@ -762,9 +764,10 @@ def check_cri(file: ContainerdFile, name: str, pods: bool) -> Check:
                  "(or in a runtime handler's table, for a RuntimeClass), then restart containerd")
 
 
-def check_plugin_loaded(address: str, name: str, answers: bool) -> Check:
-    """containerd loaded the proxy plugin `name` and it started: what `ctr plugins ls` shows."""
-    what = "plugin loaded"
+def check_plugin_loaded(address: str, name: str, answers: bool, kind: str = SNAPSHOTTER_PLUGIN_TYPE,
+                        what: str = "plugin loaded") -> Check:
+    """containerd loaded the proxy plugin `name` of type `kind` and it started: what `ctr plugins
+    ls` shows."""
     if not answers:
         return Check(what, INFO, f"not checked: containerd does not answer at {address}")
     try:
@@ -774,15 +777,44 @@ def check_plugin_loaded(address: str, name: str, answers: bool) -> Check:
     except grpc.RpcError as exc:
         return Check(what, FAIL, f"containerd's Introspection API at {address}: {exc.code().name}: {exc.details()}",
                      "read containerd's log")
-    found = [p for p in reply.plugins if p.type == SNAPSHOTTER_PLUGIN_TYPE and p.id == name]
+    found = [p for p in reply.plugins if p.type == kind and p.id == name]
     if not found:
-        return Check(what, FAIL, f"containerd at {address} has no {SNAPSHOTTER_PLUGIN_TYPE} plugin {name} "
+        return Check(what, FAIL, f"containerd at {address} has no {kind} plugin {name} "
                      "(ctr plugins ls)", f"declare [proxy_plugins.{name}] in containerd's config (see the "
                      "containerd config check), then restart containerd")
     if found[0].HasField("init_err"):
         return Check(what, FAIL, f"containerd could not start its plugin {name}: {found[0].init_err.message}",
                      "read containerd's log; restart containerd once the snapshotter answers")
-    return Check(what, PASS, f"containerd at {address} loaded {SNAPSHOTTER_PLUGIN_TYPE} {name}: ok")
+    return Check(what, PASS, f"containerd at {address} loaded {kind} {name}: ok")
+
+
+def check_differ(file: ContainerdFile, socket: Path, containerd: tuple[int, int, int] | None) -> tuple[str, Check]:
+    """containerd asks this daemon's differ first, so commits of containers hold no extra lowers;
+    containerd 1.6 cannot (a WARN). Also the name containerd knows the differ by."""
+    what = "commits"
+    if containerd is None:
+        return DIFFER_NAME, Check(what, INFO, "containerd's version is unknown: the differ was not checked")
+    if not ctrdconfig.diff_proxy(containerd):
+        return DIFFER_NAME, Check(
+            what, WARN, f"containerd {_version_text(containerd)} loads no diff proxy plugin: a commit of a container "
+            "(ctr snapshots diff, nerdctl commit) holds the files of its extra lowers, as its walking differ sees "
+            "the whole mount", "upgrade containerd to 1.7 or later; until then, commit only containers without "
+            "extra lowers")
+    found = [n for n, p in file.proxy_plugins().items()
+             if p.get("type") in ("diff", DIFFER_PLUGIN_TYPE) and os.path.normpath(str(p.get("address", ""))) == str(socket)]
+    name = found[0] if found else DIFFER_NAME
+    order = list(ctrdconfig.get_path(file.document, (*ctrdconfig.DIFF_SERVICE, "default")) or [ctrdconfig.WALKING])
+    table = {"proxy_plugins": {name: ctrdconfig.differ_plugin(str(socket))},
+             "plugins": {ctrdconfig.DIFF_SERVICE[1]: {"default": ctrdconfig.differ_order(order)}}}
+    hint = f"add to {file.path}, then restart containerd:\n" + tomlkit.dumps(table).rstrip("\n")
+    if not found:
+        return name, Check(what, FAIL, f"{file.path} has no diff proxy plugin at {socket}: commits of containers "
+                           "would hold their extra lowers", hint)
+    if order[0] != name:
+        return name, Check(what, FAIL, f"the diff service asks {order[0]!r} first (default = {order}), not {name}: "
+                           "commits of containers would hold their extra lowers", hint)
+    return name, Check(what, PASS, f"the diff service asks {name} (this daemon) first: commits hold a container's own "
+                       "changes")
 
 
 def check_containerd_address(config: Config, containerd: str) -> list[Check]:
@@ -818,7 +850,7 @@ def check_containerd_address(config: Config, containerd: str) -> list[Check]:
 def print_check(check: Check) -> None:
     indent = " " * 6
     click.echo(_fill(check.detail, f"{check.status:<6}{check.name}: ", indent))
-    if check.status == FAIL and check.hint:
+    if check.status in (FAIL, WARN) and check.hint:
         advice, *verbatim = check.hint.splitlines()  # verbatim: text to copy, such as TOML
         click.echo(_fill(advice, indent + "fix: ", indent + "  "))
         for line in verbatim:
@@ -845,8 +877,9 @@ def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | N
     file = ContainerdFile.read(containerd_config)
     address = containerd_address or file.address
     version, why = ask_version(address, PROBE_TIMEOUT)
-    name, containerd_checks = check_containerd(file, target.socket, target.root, version or installed_containerd(),
-                                               config.kubernetes.enabled)
+    known = version or installed_containerd()
+    name, containerd_checks = check_containerd(file, target.socket, target.root, known, config.kubernetes.enabled)
+    differ, differ_check = check_differ(file, target.socket, known)
     checks = [
         config_check,
         *check_lowers(config),
@@ -858,6 +891,9 @@ def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | N
         check_containerd_answers(address, version, why),
         *containerd_checks,
         check_plugin_loaded(address, name, version is not None),
+        differ_check,
+        *([check_plugin_loaded(address, differ, version is not None, DIFFER_PLUGIN_TYPE, "differ loaded")]
+          if differ_check.status == PASS else []),
         *check_containerd_address(config, address),
     ]
     ok = all(c.status != FAIL for c in checks)

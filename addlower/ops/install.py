@@ -34,7 +34,7 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 
 from addlower.core import ctrdconfig
-from addlower.core.config import DEFAULT_CONFIG, PLUGIN_NAME, Config, load_config
+from addlower.core.config import DEFAULT_CONFIG, DIFFER_NAME, PLUGIN_NAME, Config, load_config
 from addlower.core.ctrdconfig import get_path, set_path
 
 Version = tuple[int, int, int]
@@ -80,6 +80,13 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
         runtimes = ctrdconfig.cri_runtimes_table(version)
         if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
             set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
+    if ctrdconfig.diff_proxy(containerd):  # commits of our containers through our differ
+        differ = get_path(doc, ("proxy_plugins", DIFFER_NAME))
+        if differ is None or differ.get("address") != socket or differ.get("type") != "diff":
+            set_path(doc, ("proxy_plugins",), DIFFER_NAME, ctrdconfig.differ_plugin(socket))
+        order = get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default"))
+        if order is None or list(order) != ctrdconfig.differ_order(list(order)):
+            set_path(doc, ctrdconfig.DIFF_SERVICE, "default", ctrdconfig.differ_order(list(order or [])))
     if ctrdconfig.uses_transfer_unpack(containerd):
         entries = get_path(doc, (*ctrdconfig.TRANSFER, "unpack_config"))
         if entries is None:
@@ -106,7 +113,10 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
     if (plugin.get("address"), get_path(plugin, ("exports", "root"))) != (socket, root) \
             or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PLUGIN_NAME) \
             or (ctrdconfig.uses_transfer_unpack(containerd)
-                and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)):
+                and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)) \
+            or (ctrdconfig.diff_proxy(containerd)
+                and ((get_path(doc, ("proxy_plugins", DIFFER_NAME)) or {}).get("address") != socket
+                     or (get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default")) or [None])[0] != DIFFER_NAME)):
         raise InstallError("the edited config would not say what it must; nothing written")
 
 

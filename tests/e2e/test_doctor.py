@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from addlower.cli import admin as GROUP
 from addlower.core import ctrdconfig
-from addlower.core.config import PLUGIN_NAME
+from addlower.core.config import DIFFER_NAME, PLUGIN_NAME
 from addlower.dev.devcontainerd import Binaries, CriSettings, PrivateContainerd
 from addlower.dev.ociimage import OciImage
 from addlower.ops.install import plugin_table
@@ -98,8 +98,13 @@ def fails(checks: Mapping[str, Mapping[str, str]]) -> set[str]:
 def test_doctor_passes_a_good_node(node: Node, binaries: Binaries):
     checks = node.doctor(0)
     version = ".".join(map(str, binaries.version))
+    limits = {} if ctrdconfig.diff_proxy(binaries.version) else {"commits": "WARN"}  # 1.6: no diff proxy
     assert {n: c["status"] for n, c in checks.items() if c["status"] != "PASS"} == {
-        **{n: "INFO" for n in INFO_ONLY}, "named lower npm": "INFO"}
+        **{n: "INFO" for n in INFO_ONLY}, "named lower npm": "INFO", **limits}
+    if limits:
+        assert "holds the files of its extra lowers" in checks["commits"]["detail"]
+    else:
+        assert checks["differ loaded"]["detail"].endswith(f"loaded io.containerd.differ.v1 {DIFFER_NAME}: ok")
     assert f"containerd {version} answers at {node.containerd.address}" in checks["containerd"]["detail"]
     assert checks["plugin loaded"]["detail"].endswith(f"loaded io.containerd.snapshotter.v1 {PLUGIN_NAME}: ok")
     assert checks["CRI snapshotter"]["detail"] == f"CRI unpacks and runs pods on {PLUGIN_NAME}"
@@ -140,7 +145,10 @@ def test_doctor_fails_a_containerd_without_the_plugin_until_it_is_declared_and_r
         tmp_path_factory: pytest.TempPathFactory, binaries: Binaries):
     with running_node(tmp_path_factory.mktemp("doctor-bare"), binaries, plugin=False) as n:
         checks = n.doctor(1)
-        assert fails(checks) == {"containerd config", "plugin loaded"}
+        differ = {"commits"} if ctrdconfig.diff_proxy(binaries.version) else set()
+        assert fails(checks) == {"containerd config", "plugin loaded", *differ}
+        if differ:
+            assert f"[proxy_plugins.{DIFFER_NAME}]" in checks["commits"]["hint"]
         assert f"has no io.containerd.snapshotter.v1 plugin {PLUGIN_NAME}" in checks["plugin loaded"]["detail"]
         assert f"[proxy_plugins.{PLUGIN_NAME}]" in checks["containerd config"]["hint"]
 
@@ -151,7 +159,7 @@ def test_doctor_fails_a_containerd_without_the_plugin_until_it_is_declared_and_r
         assert checks["plugin loaded"]["status"] == "FAIL" and "restart containerd" in checks["plugin loaded"]["hint"]
 
         n.containerd.stop()
-        n.containerd.proxy_plugins = {PLUGIN_NAME: n.daemon.socket}  # and Transfer's unpack_config on 2.1+
+        n.containerd.proxy_plugins = {PLUGIN_NAME: n.daemon.socket}  # its differ, Transfer's unpack_config
         n.containerd.start()
         checks = n.doctor(0)
         assert checks["plugin loaded"]["status"] == "PASS"
