@@ -22,7 +22,8 @@ REG, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO, XHEADER = b"0", b"1", b"2", b"3",
 
 NAME_SIZE, PREFIX_SIZE = 100, 155
 # (offset, size) of each field of a USTAR header block
-_NAME, _MODE, _UID, _GID, _SIZE, _MTIME, _CHKSUM = (0, 100), (100, 8), (108, 8), (116, 8), (124, 12), (136, 12), (148, 8)
+_NAME, _MODE, _UID, _GID = (0, 100), (100, 8), (108, 8), (116, 8)
+_SIZE, _MTIME, _CHKSUM = (124, 12), (136, 12), (148, 8)
 _TYPE, _LINK, _MAGIC, _VERSION = (156, 1), (157, 100), (257, 6), (263, 2)
 _UNAME, _GNAME, _DEVMAJOR, _DEVMINOR, _PREFIX = (265, 32), (297, 32), (329, 8), (337, 8), (345, 155)
 

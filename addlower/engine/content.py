@@ -52,7 +52,8 @@ class ContentStore:
         already keeps its labels and gets the uncompressed one if it lacks it."""
         import grpc
 
-        from addlower.api import content_pb2 as pb, leases_pb2
+        from addlower.api import content_pb2 as pb
+        from addlower.api import leases_pb2
 
         content, leases = self._stubs()
         try:

@@ -800,8 +800,8 @@ def check_differ(file: ContainerdFile, socket: Path, containerd: tuple[int, int,
             "(ctr snapshots diff, nerdctl commit) holds the files of its extra lowers, as its walking differ sees "
             "the whole mount", "upgrade containerd to 1.7 or later; until then, commit only containers without "
             "extra lowers")
-    found = [n for n, p in file.proxy_plugins().items()
-             if p.get("type") in ("diff", DIFFER_PLUGIN_TYPE) and os.path.normpath(str(p.get("address", ""))) == str(socket)]
+    found = [n for n, p in file.proxy_plugins().items() if p.get("type") in ("diff", DIFFER_PLUGIN_TYPE)
+             and os.path.normpath(str(p.get("address", ""))) == str(socket)]
     name = found[0] if found else DIFFER_NAME
     order = list(ctrdconfig.get_path(file.document, (*ctrdconfig.DIFF_SERVICE, "default")) or [ctrdconfig.WALKING])
     table = {"proxy_plugins": {name: ctrdconfig.differ_plugin(str(socket))},

@@ -17,11 +17,17 @@ import tempfile
 import time
 from typing import Any
 
-from addlower.api import descriptor_pb2, diff_pb2 as pb
+from addlower.api import descriptor_pb2
+from addlower.api import diff_pb2 as pb
 from addlower.core.errors import FailedPrecondition, Unimplemented
 from addlower.core.logformat import fields
 from addlower.core.mounts import Mount
-from addlower.engine.content import NAMESPACE_HEADER, LEASE_HEADER, UNCOMPRESSED_LABEL, ContentStore
+from addlower.engine.content import (
+    LEASE_HEADER,
+    NAMESPACE_HEADER,
+    UNCOMPRESSED_LABEL,
+    ContentStore,
+)
 from addlower.engine.differ import LAYER_GZIP, MEDIA_TYPES, write_layer
 from addlower.engine.snapshotter import Snapshotter
 from addlower.server.grpcserver import Route, call_metadata

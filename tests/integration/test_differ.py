@@ -1,0 +1,68 @@
+"""The differ's rules on real dirs (overlay whiteouts are character devices 0/0 and opaque dirs a
+trusted.overlay xattr, so this runs as root): which paths of an upper dir are changes against the
+parent's merged layers, as containerd's walking differ would find them on the mounted views."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+from addlower.engine.differ import LAYER_TAR, Layers, changes, write_layer
+
+
+def whiteout(path: Path) -> None:
+    os.mknod(path, 0o600 | 0o020000, os.makedev(0, 0))
+
+
+def opaque(path: Path) -> None:
+    os.setxattr(path, "trusted.overlay.opaque", b"y")
+
+
+def tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+def found(upper: Path, *lowers: Path) -> list[tuple[str, str]]:
+    layers = Layers(os.fsencode(upper), tuple(os.fsencode(p) for p in lowers))
+    return [(kind.name, path.decode()) for kind, path, _ in changes(layers)]
+
+
+def test_the_walking_differs_rules_from_the_upper_dir_and_the_merged_parent(tmp_path: Path):
+    base, top, up = tmp_path / "base", tmp_path / "top", tmp_path / "up"
+    tree(base, {"etc/conf": "a", "etc/same": "s", "d/x": "x", "d/sub/y": "y", "gone/z": "z", "hidden/h": "h",
+                "o/old": "o"})
+    tree(top, {"etc/conf": "b", "o/kept-by-top": "k"})
+    whiteout(top / "hidden")  # the parent itself deleted it
+    opaque(top / "o")  # and made o opaque: base's o/old is not in the parent
+    os.utime(base / "etc" / "same", ns=(0, 1_500_000_000_000_000_000))
+    tree(up, {"etc/conf": "c", "etc/same": "s", "etc/new": "n", "d/new": "n", "o/fresh": "f", "hidden/again": "a"})
+    os.utime(up / "etc" / "same", ns=(0, 1_500_000_000_000_000_000))  # copied up unchanged
+    whiteout(up / "gone")  # a deleted dir
+    whiteout(up / "not-in-parent")  # a whiteout of something only an extra lower had: nothing
+    opaque(up / "d")  # rm -r d; mkdir d: every parent entry of d it lacks is deleted
+    opaque(up / "o")  # hides top's o/kept-by-top; base's o/old is hidden by top's own opaque o already
+    assert found(up, top, base) == [
+        ("ADD", "d/new"), ("DELETE", "d/sub"), ("DELETE", "d/x"),  # opaque d: what the parent had, deleted
+        ("MODIFY", "etc/conf"), ("ADD", "etc/new"),  # etc/same was copied up unchanged: the same file
+        ("DELETE", "gone"),  # a deleted dir is one whiteout; "not-in-parent" is nothing
+        ("ADD", "hidden"), ("ADD", "hidden/again"),  # the parent deleted "hidden": new here
+        ("ADD", "o/fresh"), ("DELETE", "o/kept-by-top")]
+
+
+def test_the_layer_has_parents_first_whiteouts_and_hardlinks(tmp_path: Path):
+    base, up = tmp_path / "base", tmp_path / "up"
+    tree(base, {"a/old": "o", "a/shared": "s"})
+    tree(up, {"a/new": "n"})
+    os.link(up / "a" / "new", up / "a" / "new-link")
+    whiteout(up / "a" / "old")
+    out = io.BytesIO()
+    layer = write_layer(Layers(os.fsencode(up), (os.fsencode(base),)), out, LAYER_TAR, whiteout_time=0)
+    members = tarfile.open(fileobj=io.BytesIO(out.getvalue())).getmembers()
+    assert [(m.name, m.type, m.linkname) for m in members] == [
+        ("a", tarfile.DIRTYPE, ""), ("a/new", tarfile.REGTYPE, ""), ("a/new-link", tarfile.LNKTYPE, "a/new"),
+        ("a/.wh.old", tarfile.REGTYPE, "")]
+    assert layer.digest == layer.diff_id and layer.size == len(out.getvalue())  # a tar: one digest
