@@ -371,7 +371,8 @@ def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path)
             daemon = stack.enter_context(running(SnapshotterProcess(fs / "snap", command=target.command)))
             proxies = {PLUGIN_NAME: daemon.socket}
         ctrd = stack.enter_context(BenchContainerd(fs / "ctrd", proxy_plugins=proxies,
-                                                   cri=CriSettings(snapshotter=sn)))
+                                                   cri=CriSettings(snapshotter=sn),
+                                                   differ=target.name == "ours"))  # the Go original has none
         assert ctrd.proc is not None
         ctrd_pid = ctrd.proc.pid
         snap_pid = daemon.proc.pid if daemon and daemon.proc else ctrd_pid

@@ -100,14 +100,18 @@ class PrivateContainerd:
         cri: CriSettings | bool = False,
         binaries: Binaries | None = None,
         configure: Callable[[str], str] | None = None,
+        differ: bool = True,
     ) -> None:
         """`configure`, when given, gets the config text without the proxy plugins' tables and
-        Transfer's unpack entries, and must add them, as `addlower install` does on a node."""
+        Transfer's unpack entries, and must add them, as `addlower install` does on a node.
+        `differ`: our snapshotter's socket is also containerd's first differ (1.7+), as installed;
+        only where the daemon runs: while it is down, containerd's diff service cannot unpack."""
         self.workdir = workdir.absolute()
         self.proxy_plugins = dict(proxy_plugins or {})  # name -> socket, in the snapshotter's root
         self.cri = CriSettings() if cri is True else cri or None
         self.binaries = binaries or Binaries.from_env()
         self.configure = configure
+        self.differ = differ
         self.address = self.workdir / "containerd.sock"
         self.ttrpc_address = self.workdir / "containerd.sock.ttrpc"
         self.root = self.workdir / "root"
@@ -144,7 +148,7 @@ class PrivateContainerd:
             doc["proxy_plugins"] = {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
                                     for name, address in self.proxy_plugins.items()}
             ours = self.proxy_plugins.get(PLUGIN_NAME)
-            if ours is not None and ctrdconfig.diff_proxy(self.binaries.version):
+            if ours is not None and self.differ and ctrdconfig.diff_proxy(self.binaries.version):
                 doc["proxy_plugins"][DIFFER_NAME] = ctrdconfig.differ_plugin(str(ours))
                 ctrdconfig.set_path(doc, ctrdconfig.DIFF_SERVICE, "default", ctrdconfig.differ_order(None))
             if ctrdconfig.uses_transfer_unpack(self.binaries.version):

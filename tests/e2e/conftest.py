@@ -143,14 +143,15 @@ def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
                     report.sections.append((f"{title} ({value.snapshotter})", text))
 
 
-def private_containerd(workdir: Path, daemon_root: Path, binaries: Binaries) -> PrivateContainerd:
-    """A containerd of the `binaries` line that knows the daemon at `daemon_root` as a proxy snapshotter.
+def private_containerd(workdir: Path, daemon_root: Path, binaries: Binaries, differ: bool = True) -> PrivateContainerd:
+    """A containerd of the `binaries` line that knows the daemon at `daemon_root` as a proxy snapshotter
+    and, with `differ` (the daemon runs), as its first differ.
 
     Start the daemon first: containerd dials proxies at start-up and, if the socket is not there
     yet, fails calls until its reconnect backoff (up to 3 s) retries.
     """
     return PrivateContainerd(workdir, proxy_plugins={PLUGIN_NAME: Daemon(root=daemon_root).socket},
-                             binaries=binaries)
+                             binaries=binaries, differ=differ)
 
 
 def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
@@ -169,8 +170,8 @@ def running_target(workdir: Path, binaries: Binaries, builtin: bool, daemon_args
         if not builtin:
             daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
             stack.callback(daemon.stop)
-        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root, binaries)),
-                          daemon)
+        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root, binaries,
+                                                                 differ=not builtin)), daemon)
 
 
 @pytest.fixture(scope="session")

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
+from addlower.api import content_pb2, content_pb2_grpc, diff_pb2, diff_pb2_grpc, leases_pb2, leases_pb2_grpc
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.ctrdconfig import BUILTIN_SNAPSHOTTER, diff_proxy
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.dev import ociimage
 from addlower.dev.devcontainerd import Binaries
+from addlower.dev.mounting import mounted
 from addlower.dev.ociimage import OciImage, directory, file
+from addlower.engine.content import UNCOMPRESSED_LABEL
+from addlower.engine.differ import LAYER_GZIP
+from addlower.ops.client import SnapshotsClient
 
 from .conftest import Target, running_target
 
@@ -113,3 +120,48 @@ def test_the_layer_is_the_containers_own_changes_and_equals_the_walking_differs(
     assert ours == builtin  # every header and byte, whiteouts and hardlink included
     log = node.daemon.log() if node.daemon else ""
     assert log.count("wrote a layer from the snapshot's own dir") == 1  # ours only: the built-in's went on
+
+
+def test_a_commit_through_containerds_diff_api_applies_as_the_containers_own_changes(
+        node: Target, image: OciImage, binaries: Binaries, tmp_path: Path):
+    """What nerdctl commit does, without a Go client: Compare (the parent's view against the
+    container's mounts) through containerd's Diff API, then the layer applied onto the parent in a
+    fresh snapshot, which then holds the container's changes and nothing of its lowers."""
+    ours = diff_proxy(binaries.version)  # 1.6: the walking differ, which takes the lowers in
+    cache = Path(node.containerd.workdir).parent / "cache"
+    lowers = f"{cache / 'root'}:{cache / 'm2'}@/root/.m2" if ours else str(cache / "root")
+    node.containerd.run(image.ref, "api", "sh", "-c", SCRIPT, namespace=NS, snapshotter=PLUGIN_NAME, rm=False,
+                        options=["--snapshotter-label", f"{LOWERS}={lowers}"])
+    metadata = [("containerd-namespace", NS)]
+    with grpc.insecure_channel(f"unix://{node.containerd.address}") as channel:
+        # What a client does: a lease, so containerd's GC leaves the snapshots and the blob alone.
+        leases_pb2_grpc.LeasesStub(channel).Create(leases_pb2.CreateRequest(id="commit"), metadata=metadata)
+        metadata.append(("containerd-lease", "commit"))
+        snapshots = SnapshotsClient(channel, PLUGIN_NAME, metadata)
+        differ = diff_pb2_grpc.DiffStub(channel)
+        parent = snapshots.stat("api").parent
+        left = snapshots.view("api-parent-view", parent)
+        layer = differ.Diff(diff_pb2.DiffRequest(left=left, right=snapshots.mounts("api"), media_type=LAYER_GZIP),
+                            metadata=metadata).diff
+        info = content_pb2_grpc.ContentStub(channel).Info(content_pb2.InfoRequest(digest=layer.digest),
+                                                           metadata=metadata).info
+        assert info.size == layer.size and info.labels[UNCOMPRESSED_LABEL].startswith("sha256:")
+        fresh = snapshots.prepare("applied", parent)
+        applied = differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=fresh), metadata=metadata).applied
+        assert applied.digest == info.labels[UNCOMPRESSED_LABEL]  # the applier read the same tar we wrote
+        snapshots.commit("applied-layer", "applied")
+        with mounted(snapshots.view("applied-view", "applied-layer"), tmp_path / "rootfs") as rootfs:
+            assert (rootfs / "app" / "added").read_text() == "new\n"
+            assert (rootfs / "app" / "added").stat().st_ino == (rootfs / "app" / "added-link").stat().st_ino
+            assert (rootfs / "etc" / "motd").read_text() == "changed\n"
+            assert {"added", "added-link", "keep"} <= set(os.listdir(rootfs / "app"))
+            assert not {"old", "logs"} & set(os.listdir(rootfs / "app"))
+            assert os.listdir(rootfs / "cfg") == ["fresh"]  # the opaque dir
+            assert (rootfs / "newdir" / "sub" / "f").read_text() == "deep\n"
+            if not ours:
+                assert (rootfs / "cache-at-root.txt").exists()  # as README says of 1.6
+                return
+            assert not (rootfs / "cache-at-root.txt").exists()  # nothing of the lowers
+            assert not (rootfs / "app" / "from-cache.jar").exists()
+            assert not (rootfs / "root" / ".m2").exists()  # nor of the target
+    assert node.daemon is not None and "wrote a layer from the snapshot's own dir" in node.daemon.log()
