@@ -55,9 +55,10 @@ def new_config(containerd: Version) -> str:
     return f"version = {ctrdconfig.config_version(containerd)}\n"
 
 
-def configure(text: str, socket: str, root: str, containerd: Version, cri: bool = True) -> str:
-    """The config `text` with our proxy plugin (and CRI's snapshotter, and Transfer's unpack entries
-    on 2.1+) set for a containerd of version `containerd`; unchanged if already so."""
+def configure(text: str, socket: str, root: str, containerd: Version, cri: bool = True, differ: bool = True) -> str:
+    """The config `text` with our proxy plugin (and CRI's snapshotter, Transfer's unpack entries on
+    2.1+ and, with `differ`, our differ first on 1.7+) set for a containerd of version `containerd`;
+    unchanged if already so."""
     try:
         doc = tomlkit.parse(text)
     except TOMLKitError as exc:
@@ -80,7 +81,7 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
         runtimes = ctrdconfig.cri_runtimes_table(version)
         if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
             set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
-    if ctrdconfig.diff_proxy(containerd):  # commits of our containers through our differ
+    if differ and ctrdconfig.diff_proxy(containerd):  # commits of our containers through our differ
         differ = get_path(doc, ("proxy_plugins", DIFFER_NAME))
         if differ is None or differ.get("address") != socket or differ.get("type") != "diff":
             set_path(doc, ("proxy_plugins",), DIFFER_NAME, ctrdconfig.differ_plugin(socket))
@@ -98,11 +99,11 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
             if (entry["platform"], entry["snapshotter"]) not in present:
                 entries.append(entry)
     out = tomlkit.dumps(doc)
-    _check(out, socket, root, version, containerd, cri)
+    _check(out, socket, root, version, containerd, cri, differ)
     return out
 
 
-def _check(text: str, socket: str, root: str, version: int, containerd: Version, cri: bool) -> None:
+def _check(text: str, socket: str, root: str, version: int, containerd: Version, cri: bool, differ: bool) -> None:
     """Read the result back as containerd would (tomllib) and refuse it unless it says all of it."""
     try:
         doc = tomllib.loads(text)
@@ -114,7 +115,7 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
             or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PLUGIN_NAME) \
             or (ctrdconfig.uses_transfer_unpack(containerd)
                 and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)) \
-            or (ctrdconfig.diff_proxy(containerd)
+            or (differ and ctrdconfig.diff_proxy(containerd)
                 and ((get_path(doc, ("proxy_plugins", DIFFER_NAME)) or {}).get("address") != socket
                      or (get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default")) or [None])[0] != DIFFER_NAME)):
         raise InstallError("the edited config would not say what it must; nothing written")
@@ -401,6 +402,7 @@ class Install:
     daemon_config: str | None = None
     start: bool = False
     restart_containerd: bool = False
+    differ: bool = True  # containerd 1.7+ asks our differ first (commits without the extra lowers)
 
 
 def plan_install(host: Host, req: Install) -> Plan:
@@ -439,7 +441,8 @@ def plan_install(host: Host, req: Install) -> Plan:
         plan.steps.append(Write(UNIT_PATH, host.read(UNIT_PATH), unit))
         daemon_changed = True
     old = host.read(CONTAINERD_CONFIG)
-    new = configure(new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd)
+    new = configure(new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd,
+                    differ=req.differ)
     containerd_changed = new != old
     if containerd_changed:
         if old is not None and host.read(BACKUP) is None:

@@ -15,9 +15,9 @@ import yaml
 from click.testing import CliRunner, Result
 
 from addlower.cli import admin
-from addlower.core.config import DEFAULT_ROOT, SOCKET_NAME
+from addlower.core.config import DEFAULT_ROOT, DIFFER_NAME, SOCKET_NAME
 from addlower.ops.admin import ContainerdFile, check_containerd
-from addlower.ops.install import DAEMON_CONFIG, InstallError, configure, this_installation, wheel_pythons
+from addlower.ops.install import DAEMON_CONFIG, InstallError, configure, new_config, this_installation, wheel_pythons
 
 REPO = Path(__file__).resolve().parents[2]
 SOCK = "/var/lib/x/grpc.socks"
@@ -379,3 +379,24 @@ def test_setup_refuses_a_python_the_readme_commands_would_not_run(tmp_path: Path
         r = subprocess.run(["bash", str(REPO / "scripts/setup.sh")], env={**os.environ, "PYTHON": str(python)},
                            capture_output=True, text=True)
         assert r.returncode == 1 and says in r.stderr and "installing" not in r.stdout
+
+
+@pytest.mark.parametrize("containerd", [V17, V21])
+def test_the_differ_goes_first_on_17_and_later_unless_declined(containerd):
+    socket, root = "/s/grpc.socks", "/s"
+    text = configure(new_config(containerd), socket, root, containerd)
+    doc = tomllib.loads(text)
+    assert doc["proxy_plugins"][DIFFER_NAME] == {"type": "diff", "address": socket}
+    assert doc["plugins"]["io.containerd.service.v1.diff-service"]["default"] == [DIFFER_NAME, "walking"]
+    assert configure(text, socket, root, containerd) == text  # a second run changes nothing
+    declined = tomllib.loads(configure(new_config(containerd), socket, root, containerd, differ=False))
+    assert DIFFER_NAME not in declined["proxy_plugins"] and "io.containerd.service.v1.diff-service" not in \
+        declined.get("plugins", {})
+    kept = 'version = 2\n[plugins."io.containerd.service.v1.diff-service"]\ndefault = ["walking", "mine"]\n'
+    if containerd[0] < 2:  # an admin's own order is kept, after ours
+        assert tomllib.loads(configure(kept, socket, root, containerd))["plugins"][
+            "io.containerd.service.v1.diff-service"]["default"] == [DIFFER_NAME, "walking", "mine"]
+
+
+def test_containerd_16_gets_no_differ():
+    assert "diff" not in configure(new_config(V16), "/s/grpc.socks", "/s", V16)
