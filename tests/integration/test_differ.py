@@ -9,7 +9,13 @@ import os
 import tarfile
 from pathlib import Path
 
+import grpc
+import pytest
+
+from addlower.api import diff_pb2, diff_pb2_grpc, mount_pb2
 from addlower.engine.differ import LAYER_TAR, Layers, changes, write_layer
+from addlower.ops.client import SnapshotsClient
+from tests.support.daemon import Daemon
 
 
 def whiteout(path: Path) -> None:
@@ -66,3 +72,40 @@ def test_the_layer_has_parents_first_whiteouts_and_hardlinks(tmp_path: Path):
         ("a", tarfile.DIRTYPE, ""), ("a/new", tarfile.REGTYPE, ""), ("a/new-link", tarfile.LNKTYPE, "a/new"),
         ("a/.wh.old", tarfile.REGTYPE, "")]
     assert layer.digest == layer.diff_id and layer.size == len(out.getvalue())  # a tar: one digest
+
+
+def test_on_the_socket_what_is_not_ours_is_passed_on_and_a_bad_media_type_refused(tmp_path: Path):
+    """containerd's diff service tries the next differ on UNIMPLEMENTED: for mounts that are not one
+    of our active snapshots against its parent, and for Apply. A media type we do not write, for a
+    snapshot of ours, is refused instead: the next differ would put the extra lowers in."""
+    d = Daemon(root=tmp_path / "root").start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            c.prepare("base-active")
+            c.commit("base", "base-active")
+            c.prepare("other-active", "base")
+            c.commit("other", "other-active")
+            right = c.prepare("job", "base")
+            parent = c.view("base-view", "base")
+            differ = diff_pb2_grpc.DiffStub(ch)
+
+            def code(left: list, right: list, media_type: str = "") -> grpc.StatusCode:
+                try:
+                    differ.Diff(diff_pb2.DiffRequest(left=left, right=right, media_type=media_type))
+                except grpc.RpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            foreign = [mount_pb2.Mount(type="overlay", source="overlay",
+                                       options=["upperdir=/var/lib/other/fs", "lowerdir=/a:/b"])]
+            assert code(parent, foreign) == grpc.StatusCode.UNIMPLEMENTED  # another snapshotter's
+            assert code(c.view("other-view", "other"), right) == grpc.StatusCode.UNIMPLEMENTED  # not its parent
+            assert code(parent, c.view("job-view", "base")) == grpc.StatusCode.UNIMPLEMENTED  # a view
+            assert code(parent, right, "application/vnd.oci.image.layer.v1.tar+zstd") == \
+                grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.RpcError) as refused:
+                differ.Apply(diff_pb2.ApplyRequest(mounts=right))
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        d.stop()
