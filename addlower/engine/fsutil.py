@@ -237,7 +237,8 @@ def remove_tree(path: Path) -> None:
         _remove_contents(top, own, str(path))
     finally:
         os.close(top)
-    os.rmdir(path)
+    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another remover
+        os.rmdir(path)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -290,13 +291,18 @@ def _remove_stack(stack: list[tuple[int, list[str] | None, str]], mount: tuple[i
                     if entry.is_dir(follow_symlinks=False):
                         pending.append(entry.name)
                     else:
-                        os.unlink(entry.name, dir_fd=fd)
+                        with contextlib.suppress(FileNotFoundError):  # another remover got there first
+                            os.unlink(entry.name, dir_fd=fd)
             stack[-1] = (fd, pending, name)
         if pending:
             sub = pending.pop()
-            stack.append((os.open(sub, _O_TREE, dir_fd=fd), None, sub))
+            try:
+                stack.append((os.open(sub, _O_TREE, dir_fd=fd), None, sub))
+            except FileNotFoundError:
+                pass
             continue
         stack.pop()
         if stack:  # below the top: close it and remove it from its parent
             os.close(fd)
-            os.rmdir(name, dir_fd=stack[-1][0])
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(name, dir_fd=stack[-1][0])

@@ -200,7 +200,10 @@ class Snapshotter:
             if sid is not None:
                 self.pins.release(sid)
             if tree is not None:
-                fsutil.remove_tree(tree)
+                try:  # the store's lock is released: a Cleanup may be removing it too
+                    fsutil.remove_tree(tree)
+                except OSError as exc:  # the call's own error is the one to answer with
+                    log.warning("could not remove %s of a failed create, Cleanup will: %s", tree, exc)
             raise
         if opened.lowers:
             metrics.LOWERS_RESOLVED.inc("label")

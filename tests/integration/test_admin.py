@@ -289,7 +289,7 @@ def _doctor(setup: Setup, containerd_config: Path, code: int, *args: str) -> dic
     stdout = setup.run("doctor", "--containerd-config", str(containerd_config), "--containerd-address",
                        str(containerd_config.parent / "no-containerd.sock"), *args, code=code).stdout
     blocks = re.split(r"\n(?=\S)", stdout.strip())
-    return {re.match(r"(?:PASS|FAIL|INFO)  (.+?): ", block)[1]: block for block in blocks}
+    return {re.match(r"(?:PASS|FAIL|WARN|INFO)  (.+?): ", block)[1]: block for block in blocks}
 
 
 def test_doctor_fails_with_a_hint_when_containerd_lacks_the_proxy_plugin(setup: Setup, tmp_path: Path):
