@@ -34,8 +34,8 @@ of how each target's time grows with the image (ours should stay flat, the walki
 
 Needs root, mount, mkfs.ext4, runc, /bin/busybox and containerd 1.7+ (scripts/containerd-versions.sh
 unpacks 1.7 (trixie) and 2.1 (sid) under /var/cache/addlower-ci/containerd; 1.6 has no diff proxy).
-Default: containerd 2.1, 5 rounds at ~30k files (about 6 min on 2 CPUs); --quick: 2 rounds (about
-3 min); --scale: 5 rounds at each size (about 20 min; with --quick 2 rounds, about 9 min).
+Default: containerd 2.1, 5 rounds at ~30k files (about 2 min on 2 CPUs); --quick: 2 rounds (under
+1 min); --scale: 5 rounds at each of 3k, 30k, 100k (about 8 min; with --quick 2 rounds, about 3.5 min).
 
 Usage: python3 bench/differbench.py [--quick] [--scale] [--rounds N] [--containerd 1.7|2.1] [--json OUT]
 """
@@ -265,13 +265,15 @@ def run_size(bench: Bench, workload: Workload) -> Samples:
 # --- report -----------------------------------------------------------------------------------
 
 PAIRS = (("ours", "overlayfs"), ("ours+lower", "overlayfs"), ("ours+lower", "ours"), ("overlayfs", "ours"))
+SCALE_PAIRS = (("ours", "overlayfs"), ("overlayfs", "ours"))
 ROWS = (("diff_s", "ctr snapshots diff, s"), ("import_s", "image import (set-up, untimed), s"),
         ("layer_bytes", "layer, bytes (gzipped)"))
 
 
 def fine(x: float) -> str:
-    """A ratio, to 2 significant digits when below 0.1 (ours/overlayfs is about 0.02)."""
-    return ratio(x) if x >= 0.1 else f"{x:.2g}"
+    """A ratio: 2 decimals, 2 significant digits below 0.1 (ours/overlayfs goes below 0.01), 3 or so
+    from 10 up."""
+    return num(x) if x >= 10 else ratio(x) if x >= 0.1 else f"{x:.2g}"
 
 
 def cell(by: dict[str, list[float]], t: str) -> str:
@@ -303,13 +305,14 @@ def render_scale(results: dict[str, tuple[Workload, Samples]], bench: Bench) -> 
     names = [t.name for t in bench.targets]
     labels = list(results)
     lines = [f"scaling: ctr snapshots diff, s, median [min-max] over {bench.rounds} rounds, by image size",
-             f"{'image':<8}{'files':>8}" + "".join(f"{t:>22}" for t in names) + f"{'ours/overlayfs':>18}"]
+             f"{'image':<8}{'files':>8}" + "".join(f"{t:>22}" for t in names)
+             + "".join(f"{a + '/' + b:>24}" for a, b in SCALE_PAIRS)]
     for label in labels:
         workload, samples = results[label]
         by = samples["diff_s"]
-        s = ratios(by, "ours", "overlayfs")
+        cells = [ratios(by, a, b) for a, b in SCALE_PAIRS]
         lines.append(f"{label:<8}{workload.files:>8}" + "".join(f"{cell(by, t):>22}" for t in names)
-                     + f"{s.show(fine) if s else '-':>18}")
+                     + "".join(f"{s.show(fine) if s else '-':>24}" for s in cells))
     first, last = results[labels[0]], results[labels[-1]]
     grow = last[0].files / first[0].files
     lines += ["", (f"growth from {labels[0]} to {labels[-1]} ({grow:.0f}x the files): median time at {labels[-1]} / "
@@ -331,7 +334,7 @@ def environment(binaries: Binaries) -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 rounds (about 3 min)")
+    parser.add_argument("--quick", action="store_true", help="2 rounds (under 1 min)")
     parser.add_argument("--scale", action="store_true",
                         help=f"run at images of {', '.join(SIZES)} files and show the growth")
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
@@ -343,7 +346,8 @@ def main() -> int:
         parser.error("needs root (mount, mkfs, containerd)")
     bin_dir = VERSIONS_CACHE / CONTAINERD_LINES[args.containerd] / "usr" / "bin"
     if not (bin_dir / "containerd").exists():
-        parser.error(f"no containerd in {bin_dir}: run scripts/containerd-versions.sh {CONTAINERD_LINES[args.containerd]}")
+        suite = CONTAINERD_LINES[args.containerd]
+        parser.error(f"no containerd in {bin_dir}: run scripts/containerd-versions.sh {suite}")
     binaries = Binaries(bin_dir)
     if ".".join(map(str, binaries.version[:2])) != args.containerd or not ctrdconfig.diff_proxy(binaries.version):
         parser.error(f"{bin_dir} holds containerd {binaries.version}, not {args.containerd}")
