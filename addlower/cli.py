@@ -13,23 +13,25 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
 from addlower import __version__
 from addlower.core.config import (
     DEFAULT_CONFIG,
-    Config,
     DEFAULT_ROOT,
     LOG_FORMATS,
     LOG_LEVELS,
     SOCKET_NAME,
+    Config,
     ConfigError,
     check_metrics_address,
     load_config,
 )
 from addlower.core.logformat import FORMATTERS
 from addlower.server.daemon import run
+
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -38,33 +40,62 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))  # ~20 lines a call
 
 
-@click.command(name="overlay-custom-add-lower-snapshotter",
-               context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help=f"TOML configuration file [default: {DEFAULT_CONFIG}, if it exists]. Flags override it.")
-@click.option("--root-dir", type=click.Path(path_type=Path), default=None,
-              help=f"Directory for snapshots and metadata; the socket is <root-dir>/grpc.socks [default: {DEFAULT_ROOT}].")
-@click.option("--async-remove", type=click.BOOL, default=None, is_flag=False, flag_value=True,
-              help="Defer deleting removed snapshots' directories until Cleanup; --async-remove=false deletes "
-                   "at once [default: true].")
-@click.option("--upperdir-label", type=click.BOOL, default=None, is_flag=False, flag_value=True,
-              help='Add the label "containerd.io/snapshot/overlay.upperdir" to every snapshot\'s info '
-                   "[default: false].")
-@click.option("--address", type=click.Path(path_type=Path), default=None,
-              help="Listen on this unix socket instead of <root-dir>/grpc.socks.")
+@click.command(name="overlay-custom-add-lower-snapshotter", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"TOML configuration file [default: {DEFAULT_CONFIG}, if it exists]. Flags override it.",
+)
+@click.option(
+    "--root-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=f"Directory for snapshots and metadata; the socket is <root-dir>/grpc.socks [default: {DEFAULT_ROOT}].",
+)
+@click.option(
+    "--async-remove",
+    type=click.BOOL,
+    default=None,
+    is_flag=False,
+    flag_value=True,
+    help="Defer deleting removed snapshots' directories until Cleanup; --async-remove=false deletes "
+    "at once [default: true].",
+)
+@click.option(
+    "--upperdir-label",
+    type=click.BOOL,
+    default=None,
+    is_flag=False,
+    flag_value=True,
+    help='Add the label "containerd.io/snapshot/overlay.upperdir" to every snapshot\'s info [default: false].',
+)
+@click.option(
+    "--address",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Listen on this unix socket instead of <root-dir>/grpc.socks.",
+)
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), default=None, help="[default: info]")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), default=None, help="[default: text]")
-@click.option("--metrics-address", default=None,
-              help="Serve Prometheus metrics on this host:port (e.g. 127.0.0.1:9101) [default: off].")
-@click.option("--reload", is_flag=True,
-              help="Do not serve: have the daemon serving on this configuration's socket re-read its config file, "
-                   "print its answer and exit 1 if it refused the file (systemd's ExecReload).")
+@click.option(
+    "--metrics-address",
+    default=None,
+    help="Serve Prometheus metrics on this host:port (e.g. 127.0.0.1:9101) [default: off].",
+)
+@click.option(
+    "--reload",
+    is_flag=True,
+    help="Do not serve: have the daemon serving on this configuration's socket re-read its config file, "
+    "print its answer and exit 1 if it refused the file (systemd's ExecReload).",
+)
 @click.version_option(__version__, "--version", "-v", prog_name="overlay-custom-add-lower-snapshotter")
-def serve(config_path: Path | None, **flags: object) -> None:
+def serve(config_path: Path | None, **flags: Any) -> None:
     """Run the snapshotter, serving containerd's Snapshots API as a proxy plugin. SIGHUP re-reads
     the config file and applies its policy (lowers, kubernetes roots) and log level."""
     try:
-        check_metrics_address(flags["metrics_address"])  # type: ignore[arg-type]
+        check_metrics_address(flags["metrics_address"])
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="--metrics-address") from None
 
@@ -73,8 +104,9 @@ def serve(config_path: Path | None, **flags: object) -> None:
     def read(reload: bool = False) -> Config:
         """The file (or the defaults), flags on top: at start, and at each reload (`reload`)."""
         config = replace(load_config(config_path, reload), **{k: v for k, v in flags.items() if v is not None})
-        return replace(config, root_dir=config.root_dir.absolute(),
-                       address=config.address.absolute() if config.address else None)
+        return replace(
+            config, root_dir=config.root_dir.absolute(), address=config.address.absolute() if config.address else None
+        )
 
     if reload_:
         sys.exit(_ask_reload(read, flags))
@@ -88,7 +120,7 @@ def serve(config_path: Path | None, **flags: object) -> None:
     sys.exit(run(config, lambda: read(reload=True)))
 
 
-def _ask_reload(read: Callable[[], Config], flags: dict[str, object]) -> int:
+def _ask_reload(read: Callable[[], Config], flags: dict[str, Any]) -> int:
     """--reload: the daemon re-reads its file; its answer, and 1 when it refused. The daemon is
     $MAINPID's socket under systemd; by hand, this configuration's (the flags' and the defaults'
     when the file is the broken one)."""
@@ -101,7 +133,7 @@ def _ask_reload(read: Callable[[], Config], flags: dict[str, object]) -> int:
             socket = read().socket_path
         except ConfigError:
             root, address = flags["root_dir"] or DEFAULT_ROOT, flags["address"]
-            socket = Path(address) if address else Path(root) / SOCKET_NAME  # type: ignore[arg-type]
+            socket = Path(address) if address else Path(root) / SOCKET_NAME
     ok, text = reload(socket)
     click.echo(text, err=not ok)
     return 0 if ok else 1
@@ -134,9 +166,13 @@ admin.add_command(serve, name="serve")
 
 
 @admin.command()
-@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Where the demo keeps the snapshotter root, containerd's state and logs: a dir of yours that only "
-                   "you may write in [default: a new private one under $TMPDIR].")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Where the demo keeps the snapshotter root, containerd's state and logs: a dir of yours that only "
+    "you may write in [default: a new private one under $TMPDIR].",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @click.option("--exit", "exit_after", is_flag=True, help="Stop after the first container instead of waiting.")
 def demo(workdir: Path | None, log_level: str, exit_after: bool) -> None:
@@ -164,41 +200,92 @@ if __name__ == "__main__":
 
 def _node_options(command: Callable[..., None]) -> Callable[..., None]:
     """The options install and uninstall share: which node, how commands reach it, dry run."""
-    for option in reversed([
-        click.option("--host-root", type=click.Path(path_type=Path, file_okay=False), default=Path("/"),
-                     show_default=True, help="Where the node's / is mounted; files are written under it only."),
-        click.option("--nsenter", is_flag=True,
-                     help="Run the node's commands (systemctl, python3, containerd --version) in PID 1's namespaces "
-                          "(a pod with hostPID). Without it they run here, and only when --host-root is /."),
-        click.option("--dry-run", is_flag=True, help="Print every change (files with diffs, commands), make none."),
-        click.option("--socket", default=str(DEFAULT_ROOT / SOCKET_NAME), show_default=True,
-                     help="The snapshotter's socket, as containerd on the node dials it."),
-        click.option("--containerd-version", default=None, metavar="X.Y.Z",
-                     help="The node's containerd version [default: asked of its containerd]."),
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--host-root",
+                type=click.Path(path_type=Path, file_okay=False),
+                default=Path("/"),
+                show_default=True,
+                help="Where the node's / is mounted; files are written under it only.",
+            ),
+            click.option(
+                "--nsenter",
+                is_flag=True,
+                help="Run the node's commands (systemctl, python3, containerd --version) in PID 1's namespaces "
+                "(a pod with hostPID). Without it they run here, and only when --host-root is /.",
+            ),
+            click.option("--dry-run", is_flag=True, help="Print every change (files with diffs, commands), make none."),
+            click.option(
+                "--socket",
+                default=str(DEFAULT_ROOT / SOCKET_NAME),
+                show_default=True,
+                help="The snapshotter's socket, as containerd on the node dials it.",
+            ),
+            click.option(
+                "--containerd-version",
+                default=None,
+                metavar="X.Y.Z",
+                help="The node's containerd version [default: asked of its containerd].",
+            ),
+        ]
+    ):
         command = option(command)
     return command
 
 
 @admin.command()
 @_node_options
-@click.option("--exec-start", default=None, metavar="PATH",
-              help="The daemon's path on the node for the unit's ExecStart [default: the venv --wheels builds, "
-                   "else this installation's overlay-custom-add-lower-snapshotter].")
-@click.option("--wheels", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
-              help="Wheelhouse (addlower and its dependencies) to build a venv from on the node, in /opt/addlower.")
-@click.option("--python", "python", default="python3", show_default=True,
-              help="The node's python (3.11 to 3.13) for the venv --wheels builds.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
-              help=f"Daemon config file to install as {DEFAULT_CONFIG} (checked first).")
+@click.option(
+    "--exec-start",
+    default=None,
+    metavar="PATH",
+    help="The daemon's path on the node for the unit's ExecStart [default: the venv --wheels builds, "
+    "else this installation's overlay-custom-add-lower-snapshotter].",
+)
+@click.option(
+    "--wheels",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="Wheelhouse (addlower and its dependencies) to build a venv from on the node, in /opt/addlower.",
+)
+@click.option(
+    "--python",
+    "python",
+    default="python3",
+    show_default=True,
+    help="The node's python (3.11 to 3.13) for the venv --wheels builds.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    default=None,
+    help=f"Daemon config file to install as {DEFAULT_CONFIG} (checked first).",
+)
 @click.option("--start", is_flag=True, help="Enable and (re)start the unit (systemctl, on the node).")
 @click.option("--restart-containerd", is_flag=True, help="Restart containerd if its config changed.")
-@click.option("--differ/--no-differ", default=True, show_default=True,
-              help="Make the daemon containerd's first differ (1.7+), so commits of containers never hold their extra "
-                   "lowers; while the daemon is down, containerd 1.7 then unpacks no image at all.")
-def install(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containerd_version: str | None,
-            exec_start: str | None, wheels: Path | None, python: str, config_path: Path | None, start: bool,
-            restart_containerd: bool, differ: bool) -> None:
+@click.option(
+    "--differ/--no-differ",
+    default=True,
+    show_default=True,
+    help="Make the daemon containerd's first differ (1.7+), so commits of containers never hold their extra "
+    "lowers; while the daemon is down, containerd 1.7 then unpacks no image at all.",
+)
+def install(
+    host_root: Path,
+    nsenter: bool,
+    dry_run: bool,
+    socket: str,
+    containerd_version: str | None,
+    exec_start: str | None,
+    wheels: Path | None,
+    python: str,
+    config_path: Path | None,
+    start: bool,
+    restart_containerd: bool,
+    differ: bool,
+) -> None:
     """Put the daemon on a node under systemd and point its containerd at it.
 
     On a node: `addlower install --start --restart-containerd`. The DaemonSet's init container adds
@@ -208,8 +295,18 @@ def install(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containe
 
     try:
         host, version, config = node(host_root, nsenter, containerd_version, config_path)
-        request = Install(socket, str(config.root_dir), version, exec_start, wheels, python,
-                          config_path.read_text() if config_path else None, start, restart_containerd, differ)
+        request = Install(
+            socket,
+            str(config.root_dir),
+            version,
+            exec_start,
+            wheels,
+            python,
+            config_path.read_text() if config_path else None,
+            start,
+            restart_containerd,
+            differ,
+        )
         plan_install(host, request).carry_out(host, dry_run, click.echo)
     except (InstallError, ConfigError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -220,8 +317,16 @@ def install(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containe
 @click.option("--stop", is_flag=True, help="Stop and disable the unit, then remove the venv under /opt/addlower.")
 @click.option("--restart-containerd", is_flag=True, help="Restart containerd once its config is restored.")
 @click.option("--force", is_flag=True, help="Restore containerd's backup config even if the config changed since.")
-def uninstall(host_root: Path, nsenter: bool, dry_run: bool, socket: str, containerd_version: str | None,
-              stop: bool, restart_containerd: bool, force: bool) -> None:
+def uninstall(
+    host_root: Path,
+    nsenter: bool,
+    dry_run: bool,
+    socket: str,
+    containerd_version: str | None,
+    stop: bool,
+    restart_containerd: bool,
+    force: bool,
+) -> None:
     """Undo `addlower install`: containerd's config from its backup, the unit, the venv.
 
     The daemon's config and the snapshots under its root are kept.

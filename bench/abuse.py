@@ -26,9 +26,10 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from addlower.api import snapshots_pb2 as pb, snapshots_pb2_grpc  # noqa: E402
-from addlower.ops.client import SnapshotsClient  # noqa: E402
+from addlower.api import snapshots_pb2 as pb  # noqa: E402
+from addlower.api import snapshots_pb2_grpc
 from addlower.dev.devcontainerd import SnapshotterProcess  # noqa: E402
+from addlower.ops.client import SnapshotsClient  # noqa: E402
 from addlower.server.grpcserver import CONTINUATION, DATA, END_STREAM, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame  # noqa: E402
 from tests.support.h2 import RawClient  # noqa: E402
 
@@ -83,8 +84,14 @@ def rapid_reset(a: Attacker, stop: threading.Event, root: Path) -> None:
     body = frame(DATA, END_STREAM, 0, message(pb.CleanupRequest()))
     sid = 1
     while not stop.is_set():
-        burst = b"".join(a.headers(s, "Cleanup") + body[:5] + struct.pack(">I", s) + body[9:]
-                         + frame(RST_STREAM, 0, s, struct.pack(">I", 8)) for s in range(sid, sid + 200, 2))
+        burst = b"".join(
+            a.headers(s, "Cleanup")
+            + body[:5]
+            + struct.pack(">I", s)
+            + body[9:]
+            + frame(RST_STREAM, 0, s, struct.pack(">I", 8))
+            for s in range(sid, sid + 200, 2)
+        )
         sid += 200
         if not a.send(burst):
             return
@@ -141,9 +148,15 @@ def prepare_store(client: SnapshotsClient, case: str, root: Path) -> None:
 
 
 CASES: dict[str, Callable[[Attacker, threading.Event, Path], None]] = {
-    "continuation_flood": continuation_flood, "stalled_data": stalled_data, "ping_flood": ping_flood,
-    "settings_flood": settings_flood, "rapid_reset": rapid_reset, "window_trickle": window_trickle,
-    "unread_lists": unread_lists, "backtracking_regexp": backtracking_regexp, "big_commit": big_commit,
+    "continuation_flood": continuation_flood,
+    "stalled_data": stalled_data,
+    "ping_flood": ping_flood,
+    "settings_flood": settings_flood,
+    "rapid_reset": rapid_reset,
+    "window_trickle": window_trickle,
+    "unread_lists": unread_lists,
+    "backtracking_regexp": backtracking_regexp,
+    "big_commit": big_commit,
 }
 
 
@@ -185,8 +198,14 @@ def run_case(case: str, seconds: float, work: Path, env_path: str | None) -> dic
         thread.join(timeout=10)
         alive = daemon.proc.poll() is None
         after = probe(daemon.socket) if alive else float("inf")
-        return {"case": case, "idle_mb": idle, "peak_mb": peak, "worst_probe_s": worst, "probe_after_s": after,
-                "alive": alive}
+        return {
+            "case": case,
+            "idle_mb": idle,
+            "peak_mb": peak,
+            "worst_probe_s": worst,
+            "probe_after_s": after,
+            "alive": alive,
+        }
     finally:
         daemon.kill()
 
@@ -202,8 +221,11 @@ def main() -> None:
         print(f"{'case':<22} {'idle MB':>8} {'peak MB':>8} {'+MB':>6} {'worst Stat':>11} {'Stat after':>11} alive")
         for case in args.cases:
             r = run_case(case, args.seconds, Path(work), args.pythonpath)
-            print(f"{r['case']:<22} {r['idle_mb']:>8.1f} {r['peak_mb']:>8.1f} {r['peak_mb'] - r['idle_mb']:>6.1f} "
-                  f"{r['worst_probe_s']:>10.3f}s {r['probe_after_s']:>10.3f}s {r['alive']}", flush=True)
+            print(
+                f"{r['case']:<22} {r['idle_mb']:>8.1f} {r['peak_mb']:>8.1f} {r['peak_mb'] - r['idle_mb']:>6.1f} "
+                f"{r['worst_probe_s']:>10.3f}s {r['probe_after_s']:>10.3f}s {r['alive']}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -101,8 +101,11 @@ def extra_mounts(scratch: Path, count: int) -> Iterator[int]:
         yield mount_table_lines()
     finally:
         subprocess.run(["umount", "-l", str(scratch)], check=False, capture_output=True)
-        left = [line for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                if line.split()[4] == str(scratch) or line.split()[4].startswith(f"{scratch}/")]
+        left = [
+            line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split()[4] == str(scratch) or line.split()[4].startswith(f"{scratch}/")
+        ]
         if left:
             log(f"warning: {len(left)} mounts still under {scratch} after umount -l; unmounting them one by one")
             perfbench.unmount_under(scratch)
@@ -114,15 +117,18 @@ def export_baseline(ref: str, dest: Path) -> tuple[tuple[str, ...], str]:
     """addlower/ as committed at `ref`, unpacked into `dest`; the command that runs that daemon and
     the commit it is. `python -P`: not the current dir's addlower/ first on sys.path."""
     repo = str(perfbench.REPO)
-    commit = subprocess.run(["git", "-C", repo, "rev-parse", "--verify", f"{ref}^{{commit}}"], capture_output=True,
-                            text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", repo, "rev-parse", "--verify", f"{ref}^{{commit}}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     dest.mkdir()
-    archive = subprocess.run(["git", "-C", repo, "archive", "--format=tar", commit, "addlower"], capture_output=True,
-                             check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", repo, "archive", "--format=tar", commit, "addlower"], capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     command = ("env", f"PYTHONPATH={dest}", sys.executable, "-P")
-    where = subprocess.run([*command, "-c", "import addlower; print(addlower.__file__)"], capture_output=True,
-                           text=True, check=True).stdout.strip()
+    where = subprocess.run(
+        [*command, "-c", "import addlower; print(addlower.__file__)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if not where.startswith(f"{dest}/"):
         raise RuntimeError(f"the baseline daemon would import {where}, not the export in {dest}")
     return (*command, "-m", "addlower.cli"), commit
@@ -150,28 +156,35 @@ def turn(target: Target, fs: Path, plan: Plan) -> tuple[dict[str, float], str | 
         m["remove_s"] = perfbench.timed(lambda: [client.remove(k) for k in keys])
         left = entries(snapshots_dir)
         if len(left) != (0 if sync_remove else plan.dirs):
-            raise RuntimeError(f"{target.name}: {len(left)} dirs in {snapshots_dir} after the Removes, expected "
-                               f"{0 if sync_remove else plan.dirs} ({'sync' if sync_remove else 'async'} remove)")
+            raise RuntimeError(
+                f"{target.name}: {len(left)} dirs in {snapshots_dir} after the Removes, expected "
+                f"{0 if sync_remove else plan.dirs} ({'sync' if sync_remove else 'async'} remove)"
+            )
         start = time.perf_counter()
         try:
             client.cleanup()
             m["cleanup_s"] = time.perf_counter() - start
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNIMPLEMENTED or not sync_remove:
-                raise RuntimeError(f"{target.name}: Cleanup failed: {e.code().name}: {e.details()}\n"
-                                   f"daemon log:\n{daemon.log()[-3000:]}") from None
+                raise RuntimeError(
+                    f"{target.name}: Cleanup failed: {e.code().name}: {e.details()}\n"
+                    f"daemon log:\n{daemon.log()[-3000:]}"
+                ) from None
             note = f"Cleanup answered UNIMPLEMENTED in {(time.perf_counter() - start) * 1e3:.1f} ms"
         m["gone_s"] = m["remove_s"] + m.get("cleanup_s", 0.0)
         if left := entries(snapshots_dir):
-            raise RuntimeError(f"{target.name}: Cleanup left {len(left)} of {plan.dirs} dirs in {snapshots_dir}, "
-                               f"such as {left[:3]}\ndaemon log:\n{daemon.log()[-3000:]}")
+            raise RuntimeError(
+                f"{target.name}: Cleanup left {len(left)} of {plan.dirs} dirs in {snapshots_dir}, "
+                f"such as {left[:3]}\ndaemon log:\n{daemon.log()[-3000:]}"
+            )
         if len(client.list()) != 0:
             raise RuntimeError(f"{target.name}: snapshots left in the store after the Removes")
     return m, note
 
 
-def one_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, notes: dict[str, set[str]],
-              table: list[int]) -> perfbench.Figures:
+def one_round(
+    r: int, targets: Sequence[Target], plan: Plan, work: Path, notes: dict[str, set[str]], table: list[int]
+) -> perfbench.Figures:
     figures: perfbench.Figures = {}
     with extra_mounts(work / f"mounts-r{r + 1}", plan.mounts) as lines:
         table.append(lines)
@@ -181,25 +194,36 @@ def one_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, notes: 
             if note:
                 notes.setdefault(t.name, set()).add(note.split(" in ")[0])
             extra = f" ({note})" if note else ""
-            log(f"  round {r + 1}/{plan.rounds} {t.name}: Cleanup "
+            log(
+                f"  round {r + 1}/{plan.rounds} {t.name}: Cleanup "
                 f"{num(figures[t.name]['cleanup_s']) + ' s' if 'cleanup_s' in figures[t.name] else '-'}, "
-                f"Removes+Cleanup {num(figures[t.name]['gone_s'])} s{extra}")
+                f"Removes+Cleanup {num(figures[t.name]['gone_s'])} s{extra}"
+            )
     return figures
 
 
 PAIRS = (("ours", "base"), ("ours", "go"), ("base", "go"), ("ours-sync", "go"), ("go", "go'"))
-ROWS = (("prepare_s", "N Prepares, s"), ("remove_s", "N Removes, s"), ("cleanup_s", "Cleanup, s"),
-        ("gone_s", "Removes + Cleanup, s"))
+ROWS = (
+    ("prepare_s", "N Prepares, s"),
+    ("remove_s", "N Removes, s"),
+    ("cleanup_s", "Cleanup, s"),
+    ("gone_s", "Removes + Cleanup, s"),
+)
 
 
-def render(samples: perfbench.Samples, plan: Plan, targets: Sequence[Target], table: Sequence[int],
-           notes: dict[str, set[str]]) -> str:
+def render(
+    samples: perfbench.Samples, plan: Plan, targets: Sequence[Target], table: Sequence[int], notes: dict[str, set[str]]
+) -> str:
     names = [t.name for t in targets]
-    lines = [(f"Cleanup with {plan.mounts} extra mounts on the node (mount table {min(table)}-{max(table)} lines), "
-              f"{plan.dirs} snapshots prepared then removed, {plan.rounds} rounds, fresh ext4 per target and round; "
-              "median [min-max] over rounds"),
-             "; ".join(f"{t.name}: {'sync' if SYNC_REMOVE in (t.command or ()) else 'async'} remove" for t in targets),
-             f"{'metric':<24}" + "".join(f"{n:>24}" for n in names)]
+    lines = [
+        (
+            f"Cleanup with {plan.mounts} extra mounts on the node (mount table {min(table)}-{max(table)} lines), "
+            f"{plan.dirs} snapshots prepared then removed, {plan.rounds} rounds, fresh ext4 per target and round; "
+            "median [min-max] over rounds"
+        ),
+        "; ".join(f"{t.name}: {'sync' if SYNC_REMOVE in (t.command or ()) else 'async'} remove" for t in targets),
+        f"{'metric':<24}" + "".join(f"{n:>24}" for n in names),
+    ]
     for metric, what in ROWS:
         by = samples.get(metric, {})
         lines.append(f"{what:<24}" + "".join(f"{Spread.of(by[n]).show(num) if n in by else '-':>24}" for n in names))
@@ -207,8 +231,11 @@ def render(samples: perfbench.Samples, plan: Plan, targets: Sequence[Target], ta
         lines.append(f"  {name}: {', '.join(sorted(what))} (a known defect of the Go original)")
     pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
     if pairs:
-        lines += ["", "ratios, median [min-max] of the per-round ratios (> 1: the first takes longer)",
-                  f"{'metric':<24}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs)]
+        lines += [
+            "",
+            "ratios, median [min-max] of the per-round ratios (> 1: the first takes longer)",
+            f"{'metric':<24}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs),
+        ]
         for metric, what in ROWS:
             cells = [perfbench.ratios(samples.get(metric, {}), a, b) for a, b in pairs]
             lines.append(f"{what:<24}" + "".join(f"{s.show(ratio) if s else '-':>20}" for s in cells))
@@ -228,16 +255,22 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     parser.add_argument("--mounts", type=int, help="extra mounts on the node (default 4000, --quick 1000)")
     parser.add_argument("--dirs", type=int, help="snapshots to remove and clean up per turn (default 100)")
-    parser.add_argument("--baseline", metavar="REF",
-                        help="also our daemon as committed at REF (e.g. HEAD), as target `base`")
-    parser.add_argument("--no-go", "--ours-only", dest="no_go", action="store_true",
-                        help="ours only, without the Go original")
-    parser.add_argument("--ours-sync", action="store_true",
-                        help="also ours with --async-remove=false (the Removes delete, like go's)")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also our daemon as committed at REF (e.g. HEAD), as target `base`"
+    )
+    parser.add_argument(
+        "--no-go", "--ours-only", dest="no_go", action="store_true", help="ours only, without the Go original"
+    )
+    parser.add_argument(
+        "--ours-sync", action="store_true", help="also ours with --async-remove=false (the Removes delete, like go's)"
+    )
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
-    parser.add_argument("--go-bin", type=Path, default=perfbench.GO_BIN,
-                        help=f"the original Go program (default {perfbench.GO_BIN}; "
-                             f"built with {perfbench.GO_BUILD} if missing)")
+    parser.add_argument(
+        "--go-bin",
+        type=Path,
+        default=perfbench.GO_BIN,
+        help=f"the original Go program (default {perfbench.GO_BIN}; built with {perfbench.GO_BUILD} if missing)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, mkfs)")
@@ -251,8 +284,12 @@ def main() -> int:
     # The daemon (python -m addlower.cli) must be this checkout's, whatever else is installed.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(perfbench.REPO), os.environ.get("PYTHONPATH"))))
     targets = [Target("ours", (sys.executable, "-m", "addlower.cli"))]
-    env = {"python": platform.python_version(), "kernel": platform.release(), "cpus": str(os.cpu_count()),
-           "daemon code": str(Path(addlower.__file__).parent)}
+    env = {
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "daemon code": str(Path(addlower.__file__).parent),
+    }
     if args.ours_sync:
         targets.append(Target("ours-sync", (sys.executable, "-m", "addlower.cli", SYNC_REMOVE)))
     if not args.no_go:
@@ -281,10 +318,15 @@ def main() -> int:
     head = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {elapsed:.0f} s"
     print(head + "\n\n" + render(samples, plan, targets, table, notes))
     if args.json:
-        out = {"environment": env, "plan": asdict(plan), "mount_table_lines": table,
-               "targets": {t.name: list(t.command or ()) for t in targets},
-               "notes": {k: sorted(v) for k, v in notes.items()},
-               "cleanup": {"samples": samples, "summary": perfbench.summary(samples, PAIRS)}, "elapsed_s": elapsed}
+        out = {
+            "environment": env,
+            "plan": asdict(plan),
+            "mount_table_lines": table,
+            "targets": {t.name: list(t.command or ()) for t in targets},
+            "notes": {k: sorted(v) for k, v in notes.items()},
+            "cleanup": {"samples": samples, "summary": perfbench.summary(samples, PAIRS)},
+            "elapsed_s": elapsed,
+        }
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -99,8 +99,9 @@ DEFAULT_SIZE = "30k"
 CHANGED_DIR = "usr/lib/perfbench0/pkg000/d0"
 NEW_FILES = tuple(f"{CHANGED_DIR}/new{i}" for i in range(1, 10))
 MODIFIED = f"{CHANGED_DIR}/f0"
-SCRIPT = (f"set -e; for i in 1 2 3 4 5 6 7 8 9; do echo new file $i > /{CHANGED_DIR}/new$i; done; "
-          f"echo changed >> /{MODIFIED}")
+SCRIPT = (
+    f"set -e; for i in 1 2 3 4 5 6 7 8 9; do echo new file $i > /{CHANGED_DIR}/new$i; done; echo changed >> /{MODIFIED}"
+)
 RUNC_MADE = ("run",)  # the busybox image has no /run; runc makes it for its tmpfs
 # The host dir at / of ours+lower: HOST_SPREAD files in hostcache/dNN/, HOST_BESIDE beside the changes.
 HOST_SPREAD, HOST_BESIDE = 4990, 10
@@ -136,15 +137,23 @@ def build_workload(label: str, out: Path) -> Workload:
     """perfbench's workload image with every layer's file count scaled by SIZES[label]."""
     counts = tuple(max(1, round(n * SIZES[label])) for n in perfbench.WORKLOAD_LAYERS)
     layers = perfbench.workload_layers(counts)
-    image = ociimage.build_busybox_image(out / f"workload-{label}.tar", ref=f"localhost/differbench/{label}:latest",
-                                         cmd=("/bin/true",), extra_layers=layers)
+    image = ociimage.build_busybox_image(
+        out / f"workload-{label}.tar",
+        ref=f"localhost/differbench/{label}:latest",
+        cmd=("/bin/true",),
+        extra_layers=layers,
+    )
     entries = [e for layer in layers for e in layer]
-    kinds = {kind: len({e.path for e in entries if e.type == kind})
-             for kind in (tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE)}
+    kinds = {
+        kind: len({e.path for e in entries if e.type == kind})
+        for kind in (tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE)
+    }
     files = kinds[tarfile.REGTYPE] + kinds[tarfile.SYMTYPE] + 1 + len(ociimage.APPLETS) + 2  # busybox's
-    summary = (f"busybox + {len(layers)} layers {counts}: {files} files and symlinks (distinct paths), "
-               f"{kinds[tarfile.DIRTYPE]} dirs, {sum(len(e.data) for e in entries) >> 20} MiB "
-               f"({image.path.stat().st_size >> 20} MiB as the tar of gzipped layers)")
+    summary = (
+        f"busybox + {len(layers)} layers {counts}: {files} files and symlinks (distinct paths), "
+        f"{kinds[tarfile.DIRTYPE]} dirs, {sum(len(e.data) for e in entries) >> 20} MiB "
+        f"({image.path.stat().st_size >> 20} MiB as the tar of gzipped layers)"
+    )
     return Workload(label, image, files, summary)
 
 
@@ -170,15 +179,26 @@ def has_lower(target: Target) -> bool:
 
 
 def diff_cmd(ctrd: PrivateContainerd, target: Target) -> list[str]:
-    return [ctrd.binaries.command("ctr"), "--address", str(ctrd.address), "-n", NAMESPACE, "snapshots",
-            "--snapshotter", target.snapshotter, "diff", container_id(target)]
+    return [
+        ctrd.binaries.command("ctr"),
+        "--address",
+        str(ctrd.address),
+        "-n",
+        NAMESPACE,
+        "snapshots",
+        "--snapshotter",
+        target.snapshotter,
+        "diff",
+        container_id(target),
+    ]
 
 
 def check_layer(target: Target, ctrd: PrivateContainerd) -> int:
     """An untimed diff of the target's container: its layer must list exactly expected_layer(), and
     nothing of the host dir; returns the layer's size in bytes (gzipped)."""
-    done = subprocess.run(diff_cmd(ctrd, target), env=ctrd.binaries.env(), capture_output=True, timeout=600,
-                          check=False)
+    done = subprocess.run(
+        diff_cmd(ctrd, target), env=ctrd.binaries.env(), capture_output=True, timeout=600, check=False
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{target.name}: ctr snapshots diff failed:\n{done.stderr.decode(errors='replace')}")
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(done.stdout))) as layer:
@@ -188,8 +208,10 @@ def check_layer(target: Target, ctrd: PrivateContainerd) -> int:
         raise RuntimeError(f"{target.name}: the layer holds the host dir's files: {leaked[:10]}")
     want = expected_layer()
     if set(names) != want or len(names) != len(want):
-        raise RuntimeError(f"{target.name}: the layer lists {sorted(names)}, expected {sorted(want)} "
-                           f"(missing {sorted(want - set(names))}, extra {sorted(set(names) - want)})")
+        raise RuntimeError(
+            f"{target.name}: the layer lists {sorted(names)}, expected {sorted(want)} "
+            f"(missing {sorted(want - set(names))}, extra {sorted(set(names) - want)})"
+        )
     return len(done.stdout)
 
 
@@ -213,19 +235,23 @@ def diff_round(r: int, bench: Bench, workload: Workload) -> Figures:
     snapshotters, a container per target, one checked and DIFFS timed diffs per target."""
     figures: Figures = {t.name: {} for t in bench.targets}
     with ExitStack() as stack:
-        fs = stack.enter_context(fresh_fs(bench.work / f"{workload.label}-r{r + 1}", fs_size(workload),
-                                          bench.work / "failed-logs"))
+        fs = stack.enter_context(
+            fresh_fs(bench.work / f"{workload.label}-r{r + 1}", fs_size(workload), bench.work / "failed-logs")
+        )
         host = fs / "host"
         make_host_dir(host)
         config = fs / "snapshotter.toml"
-        config.write_text(f'containerd_address = "{fs / "ctrd" / "containerd.sock"}"\n'
-                          f'[lowers]\nallowed_roots = ["{host}"]\n')
+        config.write_text(
+            f'containerd_address = "{fs / "ctrd" / "containerd.sock"}"\n[lowers]\nallowed_roots = ["{host}"]\n'
+        )
         command = next(t.command for t in bench.targets if t.command)
         assert command
-        daemon = stack.enter_context(running(SnapshotterProcess(fs / "snap", args=("--config", str(config)),
-                                                                command=command)))
-        ctrd = stack.enter_context(PrivateContainerd(fs / "ctrd", proxy_plugins={PLUGIN_NAME: daemon.socket},
-                                                     binaries=bench.binaries))
+        daemon = stack.enter_context(
+            running(SnapshotterProcess(fs / "snap", args=("--config", str(config)), command=command))
+        )
+        ctrd = stack.enter_context(
+            PrivateContainerd(fs / "ctrd", proxy_plugins={PLUGIN_NAME: daemon.socket}, binaries=bench.binaries)
+        )
         for sn in {t.snapshotter for t in bench.targets}:
             took = perfbench.timed(lambda sn=sn: ctrd.import_image(workload.image.path, NAMESPACE, sn))
             for t in bench.targets:
@@ -233,8 +259,17 @@ def diff_round(r: int, bench: Bench, workload: Workload) -> Figures:
                     figures[t.name]["import_s"] = took
         for t in bench.targets:
             options = ["--snapshotter-label", f"{EXTRA_LOWERS_LABEL}={host}"] if has_lower(t) else []
-            ctrd.run(workload.image.ref, container_id(t), "sh", "-c", SCRIPT, snapshotter=t.snapshotter, rm=False,
-                     options=options, namespace=NAMESPACE)
+            ctrd.run(
+                workload.image.ref,
+                container_id(t),
+                "sh",
+                "-c",
+                SCRIPT,
+                snapshotter=t.snapshotter,
+                rm=False,
+                options=options,
+                namespace=NAMESPACE,
+            )
         for t in rotated(bench.targets, r):
             figures[t.name]["layer_bytes"] = check_layer(t, ctrd)
         times: dict[str, list[float]] = {t.name: [] for t in bench.targets}
@@ -246,9 +281,11 @@ def diff_round(r: int, bench: Bench, workload: Workload) -> Figures:
         ours = sum(1 for t in bench.targets if t.command)
         written = daemon.log().count(OURS_LOG)
         if written != ours * (1 + DIFFS):
-            raise RuntimeError(f"our daemon logged {OURS_LOG!r} {written} times, expected {ours * (1 + DIFFS)} "
-                               "(one per diff of ours and ours+lower): our differ failed or fell through to the "
-                               f"walking one; see {daemon.log_path} and {ctrd.log_path}")
+            raise RuntimeError(
+                f"our daemon logged {OURS_LOG!r} {written} times, expected {ours * (1 + DIFFS)} "
+                "(one per diff of ours and ours+lower): our differ failed or fell through to the "
+                f"walking one; see {daemon.log_path} and {ctrd.log_path}"
+            )
         for t in bench.targets:
             figures[t.name]["diff_s"] = statistics.median(times[t.name])
             log(f"    {t.name}: diffs {' '.join(f'{x:.3f}' for x in times[t.name])} s")
@@ -266,8 +303,11 @@ def run_size(bench: Bench, workload: Workload) -> Samples:
 
 PAIRS = (("ours", "overlayfs"), ("ours+lower", "overlayfs"), ("ours+lower", "ours"), ("overlayfs", "ours"))
 SCALE_PAIRS = (("ours", "overlayfs"), ("overlayfs", "ours"))
-ROWS = (("diff_s", "ctr snapshots diff, s"), ("import_s", "image import (set-up, untimed), s"),
-        ("layer_bytes", "layer, bytes (gzipped)"))
+ROWS = (
+    ("diff_s", "ctr snapshots diff, s"),
+    ("import_s", "image import (set-up, untimed), s"),
+    ("layer_bytes", "layer, bytes (gzipped)"),
+)
 
 
 def fine(x: float) -> str:
@@ -282,19 +322,28 @@ def cell(by: dict[str, list[float]], t: str) -> str:
 
 def render(samples: Samples, workload: Workload, bench: Bench, env: dict[str, str]) -> str:
     names = [t.name for t in bench.targets]
-    lines = [(f"commit diff through containerd {env['containerd']}, {bench.rounds} rounds of {DIFFS} diffs per target "
-             "(a round's figure: their median), one fresh ext4 and containerd per round; median [min-max] over rounds"),
-             f"image: {workload.summary}",
-             (f"container: {len(NEW_FILES)} new files and 1 appended in /{CHANGED_DIR}; ours+lower: an extra lower "
-             f"at / of {HOST_SPREAD + HOST_BESIDE} files; every layer checked: {len(expected_layer())} entries, "
-             "exactly the changes"),
-             f"{'metric':<34}" + "".join(f"{t:>24}" for t in names)]
+    lines = [
+        (
+            f"commit diff through containerd {env['containerd']}, {bench.rounds} rounds of {DIFFS} diffs per target "
+            "(a round's figure: their median), one fresh ext4 and containerd per round; median [min-max] over rounds"
+        ),
+        f"image: {workload.summary}",
+        (
+            f"container: {len(NEW_FILES)} new files and 1 appended in /{CHANGED_DIR}; ours+lower: an extra lower "
+            f"at / of {HOST_SPREAD + HOST_BESIDE} files; every layer checked: {len(expected_layer())} entries, "
+            "exactly the changes"
+        ),
+        f"{'metric':<34}" + "".join(f"{t:>24}" for t in names),
+    ]
     for metric, what in ROWS:
         if metric in samples:
             lines.append(f"{what:<34}" + "".join(f"{cell(samples[metric], t):>24}" for t in names))
     lines.append(f"{'floor: ctr version, s':<34}{cell(samples['floor_s'], FLOOR):>24}   (ctr's start-up and one call)")
-    lines += ["", "ratios, median [min-max] of the per-round ratios (< 1 means the first takes less time)",
-              f"{'metric':<34}" + "".join(f"{a + '/' + b:>24}" for a, b in PAIRS)]
+    lines += [
+        "",
+        "ratios, median [min-max] of the per-round ratios (< 1 means the first takes less time)",
+        f"{'metric':<34}" + "".join(f"{a + '/' + b:>24}" for a, b in PAIRS),
+    ]
     by = samples["diff_s"]
     cells = [ratios(by, a, b) for a, b in PAIRS]
     lines.append(f"{'ctr snapshots diff':<34}" + "".join(f"{s.show(fine) if s else '-':>24}" for s in cells))
@@ -304,19 +353,30 @@ def render(samples: Samples, workload: Workload, bench: Bench, env: dict[str, st
 def render_scale(results: dict[str, tuple[Workload, Samples]], bench: Bench) -> str:
     names = [t.name for t in bench.targets]
     labels = list(results)
-    lines = [f"scaling: ctr snapshots diff, s, median [min-max] over {bench.rounds} rounds, by image size",
-             f"{'image':<8}{'files':>8}" + "".join(f"{t:>22}" for t in names)
-             + "".join(f"{a + '/' + b:>24}" for a, b in SCALE_PAIRS)]
+    lines = [
+        f"scaling: ctr snapshots diff, s, median [min-max] over {bench.rounds} rounds, by image size",
+        f"{'image':<8}{'files':>8}"
+        + "".join(f"{t:>22}" for t in names)
+        + "".join(f"{a + '/' + b:>24}" for a, b in SCALE_PAIRS),
+    ]
     for label in labels:
         workload, samples = results[label]
         by = samples["diff_s"]
         cells = [ratios(by, a, b) for a, b in SCALE_PAIRS]
-        lines.append(f"{label:<8}{workload.files:>8}" + "".join(f"{cell(by, t):>22}" for t in names)
-                     + "".join(f"{s.show(fine) if s else '-':>24}" for s in cells))
+        lines.append(
+            f"{label:<8}{workload.files:>8}"
+            + "".join(f"{cell(by, t):>22}" for t in names)
+            + "".join(f"{s.show(fine) if s else '-':>24}" for s in cells)
+        )
     first, last = results[labels[0]], results[labels[-1]]
     grow = last[0].files / first[0].files
-    lines += ["", (f"growth from {labels[0]} to {labels[-1]} ({grow:.0f}x the files): median time at {labels[-1]} / "
-              f"at {labels[0]}; and seconds per 10k more files (a least-squares line through the medians)")]
+    lines += [
+        "",
+        (
+            f"growth from {labels[0]} to {labels[-1]} ({grow:.0f}x the files): median time at {labels[-1]} / "
+            f"at {labels[0]}; and seconds per 10k more files (a least-squares line through the medians)"
+        ),
+    ]
     for t in names:
         xs = [results[label][0].files for label in labels]
         ys = [statistics.median(results[label][1]["diff_s"][t]) for label in labels]
@@ -327,19 +387,30 @@ def render_scale(results: dict[str, tuple[Workload, Samples]], bench: Bench) -> 
 
 def environment(binaries: Binaries) -> dict[str, str]:
     import addlower
-    return {"python": platform.python_version(), "containerd": ".".join(map(str, binaries.version)),
-            "kernel": platform.release(), "cpus": str(os.cpu_count()),
-            "daemon code": str(Path(addlower.__file__).parent), "loadavg at start": perfbench.loadavg()}
+
+    return {
+        "python": platform.python_version(),
+        "containerd": ".".join(map(str, binaries.version)),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "daemon code": str(Path(addlower.__file__).parent),
+        "loadavg at start": perfbench.loadavg(),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds (under 1 min)")
-    parser.add_argument("--scale", action="store_true",
-                        help=f"run at images of {', '.join(SIZES)} files and show the growth")
+    parser.add_argument(
+        "--scale", action="store_true", help=f"run at images of {', '.join(SIZES)} files and show the growth"
+    )
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
-    parser.add_argument("--containerd", choices=tuple(CONTAINERD_LINES), default="2.1",
-                        help="containerd line (default 2.1), from scripts/containerd-versions.sh's cache")
+    parser.add_argument(
+        "--containerd",
+        choices=tuple(CONTAINERD_LINES),
+        default="2.1",
+        help="containerd line (default 2.1), from scripts/containerd-versions.sh's cache",
+    )
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -372,8 +443,12 @@ def main() -> int:
             samples = run_size(bench, workload)
             workload.image.path.unlink()
             results[label] = (workload, samples)
-            out["sizes"][label] = {"image": workload.summary, "files": workload.files, "samples": samples,
-                                   "summary": perfbench.summary(samples, PAIRS)}
+            out["sizes"][label] = {
+                "image": workload.summary,
+                "files": workload.files,
+                "samples": samples,
+                "summary": perfbench.summary(samples, PAIRS),
+            }
             text += ["", render(samples, workload, bench, env)]
         if len(results) > 1:
             text += ["", render_scale(results, bench)]

@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -125,12 +126,38 @@ class Plan:
     stats_syncs: int  # the CPU window, in stats periods
 
 
-FULL = Plan(rounds=5, ops=(("list-100", 1000), ("list-1000", 200), ("stat", 3000), ("mounts", 3000),
-                           ("prepare-remove", 1000), ("commit", 1000), ("chain", 10)),
-            start_runs=3, ls_runs=5, stats_containers=100, stats_syncs=10)
-QUICK = Plan(rounds=2, ops=(("list-100", 100), ("list-1000", 20), ("stat", 300), ("mounts", 300),
-                            ("prepare-remove", 100), ("commit", 100), ("chain", 2)),
-             start_runs=2, ls_runs=3, stats_containers=100, stats_syncs=5)
+FULL = Plan(
+    rounds=5,
+    ops=(
+        ("list-100", 1000),
+        ("list-1000", 200),
+        ("stat", 3000),
+        ("mounts", 3000),
+        ("prepare-remove", 1000),
+        ("commit", 1000),
+        ("chain", 10),
+    ),
+    start_runs=3,
+    ls_runs=5,
+    stats_containers=100,
+    stats_syncs=10,
+)
+QUICK = Plan(
+    rounds=2,
+    ops=(
+        ("list-100", 100),
+        ("list-1000", 20),
+        ("stat", 300),
+        ("mounts", 300),
+        ("prepare-remove", 100),
+        ("commit", 100),
+        ("chain", 2),
+    ),
+    start_runs=2,
+    ls_runs=3,
+    stats_containers=100,
+    stats_syncs=5,
+)
 
 
 @dataclass(frozen=True)
@@ -205,8 +232,10 @@ def fresh_fs(mountpoint: Path, size: int, keep_logs: Path) -> Iterator[Path]:
     try:
         with open(image, "wb") as f:
             f.truncate(size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "8192", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                        str(image)], check=True)
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-i", "8192", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(image)],
+            check=True,
+        )
         mountpoint.mkdir()
         subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
         mounted = True
@@ -253,8 +282,14 @@ class BenchContainerd(PrivateContainerd):
 
 def build_goclient(out: Path) -> Path:
     """go build bench/goclient in GOPATH mode against Debian's packaged Go sources, offline."""
-    env = {**os.environ, "GO111MODULE": "off", "GOPATH": "/usr/share/gocode", "GOPROXY": "off", "GOFLAGS": "",
-           "GOCACHE": os.environ.get("GOCACHE", "/tmp/perfbench-gocache")}
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPATH": "/usr/share/gocode",
+        "GOPROXY": "off",
+        "GOFLAGS": "",
+        "GOCACHE": os.environ.get("GOCACHE", "/tmp/perfbench-gocache"),
+    }
     subprocess.run(["go", "build", "-o", str(out), "."], cwd=HERE / "goclient", env=env, check=True)
     return out
 
@@ -285,16 +320,33 @@ def per_op_round(r: int, targets: Sequence[Target], plan: Plan, work: Path, clie
             for t in rotated(targets, r + i):
                 daemon, fs = daemons[t.name]
                 assert daemon.proc is not None
-                results = goclient(client, "-address", str(daemon.socket), "-pid", str(daemon.proc.pid),
-                                   "-clk-tck", str(CLK_TCK), "-workdir", str(fs / "mnt"), "-prefix", "pb",
-                                   "-ops", f"{op}:{n}", "-c", ",".join(map(str, CONCURRENCY)))
+                results = goclient(
+                    client,
+                    "-address",
+                    str(daemon.socket),
+                    "-pid",
+                    str(daemon.proc.pid),
+                    "-clk-tck",
+                    str(CLK_TCK),
+                    "-workdir",
+                    str(fs / "mnt"),
+                    "-prefix",
+                    "pb",
+                    "-ops",
+                    f"{op}:{n}",
+                    "-c",
+                    ",".join(map(str, CONCURRENCY)),
+                )
                 for res in results:
                     key = f"{res['op']}/c{res['concurrency']}"
                     if res["server_cpu_source"] != "schedstat":
                         log(f"  note: {t.name} {key}: a server thread exited, CPU from /proc/PID/stat (10 ms ticks)")
-                    figures[t.name] |= {f"{key}/ops_per_s": res["ops_per_s"], f"{key}/p50_us": res["p50_us"],
-                                        f"{key}/p99_us": res["p99_us"],
-                                        f"{key}/cpu_us_per_op": res["server_cpu_us_per_op"]}
+                    figures[t.name] |= {
+                        f"{key}/ops_per_s": res["ops_per_s"],
+                        f"{key}/p50_us": res["p50_us"],
+                        f"{key}/p99_us": res["p99_us"],
+                        f"{key}/cpu_us_per_op": res["server_cpu_us_per_op"],
+                    }
         for t in targets:
             daemon, _ = daemons[t.name]
             assert daemon.proc is not None
@@ -339,10 +391,10 @@ def workload_layers(files_per_layer: Sequence[int], seed: int = 14) -> list[list
                 continue
             size = min(65536, int(rng.lognormvariate(7, 1.2)))
             start = rng.randrange(len(text) - size)
-            entries.append(ociimage.file(path, text[start:start + size], mode=0o755 if i % 20 == 0 else 0o644))
+            entries.append(ociimage.file(path, text[start : start + size], mode=0o755 if i % 20 == 0 else 0o644))
             paths.append(path)
         for path in rng.sample(below, len(below) // 100):
-            entries.append(ociimage.file(path, text[:rng.randrange(64, 4096)]))
+            entries.append(ociimage.file(path, text[: rng.randrange(64, 4096)]))
         layers.append(entries)
         below = paths
     return layers
@@ -350,15 +402,22 @@ def workload_layers(files_per_layer: Sequence[int], seed: int = 14) -> list[list
 
 def build_images(out: Path) -> Images:
     layers = workload_layers(WORKLOAD_LAYERS)
-    workload = ociimage.build_busybox_image(out / "workload.tar", ref=WORKLOAD_REF, cmd=("/bin/true",),
-                                            extra_layers=layers)
+    workload = ociimage.build_busybox_image(
+        out / "workload.tar", ref=WORKLOAD_REF, cmd=("/bin/true",), extra_layers=layers
+    )
     entries = [e for layer in layers for e in layer]
     count = {kind: sum(e.type == kind for e in entries) for kind in (tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE)}
-    summary = (f"busybox + {len(layers)} layers: {count[tarfile.REGTYPE]} files, {count[tarfile.SYMTYPE]} symlinks, "
-               f"{count[tarfile.DIRTYPE]} dirs, {sum(len(e.data) for e in entries) >> 20} MiB "
-               f"({workload.path.stat().st_size >> 20} MiB as the tar of gzipped layers)")
-    return Images(workload, ociimage.build_busybox_image(out / "busybox.tar"),
-                  ociimage.build_pause_image(out / "pause.tar"), summary)
+    summary = (
+        f"busybox + {len(layers)} layers: {count[tarfile.REGTYPE]} files, {count[tarfile.SYMTYPE]} symlinks, "
+        f"{count[tarfile.DIRTYPE]} dirs, {sum(len(e.data) for e in entries) >> 20} MiB "
+        f"({workload.path.stat().st_size >> 20} MiB as the tar of gzipped layers)"
+    )
+    return Images(
+        workload,
+        ociimage.build_busybox_image(out / "busybox.tar"),
+        ociimage.build_pause_image(out / "pause.tar"),
+        summary,
+    )
 
 
 def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path) -> dict[str, float]:
@@ -370,9 +429,11 @@ def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path)
         if target.command:
             daemon = stack.enter_context(running(SnapshotterProcess(fs / "snap", command=target.command)))
             proxies = {PLUGIN_NAME: daemon.socket}
-        ctrd = stack.enter_context(BenchContainerd(fs / "ctrd", proxy_plugins=proxies,
-                                                   cri=CriSettings(snapshotter=sn),
-                                                   differ=target.name == "ours"))  # the Go original has none
+        ctrd = stack.enter_context(
+            BenchContainerd(
+                fs / "ctrd", proxy_plugins=proxies, cri=CriSettings(snapshotter=sn), differ=target.name == "ours"
+            )
+        )  # the Go original has none
         assert ctrd.proc is not None
         ctrd_pid = ctrd.proc.pid
         snap_pid = daemon.proc.pid if daemon and daemon.proc else ctrd_pid
@@ -387,17 +448,30 @@ def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path)
             ctrd.run(WORKLOAD_REF, name, "/bin/true", snapshotter=sn)
 
         run("warm-up")
-        m["run_s"] = statistics.median(timed(lambda: run(f"run-{i}")) for i in range(plan.start_runs))
+        m["run_s"] = statistics.median(timed(functools.partial(run, f"run-{i}")) for i in range(plan.start_runs))
         with ThreadPoolExecutor(10) as pool:
             m["run10_s"] = timed(lambda: list(pool.map(run, (f"run10-{i}" for i in range(10)))))
 
         stored = 0
         for size in (100, 1000):
-            goclient(client, "-populate", str(size - stored), "-address", str(ctrd.address), "-namespace",
-                     LS_NAMESPACE, "-snapshotter", sn, "-prefix", f"ls{stored}", "-c", "8")
+            goclient(
+                client,
+                "-populate",
+                str(size - stored),
+                "-address",
+                str(ctrd.address),
+                "-namespace",
+                LS_NAMESPACE,
+                "-snapshotter",
+                sn,
+                "-prefix",
+                f"ls{stored}",
+                "-c",
+                "8",
+            )
             stored = size
 
-            def ls() -> None:
+            def ls(size: int = size) -> None:
                 lines = ctrd.ctr("snapshots", "--snapshotter", sn, "ls", namespace=LS_NAMESPACE).stdout.splitlines()
                 if len(lines) != size + 1:  # and the header
                     raise RuntimeError(f"ctr snapshots ls listed {len(lines) - 1} snapshots, expected {size}")
@@ -416,8 +490,9 @@ def e2e_turn(target: Target, fs: Path, plan: Plan, images: Images, client: Path)
         return m
 
 
-def stats_loop(ctrd: PrivateContainerd, images: Images, plan: Plan, fs: Path, snap_pid: int,
-               ctrd_pid: int) -> dict[str, float]:
+def stats_loop(
+    ctrd: PrivateContainerd, images: Images, plan: Plan, fs: Path, snap_pid: int, ctrd_pid: int
+) -> dict[str, float]:
     """CPU of the snapshotter and of containerd while CRI's syncer runs over a pod's containers."""
     sn = ctrd.cri.snapshotter if ctrd.cri else BUILTIN
     for image in (images.pause, images.busybox):
@@ -502,39 +577,56 @@ def ratio(x: float) -> str:
 
 def ratios(samples: dict[str, list[float]], a: str, b: str) -> Spread | None:
     """The per-round ratios a/b (paired within rounds; rounds where b is 0, e.g. no CPU tick, left out)."""
-    pairs = [x / y for x, y in zip(samples.get(a, ()), samples.get(b, ())) if y]
+    pairs = [x / y for x, y in zip(samples.get(a, ()), samples.get(b, ()), strict=False) if y]
     return Spread.of(pairs) if pairs else None
 
 
 def summary(samples: Samples, pairs: Sequence[tuple[str, str]]) -> dict:
-    return {metric: {"targets": {t: asdict(Spread.of(v)) for t, v in by.items()},
-                     "ratios": {f"{a}/{b}": asdict(s) for a, b in pairs if (s := ratios(by, a, b))}}
-            for metric, by in samples.items()}
+    return {
+        metric: {
+            "targets": {t: asdict(Spread.of(v)) for t, v in by.items()},
+            "ratios": {f"{a}/{b}": asdict(s) for a, b in pairs if (s := ratios(by, a, b))},
+        }
+        for metric, by in samples.items()
+    }
 
 
 def render_per_op(samples: Samples, plan: Plan, targets: Sequence[str]) -> str:
-    lines = [f"per-op: bench/goclient (containerd's Go proxy client) on each daemon's socket, {plan.rounds} rounds, "
-             "fresh ext4 per target and round; median [min-max] over rounds",
-             f"{'op':<15}{'c':>2}  {'target':<7}{'ops/s':>22}{'p50 us':>10}{'p99 us':>10}{'server CPU us/call':>26}"]
+    lines = [
+        f"per-op: bench/goclient (containerd's Go proxy client) on each daemon's socket, {plan.rounds} rounds, "
+        "fresh ext4 per target and round; median [min-max] over rounds",
+        f"{'op':<15}{'c':>2}  {'target':<7}{'ops/s':>22}{'p50 us':>10}{'p99 us':>10}{'server CPU us/call':>26}",
+    ]
     for op, _ in plan.ops:
         for c in CONCURRENCY:
             key = f"{op}/c{c}"
             for i, t in enumerate(targets):
-                med = lambda f: statistics.median(samples[f"{key}/{f}"][t])  # noqa: E731
-                lines.append(f"{op if i == 0 else '':<15}{c if i == 0 else '':>2}  {t:<7}"
-                             f"{Spread.of(samples[f'{key}/ops_per_s'][t]).show(num):>22}{num(med('p50_us')):>10}"
-                             f"{num(med('p99_us')):>10}{Spread.of(samples[f'{key}/cpu_us_per_op'][t]).show(num):>26}")
+
+                def med(f: str, key: str = key, t: str = t) -> float:
+                    return statistics.median(samples[f"{key}/{f}"][t])
+
+                lines.append(
+                    f"{op if i == 0 else '':<15}{c if i == 0 else '':>2}  {t:<7}"
+                    f"{Spread.of(samples[f'{key}/ops_per_s'][t]).show(num):>22}{num(med('p50_us')):>10}"
+                    f"{num(med('p99_us')):>10}{Spread.of(samples[f'{key}/cpu_us_per_op'][t]).show(num):>26}"
+                )
     for metric, what in (("rss_mib", "RSS after the ops, MiB"), ("hwm_mib", "peak RSS, MiB")):
         lines.append(f"{what:<24}" + "".join(f"  {t} {Spread.of(samples[metric][t]).show(num)}" for t in targets))
-    lines += ["", "per-op ratios, median [min-max] of the per-round ratios (ops/s: < 1 means slower; "
-              "CPU/call: > 1 means more CPU)",
-              f"{'op':<15}{'c':>2}" + "".join(f"{h:>20}" for h in ("ops/s ours/go", "ops/s go/go'", "CPU ours/go",
-                                                                   "CPU go/go'"))]
+    lines += [
+        "",
+        "per-op ratios, median [min-max] of the per-round ratios (ops/s: < 1 means slower; "
+        "CPU/call: > 1 means more CPU)",
+        f"{'op':<15}{'c':>2}"
+        + "".join(f"{h:>20}" for h in ("ops/s ours/go", "ops/s go/go'", "CPU ours/go", "CPU go/go'")),
+    ]
     for op, _ in plan.ops:
         for c in CONCURRENCY:
             key = f"{op}/c{c}"
-            cells = [ratios(samples[f"{key}/{f}"], a, b) for f in ("ops_per_s", "cpu_us_per_op")
-                     for a, b in (("ours", "go"), ("go", "go'"))]
+            cells = [
+                ratios(samples[f"{key}/{f}"], a, b)
+                for f in ("ops_per_s", "cpu_us_per_op")
+                for a, b in (("ours", "go"), ("go", "go'"))
+            ]
             lines.append(f"{op:<15}{c:>2}" + "".join(f"{s.show(ratio) if s else '-':>20}" for s in cells))
     for metric, what in (("rss_mib", "RSS ours/go"), ("hwm_mib", "peak RSS ours/go")):
         s = ratios(samples[metric], "ours", "go")
@@ -558,23 +650,29 @@ E2E_ROWS = (
 
 
 def render_e2e(samples: Samples, plan: Plan, targets: Sequence[str], env: dict[str, str], image: str) -> str:
-    lines = [f"end to end through containerd {env['containerd']} (CRI on), {plan.rounds} rounds, fresh ext4 per "
-             "target and round; median [min-max]",
-             f"image: {image}",
-             f"ctr run: /bin/true, median of {plan.start_runs}; ls: median of {plan.ls_runs}; "
-             "stats: real CRI snapshot syncer over "
-             f"{plan.stats_containers} created containers, period {STATS_PERIOD} s, {plan.stats_syncs} periods, "
-             f"scaled to the default {DEFAULT_STATS_PERIOD} s",
-             f"{'metric':<40}" + "".join(f"{t:>22}" for t in targets)]
+    lines = [
+        f"end to end through containerd {env['containerd']} (CRI on), {plan.rounds} rounds, fresh ext4 per "
+        "target and round; median [min-max]",
+        f"image: {image}",
+        f"ctr run: /bin/true, median of {plan.start_runs}; ls: median of {plan.ls_runs}; "
+        "stats: real CRI snapshot syncer over "
+        f"{plan.stats_containers} created containers, period {STATS_PERIOD} s, {plan.stats_syncs} periods, "
+        f"scaled to the default {DEFAULT_STATS_PERIOD} s",
+        f"{'metric':<40}" + "".join(f"{t:>22}" for t in targets),
+    ]
     for metric, what in E2E_ROWS:
         if metric in samples:
             by = samples[metric]
-            lines.append(f"{what:<40}" + "".join(f"{Spread.of(by[t]).show(num) if t in by else '-':>22}"
-                                                 for t in targets))
+            lines.append(
+                f"{what:<40}" + "".join(f"{Spread.of(by[t]).show(num) if t in by else '-':>22}" for t in targets)
+            )
     pairs = (("ours", "go"), ("ours", "overlayfs"), ("go", "go'"))
-    lines += ["", "end-to-end ratios, median [min-max] of the per-round ratios (> 1 means ours takes longer / "
-              "more CPU / more memory)",
-              f"{'metric':<40}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs)]
+    lines += [
+        "",
+        "end-to-end ratios, median [min-max] of the per-round ratios (> 1 means ours takes longer / "
+        "more CPU / more memory)",
+        f"{'metric':<40}" + "".join(f"{a + '/' + b:>20}" for a, b in pairs),
+    ]
     for metric, what in E2E_ROWS:
         if metric in samples:
             cells = [ratios(samples[metric], a, b) for a, b in pairs]
@@ -584,10 +682,16 @@ def render_e2e(samples: Samples, plan: Plan, targets: Sequence[str], env: dict[s
 
 def environment() -> dict[str, str]:
     import addlower
+
     version = PrivateContainerd(Path("/nonexistent")).binaries.version
-    return {"python": platform.python_version(), "containerd": ".".join(map(str, version)),
-            "kernel": platform.release(), "cpus": str(os.cpu_count()),
-            "daemon code": str(Path(addlower.__file__).parent), "loadavg at start": loadavg()}
+    return {
+        "python": platform.python_version(),
+        "containerd": ".".join(map(str, version)),
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "daemon code": str(Path(addlower.__file__).parent),
+        "loadavg at start": loadavg(),
+    }
 
 
 def loadavg() -> str:
@@ -600,8 +704,9 @@ def main() -> int:
     parser.add_argument("--only", choices=("per-op", "e2e"), help="run one part only")
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
-    parser.add_argument("--go-bin", type=Path, default=GO_BIN,
-                        help=f"the original Go program (default {GO_BIN}; build: {GO_BUILD})")
+    parser.add_argument(
+        "--go-bin", type=Path, default=GO_BIN, help=f"the original Go program (default {GO_BIN}; build: {GO_BUILD})"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, mkfs, containerd)")
@@ -632,8 +737,11 @@ def main() -> int:
             images = build_images(work / "images")
             targets = (ours, go, go2, Target("overlayfs", None))
             samples = run_rounds("e2e", plan, lambda r: e2e_round(r, targets, plan, work, images, client))
-            out["e2e"] = {"image": images.summary, "samples": samples, "summary": summary(
-                samples, (("ours", "go"), ("ours", "overlayfs"), ("go", "go'")))}
+            out["e2e"] = {
+                "image": images.summary,
+                "samples": samples,
+                "summary": summary(samples, (("ours", "go"), ("ours", "overlayfs"), ("go", "go'"))),
+            }
             text += ["", render_e2e(samples, plan, [t.name for t in targets], env, images.summary)]
     except BaseException:
         log(f"failed; logs of the failed turn, if any, are in {work / 'failed-logs'}")

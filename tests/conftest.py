@@ -7,7 +7,11 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--containerd-bin-dir", action="append", default=[], metavar="DIR",
+        "--containerd-bin-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
         help="run the end-to-end tests against the containerd, ctr and shim in DIR ('system': the ones "
-             "on PATH); repeatable. Default: $ADDLOWER_CONTAINERD_BIN_DIR, else the installed containerd "
-             "and every line scripts/containerd-versions.sh unpacked.")
+        "on PATH); repeatable. Default: $ADDLOWER_CONTAINERD_BIN_DIR, else the installed containerd "
+        "and every line scripts/containerd-versions.sh unpacked.",
+    )

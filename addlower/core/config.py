@@ -10,13 +10,14 @@ import os
 import re
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from addlower.core.errors import InvalidArgument
-from addlower.core.pods import KubernetesConfig
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, LowerPolicy, NamedLower
+from addlower.core.pods import KubernetesConfig
 
 DEFAULT_CONFIG = Path("/etc/overlay-custom-add-lower-snapshotter/config.toml")
 DEFAULT_ROOT = Path("/var/lib/containerd/cn.rectcircle.containerd.overlay-custom-add-lower-snapshotter")
@@ -117,23 +118,28 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     if budget < 1:
         raise ConfigError(f"lowers.max_host_mounts: must be positive, not {budget}")
     roots = _strings("lowers.allowed_roots", lowers.get("allowed_roots", list(DEFAULT_ALLOWED_ROOTS)))
-    named = {name: _named_lower(f"lowers.named.{name}", value)
-             for name, value in _typed("lowers.named", lowers.get("named", {}), dict).items()}
+    named = {
+        name: _named_lower(f"lowers.named.{name}", value)
+        for name, value in _typed("lowers.named", lowers.get("named", {}), dict).items()
+    }
     kubernetes = dict(_typed("kubernetes", data.get("kubernetes", {}), dict))
     if "containerd_address" in data:  # what the differ, mount targets and pod lookups all ask
         address = _typed("containerd_address", data["containerd_address"], str)
         if kubernetes.setdefault("containerd_address", address) != address:
             raise ConfigError("containerd_address and kubernetes.containerd_address differ: give one")
-    config = Config(**values, allowed_roots=roots, named_lowers=named, max_host_mounts=budget,
-                    kubernetes=_kubernetes(kubernetes))
+    config = Config(
+        **values, allowed_roots=roots, named_lowers=named, max_host_mounts=budget, kubernetes=_kubernetes(kubernetes)
+    )
     root = str(config.root_dir)
     try:  # the same checks the snapshotter applies
         LowerPolicy(root, config.allowed_roots, config.named_lowers)
     except InvalidArgument as exc:
         raise ConfigError(f"lowers: {exc}") from None
     k8s = config.kubernetes
-    for where, ns_roots in (("kubernetes", k8s.allowed_roots),
-                            *((f"kubernetes.namespaces.{ns}", r) for ns, r in k8s.namespaces.items())):
+    for where, ns_roots in (
+        ("kubernetes", k8s.allowed_roots),
+        *((f"kubernetes.namespaces.{ns}", r) for ns, r in k8s.namespaces.items()),
+    ):
         try:
             LowerPolicy(root, ns_roots)
         except InvalidArgument as exc:
@@ -169,8 +175,15 @@ def _check_namespace(key: str, namespace: str) -> None:
 
 
 # [kubernetes] key -> expected type
-_KUBERNETES = {"enabled": bool, "containerd_address": str, "namespace": str, "annotation": str,
-               "allowed_roots": list, "namespaces": dict, "timeout": (int, float)}
+_KUBERNETES: dict[str, type | tuple[type, ...]] = {
+    "enabled": bool,
+    "containerd_address": str,
+    "namespace": str,
+    "annotation": str,
+    "allowed_roots": list,
+    "namespaces": dict,
+    "timeout": (int, float),
+}
 
 
 def _kubernetes(section: Mapping[str, Any]) -> KubernetesConfig:
@@ -225,8 +238,10 @@ def _read_settled(path: Path) -> bytes:
             if _identity(os.stat(path)) == _identity(before):
                 return data
         if time.monotonic() >= deadline:
-            raise ConfigError(f"{path}: still being written (it changed within {QUIET_SECONDS} s, again and "
-                              f"again, for {SETTLE_SECONDS} s)")
+            raise ConfigError(
+                f"{path}: still being written (it changed within {QUIET_SECONDS} s, again and "
+                f"again, for {SETTLE_SECONDS} s)"
+            )
         time.sleep(min(max(QUIET_SECONDS - age, 0.02), QUIET_SECONDS))
 
 
@@ -245,8 +260,10 @@ def load_config(path: Path | None, reload: bool = False) -> Config:
         path = DEFAULT_CONFIG
     data = read_toml(path, settled=reload)
     if reload and not data:
-        raise ConfigError(f"{path}: no settings at all (an empty file, or one cut short?); a reload never goes "
-                          "back to the defaults: restart the daemon for that")
+        raise ConfigError(
+            f"{path}: no settings at all (an empty file, or one cut short?); a reload never goes "
+            "back to the defaults: restart the daemon for that"
+        )
     try:
         return parse_config(data)
     except ConfigError as exc:
@@ -265,8 +282,10 @@ def reloaded(running: Config, new: Config) -> tuple[Config, list[str]]:
     k8s_running, k8s_new = running.kubernetes, new.kubernetes
     kubernetes = replace(k8s_running, **{f: getattr(k8s_new, f) for f in _RELOADED_KUBERNETES})
     applied = replace(running, kubernetes=kubernetes, **{f: getattr(new, f) for f in _RELOADED})
-    later = [f for f in fields(Config) if f.name not in (*_RELOADED, "kubernetes")
-             and getattr(applied, f.name) != getattr(new, f.name)]
-    later_kubernetes = [f for f in fields(KubernetesConfig)
-                        if getattr(kubernetes, f.name) != getattr(k8s_new, f.name)]
+    later = [
+        f
+        for f in fields(Config)
+        if f.name not in (*_RELOADED, "kubernetes") and getattr(applied, f.name) != getattr(new, f.name)
+    ]
+    later_kubernetes = [f for f in fields(KubernetesConfig) if getattr(kubernetes, f.name) != getattr(k8s_new, f.name)]
     return applied, [f.name for f in later] + [f"kubernetes.{f.name}" for f in later_kubernetes]

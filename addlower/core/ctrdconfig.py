@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import platform
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from addlower.core.config import DIFFER_NAME, PLUGIN_NAME
 
@@ -74,8 +75,9 @@ def cri_use(document: Mapping[str, Any], snapshotter: str) -> CriUse:
     version = int(document.get("version", 1))
     default = get_path(document, (*cri_images_table(version), "snapshotter")) or BUILTIN_SNAPSHOTTER
     runtimes = get_path(document, cri_runtimes_table(version)) or {}
-    handlers = tuple(sorted(h for h, t in runtimes.items()
-                            if hasattr(t, "get") and t.get("snapshotter") == snapshotter))
+    handlers = tuple(
+        sorted(h for h, t in runtimes.items() if hasattr(t, "get") and t.get("snapshotter") == snapshotter)
+    )
     return CriUse(CRI_SERVICE not in (document.get("disabled_plugins") or []), str(default), handlers)
 
 

@@ -392,8 +392,9 @@ def _compile_go_regexp(pattern: str) -> Any:
     try:
         return re2.compile(pattern, options)
     except re2.error as exc:
-        raise _RegexpError(exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes)
-                           else str(exc)) from None
+        raise _RegexpError(
+            exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        ) from None
 
 
 class _RegexpError(Exception):

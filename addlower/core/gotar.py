@@ -12,8 +12,8 @@ header with what fits. Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 BLOCK = 512
 END = b"\0" * (2 * BLOCK)  # Go's Writer.Close: two zero blocks, no padding to a record
@@ -68,24 +68,24 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
         return None
     if length > PREFIX_SIZE + 1:
         length = PREFIX_SIZE + 1
-    elif name[length - 1:length] == b"/":
+    elif name[length - 1 : length] == b"/":
         length -= 1
     i = name.rfind(b"/", 0, length)
     nlen, plen = len(name) - i - 1, i
     if i <= 0 or nlen > NAME_SIZE or nlen == 0 or plen > PREFIX_SIZE:
         return None
-    return name[:i], name[i + 1:]
+    return name[:i], name[i + 1 :]
 
 
 def _put_string(block: bytearray, where: tuple[int, int], s: bytes) -> None:
     """Go's formatString: copied, cut to the field, NUL-terminated when shorter; a cut that ends
     in '/' loses its trailing slashes."""
     offset, size = where
-    block[offset:offset + min(len(s), size)] = s[:size]
+    block[offset : offset + min(len(s), size)] = s[:size]
     if len(s) < size:
         block[offset + len(s)] = 0
-    elif len(s) > size and s[size - 1:size] == b"/":
-        block[offset + len(s[:size - 1].rstrip(b"/"))] = 0
+    elif len(s) > size and s[size - 1 : size] == b"/":
+        block[offset + len(s[: size - 1].rstrip(b"/"))] = 0
 
 
 def _put_octal(block: bytearray, where: tuple[int, int], n: int) -> None:
@@ -98,9 +98,9 @@ def _put_octal(block: bytearray, where: tuple[int, int], n: int) -> None:
 
 def _finish(block: bytearray) -> bytes:
     """USTAR magic and version, then the checksum (6 octal digits, NUL, space)."""
-    block[_MAGIC[0]:_MAGIC[0] + 6] = b"ustar\0"
-    block[_VERSION[0]:_VERSION[0] + 2] = b"00"
-    block[_CHKSUM[0]:_CHKSUM[0] + 8] = b" " * 8
+    block[_MAGIC[0] : _MAGIC[0] + 6] = b"ustar\0"
+    block[_VERSION[0] : _VERSION[0] + 2] = b"00"
+    block[_CHKSUM[0] : _CHKSUM[0] + 8] = b" " * 8
     _put_string(block, (_CHKSUM[0], 7), format(sum(block), "o").rjust(6, "0").encode())
     block[_CHKSUM[0] + 7] = 0x20
     return bytes(block)
@@ -109,11 +109,18 @@ def _finish(block: bytearray) -> bytes:
 def _main_block(h: Header, name: bytes, linkname: bytes, fit: bool) -> bytearray:
     """Go's templateV7Plus; `fit`: numbers that do not fit are written as 0 (a PAX main header)."""
     block = bytearray(BLOCK)
-    block[_TYPE[0]:_TYPE[0] + 1] = h.typeflag
+    block[_TYPE[0] : _TYPE[0] + 1] = h.typeflag
     _put_string(block, _NAME, name)
     _put_string(block, _LINK, linkname)
-    for where, n in ((_MODE, h.mode), (_UID, h.uid), (_GID, h.gid), (_SIZE, h.size), (_MTIME, h.mtime),
-                     (_DEVMAJOR, h.devmajor), (_DEVMINOR, h.devminor)):
+    for where, n in (
+        (_MODE, h.mode),
+        (_UID, h.uid),
+        (_GID, h.gid),
+        (_SIZE, h.size),
+        (_MTIME, h.mtime),
+        (_DEVMAJOR, h.devmajor),
+        (_DEVMINOR, h.devminor),
+    ):
         _put_octal(block, where, 0 if fit and not _fits_octal(where[1], n) else n)
     _put_string(block, _UNAME, b"")
     _put_string(block, _GNAME, b"")
@@ -162,7 +169,7 @@ def header(h: Header) -> bytes:
     xname = b"/".join(p for part in parts for p in part.split(b"/") if p)
     xname = _to_ascii(xname)[:NAME_SIZE].rstrip(b"/")
     xblock = bytearray(BLOCK)
-    xblock[_TYPE[0]:_TYPE[0] + 1] = XHEADER
+    xblock[_TYPE[0] : _TYPE[0] + 1] = XHEADER
     _put_string(xblock, _NAME, xname)
     for where, n in ((_MODE, 0), (_UID, 0), (_GID, 0), (_SIZE, len(data)), (_MTIME, 0)):
         _put_octal(xblock, where, n)

@@ -25,17 +25,22 @@ def resolve_key(wanted: str, keys: Collection[str], namespace: str | None = None
     matches are refused, saying how to choose, rather than guessed."""
     if namespace is None and wanted in keys:
         return wanted
-    found = {k: split[0] for k in keys
-             if (split := split_key(k)) is not None and split[1] == wanted and namespace in (None, split[0])}
+    found = {
+        k: split[0]
+        for k in keys
+        if (split := split_key(k)) is not None and split[1] == wanted and namespace in (None, split[0])
+    }
     where = f" in namespace {namespace!r}" if namespace is not None else ""
     if not found:
-        raise NotFound(f"snapshot {wanted!r} does not exist{where} (neither as a key nor as the name in "
-                       "containerd's <namespace>/<n>/<name>)")
+        raise NotFound(
+            f"snapshot {wanted!r} does not exist{where} (neither as a key nor as the name in "
+            "containerd's <namespace>/<n>/<name>)"
+        )
     if len(found) == 1:
         return next(iter(found))
     namespaces = sorted(set(found.values()))
     if len(namespaces) > 1:
-        raise InvalidArgument(f"{wanted!r} names snapshots in several namespaces ({', '.join(namespaces)}): "
-                              "choose one with --namespace")
-    raise InvalidArgument(f"{wanted!r} names several snapshots{where}: {', '.join(sorted(found))}; "
-                          "give the whole key")
+        raise InvalidArgument(
+            f"{wanted!r} names snapshots in several namespaces ({', '.join(namespaces)}): choose one with --namespace"
+        )
+    raise InvalidArgument(f"{wanted!r} names several snapshots{where}: {', '.join(sorted(found))}; give the whole key")

@@ -6,7 +6,7 @@ about the store, the filesystem or gRPC.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from addlower.core.errors import InvalidArgument
 
@@ -31,8 +31,7 @@ def validate_labels(labels: Mapping[str, str]) -> None:
         if size > MAX_LABEL_SIZE:
             shown = key if len(key) <= 64 else key[:64] + "..."
             raise InvalidArgument(
-                f"label {shown!r}: key and value are {size} bytes, more than the maximum "
-                f"of {MAX_LABEL_SIZE} bytes"
+                f"label {shown!r}: key and value are {size} bytes, more than the maximum of {MAX_LABEL_SIZE} bytes"
             )
         if not key:
             raise InvalidArgument("label with an empty key")

@@ -34,8 +34,12 @@ def rfc3339(created: float) -> str:
 
 def entries(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str, Any]:
     """The keys of one line, in order."""
-    entry: dict[str, Any] = {"time": rfc3339(record.created), "level": record.levelname.lower(),
-                             "logger": record.name, "msg": record.getMessage()}
+    entry: dict[str, Any] = {
+        "time": rfc3339(record.created),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
     entry.update(getattr(record, FIELDS_ATTR, {}))
     if record.exc_info:
         entry["error"] = formatter.formatException(record.exc_info)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import posixpath
 import re
 import unicodedata
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from addlower.core.errors import InvalidArgument
 from addlower.core.mounts import Mount
@@ -39,8 +39,24 @@ DEFAULT_ALLOWED_ROOTS = ("/var/cache/addlower", "/tmp/overlayfs-custom-lower")
 # workloads' state (pod volumes and secrets under kubelet's dir, container runtimes' data, logs).
 # A root that is one of these, lies inside one or contains one is refused.
 PROTECTED_DIRS = (
-    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/root", "/run",
-    "/sbin", "/sys", "/usr", "/var/lib/containerd", "/var/lib/docker", "/var/lib/kubelet", "/var/log",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var/lib/containerd",
+    "/var/lib/docker",
+    "/var/lib/kubelet",
+    "/var/log",
     "/var/run",
 )
 
@@ -99,8 +115,10 @@ class Lower:
         if self.name is None:
             return f"{missing} does not exist"
         if self.create_root is None:
-            return (f"{missing} does not exist; create = true in its table (lowers.named.{self.name} = "
-                    f'{{ path = "{self.path}", create = true }}) lets the snapshotter make it, empty')
+            return (
+                f"{missing} does not exist; create = true in its table (lowers.named.{self.name} = "
+                f'{{ path = "{self.path}", create = true }}) lets the snapshotter make it, empty'
+            )
         return f"{missing} does not exist (create = true makes only the named dir itself)"
 
 
@@ -132,8 +150,12 @@ class LowerPolicy:
     def named_lower(self, name: str) -> NamedLower | None:
         """The named lower this requester may use, or None; refuses one kept for other namespaces."""
         lower = self.named.get(name)
-        if lower is not None and self.namespace is not None and lower.namespaces is not None \
-                and self.namespace not in lower.namespaces:
+        if (
+            lower is not None
+            and self.namespace is not None
+            and lower.namespaces is not None
+            and self.namespace not in lower.namespaces
+        ):
             raise InvalidArgument(f"named lower {name!r} is not available to namespace {self.namespace!r}")
         return lower
 
@@ -223,9 +245,11 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
         check_path(entry, what)
         root = policy.allowing_root(entry)
         if root is None:
-            raise InvalidArgument(f"{what} {entry!r}: {policy.allowed_text()}; the node's admin allows more "
-                                  "with lowers.allowed_roots (or kubernetes.allowed_roots for pods) in the "
-                                  "snapshotter's config file")
+            raise InvalidArgument(
+                f"{what} {entry!r}: {policy.allowed_text()}; the node's admin allows more "
+                "with lowers.allowed_roots (or kubernetes.allowed_roots for pods) in the "
+                "snapshotter's config file"
+            )
         dirs.append(Lower(entry, root, target if at else ROOT_TARGET))
     refuse_nested_targets(dirs, source)
     return tuple(dirs)
@@ -255,8 +279,10 @@ def refuse_nested_targets(lowers: Sequence[Lower], source: str) -> None:
     for outer, a in first.items():
         for inner, b in first.items():
             if inner != outer and is_within(inner, outer):
-                raise InvalidArgument(f"{source}: entry {b.shown} at {inner!r} lies inside entry {a.shown} at "
-                                      f"{outer!r}: targets must not nest; mount them side by side")
+                raise InvalidArgument(
+                    f"{source}: entry {b.shown} at {inner!r} lies inside entry {a.shown} at "
+                    f"{outer!r}: targets must not nest; mount them side by side"
+                )
 
 
 def compact_lowerdirs(options: Sequence[str]) -> tuple[list[str], str | None]:
@@ -267,13 +293,13 @@ def compact_lowerdirs(options: Sequence[str]) -> tuple[list[str], str | None]:
         return opts, None
     i = next((n for n, o in enumerate(opts) if o.startswith("lowerdir=")), None)
     dirs = opts[i].removeprefix("lowerdir=").split(":") if i is not None else []
-    if len(dirs) <= 1:
+    if i is None or len(dirs) <= 1:
         return opts, None
     common = posixpath.dirname(posixpath.commonprefix(dirs))  # by characters, as containerd does
     if common in ("", "/"):
         return opts, None
     common += "/"
-    opts[i] = "lowerdir=" + ":".join(d[len(common):] for d in dirs)
+    opts[i] = "lowerdir=" + ":".join(d[len(common) :] for d in dirs)
     return opts, common
 
 
@@ -285,9 +311,9 @@ def check_mount_limits(mounts: Sequence[Mount], source: str) -> None:
         compacted, _ = compact_lowerdirs(m.options)
         size = len(",".join(compacted).encode())
         if size > PAGE_SIZE:
-            raise InvalidArgument(f"{source}: the overlay options would be {size} bytes, "
-                                  f"more than the {PAGE_SIZE} bytes mount accepts")
+            raise InvalidArgument(
+                f"{source}: the overlay options would be {size} bytes, more than the {PAGE_SIZE} bytes mount accepts"
+            )
         lowers = next(o for o in m.options if o.startswith("lowerdir=")).count(":") + 1
         if lowers > MAX_OVERLAY_LAYERS:
-            raise InvalidArgument(f"{source}: {lowers} lower layers, more than overlayfs's "
-                                  f"{MAX_OVERLAY_LAYERS}")
+            raise InvalidArgument(f"{source}: {lowers} lower layers, more than overlayfs's {MAX_OVERLAY_LAYERS}")

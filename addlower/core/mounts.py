@@ -8,9 +8,11 @@ store or gRPC; callers hand it the snapshot's kind, its parent chain and the opt
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
+
+from addlower.core.errors import FailedPrecondition
 
 
 class Kind(IntEnum):
@@ -74,7 +76,7 @@ class Layout:
         prefix = f"{self.root}/snapshots/"
         if not (path.startswith(prefix) and path.endswith("/fs")):
             return None
-        sid = path[len(prefix):-len("/fs")]
+        sid = path[len(prefix) : -len("/fs")]
         return int(sid) if sid.isdigit() and sid[0] != "0" else None
 
     def target_dir(self, sid: int | str, target: str) -> str:
@@ -107,7 +109,7 @@ MOUNT_RULES: dict[tuple[Kind, int | str], MountRule] = {
 def option(mount: Mount, key: str) -> str | None:
     """The value of option `key=` of `mount`, if it has one."""
     prefix = key + "="
-    return next((o[len(prefix):] for o in mount.options if o.startswith(prefix)), None)
+    return next((o[len(prefix) :] for o in mount.options if o.startswith(prefix)), None)
 
 
 def layer_dirs(mount: Mount) -> tuple[str | None, list[str]] | None:
@@ -123,7 +125,10 @@ def layer_dirs(mount: Mount) -> tuple[str | None, list[str]] | None:
 
 def rule_for(kind: Kind, nparents: int) -> MountRule:
     bucket: int | str = nparents if nparents < 2 else "many"
-    return MOUNT_RULES[(kind, bucket)]
+    rule = MOUNT_RULES.get((kind, bucket))
+    if rule is None:
+        raise FailedPrecondition(f"a {kind.label} snapshot has no mounts")
+    return rule
 
 
 def compute_mounts(
@@ -165,12 +170,15 @@ def compute_mounts(
     elif not parent_ids:
         lowers.insert(0, layout.upper(sid))
     opts.append("lowerdir=" + ":".join(lowers))
-    return [Mount("overlay", "overlay", tuple(opts)),
-            *(target_mount(layout, kind, sid, target, dirs, options) for target, dirs in targets)]
+    return [
+        Mount("overlay", "overlay", tuple(opts)),
+        *(target_mount(layout, kind, sid, target, dirs, options) for target, dirs in targets),
+    ]
 
 
-def target_mount(layout: Layout, kind: Kind, sid: int, target: str, dirs: Sequence[str],
-                 options: Sequence[str]) -> Mount:
+def target_mount(
+    layout: Layout, kind: Kind, sid: int, target: str, dirs: Sequence[str], options: Sequence[str]
+) -> Mount:
     """The mount of host `dirs` at container path `target`: copy-on-write into the snapshot's own
     dirs for an active snapshot, read-only for a view."""
     if kind == Kind.ACTIVE:

@@ -10,9 +10,10 @@ pod's Kubernetes namespace. addlower.engine.podlookup asks containerd. Must not 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 from addlower.core.errors import InvalidArgument
 from addlower.core.keys import split_key
@@ -42,8 +43,11 @@ class KubernetesConfig:
     def policy(self, root: str, named: Mapping[str, NamedLower], namespace: str | None) -> LowerPolicy:
         """What pods of `namespace` may use; with None, what some pod may use (a first check
         before the pod is known)."""
-        extra = self.namespaces.get(namespace, ()) if namespace is not None else \
-            tuple(r for roots in self.namespaces.values() for r in roots)
+        extra = (
+            self.namespaces.get(namespace, ())
+            if namespace is not None
+            else tuple(r for roots in self.namespaces.values() for r in roots)
+        )
         return LowerPolicy(root, (*self.allowed_roots, *extra), named, namespace)
 
 
@@ -111,8 +115,9 @@ def _strings(value: Any) -> dict[str, str]:
     return {k: v for k, v in _dict(value).items() if isinstance(k, str) and isinstance(v, str)}
 
 
-def app_container(labels: Mapping[str, str], spec: bytes, extensions: Mapping[str, bytes],
-                  sandbox: str = "") -> AppContainer | None:
+def app_container(
+    labels: Mapping[str, str], spec: bytes, extensions: Mapping[str, bytes], sandbox: str = ""
+) -> AppContainer | None:
     """The app container behind a containerd record; None for a pod sandbox or a non-CRI record."""
     annotations = _strings(_json(spec).get("annotations"))
     kind = labels.get(KIND_LABEL) or annotations.get(CONTAINER_TYPE_ANNOTATION)
@@ -120,8 +125,9 @@ def app_container(labels: Mapping[str, str], spec: bytes, extensions: Mapping[st
         return None
     metadata = _dict(_json(extensions.get(CONTAINER_METADATA, b"")).get("Metadata"))
     sandbox_id = annotations.get(SANDBOX_ID_ANNOTATION) or metadata.get("SandboxID") or sandbox
-    name = annotations.get(CONTAINER_NAME_ANNOTATION) or \
-        _dict(_dict(metadata.get("Config")).get("metadata")).get("name", "")
+    name = annotations.get(CONTAINER_NAME_ANNOTATION) or _dict(_dict(metadata.get("Config")).get("metadata")).get(
+        "name", ""
+    )
     if not isinstance(sandbox_id, str) or not sandbox_id or not isinstance(name, str):
         return None
     return AppContainer(name=name, sandbox_id=sandbox_id, annotations=annotations)

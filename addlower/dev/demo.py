@@ -8,6 +8,7 @@ both running until Ctrl-C so the operator can try `ctr` by hand. Nothing here is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -18,8 +19,8 @@ import threading
 from pathlib import Path
 
 from addlower.core.config import PLUGIN_NAME
-from addlower.dev.devcontainerd import PrivateContainerd, SnapshotterProcess
 from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.dev.devcontainerd import PrivateContainerd, SnapshotterProcess
 from addlower.dev.ociimage import BUSYBOX_REF, build_busybox_image
 
 NAMESPACE = "default"
@@ -36,14 +37,14 @@ def private_workdir(workdir: Path | None) -> Path:
     if workdir is None:
         return Path(tempfile.mkdtemp(prefix="addlower-demo-"))
     workdir = workdir.absolute()
-    try:
+    with contextlib.suppress(FileExistsError):
         workdir.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
     st = os.lstat(workdir)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise DemoError(f"{workdir} is not a directory of yours that only you may write in: "
-                        "give another --workdir, or none for a new private one")
+        raise DemoError(
+            f"{workdir} is not a directory of yours that only you may write in: "
+            "give another --workdir, or none for a new private one"
+        )
     return workdir
 
 
@@ -63,14 +64,25 @@ def run_demo(workdir: Path | None, log_level: str, keep_running: bool) -> int:
         containerd.import_image(image.path, NAMESPACE, PLUGIN_NAME)
         containerd.ctr("namespaces", "create", NAMESPACE, check=False)
         containerd.ctr("namespaces", "label", NAMESPACE, f"containerd.io/defaults/snapshotter={PLUGIN_NAME}")
-        out = containerd.run(BUSYBOX_REF, "addlower-demo", "sh", "-c", "echo hello from a container on addlower; ls /",
-                             snapshotter=PLUGIN_NAME)
+        out = containerd.run(
+            BUSYBOX_REF,
+            "addlower-demo",
+            "sh",
+            "-c",
+            "echo hello from a container on addlower; ls /",
+            snapshotter=PLUGIN_NAME,
+        )
         say(out.stdout.rstrip())
         lower.mkdir(exist_ok=True)
         (lower / "from-the-host.txt").write_text("a file in a host dir, seen copy-on-write\n")
-        out = containerd.run(BUSYBOX_REF, "addlower-lower-demo", "sh", "-c",
-                             "cat /from-the-host.txt; echo changed > /from-the-host.txt; cat /from-the-host.txt",
-                             options=["--snapshotter-label", f"{EXTRA_LOWERS_LABEL}={lower}"])
+        out = containerd.run(
+            BUSYBOX_REF,
+            "addlower-lower-demo",
+            "sh",
+            "-c",
+            "cat /from-the-host.txt; echo changed > /from-the-host.txt; cat /from-the-host.txt",
+            options=["--snapshotter-label", f"{EXTRA_LOWERS_LABEL}={lower}"],
+        )
         say(f"\nwith --snapshotter-label {EXTRA_LOWERS_LABEL}={lower}:")
         say(out.stdout.rstrip())
         say(f"on the host, still: {(lower / 'from-the-host.txt').read_text().rstrip()}\n")
@@ -80,12 +92,15 @@ def run_demo(workdir: Path | None, log_level: str, keep_running: bool) -> int:
         ctr = f"ctr --address {shlex.quote(str(containerd.address))}"
         say("\nTry it (Ctrl-C here stops everything):")
         say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} {BUSYBOX_REF} demo1 sh")
-        say(f"  {ctr} run --rm -t --runc-root {containerd.runc_root} --snapshotter-label "
-            f"{EXTRA_LOWERS_LABEL}={lower} {BUSYBOX_REF} demo2 sh")
+        say(
+            f"  {ctr} run --rm -t --runc-root {containerd.runc_root} --snapshotter-label "
+            f"{EXTRA_LOWERS_LABEL}={lower} {BUSYBOX_REF} demo2 sh"
+        )
         say(f"  {ctr} snapshots --snapshotter {PLUGIN_NAME} ls")
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        assert daemon.proc is not None
         while not stop.wait(1):
             if daemon.proc.poll() is not None:
                 say(f"the snapshotter exited with code {daemon.proc.returncode}")

@@ -57,8 +57,9 @@ class Binaries:
 
     @functools.cached_property
     def version(self) -> tuple[int, int, int]:
-        out = subprocess.run([self.command("containerd"), "--version"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [self.command("containerd"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
         return ctrdconfig.parse_version(out)
 
     @property
@@ -145,15 +146,21 @@ class PrivateContainerd:
             "plugins": {"io.containerd.internal.v1.opt": {"path": str(self.workdir / "opt")}},
         }
         if self.configure is None:
-            doc["proxy_plugins"] = {name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
-                                    for name, address in self.proxy_plugins.items()}
+            doc["proxy_plugins"] = {
+                name: ctrdconfig.proxy_plugin(str(address), str(address.parent))
+                for name, address in self.proxy_plugins.items()
+            }
             ours = self.proxy_plugins.get(PLUGIN_NAME)
             if ours is not None and self.differ and ctrdconfig.diff_proxy(self.binaries.version):
                 doc["proxy_plugins"][DIFFER_NAME] = ctrdconfig.differ_plugin(str(ours))
                 ctrdconfig.set_path(doc, ctrdconfig.DIFF_SERVICE, "default", ctrdconfig.differ_order(None))
             if ctrdconfig.uses_transfer_unpack(self.binaries.version):
-                ctrdconfig.set_path(doc, ctrdconfig.TRANSFER, "unpack_config",
-                                    ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)))
+                ctrdconfig.set_path(
+                    doc,
+                    ctrdconfig.TRANSFER,
+                    "unpack_config",
+                    ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, *self.proxy_plugins)),
+                )
         if self.cri:
             self._cri_config(doc, version)
         text = tomlkit.dumps(doc)
@@ -186,8 +193,11 @@ class PrivateContainerd:
             doc["plugins"][ctrdconfig.CRI_SERVICE] = {"stream_server_port": "0"}
         else:
             doc["plugins"][ctrdconfig.CRI_SERVICE].update(
-                sandbox_image=self.cri.sandbox_image, restrict_oom_score_adj=True, stream_server_port="0",
-                cni={**cni, "bin_dir": str(self.workdir / "cni" / "bin")})
+                sandbox_image=self.cri.sandbox_image,
+                restrict_oom_score_adj=True,
+                stream_server_port="0",
+                cni={**cni, "bin_dir": str(self.workdir / "cni" / "bin")},
+            )
 
     @property
     def hosts_dir(self) -> Path:
@@ -197,8 +207,11 @@ class PrivateContainerd:
         """A hosts.toml per plain-HTTP registry (containerd's registry host configuration)."""
         for host in self.cri.registries if self.cri else ():
             (self.hosts_dir / host).mkdir(parents=True, exist_ok=True)
-            (self.hosts_dir / host / "hosts.toml").write_text(tomlkit.dumps(
-                {"server": f"http://{host}", "host": {f"http://{host}": {"capabilities": ["pull", "resolve"]}}}))
+            (self.hosts_dir / host / "hosts.toml").write_text(
+                tomlkit.dumps(
+                    {"server": f"http://{host}", "host": {f"http://{host}": {"capabilities": ["pull", "resolve"]}}}
+                )
+            )
 
     def start(self, timeout: float = 30) -> PrivateContainerd:
         """Write the config, start containerd and wait until it answers `ctr version`."""
@@ -292,8 +305,13 @@ class PrivateContainerd:
     def import_image(self, tar: Path, namespace: str = "default", snapshotter: str | None = None) -> None:
         """`ctr images import` into `snapshotter`, or into the namespace's default snapshotter: on
         2.1+ only the local importer (`--local`) honours that label; the Transfer service does not."""
-        args = ["--snapshotter", snapshotter] if snapshotter else \
-            ["--local"] if ctrdconfig.uses_transfer_unpack(self.binaries.version) else []
+        args = (
+            ["--snapshotter", snapshotter]
+            if snapshotter
+            else ["--local"]
+            if ctrdconfig.uses_transfer_unpack(self.binaries.version)
+            else []
+        )
         self.ctr("images", "import", *args, str(tar), namespace=namespace)
 
     def collect_garbage(self, namespace: str = "default") -> None:
@@ -355,12 +373,16 @@ class SnapshotterProcess:
     def log_path(self) -> Path:
         return self.root.parent / f"{self.root.name}.log"
 
-    def start(self, timeout: float = 30) -> "SnapshotterProcess":
+    def start(self, timeout: float = 30) -> SnapshotterProcess:
         """Start it and wait until its socket accepts connections."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*self.command, "--root-dir", str(self.root), *self.args],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [*self.command, "--root-dir", str(self.root), *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -4,9 +4,9 @@ and the benchmark, which mount snapshots without containerd. The daemon never us
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from addlower.core.lowers import compact_lowerdirs
 
@@ -21,8 +21,13 @@ def mount_all(mounts: Sequence, target: Path) -> None:
                 subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], check=True)
         else:
             opts, cwd = compact_lowerdirs(opts)
-            subprocess.run(["mount", "-t", m.type, m.source, "-o", ",".join(opts), str(target)],
-                           check=True, capture_output=True, text=True, cwd=cwd)
+            subprocess.run(
+                ["mount", "-t", m.type, m.source, "-o", ",".join(opts), str(target)],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=cwd,
+            )
 
 
 def unmount(target: Path) -> None:

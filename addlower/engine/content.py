@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import os
 import time
-from datetime import datetime, timedelta, timezone
-from typing import Any, BinaryIO, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, BinaryIO
 
 from addlower.core.errors import FailedPrecondition, Unavailable
 
@@ -42,12 +43,22 @@ class ContentStore:
         from addlower.api import content_pb2_grpc, leases_pb2_grpc
 
         if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix://{self.address}", options=[
-                ("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)])
+            self._channel = grpc.insecure_channel(
+                f"unix://{self.address}",
+                options=[("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)],
+            )
         return content_pb2_grpc.ContentStub(self._channel), leases_pb2_grpc.LeasesStub(self._channel)
 
-    def put(self, blob: BinaryIO, digest: str, size: int, labels: Mapping[str, str], namespace: str,
-            lease: str | None, ref: str = "") -> None:
+    def put(
+        self,
+        blob: BinaryIO,
+        digest: str,
+        size: int,
+        labels: Mapping[str, str],
+        namespace: str,
+        lease: str | None,
+        ref: str = "",
+    ) -> None:
         """Write `blob` (at its start, `size` bytes, `digest`) with `labels`; a blob that is there
         already keeps its labels and gets the uncompressed one if it lacks it."""
         import grpc
@@ -58,11 +69,13 @@ class ContentStore:
         content, leases = self._stubs()
         try:
             if not lease:
-                expires = datetime.now(timezone.utc) + timedelta(seconds=LEASE_SECONDS)
+                expires = datetime.now(UTC) + timedelta(seconds=LEASE_SECONDS)
                 lease = f"addlower-differ-{unique_ref()}"
-                leases.Create(leases_pb2.CreateRequest(id=lease, labels={
-                    EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")}), timeout=self.timeout,
-                    metadata=[(NAMESPACE_HEADER, namespace)])
+                leases.Create(
+                    leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")}),
+                    timeout=self.timeout,
+                    metadata=[(NAMESPACE_HEADER, namespace)],
+                )
             metadata = [(NAMESPACE_HEADER, namespace), (LEASE_HEADER, lease)]
 
             def requests() -> Iterator[Any]:
@@ -74,8 +87,9 @@ class ContentStore:
                         raise OSError(f"the layer file ended at {offset} of {size} bytes")
                     yield pb.WriteContentRequest(action=pb.WRITE, offset=offset, data=data)
                     offset += len(data)
-                yield pb.WriteContentRequest(action=pb.COMMIT, offset=offset, total=size, expected=digest,
-                                             labels=labels)
+                yield pb.WriteContentRequest(
+                    action=pb.COMMIT, offset=offset, total=size, expected=digest, labels=labels
+                )
 
             try:
                 for _ in content.Write(requests(), timeout=self.timeout, metadata=metadata):
@@ -87,8 +101,9 @@ class ContentStore:
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise Unavailable(f"containerd's content store at {self.address}: {exc.details()}") from None
-            raise FailedPrecondition(f"writing {digest} to containerd's content store: {exc.code().name}: "
-                                     f"{exc.details()}") from None
+            raise FailedPrecondition(
+                f"writing {digest} to containerd's content store: {exc.code().name}: {exc.details()}"
+            ) from None
 
     @staticmethod
     def _label_existing(content: Any, digest: str, labels: Mapping[str, str], metadata: list[tuple[str, str]]) -> None:
@@ -101,5 +116,9 @@ class ContentStore:
         info = content.Info(pb.InfoRequest(digest=digest), metadata=metadata).info
         if wanted and UNCOMPRESSED_LABEL not in info.labels:
             info.labels[UNCOMPRESSED_LABEL] = wanted
-            content.Update(pb.UpdateRequest(info=info, update_mask=field_mask_pb2.FieldMask(
-                paths=[f"labels.{UNCOMPRESSED_LABEL}"])), metadata=metadata)
+            content.Update(
+                pb.UpdateRequest(
+                    info=info, update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{UNCOMPRESSED_LABEL}"])
+                ),
+                metadata=metadata,
+            )

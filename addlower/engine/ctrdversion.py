@@ -35,11 +35,15 @@ class TargetSupport:
             raise InvalidArgument(f"{what}: a target needs containerd >= 1.7, and mount_targets is off here")
         version, why = self._version()
         if version is None:
-            raise InvalidArgument(f"{what}: a target needs containerd >= 1.7, and its version is unknown "
-                                  f"({why}); set mount_targets = \"on\" if it is")
+            raise InvalidArgument(
+                f"{what}: a target needs containerd >= 1.7, and its version is unknown "
+                f'({why}); set mount_targets = "on" if it is'
+            )
         if version[:2] < MIN_TARGET_VERSION:
-            raise InvalidArgument(f"{what}: a target needs containerd >= 1.7; this is {'.'.join(map(str, version))},"
-                                  " which would mount it over the whole rootfs")
+            raise InvalidArgument(
+                f"{what}: a target needs containerd >= 1.7; this is {'.'.join(map(str, version))},"
+                " which would mount it over the whole rootfs"
+            )
 
     def version(self) -> tuple[int, int, int] | None:
         """The containerd version, as asked (None when it did not answer)."""

@@ -21,9 +21,10 @@ import hashlib
 import os
 import stat
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 from addlower.core import gotar
 from addlower.core.gotar import Header
@@ -212,8 +213,14 @@ def _changes_in(upper: bytes, rel: bytes, parent: _Parent) -> Iterator[tuple[Cha
             yield from _changes_in(upper, path, parent)
 
 
-_TYPES = ((stat.S_ISREG, gotar.REG), (stat.S_ISDIR, gotar.DIR), (stat.S_ISLNK, gotar.SYMLINK),
-          (stat.S_ISCHR, gotar.CHAR), (stat.S_ISBLK, gotar.BLOCKDEV), (stat.S_ISFIFO, gotar.FIFO))
+_TYPES = (
+    (stat.S_ISREG, gotar.REG),
+    (stat.S_ISDIR, gotar.DIR),
+    (stat.S_ISLNK, gotar.SYMLINK),
+    (stat.S_ISCHR, gotar.CHAR),
+    (stat.S_ISBLK, gotar.BLOCKDEV),
+    (stat.S_ISFIFO, gotar.FIFO),
+)
 
 
 @dataclass
@@ -245,12 +252,18 @@ class ChangeWriter:
         mtime = st.st_mtime_ns if self.mtime_bound is None else min(st.st_mtime_ns, self.mtime_bound)
         capability = _xattr(full, CAPABILITY_XATTR)
         header = Header(
-            name=path + b"/" if typeflag == gotar.DIR else path, typeflag=typeflag, mode=stat.S_IMODE(mode),
-            uid=st.st_uid, gid=st.st_gid, size=st.st_size if typeflag == gotar.REG else 0,
-            mtime=mtime // 10**9, linkname=os.readlink(full) if typeflag == gotar.SYMLINK else b"",
+            name=path + b"/" if typeflag == gotar.DIR else path,
+            typeflag=typeflag,
+            mode=stat.S_IMODE(mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if typeflag == gotar.REG else 0,
+            mtime=mtime // 10**9,
+            linkname=os.readlink(full) if typeflag == gotar.SYMLINK else b"",
             devmajor=os.major(st.st_rdev) if typeflag in (gotar.CHAR, gotar.BLOCKDEV) else 0,
             devminor=os.minor(st.st_rdev) if typeflag in (gotar.CHAR, gotar.BLOCKDEV) else 0,
-            pax={f"SCHILY.xattr.{CAPABILITY_XATTR}": capability} if capability else {})
+            pax={f"SCHILY.xattr.{CAPABILITY_XATTR}": capability} if capability else {},
+        )
         more: list[bytes] = []
         if typeflag != gotar.DIR and st.st_nlink > 1:
             first = self.inode_source.get(st.st_ino)
@@ -331,8 +344,9 @@ class Layer:
     diff_id: str
 
 
-def write_layer(layers: Layers, out: BinaryIO, media_type: str, whiteout_time: int = 0,
-                mtime_bound: int | None = None) -> Layer:
+def write_layer(
+    layers: Layers, out: BinaryIO, media_type: str, whiteout_time: int = 0, mtime_bound: int | None = None
+) -> Layer:
     """The layer of `layers` as `media_type` (one of MEDIA_TYPES) into `out`."""
     sink = _Digesting(out, MEDIA_TYPES[media_type])
     writer = ChangeWriter(sink, layers.upper, whiteout_time, mtime_bound)  # type: ignore[arg-type]

@@ -12,14 +12,14 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 import platform
+import re
 import stat
 import struct
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 DT_UNKNOWN = 0
 
@@ -212,7 +212,7 @@ def mounts_inside(top: str, names: Iterable[str]) -> dict[str, list[str]]:
     inside: dict[str, list[str]] = {}
     for point in mount_points():
         if point.startswith(prefix):
-            name = point[len(prefix):].partition("/")[0]
+            name = point[len(prefix) :].partition("/")[0]
             if name in wanted:
                 inside.setdefault(name, []).append(point)
     return inside
@@ -255,7 +255,7 @@ def mount_id(fd: int) -> tuple[int, int]:
     (0, st_dev), which tells apart mounts of other filesystems only."""
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW, _STATX_MNT_ID, buf) == 0:
-        mask, = struct.unpack_from("<I", buf, _STATX_MASK_AT)
+        (mask,) = struct.unpack_from("<I", buf, _STATX_MASK_AT)
         if mask & _STATX_MNT_ID:
             return 1, struct.unpack_from("<Q", buf, _STATX_MNT_ID_AT)[0]
     return 0, os.fstat(fd).st_dev
@@ -296,10 +296,8 @@ def _remove_stack(stack: list[tuple[int, list[str] | None, str]], mount: tuple[i
             stack[-1] = (fd, pending, name)
         if pending:
             sub = pending.pop()
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 stack.append((os.open(sub, _O_TREE, dir_fd=fd), None, sub))
-            except FileNotFoundError:
-                pass
             continue
         stack.pop()
         if stack:  # below the top: close it and remove it from its parent

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from addlower import __version__
 from addlower.core.codes import Code
@@ -28,13 +29,13 @@ DURATION_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Answers that mean a call failed. The others are answers a client acts on (a Stat's NOT_FOUND
 # tells containerd a snapshot is not there, an unpack race gets ALREADY_EXISTS, a refusal
 # INVALID_ARGUMENT): addlower_rpc_handled_total counts those, addlower_rpc_errors_total does not.
-FAILURES = frozenset({Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED,
-                      Code.RESOURCE_EXHAUSTED, Code.UNIMPLEMENTED})
+FAILURES = frozenset(
+    {Code.UNKNOWN, Code.INTERNAL, Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.RESOURCE_EXHAUSTED, Code.UNIMPLEMENTED}
+)
 
 LOWER_SOURCES = ("label", "annotation")  # where extra lowers come from
 MAX_LOWER_SERIES = 1000  # lowers with a series of their own; the rest are summed under OTHER_LOWERS
 OTHER_LOWERS = "(other)"
-
 
 
 class Tally:
@@ -59,16 +60,32 @@ class Tally:
         return family
 
 
-LOWERS_RESOLVED = Tally("addlower_extra_lowers_resolved", "Containers (active snapshots) and views that got "
-                        "extra lower dirs, by where they came from: a label, or a pod's annotation.",
-                        "source", LOWER_SOURCES)
-LOWERS_REFUSED = Tally("addlower_extra_lowers_refused", "Extra lower dirs refused by the policy, by where "
-                       "they came from.", "source", LOWER_SOURCES)
-CONFIG_RELOADS = Tally("addlower_config_reloads", "Config file reloads (SIGHUP), by result: a failed one "
-                       "keeps the running config.", "result", ("success", "failure"))
-LOWERS_CREATED = Tally("addlower_extra_lowers_created", "Missing extra lower dirs made, empty: under an allowed "
-                       "root (entry=path) or for a named lower with create = true (entry=named).", "entry",
-                       ("path", "named"))
+LOWERS_RESOLVED = Tally(
+    "addlower_extra_lowers_resolved",
+    "Containers (active snapshots) and views that got "
+    "extra lower dirs, by where they came from: a label, or a pod's annotation.",
+    "source",
+    LOWER_SOURCES,
+)
+LOWERS_REFUSED = Tally(
+    "addlower_extra_lowers_refused",
+    "Extra lower dirs refused by the policy, by where they came from.",
+    "source",
+    LOWER_SOURCES,
+)
+CONFIG_RELOADS = Tally(
+    "addlower_config_reloads",
+    "Config file reloads (SIGHUP), by result: a failed one keeps the running config.",
+    "result",
+    ("success", "failure"),
+)
+LOWERS_CREATED = Tally(
+    "addlower_extra_lowers_created",
+    "Missing extra lower dirs made, empty: under an allowed "
+    "root (entry=path) or for a named lower with create = true (entry=named).",
+    "entry",
+    ("path", "named"),
+)
 TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS)
 
 
@@ -90,21 +107,26 @@ class CallStats:
     def collect(self) -> Iterator[Any]:
         from prometheus_client import core
 
-        durations = core.HistogramMetricFamily("addlower_rpc_duration_seconds",
-                                          "Time to answer a Snapshots API call, by method.", labels=["method"])
+        durations = core.HistogramMetricFamily(
+            "addlower_rpc_duration_seconds", "Time to answer a Snapshots API call, by method.", labels=["method"]
+        )
         for method, counts in sorted(self._buckets.items()):
             counts = list(counts)  # copies are atomic under the GIL; the loop goes on counting
             cumulative, buckets = 0, []
-            for bound, n in zip((*map(str, DURATION_BUCKETS), "+Inf"), counts):
+            for bound, n in zip((*map(str, DURATION_BUCKETS), "+Inf"), counts, strict=True):
                 cumulative += n
                 buckets.append((bound, cumulative))
             durations.add_metric([method], buckets, sum_value=self._sums[method])
         yield durations
-        handled = core.CounterMetricFamily("addlower_rpc_handled", "Snapshots API calls answered, by method and "
-                                      "gRPC code.", labels=["method", "code"])
-        errors = core.CounterMetricFamily("addlower_rpc_errors", "Snapshots API calls that failed (codes "
-                                     f"{', '.join(sorted(c.name for c in FAILURES))}), by method and code.",
-                                     labels=["method", "code"])
+        handled = core.CounterMetricFamily(
+            "addlower_rpc_handled", "Snapshots API calls answered, by method and gRPC code.", labels=["method", "code"]
+        )
+        errors = core.CounterMetricFamily(
+            "addlower_rpc_errors",
+            "Snapshots API calls that failed (codes "
+            f"{', '.join(sorted(c.name for c in FAILURES))}), by method and code.",
+            labels=["method", "code"],
+        )
         for (method, code), n in sorted(dict(self._handled).items()):
             handled.add_metric([method, code.name], n)
             if code in FAILURES:
@@ -154,9 +176,11 @@ class StoreCollector:
         for kind, n in sorted(self._view.counts().items()):
             kinds.add_metric([kind], n)
         yield kinds
-        users = core.GaugeMetricFamily("addlower_extra_lower_containers",
-                                  "Active snapshots (containers) with each extra lower, as the label names it.",
-                                  labels=["lower"])
+        users = core.GaugeMetricFamily(
+            "addlower_extra_lower_containers",
+            "Active snapshots (containers) with each extra lower, as the label names it.",
+            labels=["lower"],
+        )
         for lower, n in lower_users(self._view.lowers()).items():
             users.add_metric([lower], n)
         yield users
@@ -164,15 +188,28 @@ class StoreCollector:
         size = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
         yield core.GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)
         used, budget = self._view.host_mounts()
-        yield core.GaugeMetricFamily("addlower_host_mounts", "Host mounts that extra lowers take: a pin per entry "
-                                     "and a mount per container path, of snapshots that have them.", value=used)
-        yield core.GaugeMetricFamily("addlower_host_mounts_budget", "lowers.max_host_mounts: the most host mounts "
-                                     "extra lowers may take on the node.", value=budget)
+        yield core.GaugeMetricFamily(
+            "addlower_host_mounts",
+            "Host mounts that extra lowers take: a pin per entry "
+            "and a mount per container path, of snapshots that have them.",
+            value=used,
+        )
+        yield core.GaugeMetricFamily(
+            "addlower_host_mounts_budget",
+            "lowers.max_host_mounts: the most host mounts extra lowers may take on the node.",
+            value=budget,
+        )
         room = os.statvfs(self._view.root)
-        yield core.GaugeMetricFamily("addlower_root_free_bytes", "Bytes free (to unprivileged writers) on the "
-                                     "root's filesystem.", value=room.f_bavail * room.f_frsize)
-        yield core.GaugeMetricFamily("addlower_root_free_inodes", "Inodes free (to unprivileged writers) on the "
-                                     "root's filesystem.", value=room.f_favail)
+        yield core.GaugeMetricFamily(
+            "addlower_root_free_bytes",
+            "Bytes free (to unprivileged writers) on the root's filesystem.",
+            value=room.f_bavail * room.f_frsize,
+        )
+        yield core.GaugeMetricFamily(
+            "addlower_root_free_inodes",
+            "Inodes free (to unprivileged writers) on the root's filesystem.",
+            value=room.f_favail,
+        )
 
 
 def serve(address: str, calls: CallStats, store: StoreView) -> None:

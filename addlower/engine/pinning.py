@@ -24,8 +24,8 @@ import errno
 import logging
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from addlower.core.errors import InvalidArgument, ResourceExhausted
 from addlower.core.logformat import fields
@@ -97,8 +97,9 @@ def _open_one(lower: Lower, what: str, create: bool) -> int | None:
         return fd
     except NotADirectoryError:  # O_NOFOLLOW|O_DIRECTORY on a symlink says ENOTDIR too
         os.close(fd)
-        raise InvalidArgument(f"{what} {lower.shown}: {current} is a symlink or not a directory; "
-                              "name the directory itself") from None
+        raise InvalidArgument(
+            f"{what} {lower.shown}: {current} is a symlink or not a directory; name the directory itself"
+        ) from None
     except OSError as exc:
         os.close(fd)
         raise _refusal(what, lower, exc) from None
@@ -191,8 +192,13 @@ class Pins:
                     found[i] = _open_one(lower, what, create=True)
                     assert found[i] is not None  # a walk that may make dirs reaches the end or raises
                     metrics.LOWERS_CREATED.inc("path" if lower.name is None else "named")
-                    log.warning("%s %s did not exist: made it, empty, for snapshot %s", what, lower.shown, key,
-                                extra=fields(key=key, entry=lower.shown))
+                    log.warning(
+                        "%s %s did not exist: made it, empty, for snapshot %s",
+                        what,
+                        lower.shown,
+                        key,
+                        extra=fields(key=key, entry=lower.shown),
+                    )
             fds = [fd for fd in found if fd is not None]
             Pins._refuse_repeats(lowers, fds, what)
         except BaseException:
@@ -216,7 +222,8 @@ class Pins:
                 raise ResourceExhausted(
                     f"lowers.max_host_mounts: this snapshot's extra lowers need {need} host mounts (a pin per "
                     f"entry, a mount per target) and {others} of the node's budget of {budget} are in use; "
-                    "remove containers that use extra lowers, or raise the budget in the snapshotter's config")
+                    "remove containers that use extra lowers, or raise the budget in the snapshotter's config"
+                )
             try:
                 paths = self._sync(sid, opened.fds)
             except OSError as exc:  # e.g. its writer removed the dir while it was pinned
@@ -229,7 +236,7 @@ class Pins:
     def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:
         """The same dir twice under one target: overlayfs would refuse the mount (ELOOP)."""
         seen: dict[tuple[str, int, int], str] = {}
-        for lower, fd in zip(lowers, fds):
+        for lower, fd in zip(lowers, fds, strict=True):
             st = os.fstat(fd)
             key = (lower.target, st.st_dev, st.st_ino)
             if key in seen:
@@ -252,8 +259,11 @@ class Pins:
             except FileNotFoundError:
                 os.mkdir(pin, PIN_DIR_MODE)
                 current = None
-            if current is None or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino) \
-                    or not os.statvfs(pin).f_flag & os.ST_RDONLY:  # a kill between bind and remount
+            if (
+                current is None
+                or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino)
+                or not os.statvfs(pin).f_flag & os.ST_RDONLY
+            ):  # a kill between bind and remount
                 self._unmount_all(pin)
                 _mount(f"/proc/self/fd/{fd}", pin, MS_BIND)
                 _mount(None, pin, MS_REMOUNT | MS_BIND | MS_RDONLY)

@@ -7,7 +7,8 @@ keeps nothing between calls but its connection. The rules are addlower.core.pods
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from addlower.core.errors import InvalidArgument, Unavailable
 from addlower.core.pods import (
@@ -46,16 +47,19 @@ class PodLowers:
             self._store = sandbox_pb2_grpc.StoreStub(self._channel)
         stub = self._store if method == "store" else self._containers
         try:
-            return stub.Get(request, timeout=self.config.timeout,
-                            metadata=[("containerd-namespace", self.config.namespace)])
+            return stub.Get(
+                request, timeout=self.config.timeout, metadata=[("containerd-namespace", self.config.namespace)]
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method == "store":
                 self._store_serves = False
                 return None
-            raise Unavailable(f"looking up {what} in containerd at {self.config.containerd_address}: "
-                              f"{exc.code().name}: {exc.details()}") from None
+            raise Unavailable(
+                f"looking up {what} in containerd at {self.config.containerd_address}: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from None
 
     def _get(self, cid: str) -> Any:
         from addlower.api import containers_pb2
@@ -83,13 +87,20 @@ class PodLowers:
         record = self._get(cid) if cid else None
         if record is None:
             return Lookup.NO_RECORD
-        container = app_container(record.labels, record.spec.value, {k: v.value for k, v in record.extensions.items()},
-                                  record.sandbox)
+        container = app_container(
+            record.labels, record.spec.value, {k: v.value for k, v in record.extensions.items()}, record.sandbox
+        )
         if container is None:
             return Lookup.NOT_A_POD
         pod = pod_sandbox(self._sandbox_metadata(container.sandbox_id))
         if pod is None:  # a sandbox without CRI metadata: no namespace to hold it to
-            raise InvalidArgument(f"container {container.name!r}: its pod sandbox {container.sandbox_id} has no "
-                                  "CRI metadata naming its namespace")
-        return PodContainer(pod.namespace, pod.name, container.name,
-                            requested_lowers(container, pod.annotations, self.config.annotation))
+            raise InvalidArgument(
+                f"container {container.name!r}: its pod sandbox {container.sandbox_id} has no "
+                "CRI metadata naming its namespace"
+            )
+        return PodContainer(
+            pod.namespace,
+            pod.name,
+            container.name,
+            requested_lowers(container, pod.annotations, self.config.annotation),
+        )

@@ -8,31 +8,32 @@ about gRPC; errors are raised as addlower.core.errors types.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import logging
 import os
-import threading
 import re
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
-from addlower.engine import fsutil
-from addlower.engine import metrics
 from addlower.core.config import Config, reloaded
 from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
-from addlower.engine.fsutil import Usage
-from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
-from addlower.engine.podlookup import PodLowers
-from addlower.core.logformat import fields
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
-from addlower.engine.ctrdversion import TargetSupport
-from addlower.engine.differ import Layers
+from addlower.core.logformat import fields
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers, target_count
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts, layer_dirs
+from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
+from addlower.engine import fsutil, metrics
+from addlower.engine.ctrdversion import TargetSupport
+from addlower.engine.differ import Layers
+from addlower.engine.fsutil import Usage
 from addlower.engine.pinning import Opened, Pins
+from addlower.engine.podlookup import PodLowers
 from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Policy:
     kubernetes: KubernetesConfig  # pods' roots, by namespace
 
     @classmethod
-    def of(cls, root: str, config: Config) -> "Policy":
+    def of(cls, root: str, config: Config) -> Policy:
         return cls(LowerPolicy(root, tuple(config.allowed_roots), dict(config.named_lowers)), config.kubernetes)
 
     def for_pods(self, namespace: str | None) -> LowerPolicy:
@@ -114,8 +115,9 @@ class Policy:
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
-    def __init__(self, root: Path, config: Config = Config()):
+    def __init__(self, root: Path, config: Config | None = None):
         """Serve `root` with `config`'s snapshot behaviour (its root_dir is the daemon's business)."""
+        config = config or Config()
         self.root = root
         self.config = config
         self.layout = Layout(str(root))
@@ -143,8 +145,11 @@ class Snapshotter:
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
         if not self.reserve.keep():
-            log.warning("the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused "
-                        "until it has", root, RESERVE_BYTES)
+            log.warning(
+                "the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused until it has",
+                root,
+                RESERVE_BYTES,
+            )
 
     def close(self) -> None:
         self.store.close()
@@ -162,17 +167,22 @@ class Snapshotter:
     def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], quick: bool) -> list[Mount]:
         validate_labels(labels)
         if not self.reserve.kept and not self.reserve.keep():
-            raise self._no_space(f"no room for a new snapshot while the filesystem cannot hold the reserve kept for "
-                                 f"removals ({RESERVE_BYTES} bytes)")
+            raise self._no_space(
+                f"no room for a new snapshot while the filesystem cannot hold the reserve kept for "
+                f"removals ({RESERVE_BYTES} bytes)"
+            )
         self._refuse_reserved(labels, {})
         lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
         if lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
-        with self._refused_counted("label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key) as opened:  # no lock
+        with self._refused_counted(
+            "label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key
+        ) as opened:  # no lock
             return self._create_opened(kind, key, parent, labels, opened)
 
-    def _create_opened(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str],
-                       opened: Opened) -> list[Mount]:
+    def _create_opened(
+        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], opened: Opened
+    ) -> list[Mount]:
         tree: Path | None = None  # wherever the new snapshot's directory is at the moment
         sid: int | None = None
         try:
@@ -235,8 +245,10 @@ class Snapshotter:
         if not self._held_for_pods(key):
             return parse_lowers(value, self.policy.lowers, LABEL_SOURCE)
         if value and kind != Kind.ACTIVE:
-            raise InvalidArgument(f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
-                                  "have extra lowers; only pods' containers can")
+            raise InvalidArgument(
+                f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
+                "have extra lowers; only pods' containers can"
+            )
         parse_lowers(value, self._pod_policy(None), LABEL_SOURCE)  # fails early what no pod may use
         return ()
 
@@ -268,14 +280,22 @@ class Snapshotter:
         lowers = opened.lowers
         pins = self.pins.attach(snap.id, opened, f"{source}: entry", self.config.max_host_mounts)
         try:
-            at_root = [pin for pin, lower in zip(pins, lowers) if lower.target == ROOT_TARGET]
+            at_root = [pin for pin, lower in zip(pins, lowers, strict=True) if lower.target == ROOT_TARGET]
             targets: dict[str, list[str]] = {}
-            for pin, lower in zip(pins, lowers):
+            for pin, lower in zip(pins, lowers, strict=True):
                 if lower.target != ROOT_TARGET:
                     targets.setdefault(lower.target, []).append(pin)
             self._make_target_dirs(snap, targets)
-            mounts = compute_mounts(self.layout, snap.kind, snap.id, snap.parent_ids, self.overlay_options, at_root,
-                                    list(targets.items()), self.config.parallel_unpack)
+            mounts = compute_mounts(
+                self.layout,
+                snap.kind,
+                snap.id,
+                snap.parent_ids,
+                self.overlay_options,
+                at_root,
+                list(targets.items()),
+                self.config.parallel_unpack,
+            )
             if pins:
                 check_mount_limits(mounts, source)
         except BaseException:
@@ -304,15 +324,22 @@ class Snapshotter:
         if self._held_for_pods(key):
             request = self._pod_lowers(key, snap)
         else:
-            request = Request(self._refused_counted("label", lambda: parse_lowers(
-                snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE), key=key))
+            request = Request(
+                self._refused_counted(
+                    "label",
+                    lambda: parse_lowers(snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE),
+                    key=key,
+                )
+            )
         if request.lowers and quick:
             raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         context = {"key": key, **request.pod}
-        with self._refused_counted(request.metric, lambda: self._open(key, request.lowers, request.source),
-                                   **context) as opened:
-            mounts = self._refused_counted(request.metric, lambda: self._mounts(snap, opened, request.source),
-                                           **context)
+        with self._refused_counted(
+            request.metric, lambda: self._open(key, request.lowers, request.source), **context
+        ) as opened:
+            mounts = self._refused_counted(
+                request.metric, lambda: self._mounts(snap, opened, request.source), **context
+            )
         if request.lowers:
             with self.store.read() as reader:
                 if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
@@ -321,8 +348,10 @@ class Snapshotter:
         if request.record:  # only once the dirs are pinned: a refusal records nothing
             with self.store.transaction() as tx:
                 tx.update_info(key, request.record, [f"labels.{k}" for k in request.record])
-            log.info("recorded the pod's extra lowers", extra=fields(key=key, **request.pod,
-                                                                      lowers=request.record[EXTRA_LOWERS_LABEL]))
+            log.info(
+                "recorded the pod's extra lowers",
+                extra=fields(key=key, **request.pod, lowers=request.record[EXTRA_LOWERS_LABEL]),
+            )
             if request.lowers:
                 metrics.LOWERS_RESOLVED.inc(request.metric)
         return mounts
@@ -380,12 +409,18 @@ class Snapshotter:
             namespace, _, pod = recorded.partition("/")
             policy = self._pod_policy(namespace)
             who = {"namespace": namespace, "pod": pod}
-            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", policy, source), key=key,
-                                                 **who), source, pod=who)
+            return Request(
+                self._refused_counted("label", lambda: parse_lowers(label or "", policy, source), key=key, **who),
+                source,
+                pod=who,
+            )
         found = self.pods.find(key)
         if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            return Request(self._refused_counted("label", lambda: parse_lowers(label or "", self.policy.lowers,
-                                                                               LABEL_SOURCE), key=key))
+            return Request(
+                self._refused_counted(
+                    "label", lambda: parse_lowers(label or "", self.policy.lowers, LABEL_SOURCE), key=key
+                )
+            )
         if isinstance(found, Lookup):
             return Request()
         if label is not None:
@@ -395,10 +430,16 @@ class Snapshotter:
         else:
             return Request()
         who = {"namespace": found.namespace, "pod": found.pod, "container": found.container}
-        lowers = self._refused_counted("annotation", lambda: check_for_pod(
-            found, source, value, self._pod_policy(found.namespace)), key=key, **who)
-        return Request(lowers, f"{found.describe()}: {source}", "annotation",
-                       {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"}, who)
+        lowers = self._refused_counted(
+            "annotation", lambda: check_for_pod(found, source, value, self._pod_policy(found.namespace)), key=key, **who
+        )
+        return Request(
+            lowers,
+            f"{found.describe()}: {source}",
+            "annotation",
+            {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"},
+            who,
+        )
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -441,8 +482,9 @@ class Snapshotter:
         self._refuse_reserved(labels, current.labels)
         if EXTRA_LOWERS_LABEL in labels:
             policy = self._pod_policy(None) if self._held_for_pods(name) else self.policy.lowers
-            self._refused_counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE),
-                                  key=name)
+            self._refused_counted(
+                "label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE), key=name
+            )
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
@@ -455,8 +497,9 @@ class Snapshotter:
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
-        usage = live_usage(self.layout, sid, QUICK_WALK_INODES if quick else None) \
-            if info.kind == Kind.ACTIVE else Usage()
+        usage = (
+            live_usage(self.layout, sid, QUICK_WALK_INODES if quick else None) if info.kind == Kind.ACTIVE else Usage()
+        )
         if usage is None:
             raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
         with self.store.transaction() as tx:
@@ -477,8 +520,9 @@ class Snapshotter:
         except Exception as exc:
             if not (self._full(exc) and self.reserve.release()):
                 raise
-        log.warning("the filesystem of %s is full: released its reserve (%d bytes) to %s", self.root,
-                    RESERVE_BYTES, what)
+        log.warning(
+            "the filesystem of %s is full: released its reserve (%d bytes) to %s", self.root, RESERVE_BYTES, what
+        )
         return call()
 
     @staticmethod
@@ -497,7 +541,8 @@ class Snapshotter:
         return ResourceExhausted(
             f"the filesystem of {self.root} (mounted at {room.mount_point}) is full: {room.free_bytes} bytes and "
             f"{room.free_inodes} inodes free ({what}); remove containers and images (containerd's Cleanup then "
-            "frees their snapshots) or give it more room")
+            "frees their snapshots) or give it more room"
+        )
 
     def _remove(self, key: str) -> None:
         if self.config.async_remove:
@@ -528,15 +573,16 @@ class Snapshotter:
         finally:
             self._removing.discard(removed.name)
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         """Delete every directory under snapshots/ that is not a live snapshot, and the pins of
         snapshots that are gone; returns the names of the directories removed. One at a time: a
         second Cleanup waits for the first, then finds what is left."""
         with self._cleaning:
             with self.store.exclusive() as reader:
                 live = {str(i) for i in reader.ids()} | self._removing  # a sync Remove deletes its own
-                doomed = [self._set_aside(e, in_place_when_full=True) for e in os.listdir(self.snapshots_dir)
-                          if e not in live]
+                doomed = [
+                    self._set_aside(e, in_place_when_full=True) for e in os.listdir(self.snapshots_dir) if e not in live
+                ]
                 # Under the lock: creates pin inside their transaction. A committed snapshot's pins
                 # are left only by a kill between its Commit and their release.
                 self.pins.release_all_but(reader.mountable_ids())
@@ -548,8 +594,11 @@ class Snapshotter:
                 path = self.snapshots_dir / name
                 try:
                     if name in mounted:
-                        raise OSError(errno.EBUSY, f"{len(mounted[name])} mount(s) inside, such as "
-                                                   f"{mounted[name][0]}: not removing it", str(path))
+                        raise OSError(
+                            errno.EBUSY,
+                            f"{len(mounted[name])} mount(s) inside, such as {mounted[name][0]}: not removing it",
+                            str(path),
+                        )
                     fsutil.remove_tree(path)
                     removed.append(name)
                 except Exception as exc:  # left for the next Cleanup, and for the operator to look at
@@ -568,7 +617,8 @@ class Snapshotter:
                 f"{self.snapshots_dir} holds {len(entries)} snapshot directories but {db} is missing or empty: "
                 "the metadata was lost and starting would delete them. Nothing was changed. Restore "
                 f"{DB_NAME} from a backup, or move {self.root} aside and start on an empty root (then remove "
-                "the containers and images that used it and let containerd unpack them again)")
+                "the containers and images that used it and let containerd unpack them again)"
+            )
 
     def _set_aside_unrecorded(self) -> None:
         """At start-up, undo what a kill between a directory rename and its COMMIT left behind.
@@ -589,32 +639,41 @@ class Snapshotter:
             raise LostMetadata(
                 f"{self.snapshots_dir} holds directories {ahead[:5]} of ids that {DB_NAME} never handed out "
                 f"(its last is {last}): it is older than the snapshots. Nothing was changed. Restore the "
-                f"{DB_NAME} that belongs to them, or move {self.root} aside and start on an empty root")
+                f"{DB_NAME} that belongs to them, or move {self.root} aside and start on an empty root"
+            )
         for entry in entries:
-            sid = entry.removeprefix(REMOVED_PREFIX)
-            if entry.startswith(REMOVED_PREFIX) and sid.isdigit() and int(sid) in live:
-                if os.path.lexists(self.layout.dir(sid)):
-                    log.warning("set aside %s as %s: snapshot %s's own directory is there", entry,
-                                self._set_aside(entry, again=True), sid)
+            named = entry.removeprefix(REMOVED_PREFIX)
+            if entry.startswith(REMOVED_PREFIX) and named.isdigit() and int(named) in live:
+                if os.path.lexists(self.layout.dir(named)):
+                    log.warning(
+                        "set aside %s as %s: snapshot %s's own directory is there",
+                        entry,
+                        self._set_aside(entry, again=True),
+                        named,
+                    )
                 else:
-                    os.rename(self.snapshots_dir / entry, self.snapshots_dir / sid)
-                    log.info("restored directory %s of live snapshot %s", entry, sid)
+                    os.rename(self.snapshots_dir / entry, self.snapshots_dir / named)
+                    log.info("restored directory %s of live snapshot %s", entry, named)
             elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
-        named = max((int(m[1]) for m in map(_DIR_ID.fullmatch, entries) if m), default=0)
-        if named > last:
+        highest = max((int(m[1]) for m in map(_DIR_ID.fullmatch, entries) if m), default=0)
+        if highest > last:
             with self.store.transaction() as tx:
-                tx.reserve_ids(named)
-            log.info("ids up to %d are taken by directories on disk: new snapshots start above", named)
-        for sid in self.pins.release_all_but(mountable):
-            log.info("released the pinned lowers of snapshot %s, which is gone or committed", sid)
+                tx.reserve_ids(highest)
+            log.info("ids up to %d are taken by directories on disk: new snapshots start above", highest)
+        for gone in self.pins.release_all_but(mountable):
+            log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
         with self.store.read() as reader:
             labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in mountable}
         self.pins.count(lambda sid: target_count(labels[sid], self.policy.lowers.named))
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
-                log.error("snapshot id %d has no directory %s (lost in a power cut?); remove it "
-                          "with ctr snapshots rm and pull its image again", sid, self.layout.upper(sid))
+                log.error(
+                    "snapshot id %d has no directory %s (lost in a power cut?); remove it "
+                    "with ctr snapshots rm and pull its image again",
+                    sid,
+                    self.layout.upper(sid),
+                )
 
     def _set_aside(self, entry: str, again: bool = False, in_place_when_full: bool = False) -> str:
         """Rename snapshots/<entry> to a name no snapshot can take and start-up never restores;

@@ -16,15 +16,15 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from addlower.core.filters import parse_filters
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from addlower.engine.fsutil import Usage
+from addlower.core.filters import parse_filters
 from addlower.core.mounts import Kind
+from addlower.engine.fsutil import Usage
 
 SCHEMA_VERSION = 1
 DB_NAME = "metadata.db"  # under the snapshotter root
@@ -251,20 +251,28 @@ class Tx(Reader):
         parent_id = rec.parent_id
         if parent and parent != rec.info.parent:
             if rec.info.parent:
-                raise InvalidArgument(f"cannot change the parent of active snapshot {key!r} from "
-                                      f"{rec.info.parent!r} to {parent!r} on commit")
+                raise InvalidArgument(
+                    f"cannot change the parent of active snapshot {key!r} from "
+                    f"{rec.info.parent!r} to {parent!r} on commit"
+                )
             prec = self._get(parent, "parent snapshot")
             if prec.info.kind != Kind.COMMITTED:
                 raise FailedPrecondition(f"parent {parent!r} is {prec.info.kind.label}, not committed")
             parent_id = prec.id
         now = _now()
-        info = replace(rec.info, name=name, parent=parent or rec.info.parent, kind=Kind.COMMITTED, created_at=now,
-                       updated_at=now, labels=dict(labels))
+        info = replace(
+            rec.info,
+            name=name,
+            parent=parent or rec.info.parent,
+            kind=Kind.COMMITTED,
+            created_at=now,
+            updated_at=now,
+            labels=dict(labels),
+        )
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, created_at = ?, updated_at = ?, labels = ?,"
             " size = ?, inodes = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), parent_id, now, now, json.dumps(info.labels), usage.size, usage.inodes,
-             rec.id),
+            (name, int(Kind.COMMITTED), parent_id, now, now, json.dumps(info.labels), usage.size, usage.inodes, rec.id),
         )
         new = replace(rec, parent_id=parent_id, info=info, usage=usage)
         self.pending.append(lambda: self._m.put(new))
@@ -299,7 +307,7 @@ class Tx(Reader):
                 if path == "labels":
                     new_labels = dict(labels)
                 elif path.startswith("labels."):
-                    label = path[len("labels."):]
+                    label = path[len("labels.") :]
                     if label in labels:
                         new_labels[label] = labels[label]
                     else:
@@ -330,14 +338,17 @@ class MetaStore:
         except sqlite3.DatabaseError as exc:
             if disk_full(exc):
                 raise
-            raise RuntimeError(f"{path}: {exc}; if this root was the Go original's (a bolt database), "
-                               "move it aside or use another root: its snapshots cannot be read") from None
+            raise RuntimeError(
+                f"{path}: {exc}; if this root was the Go original's (a bolt database), "
+                "move it aside or use another root: its snapshots cannot be read"
+            ) from None
 
     def _open(self, readonly: bool) -> None:
         path = self.path
         if readonly:
-            self._db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                       check_same_thread=False)
+            self._db = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
         else:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode = WAL")
@@ -424,6 +435,7 @@ class MetaStore:
 
 
 # --- List filters over the store (containerd keeps its adaptor beside its storage) -------------
+
 
 def snapshot_fields(info: Info):  # -> filters.Adaptor
     """The fields a List filter can test on a snapshot, as containerd names them."""

@@ -21,20 +21,20 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import click
 import grpc
 import tomlkit
 
+from addlower.api import introspection_pb2, introspection_pb2_grpc
+from addlower.api import snapshots_pb2 as pb
 from addlower.core import ctrdconfig
-from addlower.engine import fsutil, pinning
-from addlower.api import introspection_pb2, introspection_pb2_grpc, snapshots_pb2 as pb
-from addlower.ops.client import SnapshotsClient
 from addlower.core.config import (
     DEFAULT_CONFIG,
     DEFAULT_ROOT,
@@ -48,15 +48,17 @@ from addlower.core.config import (
 )
 from addlower.core.errors import InvalidArgument, NotFound, SnapshotError
 from addlower.core.keys import resolve_key
+from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.lowers import Lower, NamedLower
+from addlower.core.mounts import Kind, Layout
 from addlower.core.pods import CONTAINERD_ADDRESS
+from addlower.engine import fsutil, pinning
 from addlower.engine.ctrdversion import TargetSupport, ask_version
 from addlower.engine.fsutil import Usage
-from addlower.ops.install import plugin_table
-from addlower.core.labels import EXTRA_LOWERS_LABEL
-from addlower.core.mounts import Kind, Layout
 from addlower.engine.snapshotter import measured_usage
 from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
+from addlower.ops.client import SnapshotsClient
+from addlower.ops.install import plugin_table
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
 PROBE_TIMEOUT = 3.0  # seconds for the daemon to answer the reachability probe
@@ -108,7 +110,7 @@ class Invocation:
         return self.override(load_config(self.config_path))
 
     def override(self, config: Config) -> Config:
-        flags = {"root_dir": self.root_dir, "address": self.address}
+        flags: dict[str, Any] = {"root_dir": self.root_dir, "address": self.address}
         return replace(config, **{k: v for k, v in flags.items() if v is not None})
 
     def target(self) -> Target:
@@ -123,15 +125,29 @@ def admin_command(name: str) -> Callable[[Callable[..., None]], click.Command]:
 
     def decorate(fn: Callable[..., None]) -> click.Command:
         @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-        @click.option("--address", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                      help="The daemon's socket [default: the config file's, or <root-dir>/grpc.socks].")
-        @click.option("--root-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-                      help=f"The snapshotter's root [default: the config file's, or {DEFAULT_ROOT}].")
-        @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                      help=f"The daemon's configuration file [default: {DEFAULT_CONFIG}, if it exists].")
+        @click.option(
+            "--address",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help="The daemon's socket [default: the config file's, or <root-dir>/grpc.socks].",
+        )
+        @click.option(
+            "--root-dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            default=None,
+            help=f"The snapshotter's root [default: the config file's, or {DEFAULT_ROOT}].",
+        )
+        @click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"The daemon's configuration file [default: {DEFAULT_CONFIG}, if it exists].",
+        )
         @functools.wraps(fn)
-        def command(config_path: Path | None, root_dir: Path | None, address: Path | None, as_json: bool,
-                    **kwargs: Any) -> None:
+        def command(
+            config_path: Path | None, root_dir: Path | None, address: Path | None, as_json: bool, **kwargs: Any
+        ) -> None:
             try:
                 fn(Invocation(config_path, root_dir, address, as_json), **kwargs)
             except SnapshotError as exc:
@@ -166,8 +182,14 @@ def _call(thunk: Callable[[], T]) -> T:
 
 
 def _info(msg: pb.Info) -> Info:
-    return Info(msg.name, msg.parent, Kind(msg.kind), msg.created_at.ToNanoseconds(),
-                msg.updated_at.ToNanoseconds(), dict(msg.labels))
+    return Info(
+        msg.name,
+        msg.parent,
+        Kind(msg.kind),
+        msg.created_at.ToNanoseconds(),
+        msg.updated_at.ToNanoseconds(),
+        dict(msg.labels),
+    )
 
 
 @dataclass
@@ -312,11 +334,11 @@ def ellipsize(text: str, width: int) -> str:
         return text
     keep = max(width - 1, 0)
     head = (keep + 1) // 2
-    return text[:head] + "…" + text[len(text) - (keep - head):]
+    return text[:head] + "…" + text[len(text) - (keep - head) :]
 
 
 def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns / 1e9, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds")
 
 
 def _age(ns: int) -> str:
@@ -349,7 +371,7 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width
     return [
         GAP.join(
             ellipsize(cell, w).rjust(w) if c.right else ellipsize(cell, w).ljust(w)
-            for cell, w, c in zip(row, widths, columns)
+            for cell, w, c in zip(row, widths, columns, strict=True)
         ).rstrip()
         for row in table
     ]
@@ -379,13 +401,24 @@ def _print_json(value: Any) -> None:
 
 # --- ls, info, tree, du, cleanup -----------------------------------------------------------------
 
-LS_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("PARENT", flexible=True),
-              Column("SIZE", right=True), Column("EXTRA LOWERS", flexible=True), Column("AGE", right=True))
+LS_COLUMNS = (
+    Column("NAME", flexible=True),
+    Column("KIND"),
+    Column("PARENT", flexible=True),
+    Column("SIZE", right=True),
+    Column("EXTRA LOWERS", flexible=True),
+    Column("AGE", right=True),
+)
 
 
 @admin_command("ls")
-@click.option("--filter", "filters", multiple=True, metavar="FILTER",
-              help="containerd filter, e.g. kind==active or labels.\"a.b\"~=x; repeated: any may match.")
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="FILTER",
+    help='containerd filter, e.g. kind==active or labels."a.b"~=x; repeated: any may match.',
+)
 @wide_option
 def ls(inv: Invocation, filters: tuple[str, ...], wide: bool) -> None:
     """List snapshots: kind, parent, size, extra lower dirs, age."""
@@ -394,15 +427,25 @@ def ls(inv: Invocation, filters: tuple[str, ...], wide: bool) -> None:
     if inv.as_json:
         _print_json([snapshot_json(info, usage) for info, usage in measured])
         return
-    rows = [[info.name, _kind(info), info.parent or "-", _size(usage),
-             info.labels.get(EXTRA_LOWERS_LABEL) or "-", _age(info.created_at)] for info, usage in measured]
+    rows = [
+        [
+            info.name,
+            _kind(info),
+            info.parent or "-",
+            _size(usage),
+            info.labels.get(EXTRA_LOWERS_LABEL) or "-",
+            _age(info.created_at),
+        ]
+        for info, usage in measured
+    ]
     click.echo("\n".join(render_table(LS_COLUMNS, rows, fit_width(wide))))
 
 
 @admin_command("info")
 @click.argument("name")
-@click.option("--namespace", "-n", default=None,
-              help="containerd namespace of NAME, when it is containerd's name (as ctr's -n).")
+@click.option(
+    "--namespace", "-n", default=None, help="containerd namespace of NAME, when it is containerd's name (as ctr's -n)."
+)
 def info(inv: Invocation, name: str, namespace: str | None) -> None:
     """Show one snapshot: every field, its usage and its labels. NAME is its key, or the name
     containerd's clients use (`ctr snapshots info` takes, e.g. a container id)."""
@@ -450,7 +493,7 @@ def _tree_line(prefix: str, info: Info, width: int | None) -> str:
         return prefix + info.name + suffix
     most = width // 2  # deeper indentation is cut on the left, keeping the innermost levels whole
     if len(prefix) > most:
-        prefix = "…" + prefix[len(prefix) - (most - 1) // INDENT * INDENT:]
+        prefix = "…" + prefix[len(prefix) - (most - 1) // INDENT * INDENT :]
     return prefix + ellipsize(info.name, max(width - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
 
 
@@ -459,8 +502,9 @@ def draw_tree(node: Node, width: int | None, prefix: str = "", continuation: str
     lines = [_tree_line(prefix, node.info, width)]
     for i, child in enumerate(node.children):
         last = i == len(node.children) - 1
-        lines += draw_tree(child, width, continuation + ("└── " if last else "├── "),
-                           continuation + ("    " if last else "│   "))
+        lines += draw_tree(
+            child, width, continuation + ("└── " if last else "├── "), continuation + ("    " if last else "│   ")
+        )
     return lines
 
 
@@ -481,8 +525,7 @@ def tree(inv: Invocation, wide: bool) -> None:
         click.echo("\n".join(draw_tree(root, fit_width(wide))))
 
 
-DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", right=True),
-              Column("INODES", right=True))
+DU_COLUMNS = (Column("NAME", flexible=True), Column("KIND"), Column("SIZE", right=True), Column("INODES", right=True))
 
 
 @admin_command("du")
@@ -497,8 +540,10 @@ def du(inv: Invocation, wide: bool) -> None:
     if inv.as_json:
         _print_json({"snapshots": [snapshot_json(info, usage) for info, usage in measured], "total": asdict(total)})
         return
-    rows = [[info.name, _kind(info), _size(usage), str(usage.inodes) if usage is not None else "?"]
-            for info, usage in measured]
+    rows = [
+        [info.name, _kind(info), _size(usage), str(usage.inodes) if usage is not None else "?"]
+        for info, usage in measured
+    ]
     rows.append(["total", "", human_size(total.size), str(total.inodes)])
     click.echo("\n".join(render_table(DU_COLUMNS, rows, fit_width(wide))))
 
@@ -525,8 +570,10 @@ def cleanup(inv: Invocation) -> None:
     if inv.as_json:
         _print_json({"removed": len(removed), "directories": removed})
         return
-    click.echo(f"removed {len(removed)} director{'y' if len(removed) == 1 else 'ies'} from {snapshots_dir}"
-               + (f": {', '.join(removed)}" if removed else ""))
+    click.echo(
+        f"removed {len(removed)} director{'y' if len(removed) == 1 else 'ies'} from {snapshots_dir}"
+        + (f": {', '.join(removed)}" if removed else "")
+    )
 
 
 # --- doctor ---------------------------------------------------------------------------------------
@@ -560,8 +607,12 @@ def check_kernel_overlay() -> Check:
         return Check("kernel overlay", FAIL, f"cannot read /proc/filesystems: {exc}", "is /proc mounted?")
     if "overlay" in filesystems:
         return Check("kernel overlay", PASS, "overlay is in /proc/filesystems")
-    return Check("kernel overlay", FAIL, "overlay is not in /proc/filesystems",
-                 "modprobe overlay (and add overlay to /etc/modules-load.d/ to load it at boot)")
+    return Check(
+        "kernel overlay",
+        FAIL,
+        "overlay is not in /proc/filesystems",
+        "modprobe overlay (and add overlay to /etc/modules-load.d/ to load it at boot)",
+    )
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -588,7 +639,11 @@ def check_overlay_options(config: Config) -> list[Check]:
     options = fsutil.overlay_options(config.mount_options)
     userxattr = "needed (user namespace, kernel >= 5.11)" if "userxattr" in options else "not needed"
     return [
-        Check("overlay index", INFO, f"module parameter index={index}; mounts use {','.join(options) or 'no extra options'}"),
+        Check(
+            "overlay index",
+            INFO,
+            f"module parameter index={index}; mounts use {','.join(options) or 'no extra options'}",
+        ),
         Check("userxattr", INFO, userxattr),
     ]
 
@@ -601,8 +656,9 @@ def check_root(root: Path) -> Check:
     if not root.is_dir():
         return Check("root dir", FAIL, f"{root} is not a directory", "move it away, or choose another --root-dir")
     mode = st.st_mode & 0o7777
-    problems = ([f"mode {mode:04o}, not 0700"] if mode != 0o700 else []) + \
-               ([f"owner uid {st.st_uid}, not root"] if st.st_uid != 0 else [])
+    problems = ([f"mode {mode:04o}, not 0700"] if mode != 0o700 else []) + (
+        [f"owner uid {st.st_uid}, not root"] if st.st_uid != 0 else []
+    )
     if problems:
         return Check("root dir", FAIL, f"{root}: {'; '.join(problems)}", f"chown root:root {root} && chmod 0700 {root}")
     return Check("root dir", PASS, f"{root} exists, mode 0700, owned by root")
@@ -613,8 +669,12 @@ def check_socket(socket: Path, root: Path) -> Check:
         reason = daemon.probe()
     if reason is not None:
         address = "" if socket == root / SOCKET_NAME else f" --address {socket}"
-        return Check("socket", FAIL, f"the snapshotter does not answer: {reason}",
-                     f"start the daemon: {PLUGIN_NAME} --root-dir {root}{address} (and read its log)")
+        return Check(
+            "socket",
+            FAIL,
+            f"the snapshotter does not answer: {reason}",
+            f"start the daemon: {PLUGIN_NAME} --root-dir {root}{address} (and read its log)",
+        )
     return Check("socket", PASS, f"the snapshotter answers on {socket}")
 
 
@@ -623,9 +683,11 @@ def check_lowers(config: Config) -> list[Check]:
     daemon would refuse; a dir it would make, empty, is INFO."""
     checks = [_check_named(name, named) for name, named in config.named_lowers.items()]
     k8s = config.kubernetes
-    roots = [*(("lowers.allowed_roots", r) for r in config.allowed_roots),
-             *(("kubernetes.allowed_roots", r) for r in k8s.allowed_roots),
-             *((f'kubernetes.namespaces."{ns}".allowed_roots', r) for ns, rs in k8s.namespaces.items() for r in rs)]
+    roots = [
+        *(("lowers.allowed_roots", r) for r in config.allowed_roots),
+        *(("kubernetes.allowed_roots", r) for r in k8s.allowed_roots),
+        *((f'kubernetes.namespaces."{ns}".allowed_roots', r) for ns, rs in k8s.namespaces.items() for r in rs),
+    ]
     return checks + [_check_root(key, root) for key, root in roots]
 
 
@@ -634,8 +696,11 @@ def _check_named(name: str, named: NamedLower) -> Check:
     try:
         there = pinning.probe(named.entry(name), "the daemon refuses")
     except InvalidArgument as exc:
-        hint = _dir_hint(named.path, key) if os.path.lexists(named.path) else \
-            f"mkdir -p {named.path} and fill it, or set create = true in {key} to have it made empty"
+        hint = (
+            _dir_hint(named.path, key)
+            if os.path.lexists(named.path)
+            else f"mkdir -p {named.path} and fill it, or set create = true in {key} to have it made empty"
+        )
         return Check(what, FAIL, str(exc), hint)
     if there:
         return Check(what, PASS, f"{named.path} is a directory")
@@ -647,8 +712,12 @@ def _check_root(key: str, root: str) -> Check:
     try:
         there = pinning.probe(Lower(root, root), "every path under")
     except InvalidArgument as exc:
-        return Check(what, FAIL, f"{exc} ({key})",
-                     _dir_hint(root, key) if os.path.lexists(root) else f"mkdir -p {root}, or change {key}")
+        return Check(
+            what,
+            FAIL,
+            f"{exc} ({key})",
+            _dir_hint(root, key) if os.path.lexists(root) else f"mkdir -p {root}, or change {key}",
+        )
     if there:
         return Check(what, PASS, f"{root} is a directory ({key})")
     return Check(what, INFO, f"{root} does not exist ({key}): the first path under it makes it, empty")
@@ -702,13 +771,18 @@ def _version_text(version: tuple[int, ...]) -> str:
 
 def check_containerd_answers(address: str, version: tuple[int, int, int] | None, why: str) -> Check:
     if version is None:
-        return Check("containerd", FAIL, f"no answer to containerd's Version API: {why}",
-                     "start containerd, or name its socket with --containerd-address (its config's grpc.address)")
+        return Check(
+            "containerd",
+            FAIL,
+            f"no answer to containerd's Version API: {why}",
+            "start containerd, or name its socket with --containerd-address (its config's grpc.address)",
+        )
     return Check("containerd", PASS, f"containerd {_version_text(version)} answers at {address}")
 
 
-def check_containerd(file: ContainerdFile, socket: Path, root: Path, containerd: tuple[int, int, int] | None,
-                     pods: bool) -> tuple[str, list[Check]]:
+def check_containerd(
+    file: ContainerdFile, socket: Path, root: Path, containerd: tuple[int, int, int] | None, pods: bool
+) -> tuple[str, list[Check]]:
     """containerd's config declares the snapshotter at `socket` (its exports.root at `root`), and,
     for a containerd of version `containerd` (None: unknown), lets CRI (which `pods` lookups
     need) and pulls use it. Also the name containerd knows it by (PLUGIN_NAME if none)."""
@@ -716,31 +790,61 @@ def check_containerd(file: ContainerdFile, socket: Path, root: Path, containerd:
     hint = f"add to {path}, then restart containerd:\n" + plugin_table(str(socket), str(root)).rstrip("\n")
     if file.error is not None:
         return PLUGIN_NAME, [Check("containerd config", FAIL, file.error, f"make {path} readable TOML, then:\n" + hint)]
-    found = [(n, p) for n, p in file.proxy_plugins().items()
-             if p.get("type") == "snapshot" and os.path.normpath(str(p.get("address", ""))) == str(socket)]
+    found = [
+        (n, p)
+        for n, p in file.proxy_plugins().items()
+        if p.get("type") == "snapshot" and os.path.normpath(str(p.get("address", ""))) == str(socket)
+    ]
     if not found:
         return PLUGIN_NAME, [Check("containerd config", FAIL, f"{path} has no snapshot proxy plugin at {socket}", hint)]
     name, plugin = found[0]
     checks = [Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")]
     exported = ctrdconfig.get_path(plugin, ("exports", "root"))
-    checks.append(Check("image filesystem", PASS, f"exports.root is {root}: kubelet's ImageFsInfo sees the layers")
-                  if exported == str(root) else
-                  Check("image filesystem", FAIL, f"[proxy_plugins.{name}] exports.root is {exported!r}, not {root}: "
-                        "kubelet's image GC and ImageFsInfo look at the wrong filesystem", hint))
+    checks.append(
+        Check("image filesystem", PASS, f"exports.root is {root}: kubelet's ImageFsInfo sees the layers")
+        if exported == str(root)
+        else Check(
+            "image filesystem",
+            FAIL,
+            f"[proxy_plugins.{name}] exports.root is {exported!r}, not {root}: "
+            "kubelet's image GC and ImageFsInfo look at the wrong filesystem",
+            hint,
+        )
+    )
     checks.append(check_cri(file, name, pods))
     if containerd is None:
-        checks.append(Check("containerd version", INFO, "unknown (containerd does not answer, none on PATH "
-                            "answered --version): the Transfer service's unpack_config was not checked"))
+        checks.append(
+            Check(
+                "containerd version",
+                INFO,
+                "unknown (containerd does not answer, none on PATH "
+                "answered --version): the Transfer service's unpack_config was not checked",
+            )
+        )
     elif ctrdconfig.uses_transfer_unpack(containerd):
         unpack = ctrdconfig.get_path(file.document, (*ctrdconfig.TRANSFER, "unpack_config")) or []
         listed = any(isinstance(e, dict) and e.get("snapshotter") == name for e in unpack)
-        table = tomlkit.dumps({"plugins": {ctrdconfig.TRANSFER[1]: {"unpack_config": ctrdconfig.unpack_config(
-            (ctrdconfig.BUILTIN_SNAPSHOTTER, name))}}}).rstrip("\n")
-        checks.append(Check("unpack into it", PASS, f"unpack_config lists {name} for containerd "
-                            f"{_version_text(containerd)}") if listed else
-                      Check("unpack into it", FAIL, f"containerd {_version_text(containerd)} pulls and imports "
-                            f"through the Transfer service, whose unpack_config does not list {name}: "
-                            "'no unpack platforms defined'", f"add to {path}, then restart containerd:\n{table}"))
+        table = tomlkit.dumps(
+            {
+                "plugins": {
+                    ctrdconfig.TRANSFER[1]: {
+                        "unpack_config": ctrdconfig.unpack_config((ctrdconfig.BUILTIN_SNAPSHOTTER, name))
+                    }
+                }
+            }
+        ).rstrip("\n")
+        checks.append(
+            Check("unpack into it", PASS, f"unpack_config lists {name} for containerd {_version_text(containerd)}")
+            if listed
+            else Check(
+                "unpack into it",
+                FAIL,
+                f"containerd {_version_text(containerd)} pulls and imports "
+                f"through the Transfer service, whose unpack_config does not list {name}: "
+                "'no unpack platforms defined'",
+                f"add to {path}, then restart containerd:\n{table}",
+            )
+        )
     return name, checks
 
 
@@ -751,21 +855,34 @@ def check_cri(file: ContainerdFile, name: str, pods: bool) -> Check:
     status = FAIL if pods else INFO
     unused = "; kubernetes.enabled is on, yet no pod runs here" if pods else ""
     if not cri.enabled:
-        return Check("CRI snapshotter", status, f"CRI is disabled in {file.path} (disabled_plugins){unused}",
-                     f"take {ctrdconfig.CRI_SERVICE} out of disabled_plugins, then restart containerd")
+        return Check(
+            "CRI snapshotter",
+            status,
+            f"CRI is disabled in {file.path} (disabled_plugins){unused}",
+            f"take {ctrdconfig.CRI_SERVICE} out of disabled_plugins, then restart containerd",
+        )
     if cri.default == name:
         return Check("CRI snapshotter", PASS, f"CRI unpacks and runs pods on {name}")
     if cri.handlers:
-        return Check("CRI snapshotter", PASS, f"CRI runs pods on {cri.default!r}, those of runtime handler "
-                     f"{', '.join(cri.handlers)} (a RuntimeClass) on {name}")
+        return Check(
+            "CRI snapshotter",
+            PASS,
+            f"CRI runs pods on {cri.default!r}, those of runtime handler "
+            f"{', '.join(cri.handlers)} (a RuntimeClass) on {name}",
+        )
     images = ".".join(f'"{part}"' if "." in part else part for part in ctrdconfig.cri_images_table(file.version))
-    return Check("CRI snapshotter", status, f"CRI unpacks and runs pods on {cri.default!r}, and no runtime handler "
-                 f"names {name}{unused}", f'set snapshotter = "{name}" in [{images}] of {file.path} '
-                 "(or in a runtime handler's table, for a RuntimeClass), then restart containerd")
+    return Check(
+        "CRI snapshotter",
+        status,
+        f"CRI unpacks and runs pods on {cri.default!r}, and no runtime handler names {name}{unused}",
+        f'set snapshotter = "{name}" in [{images}] of {file.path} '
+        "(or in a runtime handler's table, for a RuntimeClass), then restart containerd",
+    )
 
 
-def check_plugin_loaded(address: str, name: str, answers: bool, kind: str = SNAPSHOTTER_PLUGIN_TYPE,
-                        what: str = "plugin loaded") -> Check:
+def check_plugin_loaded(
+    address: str, name: str, answers: bool, kind: str = SNAPSHOTTER_PLUGIN_TYPE, what: str = "plugin loaded"
+) -> Check:
     """containerd loaded the proxy plugin `name` of type `kind` and it started: what `ctr plugins
     ls` shows."""
     if not answers:
@@ -773,18 +890,31 @@ def check_plugin_loaded(address: str, name: str, answers: bool, kind: str = SNAP
     try:
         with grpc.insecure_channel(f"unix://{address}") as channel:
             reply = introspection_pb2_grpc.IntrospectionStub(channel).Plugins(
-                introspection_pb2.PluginsRequest(), timeout=PROBE_TIMEOUT)
+                introspection_pb2.PluginsRequest(), timeout=PROBE_TIMEOUT
+            )
     except grpc.RpcError as exc:
-        return Check(what, FAIL, f"containerd's Introspection API at {address}: {exc.code().name}: {exc.details()}",
-                     "read containerd's log")
+        return Check(
+            what,
+            FAIL,
+            f"containerd's Introspection API at {address}: {exc.code().name}: {exc.details()}",
+            "read containerd's log",
+        )
     found = [p for p in reply.plugins if p.type == kind and p.id == name]
     if not found:
-        return Check(what, FAIL, f"containerd at {address} has no {kind} plugin {name} "
-                     "(ctr plugins ls)", f"declare [proxy_plugins.{name}] in containerd's config (see the "
-                     "containerd config check), then restart containerd")
+        return Check(
+            what,
+            FAIL,
+            f"containerd at {address} has no {kind} plugin {name} (ctr plugins ls)",
+            f"declare [proxy_plugins.{name}] in containerd's config (see the "
+            "containerd config check), then restart containerd",
+        )
     if found[0].HasField("init_err"):
-        return Check(what, FAIL, f"containerd could not start its plugin {name}: {found[0].init_err.message}",
-                     "read containerd's log; restart containerd once the snapshotter answers")
+        return Check(
+            what,
+            FAIL,
+            f"containerd could not start its plugin {name}: {found[0].init_err.message}",
+            "read containerd's log; restart containerd once the snapshotter answers",
+        )
     return Check(what, PASS, f"containerd at {address} loaded {kind} {name}: ok")
 
 
@@ -796,25 +926,43 @@ def check_differ(file: ContainerdFile, socket: Path, containerd: tuple[int, int,
         return DIFFER_NAME, Check(what, INFO, "containerd's version is unknown: the differ was not checked")
     if not ctrdconfig.diff_proxy(containerd):
         return DIFFER_NAME, Check(
-            what, WARN, f"containerd {_version_text(containerd)} loads no diff proxy plugin: a commit of a container "
+            what,
+            WARN,
+            f"containerd {_version_text(containerd)} loads no diff proxy plugin: a commit of a container "
             "(ctr snapshots diff, nerdctl commit) holds the files of its extra lowers, as its walking differ sees "
-            "the whole mount", "upgrade containerd to 1.7 or later; until then, commit only containers without "
-            "extra lowers")
-    found = [n for n, p in file.proxy_plugins().items() if p.get("type") in ("diff", DIFFER_PLUGIN_TYPE)
-             and os.path.normpath(str(p.get("address", ""))) == str(socket)]
+            "the whole mount",
+            "upgrade containerd to 1.7 or later; until then, commit only containers without extra lowers",
+        )
+    found = [
+        n
+        for n, p in file.proxy_plugins().items()
+        if p.get("type") in ("diff", DIFFER_PLUGIN_TYPE) and os.path.normpath(str(p.get("address", ""))) == str(socket)
+    ]
     name = found[0] if found else DIFFER_NAME
     order = list(ctrdconfig.get_path(file.document, (*ctrdconfig.DIFF_SERVICE, "default")) or [ctrdconfig.WALKING])
-    table = {"proxy_plugins": {name: ctrdconfig.differ_plugin(str(socket))},
-             "plugins": {ctrdconfig.DIFF_SERVICE[1]: {"default": ctrdconfig.differ_order(order)}}}
+    table = {
+        "proxy_plugins": {name: ctrdconfig.differ_plugin(str(socket))},
+        "plugins": {ctrdconfig.DIFF_SERVICE[1]: {"default": ctrdconfig.differ_order(order)}},
+    }
     hint = f"add to {file.path}, then restart containerd:\n" + tomlkit.dumps(table).rstrip("\n")
     if not found:
-        return name, Check(what, FAIL, f"{file.path} has no diff proxy plugin at {socket}: commits of containers "
-                           "would hold their extra lowers", hint)
+        return name, Check(
+            what,
+            FAIL,
+            f"{file.path} has no diff proxy plugin at {socket}: commits of containers would hold their extra lowers",
+            hint,
+        )
     if order[0] != name:
-        return name, Check(what, FAIL, f"the diff service asks {order[0]!r} first (default = {order}), not {name}: "
-                           "commits of containers would hold their extra lowers", hint)
-    return name, Check(what, PASS, f"the diff service asks {name} (this daemon) first: commits hold a container's own "
-                       "changes")
+        return name, Check(
+            what,
+            FAIL,
+            f"the diff service asks {order[0]!r} first (default = {order}), not {name}: "
+            "commits of containers would hold their extra lowers",
+            hint,
+        )
+    return name, Check(
+        what, PASS, f"the diff service asks {name} (this daemon) first: commits hold a container's own changes"
+    )
 
 
 def check_containerd_address(config: Config, containerd: str) -> list[Check]:
@@ -836,14 +984,32 @@ def check_containerd_address(config: Config, containerd: str) -> list[Check]:
     version, why = ask_version(address, k8s.timeout)
     hint = f"set kubernetes.containerd_address to containerd's socket ({containerd}) in the config file"
     if version is None:
-        checks.append(Check("pod lookups", FAIL, f"kubernetes.containerd_address: no answer ({why}): pods' lowers "
-                            "cannot be looked up", hint))
+        checks.append(
+            Check(
+                "pod lookups",
+                FAIL,
+                f"kubernetes.containerd_address: no answer ({why}): pods' lowers cannot be looked up",
+                hint,
+            )
+        )
     elif os.path.realpath(address) != os.path.realpath(containerd):
-        checks.append(Check("pod lookups", FAIL, f"kubernetes.containerd_address {address} answers, but containerd "
-                            f"listens at {containerd}: pods are looked up in another containerd", hint))
+        checks.append(
+            Check(
+                "pod lookups",
+                FAIL,
+                f"kubernetes.containerd_address {address} answers, but containerd "
+                f"listens at {containerd}: pods are looked up in another containerd",
+                hint,
+            )
+        )
     else:
-        checks.append(Check("pod lookups", PASS, f"kubernetes.containerd_address {address} answers: "
-                            f"containerd {_version_text(version)}"))
+        checks.append(
+            Check(
+                "pod lookups",
+                PASS,
+                f"kubernetes.containerd_address {address} answers: containerd {_version_text(version)}",
+            )
+        )
     return checks
 
 
@@ -859,16 +1025,29 @@ def print_check(check: Check) -> None:
 
 def _fill(text: str, first: str, rest: str) -> str:
     """Wrapped to the terminal, except for words (paths) longer than a line."""
-    return textwrap.fill(text, terminal_columns(), initial_indent=first, subsequent_indent=rest, break_long_words=False,
-                         break_on_hyphens=False)
+    return textwrap.fill(
+        text,
+        terminal_columns(),
+        initial_indent=first,
+        subsequent_indent=rest,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 @admin_command("doctor")
-@click.option("--containerd-config", type=click.Path(path_type=Path, dir_okay=False),
-              default=DEFAULT_CONTAINERD_CONFIG, show_default=True,
-              help="containerd's configuration file, which must declare the proxy plugin.")
-@click.option("--containerd-address", default=None,
-              help=f"containerd's socket [default: the config's grpc.address, or {CONTAINERD_ADDRESS}].")
+@click.option(
+    "--containerd-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=DEFAULT_CONTAINERD_CONFIG,
+    show_default=True,
+    help="containerd's configuration file, which must declare the proxy plugin.",
+)
+@click.option(
+    "--containerd-address",
+    default=None,
+    help=f"containerd's socket [default: the config's grpc.address, or {CONTAINERD_ADDRESS}].",
+)
 def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | None) -> None:
     """Check the host, the root, the lowers, the daemon, and containerd: its config and what it
     loaded; exit 1 on a FAIL."""
@@ -892,8 +1071,11 @@ def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | N
         *containerd_checks,
         check_plugin_loaded(address, name, version is not None),
         differ_check,
-        *([check_plugin_loaded(address, differ, version is not None, DIFFER_PLUGIN_TYPE, "differ loaded")]
-          if differ_check.status == PASS else []),
+        *(
+            [check_plugin_loaded(address, differ, version is not None, DIFFER_PLUGIN_TYPE, "differ loaded")]
+            if differ_check.status == PASS
+            else []
+        ),
         *check_containerd_address(config, address),
     ]
     ok = all(c.status != FAIL for c in checks)

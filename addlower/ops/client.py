@@ -6,15 +6,17 @@ Errors stay grpc.RpcError; callers decide what a code means to them. Must not kn
 
 from __future__ import annotations
 
+import builtins
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2, wrappers_pb2
 
-from addlower.api import mount_pb2, snapshots_pb2 as pb, snapshots_pb2_grpc
+from addlower.api import mount_pb2, snapshots_pb2_grpc
+from addlower.api import snapshots_pb2 as pb
 from addlower.core.config import ADMIN_SERVICE, PLUGIN_NAME
 
 RELOAD_TIMEOUT = 30.0  # the daemon waits up to config.SETTLE_SECONDS for a file still being written
@@ -42,11 +44,14 @@ class SnapshotsClient:
         return list(self.stub.View(req, metadata=self._md()).mounts)
 
     def mounts(self, key: str) -> list[mount_pb2.Mount]:
-        return list(self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self._md()).mounts)
+        return list(
+            self.stub.Mounts(pb.MountsRequest(snapshotter=self.snapshotter, key=key), metadata=self._md()).mounts
+        )
 
     def commit(self, name: str, key: str, labels: Mapping[str, str] | None = None, parent: str = "") -> None:
-        req = pb.CommitSnapshotRequest(snapshotter=self.snapshotter, name=name, key=key, labels=labels or {},
-                                       parent=parent)
+        req = pb.CommitSnapshotRequest(
+            snapshotter=self.snapshotter, name=name, key=key, labels=labels or {}, parent=parent
+        )
         self.stub.Commit(req, metadata=self._md())
 
     def remove(self, key: str) -> None:
@@ -65,7 +70,7 @@ class SnapshotsClient:
         req = pb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
         return [info for resp in self.stub.List(req, metadata=self._md()) for info in resp.info]
 
-    def list_batches(self, *filters: str) -> list[int]:
+    def list_batches(self, *filters: str) -> builtins.list[int]:
         req = pb.ListSnapshotsRequest(snapshotter=self.snapshotter, filters=list(filters))
         return [len(resp.info) for resp in self.stub.List(req, metadata=self._md())]
 
@@ -80,8 +85,11 @@ def reload(socket: Path) -> tuple[bool, str]:
     """Ask the daemon on `socket` to re-read its config file: (True, what it applied) or (False,
     why it refused or could not be asked)."""
     with grpc.insecure_channel(f"unix://{socket}") as channel:
-        call = channel.unary_unary(f"/{ADMIN_SERVICE}/Reload", request_serializer=empty_pb2.Empty.SerializeToString,
-                                   response_deserializer=wrappers_pb2.StringValue.FromString)
+        call = channel.unary_unary(
+            f"/{ADMIN_SERVICE}/Reload",
+            request_serializer=empty_pb2.Empty.SerializeToString,
+            response_deserializer=wrappers_pb2.StringValue.FromString,
+        )
         try:
             return True, call(empty_pb2.Empty(), timeout=RELOAD_TIMEOUT).value
         except grpc.RpcError as exc:
@@ -97,9 +105,11 @@ def listening_socket(pid: int) -> Path | None:
     """The unix socket (with a path) that process `pid` listens on, as the kernel says: how
     systemd's ExecReload (which gets $MAINPID) finds the daemon whatever its config file says now."""
     try:
-        inodes = {link[len("socket:["):-1] for link in (os.readlink(f"/proc/{pid}/fd/{fd}")
-                                                         for fd in os.listdir(f"/proc/{pid}/fd"))
-                  if link.startswith("socket:[")}
+        inodes = {
+            link[len("socket:[") : -1]
+            for link in (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+            if link.startswith("socket:[")
+        }
         with open(f"/proc/{pid}/net/unix") as table:
             rows = [line.split() for line in table.readlines()[1:]]
     except OSError:

@@ -82,8 +82,8 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
         if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
             set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
     if differ and ctrdconfig.diff_proxy(containerd):  # commits of our containers through our differ
-        differ = get_path(doc, ("proxy_plugins", DIFFER_NAME))
-        if differ is None or differ.get("address") != socket or differ.get("type") != "diff":
+        table = get_path(doc, ("proxy_plugins", DIFFER_NAME))
+        if table is None or table.get("address") != socket or table.get("type") != "diff":
             set_path(doc, ("proxy_plugins",), DIFFER_NAME, ctrdconfig.differ_plugin(socket))
         order = get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default"))
         if order is None or list(order) != ctrdconfig.differ_order(list(order)):
@@ -111,15 +111,22 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
         raise InstallError(f"the edited config would not parse ({exc}); nothing written") from None
     plugin = get_path(doc, ("proxy_plugins", PLUGIN_NAME)) or {}
     unpack = get_path(doc, (*ctrdconfig.TRANSFER, "unpack_config")) or []
-    if (plugin.get("address"), get_path(plugin, ("exports", "root"))) != (socket, root) \
-            or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PLUGIN_NAME) \
-            or (ctrdconfig.uses_transfer_unpack(containerd)
-                and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)) \
-            or (differ and ctrdconfig.diff_proxy(containerd)
-                and ((get_path(doc, ("proxy_plugins", DIFFER_NAME)) or {}).get("address") != socket
-                     or (get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default")) or [None])[0] != DIFFER_NAME)):
+    if (
+        (plugin.get("address"), get_path(plugin, ("exports", "root"))) != (socket, root)
+        or (cri and get_path(doc, (*ctrdconfig.cri_images_table(version), "snapshotter")) != PLUGIN_NAME)
+        or (
+            ctrdconfig.uses_transfer_unpack(containerd) and not any(e.get("snapshotter") == PLUGIN_NAME for e in unpack)
+        )
+        or (
+            differ
+            and ctrdconfig.diff_proxy(containerd)
+            and (
+                (get_path(doc, ("proxy_plugins", DIFFER_NAME)) or {}).get("address") != socket
+                or (get_path(doc, (*ctrdconfig.DIFF_SERVICE, "default")) or [None])[0] != DIFFER_NAME
+            )
+        )
+    ):
         raise InstallError("the edited config would not say what it must; nothing written")
-
 
 
 UNIT_NAME = f"{PLUGIN_NAME}.service"
@@ -145,18 +152,19 @@ def containerd_version(host: Host) -> Version:
         candidates = [[str(host.path(d) / "containerd"), "--version"] for d in ("/usr/local/bin", "/usr/bin")]
         candidates = [c for c in candidates if Path(c[0]).exists()]
         if not candidates:
-            raise InstallError(f"no containerd under {host.root}/usr/bin or /usr/local/bin: give its version with "
-                               "--containerd-version")
+            raise InstallError(
+                f"no containerd under {host.root}/usr/bin or /usr/local/bin: give its version with --containerd-version"
+            )
     try:
         out = subprocess.run(candidates[0], capture_output=True, text=True, check=True).stdout
         return ctrdconfig.parse_version(out)
     except (OSError, subprocess.CalledProcessError, ValueError) as exc:
-        raise InstallError(f"cannot tell containerd's version ({' '.join(candidates[0])}: {exc}): "
-                           "give it with --containerd-version") from None
+        raise InstallError(
+            f"cannot tell containerd's version ({' '.join(candidates[0])}: {exc}): give it with --containerd-version"
+        ) from None
 
 
-def node(root: Path, nsenter: bool, containerd: str | None, config: Path | None = None
-         ) -> tuple[Host, Version, Config]:
+def node(root: Path, nsenter: bool, containerd: str | None, config: Path | None = None) -> tuple[Host, Version, Config]:
     """The node, its containerd version (`containerd` if given) and the daemon config that
     applies: `config`, else the node's installed one, else the defaults."""
     host = Host(root, nsenter)
@@ -191,7 +199,8 @@ def wheel_pythons(names: Sequence[str]) -> list[str] | None:
         dist, *_, pythons, abi, _platform = name.removesuffix(".whl").split("-")
         if re.fullmatch(r"cp3\d+", abi):
             per_dist.setdefault(dist.lower(), set()).update(
-                f"3.{tag[3:]}" for tag in pythons.split(".") if re.fullmatch(r"cp3\d+", tag))
+                f"3.{tag[3:]}" for tag in pythons.split(".") if re.fullmatch(r"cp3\d+", tag)
+            )
     if not per_dist:
         return None
     return sorted(set.intersection(*per_dist.values()), key=lambda v: int(v.split(".")[1]))
@@ -202,14 +211,32 @@ def venv_commands(python: str, venv: str, wheels: str, pythons: list[str] | None
     that the wheels fit that Python (pip's own message would only say "no matching distribution")."""
     check: list[list[str]] = []
     if pythons is not None:
-        check = [[python, "-c", "import sys; v = '%d.%d' % sys.version_info[:2]; "
-                  f"ok = {' '.join(pythons)!r}; "
-                  f"sys.exit(None if v in ok.split() else '%s is Python %s; the wheels in {wheels} are for ' "
-                  "'Python %s: install one of those on the node (or give --python)' % (sys.executable, v, ok))"]]
-    return [*check,
-            [python, "-m", "venv", venv],
-            [f"{venv}/bin/pip", "install", "--quiet", "--disable-pip-version-check", "--no-index",
-             "--only-binary=:all:", "--find-links", wheels, "--force-reinstall", "addlower"]]
+        check = [
+            [
+                python,
+                "-c",
+                "import sys; v = '%d.%d' % sys.version_info[:2]; "
+                f"ok = {' '.join(pythons)!r}; "
+                f"sys.exit(None if v in ok.split() else '%s is Python %s; the wheels in {wheels} are for ' "
+                "'Python %s: install one of those on the node (or give --python)' % (sys.executable, v, ok))",
+            ]
+        ]
+    return [
+        *check,
+        [python, "-m", "venv", venv],
+        [
+            f"{venv}/bin/pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--only-binary=:all:",
+            "--find-links",
+            wheels,
+            "--force-reinstall",
+            "addlower",
+        ],
+    ]
 
 
 class Step(ABC):
@@ -241,14 +268,25 @@ class Write(Step):
     note: str = ""
 
     def text(self, done: bool) -> str:
-        verb = ("remove", "removed") if self.new is None else ("create", "created") if self.old is None \
+        verb = (
+            ("remove", "removed")
+            if self.new is None
+            else ("create", "created")
+            if self.old is None
             else ("write", "wrote")
+        )
         return _say(done, *verb, self.path + self.note)
 
     def details(self) -> list[str]:
-        return list(difflib.unified_diff((self.old or "").splitlines(), (self.new or "").splitlines(),
-                                         "a" + self.path if self.old is not None else "/dev/null",
-                                         "b" + self.path if self.new is not None else "/dev/null", lineterm=""))
+        return list(
+            difflib.unified_diff(
+                (self.old or "").splitlines(),
+                (self.new or "").splitlines(),
+                "a" + self.path if self.old is not None else "/dev/null",
+                "b" + self.path if self.new is not None else "/dev/null",
+                lineterm="",
+            )
+        )
 
     def apply(self, host: Host) -> None:
         target = host.path(self.path)
@@ -355,8 +393,10 @@ class Host:
             return (*NSENTER, *argv)
         if self.local:
             return tuple(argv)
-        raise InstallError(f"{why} runs commands on the node, and --host-root {self.root} is not this machine's /: "
-                           "add --nsenter to run them in PID 1's namespaces (the DaemonSet does), or leave it out")
+        raise InstallError(
+            f"{why} runs commands on the node, and --host-root {self.root} is not this machine's /: "
+            "add --nsenter to run them in PID 1's namespaces (the DaemonSet does), or leave it out"
+        )
 
     def read(self, on_node: str) -> str | None:
         path = self.path(on_node)
@@ -424,32 +464,41 @@ def plan_install(host: Host, req: Install) -> Plan:
         if copy:
             plan.steps.append(CopyWheels(req.wheels, WHEELS, names))
         if copy or not host.path(f"{VENV}/bin/{DAEMON_COMMAND}").exists():
-            plan.steps += [Run(host.command(c, "building the venv with the node's python"))
-                           for c in venv_commands(req.python, VENV, WHEELS, wheel_pythons(names))]
+            plan.steps += [
+                Run(host.command(c, "building the venv with the node's python"))
+                for c in venv_commands(req.python, VENV, WHEELS, wheel_pythons(names))
+            ]
             daemon_changed = True
     exec_start = req.exec_start or (f"{VENV}/bin/{DAEMON_COMMAND}" if req.wheels else None)
     if exec_start is None:
         if not host.local:
-            raise InstallError(f"this addlower is not the node's at --host-root {host.root}: give --exec-start "
-                               "(the daemon's path on the node) or --wheels (a venv is built on the node)")
+            raise InstallError(
+                f"this addlower is not the node's at --host-root {host.root}: give --exec-start "
+                "(the daemon's path on the node) or --wheels (a venv is built on the node)"
+            )
         exec_start = this_installation()
     unit = render_unit(exec_start)
-    if not (req.wheels and exec_start == f"{VENV}/bin/{DAEMON_COMMAND}") \
-            and not os.access(host.path(exec_start), os.X_OK):
+    if not (req.wheels and exec_start == f"{VENV}/bin/{DAEMON_COMMAND}") and not os.access(
+        host.path(exec_start), os.X_OK
+    ):
         raise InstallError(f"{exec_start} is not an executable file on the node: systemd could not start it")
     if host.read(UNIT_PATH) != unit:
         plan.steps.append(Write(UNIT_PATH, host.read(UNIT_PATH), unit))
         daemon_changed = True
     old = host.read(CONTAINERD_CONFIG)
-    new = configure(new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd,
-                    differ=req.differ)
+    new = configure(
+        new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd, differ=req.differ
+    )
     containerd_changed = new != old
     if containerd_changed:
         if old is not None and host.read(BACKUP) is None:
             plan.steps.append(Backup(CONTAINERD_CONFIG, BACKUP))
         plan.steps.append(Write(CONTAINERD_CONFIG, old, new, "" if old is None else f" (the original is in {BACKUP})"))
-    commands = [["systemctl", "daemon-reload"], ["systemctl", "enable", UNIT_NAME],
-                ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME]]
+    commands = [
+        ["systemctl", "daemon-reload"],
+        ["systemctl", "enable", UNIT_NAME],
+        ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME],
+    ]
     if req.start:
         plan.steps += [Run(host.command(c, "--start")) for c in commands]
     elif daemon_changed:
@@ -457,8 +506,9 @@ def plan_install(host: Host, req: Install) -> Plan:
     if containerd_changed and req.restart_containerd:
         plan.steps.append(Run(host.command(["systemctl", "restart", "containerd"], "--restart-containerd")))
     elif containerd_changed:
-        plan.notes.append("next: systemctl restart containerd  (it reads its config only when it starts; "
-                          "or add --restart-containerd)")
+        plan.notes.append(
+            "next: systemctl restart containerd  (it reads its config only when it starts; or add --restart-containerd)"
+        )
     return plan
 
 
@@ -486,27 +536,36 @@ def plan_uninstall(host: Host, req: Uninstall) -> Plan:
             raise InstallError(
                 f"{CONTAINERD_CONFIG} is not what addlower install made of {BACKUP} (edited since, or another "
                 "containerd version or socket): restoring the backup would undo that. See the difference with "
-                "--dry-run --force, then add --force to restore it anyway")
-        plan.steps += [Write(CONTAINERD_CONFIG, current, original, f" (restored from {BACKUP})"),
-                       Write(BACKUP, original, None)]
-    elif current is not None and current == configure(new_config(req.containerd), req.socket, req.root,
-                                                       req.containerd):
+                "--dry-run --force, then add --force to restore it anyway"
+            )
+        plan.steps += [
+            Write(CONTAINERD_CONFIG, current, original, f" (restored from {BACKUP})"),
+            Write(BACKUP, original, None),
+        ]
+    elif current is not None and current == configure(new_config(req.containerd), req.socket, req.root, req.containerd):
         plan.steps.append(Write(CONTAINERD_CONFIG, current, None, " (addlower install created it)"))
     elif current is not None and _declares_plugin(current):
-        raise InstallError(f"{CONTAINERD_CONFIG} declares the snapshotter but there is no backup {BACKUP} to restore: "
-                           f"remove [proxy_plugins.{PLUGIN_NAME}], CRI's snapshotter = \"{PLUGIN_NAME}\" and its "
-                           "unpack_config entries by hand, then run uninstall again")
+        raise InstallError(
+            f"{CONTAINERD_CONFIG} declares the snapshotter but there is no backup {BACKUP} to restore: "
+            f'remove [proxy_plugins.{PLUGIN_NAME}], CRI\'s snapshotter = "{PLUGIN_NAME}" and its '
+            "unpack_config entries by hand, then run uninstall again"
+        )
     containerd_changed = bool(plan.steps)
     if containerd_changed and req.restart_containerd:
         plan.steps.append(Run(host.command(["systemctl", "restart", "containerd"], "--restart-containerd")))
     elif containerd_changed:
-        plan.notes.append("next: systemctl restart containerd  (it still dials the snapshotter until then; "
-                          "or add --restart-containerd)")
+        plan.notes.append(
+            "next: systemctl restart containerd  (it still dials the snapshotter until then; "
+            "or add --restart-containerd)"
+        )
     unit = host.read(UNIT_PATH)
     wanted = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"  # what `systemctl enable` made
     if unit is not None and req.stop:
-        plan.steps += [Run(host.command(["systemctl", "disable", "--now", UNIT_NAME], "--stop")),
-                       Write(UNIT_PATH, unit, None), Run(host.command(["systemctl", "daemon-reload"], "--stop"))]
+        plan.steps += [
+            Run(host.command(["systemctl", "disable", "--now", UNIT_NAME], "--stop")),
+            Write(UNIT_PATH, unit, None),
+            Run(host.command(["systemctl", "daemon-reload"], "--stop")),
+        ]
     elif unit is not None:
         plan.steps += [Write(wanted, None, None)] if os.path.lexists(host.path(wanted)) else []
         plan.steps.append(Write(UNIT_PATH, unit, None))

@@ -13,25 +13,25 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 import uvloop
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from addlower import __version__
-from addlower.engine import metrics
 from addlower.core.config import ADMIN_SERVICE, Config, ConfigError
 from addlower.core.errors import FailedPrecondition, SnapshotError
+from addlower.core.labels import EXTRA_LOWERS_LABEL
+from addlower.core.logformat import fields
+from addlower.engine import metrics
 from addlower.engine.content import ContentStore
+from addlower.engine.snapshotter import Snapshotter
 from addlower.server.diffservice import DiffService
 from addlower.server.diffservice import routes as diff_routes
 from addlower.server.grpcserver import GrpcServer, Route
-from addlower.core.labels import EXTRA_LOWERS_LABEL
-from addlower.core.logformat import fields
 from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, routes
-from addlower.engine.snapshotter import Snapshotter
 
 log = logging.getLogger("addlower")
 
@@ -108,15 +108,24 @@ class Daemon:
         calls = metrics.CallStats([*METHODS, self.Reload.__name__, differ.Diff.__name__, differ.Apply.__name__])
         service = SnapshotsService(self.snapshotter)
         admin = {f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD)}
-        self.server = GrpcServer({**routes(service), **diff_routes(differ, BLOCKING), **admin}, self.pools,
-                                 service.map_error, calls.observe)
+        self.server = GrpcServer(
+            {**routes(service), **diff_routes(differ, BLOCKING), **admin}, self.pools, service.map_error, calls.observe
+        )
         if config.metrics_address:
             sn = self.snapshotter
             store = sn.store
             try:
-                metrics.serve(config.metrics_address, calls, metrics.StoreView(
-                    store.counts_by_kind, lambda: store.active_labels(EXTRA_LOWERS_LABEL), store.path, config.root_dir,
-                    lambda: (sn.pins.host_mounts, sn.config.max_host_mounts)))
+                metrics.serve(
+                    config.metrics_address,
+                    calls,
+                    metrics.StoreView(
+                        store.counts_by_kind,
+                        lambda: store.active_labels(EXTRA_LOWERS_LABEL),
+                        store.path,
+                        config.root_dir,
+                        lambda: (sn.pins.host_mounts, sn.config.max_host_mounts),
+                    ),
+                )
             except OSError as exc:
                 raise StartupError(f"cannot serve metrics on {config.metrics_address}: {exc}") from exc
 
@@ -134,10 +143,14 @@ class Daemon:
         logging.getLogger().setLevel(config.log_level.upper())
         metrics.CONFIG_RELOADS.inc("success")
         c = self.snapshotter.config
-        applied = {"allowed_roots": ",".join(c.allowed_roots), "named_lowers": _named(c),
-                   "max_host_mounts": c.max_host_mounts, "log_level": c.log_level,
-                   "kubernetes_allowed_roots": ",".join(c.kubernetes.allowed_roots) or "-",
-                   "kubernetes_namespaces": ",".join(c.kubernetes.namespaces) or "-"}
+        applied = {
+            "allowed_roots": ",".join(c.allowed_roots),
+            "named_lowers": _named(c),
+            "max_host_mounts": c.max_host_mounts,
+            "log_level": c.log_level,
+            "kubernetes_allowed_roots": ",".join(c.kubernetes.allowed_roots) or "-",
+            "kubernetes_namespaces": ",".join(c.kubernetes.namespaces) or "-",
+        }
         log.info("reloaded the config", extra=fields(**applied))
         text = "reloaded the config: " + " ".join(f"{k}={v}" for k, v in applied.items())
         if later:
@@ -176,12 +189,23 @@ class Daemon:
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._hup)
         c = self.config
-        log.info("serving", extra=fields(
-            version=__version__, root=str(c.root_dir), socket=str(path), async_remove=c.async_remove,
-            upperdir_label=c.upperdir_label, mount_options=",".join(self.snapshotter.overlay_options) or "-",
-            allowed_roots=",".join(c.allowed_roots), named_lowers=_named(c),
-            kubernetes=f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}" if c.kubernetes.enabled else "off",
-            metrics=c.metrics_address or "off"))
+        log.info(
+            "serving",
+            extra=fields(
+                version=__version__,
+                root=str(c.root_dir),
+                socket=str(path),
+                async_remove=c.async_remove,
+                upperdir_label=c.upperdir_label,
+                mount_options=",".join(self.snapshotter.overlay_options) or "-",
+                allowed_roots=",".join(c.allowed_roots),
+                named_lowers=_named(c),
+                kubernetes=f"{c.kubernetes.containerd_address}/{c.kubernetes.namespace}"
+                if c.kubernetes.enabled
+                else "off",
+                metrics=c.metrics_address or "off",
+            ),
+        )
         notify_systemd(b"READY=1")
         await stopping.wait()
         notify_systemd(b"STOPPING=1")
@@ -192,10 +216,8 @@ class Daemon:
         for pool in self.pools.values():  # the server has let its calls finish: only reloads may be queued
             pool.shutdown(wait=True, cancel_futures=True)
         self.snapshotter.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.config.socket_path)
-        except FileNotFoundError:
-            pass
 
 
 def run(config: Config, reread: Callable[[], Config]) -> int:

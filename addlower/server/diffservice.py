@@ -51,13 +51,16 @@ class DiffService:
     def Diff(self, request: pb.DiffRequest) -> pb.DiffResponse:
         found = self.sn.diff_layers(_mounts(request.left), _mounts(request.right))
         if found is None:
-            raise Unimplemented("not an active snapshot of this snapshotter against its parent: the next differ "
-                                "compares it")
+            raise Unimplemented(
+                "not an active snapshot of this snapshotter against its parent: the next differ compares it"
+            )
         media_type = request.media_type or LAYER_GZIP
         if media_type not in MEDIA_TYPES:
-            raise FailedPrecondition(f"media type {media_type!r}: this snapshotter's differ writes "
-                                     f"{' and '.join(MEDIA_TYPES)} (another differ would put the extra lowers "
-                                     "in the layer)")
+            raise FailedPrecondition(
+                f"media type {media_type!r}: this snapshotter's differ writes "
+                f"{' and '.join(MEDIA_TYPES)} (another differ would put the extra lowers "
+                "in the layer)"
+            )
         layers, key = found
         metadata = call_metadata()
         # containerd 2.x passes the caller's namespace on; 1.7 does not, and containerd keys a
@@ -70,12 +73,16 @@ class DiffService:
             labels = dict(request.labels)
             if MEDIA_TYPES[media_type]:
                 labels[UNCOMPRESSED_LABEL] = layer.diff_id
-            self.content.put(blob, layer.digest, layer.size, labels, namespace, metadata.get(LEASE_HEADER),
-                             request.ref)
-        log.info("wrote a layer from the snapshot's own dir", extra=fields(
-            upper=layers.upper.decode(errors="replace"), digest=layer.digest, size=layer.size, namespace=namespace))
-        return pb.DiffResponse(diff=descriptor_pb2.Descriptor(media_type=media_type, digest=layer.digest,
-                                                              size=layer.size))
+            self.content.put(blob, layer.digest, layer.size, labels, namespace, metadata.get(LEASE_HEADER), request.ref)
+        log.info(
+            "wrote a layer from the snapshot's own dir",
+            extra=fields(
+                upper=layers.upper.decode(errors="replace"), digest=layer.digest, size=layer.size, namespace=namespace
+            ),
+        )
+        return pb.DiffResponse(
+            diff=descriptor_pb2.Descriptor(media_type=media_type, digest=layer.digest, size=layer.size)
+        )
 
     def _whiteout_time(self, epoch: int | None) -> int:
         version = self.sn.targets.version()
@@ -89,5 +96,7 @@ class DiffService:
 
 def routes(service: DiffService, blocking: str) -> dict[str, Route]:
     """Diff walks and uploads (in the `blocking` pool); Apply answers at once."""
-    return {f"/{SERVICE}/Diff": Route(request=pb.DiffRequest, handler=service.Diff, pool=blocking),
-            f"/{SERVICE}/Apply": Route(request=pb.ApplyRequest, handler=service.Apply)}
+    return {
+        f"/{SERVICE}/Diff": Route(request=pb.DiffRequest, handler=service.Diff, pool=blocking),
+        f"/{SERVICE}/Apply": Route(request=pb.ApplyRequest, handler=service.Apply),
+    }

@@ -28,11 +28,12 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable, Iterable
+from types import MappingProxyType
+from typing import Any
 
 import hpack
 
@@ -145,9 +146,10 @@ _MESSAGE_HEAD = struct.Struct(">BI")  # gRPC length-prefixed message: compressed
 class _Headers:
     """HPACK decoding of request header blocks, down to what a call needs: `:path`,
     `grpc-timeout` and the KEPT_METADATA (containerd's namespace and lease, for a differ that
-    writes to containerd's content store on the caller's behalf). A client that keeps calling sends the same few blocks of indexed fields (7
-    bytes for grpc-go); such a block cannot change the decoder's table, so what it decoded to is
-    remembered until a block that can change the table arrives."""
+    writes to containerd's content store on the caller's behalf). A client that keeps calling
+    sends the same few blocks of indexed fields (7 bytes for grpc-go); such a block cannot change
+    the decoder's table, so what it decoded to is remembered until a block that can change the
+    table arrives."""
 
     def __init__(self) -> None:
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
@@ -195,7 +197,7 @@ ErrorMapper = Callable[[BaseException], tuple[Code, str]]
 Metadata = Mapping[str, str]  # the KEPT_METADATA a call came with
 
 _on_loop = contextvars.ContextVar("on_loop", default=False)
-_metadata: contextvars.ContextVar[Metadata] = contextvars.ContextVar("metadata", default={})
+_metadata: contextvars.ContextVar[Metadata] = contextvars.ContextVar("metadata", default=MappingProxyType({}))
 
 
 def on_loop() -> bool:
@@ -287,11 +289,19 @@ class _Connection(asyncio.Protocol):
             return
         self.server.connections.add(self)
         self.preface_timer = asyncio.get_running_loop().call_later(PREFACE_TIMEOUT, self._preface_overdue)
-        settings = struct.pack(">HIHIHI", SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW,
-                               SETTINGS_MAX_CONCURRENT_STREAMS, MAX_STREAMS,
-                               SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK)
-        self._write(frame(SETTINGS, 0, 0, settings)
-                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONNECTION_WINDOW - DEFAULT_WINDOW)))
+        settings = struct.pack(
+            ">HIHIHI",
+            SETTINGS_INITIAL_WINDOW_SIZE,
+            STREAM_WINDOW,
+            SETTINGS_MAX_CONCURRENT_STREAMS,
+            MAX_STREAMS,
+            SETTINGS_MAX_HEADER_LIST_SIZE,
+            MAX_HEADER_BLOCK,
+        )
+        self._write(
+            frame(SETTINGS, 0, 0, settings)
+            + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", CONNECTION_WINDOW - DEFAULT_WINDOW))
+        )
 
     def _preface_overdue(self) -> None:
         if not self.preface_seen and self.transport is not None:
@@ -557,8 +567,9 @@ class _Connection(asyncio.Protocol):
                 self.resets, self.resets_since = 0, now
             self.resets += 1
             if self.resets > MAX_EARLY_RESETS:
-                raise ConnectionFault(H2Error.ENHANCE_YOUR_CALM,
-                                      f"more than {MAX_EARLY_RESETS} streams reset in a second")
+                raise ConnectionFault(
+                    H2Error.ENHANCE_YOUR_CALM, f"more than {MAX_EARLY_RESETS} streams reset in a second"
+                )
             self._drop(stream)  # the client gave up: its queued work goes too
         self._close_if_idle()
 
@@ -574,9 +585,16 @@ class _Connection(asyncio.Protocol):
         raise ConnectionFault(H2Error.PROTOCOL_ERROR, "clients must not push")
 
     _FRAMES: dict[int, Callable[[_Connection, int, int, bytes], None]] = {
-        DATA: _on_data, HEADERS: _on_headers, CONTINUATION: _on_continuation, SETTINGS: _on_settings,
-        PING: _on_ping, WINDOW_UPDATE: _on_window_update, RST_STREAM: _on_rst_stream, PRIORITY: _on_priority,
-        GOAWAY: _on_goaway, PUSH_PROMISE: _on_push_promise,
+        DATA: _on_data,
+        HEADERS: _on_headers,
+        CONTINUATION: _on_continuation,
+        SETTINGS: _on_settings,
+        PING: _on_ping,
+        WINDOW_UPDATE: _on_window_update,
+        RST_STREAM: _on_rst_stream,
+        PRIORITY: _on_priority,
+        GOAWAY: _on_goaway,
+        PUSH_PROMISE: _on_push_promise,
     }
 
     @staticmethod
@@ -671,14 +689,16 @@ class _Connection(asyncio.Protocol):
             stream.work.cancel()
         self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the call did not finish before its deadline")
 
-    def _complete(self, stream: _Stream, route: Route, request: Any, started: float,
-                  result: tuple[Iterable[bytes], Code, str]) -> None:
+    def _complete(
+        self, stream: _Stream, route: Route, request: Any, started: float, result: tuple[Iterable[bytes], Code, str]
+    ) -> None:
         messages, code, message = result
         seconds = time.perf_counter() - started
         self.server.observe(route.name, seconds, code)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc", extra=fields(method=route.name, key=route.describe(request), code=code.name,
-                                          duration_s=seconds))
+            log.debug(
+                "rpc", extra=fields(method=route.name, key=route.describe(request), code=code.name, duration_s=seconds)
+            )
         self._finish(stream, messages, code, message)
 
     def _finish(self, stream: _Stream, messages: Iterable[bytes], code: Code, message: str) -> None:
@@ -701,9 +721,19 @@ class _Connection(asyncio.Protocol):
         if self.paused or n > self.send_window or n > stream.send_window or n > self.peer_max_frame:
             return False
         sid = stream.sid
-        self._write(b"".join((frame_head(HEADERS, END_HEADERS, sid, len(RESPONSE_HEADERS)), RESPONSE_HEADERS,
-                              frame_head(DATA, 0, sid, n), _MESSAGE_HEAD.pack(0, n - 5), message,
-                              frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(OK_TRAILERS)), OK_TRAILERS)))
+        self._write(
+            b"".join(
+                (
+                    frame_head(HEADERS, END_HEADERS, sid, len(RESPONSE_HEADERS)),
+                    RESPONSE_HEADERS,
+                    frame_head(DATA, 0, sid, n),
+                    _MESSAGE_HEAD.pack(0, n - 5),
+                    message,
+                    frame_head(HEADERS, END_HEADERS | END_STREAM, sid, len(OK_TRAILERS)),
+                    OK_TRAILERS,
+                )
+            )
+        )
         self.send_window -= n
         stream.send_window -= n
         self._drop(stream)
@@ -771,8 +801,13 @@ class GrpcServer:
     """Serves `routes` ("/package.Service/Method" -> Route) on a unix socket; a route's pool names
     one of `pools`."""
 
-    def __init__(self, routes: dict[str, Route], pools: Mapping[str, Executor], errors: ErrorMapper,
-                 observe: Callable[[str, float, Code], None] = lambda method, seconds, code: None):
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        pools: Mapping[str, Executor],
+        errors: ErrorMapper,
+        observe: Callable[[str, float, Code], None] = lambda method, seconds, code: None,
+    ):
         unknown = {r.pool for r in routes.values() if r.pool is not None} - set(pools)
         if unknown:
             raise ValueError(f"routes name unknown pools {sorted(unknown)}")

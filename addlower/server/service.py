@@ -13,18 +13,20 @@ from __future__ import annotations
 import itertools
 import logging
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from addlower.api import mount_pb2, snapshots_pb2 as pb
-from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
+from addlower.api import mount_pb2
+from addlower.api import snapshots_pb2 as pb
 from addlower.core.codes import Code
-from addlower.server.grpcserver import Offload, Route, on_loop
+from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
 from addlower.core.mounts import Mount
 from addlower.engine.snapshotter import NeedsTime, Snapshotter
 from addlower.engine.store import Info
+from addlower.server.grpcserver import Offload, Route, on_loop
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def info_to_pb(info: Info) -> pb.Info:
     return pb.Info(
         name=info.name,
         parent=info.parent,
-        kind=int(info.kind),
+        kind=info.kind.name,  # containerd's enum has the same names (and numbers)
         created_at=_timestamp(info.created_at),
         updated_at=_timestamp(info.updated_at),
         labels=info.labels,
@@ -129,8 +131,9 @@ class SnapshotsService:
 
     def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
         """On the loop for the usual small upper dir; a big one is counted in the blocking pool."""
-        self._offloading(lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick,
-                                                      request.parent))
+        self._offloading(
+            lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick, request.parent)
+        )
         return empty_pb2.Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
@@ -208,6 +211,13 @@ def pools(service: SnapshotsService) -> dict[str, str | None]:
 
 def routes(service: SnapshotsService) -> dict[str, Route]:
     where = pools(service)
-    return {f"/{SERVICE}/{name}": Route(request=m.request, handler=getattr(service, name), streaming=m.streams,
-                                        pool=where[name], describe=m.describe)
-            for name, m in METHODS.items()}
+    return {
+        f"/{SERVICE}/{name}": Route(
+            request=m.request,
+            handler=getattr(service, name),
+            streaming=m.streams,
+            pool=where[name],
+            describe=m.describe,
+        )
+        for name, m in METHODS.items()
+    }

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from addlower.dev import ociimage
-from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.core.config import PLUGIN_NAME
+from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.dev import ociimage
 from addlower.dev.devcontainerd import BIN_DIR_ENV, Binaries, CriSettings, PrivateContainerd
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon, allowing
@@ -38,9 +38,11 @@ VERSIONS_CACHE = Path(os.environ.get("ADDLOWER_CONTAINERD_CACHE", "/var/cache/ad
 
 def containerd_lines(config: pytest.Config) -> list[Binaries]:
     """The containerd lines to test against (see tests/conftest.py's --containerd-bin-dir)."""
-    dirs = config.getoption("--containerd-bin-dir") or \
-        ([os.environ[BIN_DIR_ENV]] if os.environ.get(BIN_DIR_ENV) else
-         ["system", *sorted(str(d) for d in VERSIONS_CACHE.glob("*/usr/bin") if (d / "containerd").exists())])
+    dirs = config.getoption("--containerd-bin-dir") or (
+        [os.environ[BIN_DIR_ENV]]
+        if os.environ.get(BIN_DIR_ENV)
+        else ["system", *sorted(str(d) for d in VERSIONS_CACHE.glob("*/usr/bin") if (d / "containerd").exists())]
+    )
     return [Binaries() if d == "system" else Binaries(Path(d)) for d in dirs]
 
 
@@ -150,8 +152,9 @@ def private_containerd(workdir: Path, daemon_root: Path, binaries: Binaries, dif
     Start the daemon first: containerd dials proxies at start-up and, if the socket is not there
     yet, fails calls until its reconnect backoff (up to 3 s) retries.
     """
-    return PrivateContainerd(workdir, proxy_plugins={PLUGIN_NAME: Daemon(root=daemon_root).socket},
-                             binaries=binaries, differ=differ)
+    return PrivateContainerd(
+        workdir, proxy_plugins={PLUGIN_NAME: Daemon(root=daemon_root).socket}, binaries=binaries, differ=differ
+    )
 
 
 def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
@@ -162,7 +165,9 @@ def make_target(containerd: PrivateContainerd, daemon: Daemon | None) -> Target:
 
 
 @contextmanager
-def running_target(workdir: Path, binaries: Binaries, builtin: bool, daemon_args: Sequence[str] = ()) -> Iterator[Target]:
+def running_target(
+    workdir: Path, binaries: Binaries, builtin: bool, daemon_args: Sequence[str] = ()
+) -> Iterator[Target]:
     """A containerd of its own and, unless `builtin`, a daemon of its own with `daemon_args`."""
     daemon_root = workdir / "snapshotter"
     with ExitStack() as stack:
@@ -170,8 +175,10 @@ def running_target(workdir: Path, binaries: Binaries, builtin: bool, daemon_args
         if not builtin:
             daemon = Daemon(root=daemon_root, args=list(daemon_args)).start()
             stack.callback(daemon.stop)
-        yield make_target(stack.enter_context(private_containerd(workdir / "containerd", daemon_root, binaries,
-                                                                 differ=not builtin)), daemon)
+        yield make_target(
+            stack.enter_context(private_containerd(workdir / "containerd", daemon_root, binaries, differ=not builtin)),
+            daemon,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -230,7 +237,7 @@ def namespace(request: pytest.FixtureRequest) -> str:
     """A containerd namespace of the test's own, so tests sharing a containerd do not meet."""
     name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name).strip("-")
     if len(name) > MAX_NAMESPACE:  # containerd's identifiers are short: keep a readable head, and a hash
-        name = f"{name[:MAX_NAMESPACE - 9].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        name = f"{name[: MAX_NAMESPACE - 9].rstrip('-')}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return name
 
 
@@ -241,8 +248,9 @@ def namespace(request: pytest.FixtureRequest) -> str:
         pytest.param((False, ("--async-remove=false",)), id="ours-sync-remove"),
     ]
 )
-def fresh_target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                 binaries: Binaries) -> Iterator[Target]:
+def fresh_target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, binaries: Binaries
+) -> Iterator[Target]:
     """A target nobody else uses, for tests that check what is left on disk afterwards."""
     builtin, daemon_args = request.param
     with running_target(tmp_path_factory.mktemp("fresh"), binaries, builtin, daemon_args) as target:
@@ -270,13 +278,17 @@ def running_cri_target(workdir: Path, binaries: Binaries, options: CriOptions) -
     """Our daemon (always, debug log), then a containerd of its own with CRI on, whose snapshotter is
     the built-in overlayfs (`options.builtin`) or our daemon; the Target is the snapshotter CRI uses."""
     daemon = Daemon(root=workdir / "snapshotter", args=["--log-level", "debug", *options.daemon_args])
-    cri = CriSettings(snapshotter=BUILTIN if options.builtin else PLUGIN_NAME, pod_annotations=options.pod_annotations,
-                      runtime_snapshotters=options.runtime_snapshotters)
+    cri = CriSettings(
+        snapshotter=BUILTIN if options.builtin else PLUGIN_NAME,
+        pod_annotations=options.pod_annotations,
+        runtime_snapshotters=options.runtime_snapshotters,
+    )
     with ExitStack() as stack:
         daemon.start()
         stack.callback(daemon.stop)
-        containerd = PrivateContainerd(workdir / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket}, cri=cri,
-                                       binaries=binaries)
+        containerd = PrivateContainerd(
+            workdir / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket}, cri=cri, binaries=binaries
+        )
         yield make_target(stack.enter_context(containerd), None if options.builtin else daemon)
 
 
@@ -300,7 +312,9 @@ def pause_image(images_dir: Path) -> ociimage.OciImage:
     params=[pytest.param(CriOptions(builtin=True), id=BUILTIN), pytest.param(CriOptions(builtin=False), id="ours")]
 )
 def cri_target(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pause_image: ociimage.OciImage,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pause_image: ociimage.OciImage,
     binaries: Binaries,
 ) -> Iterator[Target]:
     """A CRI node of the test's own (see running_cri_target) with the pause image imported into

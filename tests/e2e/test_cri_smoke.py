@@ -51,7 +51,8 @@ def test_pod_runs_on_the_cri_snapshotter_and_gc_removes_its_snapshots(
 
 
 def test_kubelets_image_filesystem_is_where_the_snapshotter_keeps_layers(
-        cri_target: Target, cri: CriClient, binaries: Binaries) -> None:
+    cri_target: Target, cri: CriClient, binaries: Binaries
+) -> None:
     """ImageFsInfo (kubelet's image GC and eviction act on it) names the snapshotter's root: for a
     proxy plugin, its `exports.root` on 1.7+; containerd 1.6 ignores that and guesses a dir under
     its own root."""

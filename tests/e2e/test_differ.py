@@ -56,12 +56,23 @@ touch -d @{EPOCH} /app/added /etc/motd /cfg/fresh /newdir/sub/f /newdir/sub /new
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> OciImage:
     """busybox and a layer of app files, so the container has two parents (its base is an overlay)."""
-    return ociimage.build_busybox_image(tmp_path_factory.mktemp("differ-image") / "app.tar", ref="local/app:1",
-                                        extra_layers=[[
-                                            directory("app"), file("app/keep", "k"), file("app/old", "o"),
-                                            directory("app/logs"), file("app/logs/a", "a"),
-                                            directory("cfg"), file("cfg/x", "x"), file("cfg/y", "y"),
-                                            file("etc/motd", "hi")]])
+    return ociimage.build_busybox_image(
+        tmp_path_factory.mktemp("differ-image") / "app.tar",
+        ref="local/app:1",
+        extra_layers=[
+            [
+                directory("app"),
+                file("app/keep", "k"),
+                file("app/old", "o"),
+                directory("app/logs"),
+                file("app/logs/a", "a"),
+                directory("cfg"),
+                file("cfg/x", "x"),
+                file("cfg/y", "y"),
+                file("etc/motd", "hi"),
+            ]
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +88,9 @@ def node(tmp_path_factory: pytest.TempPathFactory, image: OciImage, binaries: Bi
     (cache / "m2").mkdir()
     (cache / "m2" / "lib.jar").write_text("lib\n")
     config = work / "config.toml"
-    config.write_text(f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n'
-                      f'[lowers]\nallowed_roots = ["{cache}"]\n')
+    config.write_text(
+        f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n[lowers]\nallowed_roots = ["{cache}"]\n'
+    )
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(image, NS)
         t.containerd.import_image(image.path, NS, BUILTIN_SNAPSHOTTER)
@@ -87,10 +99,21 @@ def node(tmp_path_factory: pytest.TempPathFactory, image: OciImage, binaries: Bi
 
 def diff(t: Target, snapshotter: str, key: str) -> bytes:
     """`ctr snapshots diff` of a container's snapshot: the layer, decompressed."""
-    cmd = [t.containerd.binaries.command("ctr"), "--address", str(t.containerd.address), "-n", NS,
-           "snapshots", "--snapshotter", snapshotter, "diff", key]
-    done = subprocess.run(cmd, env={**t.containerd.binaries.env(), "SOURCE_DATE_EPOCH": EPOCH}, capture_output=True,
-                          timeout=120)
+    cmd = [
+        t.containerd.binaries.command("ctr"),
+        "--address",
+        str(t.containerd.address),
+        "-n",
+        NS,
+        "snapshots",
+        "--snapshotter",
+        snapshotter,
+        "diff",
+        key,
+    ]
+    done = subprocess.run(
+        cmd, env={**t.containerd.binaries.env(), "SOURCE_DATE_EPOCH": EPOCH}, capture_output=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr.decode()
     return gzip.decompress(done.stdout)
 
@@ -100,38 +123,73 @@ def names(layer: bytes) -> list[str]:
 
 
 def test_the_layer_is_the_containers_own_changes_and_equals_the_walking_differs(
-        node: Target, image: OciImage, binaries: Binaries):
+    node: Target, image: OciImage, binaries: Binaries
+):
     cache = Path(node.containerd.workdir).parent / "cache"
     lowers = str(cache / "root")
     if diff_proxy(binaries.version):  # 1.7+: a lower at a container path too (1.6 refuses targets)
         lowers += f":{cache / 'm2'}@/root/.m2"
-    out = node.containerd.run(image.ref, "ours", "sh", "-c", SCRIPT, namespace=NS, snapshotter=PLUGIN_NAME,
-                              rm=False, options=["--snapshotter-label", f"{LOWERS}={lowers}"]).stdout
+    out = node.containerd.run(
+        image.ref,
+        "ours",
+        "sh",
+        "-c",
+        SCRIPT,
+        namespace=NS,
+        snapshotter=PLUGIN_NAME,
+        rm=False,
+        options=["--snapshotter-label", f"{LOWERS}={lowers}"],
+    ).stdout
     assert out == "credentials\n"  # the container saw the cache
-    node.containerd.run(image.ref, "builtin", "sh", "-c", SCRIPT, namespace=NS, snapshotter=BUILTIN_SNAPSHOTTER,
-                        rm=False)
+    node.containerd.run(
+        image.ref, "builtin", "sh", "-c", SCRIPT, namespace=NS, snapshotter=BUILTIN_SNAPSHOTTER, rm=False
+    )
     ours, builtin = diff(node, PLUGIN_NAME, "ours"), diff(node, BUILTIN_SNAPSHOTTER, "builtin")
     if not diff_proxy(binaries.version):  # 1.6: the walking differ sees the extra lowers
         assert "cache-at-root.txt" in names(ours) and "app/from-cache.jar" in names(ours)
         return
-    assert names(ours) == ["app", "app/added", "app/added-link", "app/.wh.logs", "app/.wh.old", "cfg", "cfg/fresh",
-                           "cfg/.wh.x", "cfg/.wh.y", "etc", "etc/motd", "newdir", "newdir/sub", "newdir/sub/f",
-                           "run"]  # runc made /run; nothing of the caches, nothing at /root/.m2
+    assert names(ours) == [
+        "app",
+        "app/added",
+        "app/added-link",
+        "app/.wh.logs",
+        "app/.wh.old",
+        "cfg",
+        "cfg/fresh",
+        "cfg/.wh.x",
+        "cfg/.wh.y",
+        "etc",
+        "etc/motd",
+        "newdir",
+        "newdir/sub",
+        "newdir/sub/f",
+        "run",
+    ]  # runc made /run; nothing of the caches, nothing at /root/.m2
     assert ours == builtin  # every header and byte, whiteouts and hardlink included
     log = node.daemon.log() if node.daemon else ""
     assert log.count("wrote a layer from the snapshot's own dir") == 1  # ours only: the built-in's went on
 
 
 def test_a_commit_through_containerds_diff_api_applies_as_the_containers_own_changes(
-        node: Target, image: OciImage, binaries: Binaries, tmp_path: Path):
+    node: Target, image: OciImage, binaries: Binaries, tmp_path: Path
+):
     """What nerdctl commit does, without a Go client: Compare (the parent's view against the
     container's mounts) through containerd's Diff API, then the layer applied onto the parent in a
     fresh snapshot, which then holds the container's changes and nothing of its lowers."""
     ours = diff_proxy(binaries.version)  # 1.6: the walking differ, which takes the lowers in
     cache = Path(node.containerd.workdir).parent / "cache"
     lowers = f"{cache / 'root'}:{cache / 'm2'}@/root/.m2" if ours else str(cache / "root")
-    node.containerd.run(image.ref, "api", "sh", "-c", SCRIPT, namespace=NS, snapshotter=PLUGIN_NAME, rm=False,
-                        options=["--snapshotter-label", f"{LOWERS}={lowers}"])
+    node.containerd.run(
+        image.ref,
+        "api",
+        "sh",
+        "-c",
+        SCRIPT,
+        namespace=NS,
+        snapshotter=PLUGIN_NAME,
+        rm=False,
+        options=["--snapshotter-label", f"{LOWERS}={lowers}"],
+    )
     metadata = [("containerd-namespace", NS)]
     with grpc.insecure_channel(f"unix://{node.containerd.address}") as channel:
         # What a client does: a lease, so containerd's GC leaves the snapshots and the blob alone.
@@ -141,10 +199,14 @@ def test_a_commit_through_containerds_diff_api_applies_as_the_containers_own_cha
         differ = diff_pb2_grpc.DiffStub(channel)
         parent = snapshots.stat("api").parent
         left = snapshots.view("api-parent-view", parent)
-        layer = differ.Diff(diff_pb2.DiffRequest(left=left, right=snapshots.mounts("api"), media_type=LAYER_GZIP),
-                            metadata=metadata).diff
-        info = content_pb2_grpc.ContentStub(channel).Info(content_pb2.InfoRequest(digest=layer.digest),
-                                                           metadata=metadata).info
+        layer = differ.Diff(
+            diff_pb2.DiffRequest(left=left, right=snapshots.mounts("api"), media_type=LAYER_GZIP), metadata=metadata
+        ).diff
+        info = (
+            content_pb2_grpc.ContentStub(channel)
+            .Info(content_pb2.InfoRequest(digest=layer.digest), metadata=metadata)
+            .info
+        )
         assert info.size == layer.size and info.labels[UNCOMPRESSED_LABEL].startswith("sha256:")
         fresh = snapshots.prepare("applied", parent)
         applied = differ.Apply(diff_pb2.ApplyRequest(diff=layer, mounts=fresh), metadata=metadata).applied

@@ -28,12 +28,18 @@ pytestmark = pytest.mark.e2e
 INFO_ONLY = {"overlay index", "userxattr", "mount targets"}  # what doctor reports without judging
 
 
-def snapshotter_config(path: Path, root: Path, named: Mapping[str, str], roots: Sequence[Path],
-                       pods_at: Path | None) -> Path:
+def snapshotter_config(
+    path: Path, root: Path, named: Mapping[str, str], roots: Sequence[Path], pods_at: Path | None
+) -> Path:
     """The daemon's config file: `named` lowers (name -> TOML value), allowed `roots`, and pod
     lookups at `pods_at` (None: off)."""
-    lines = [f"root_dir = {q(root)}", "[lowers]", f"allowed_roots = [{', '.join(q(r) for r in roots)}]",
-             "[lowers.named]", *(f"{name} = {value}" for name, value in named.items())]
+    lines = [
+        f"root_dir = {q(root)}",
+        "[lowers]",
+        f"allowed_roots = [{', '.join(q(r) for r in roots)}]",
+        "[lowers.named]",
+        *(f"{name} = {value}" for name, value in named.items()),
+    ]
     if pods_at is not None:
         lines += ["[kubernetes]", "enabled = true", f"containerd_address = {q(pods_at)}"]
     path.write_text("\n".join(lines) + "\n")
@@ -54,8 +60,14 @@ class Node:
 
     def doctor(self, code: int, config: Path | None = None) -> dict[str, dict[str, Any]]:
         """`addlower doctor --json` with `config` (default: the daemon's), each check by name."""
-        args = ["doctor", "--json", "--config", str(config or self.config),
-                "--containerd-config", str(self.containerd.config_path)]
+        args = [
+            "doctor",
+            "--json",
+            "--config",
+            str(config or self.config),
+            "--containerd-config",
+            str(self.containerd.config_path),
+        ]
         result = CliRunner().invoke(GROUP, args)
         assert result.exit_code == code, result.output
         shown = json.loads(result.stdout)
@@ -71,12 +83,16 @@ def running_node(work: Path, binaries: Binaries, plugin: bool = True) -> Iterato
     for d in ("m2", "allowed"):
         (work / d).mkdir(parents=True)
     root = work / "snapshotter"
-    containerd = PrivateContainerd(work / "containerd", binaries=binaries,
-                                   proxy_plugins={PLUGIN_NAME: root / "grpc.socks"} if plugin else {},
-                                   cri=CriSettings(snapshotter=PLUGIN_NAME) if plugin else False)
+    containerd = PrivateContainerd(
+        work / "containerd",
+        binaries=binaries,
+        proxy_plugins={PLUGIN_NAME: root / "grpc.socks"} if plugin else {},
+        cri=CriSettings(snapshotter=PLUGIN_NAME) if plugin else False,
+    )
     named = {"maven": q(work / "m2"), "npm": f"{{ path = {q(work / 'npm')}, create = true }}"}
-    config = snapshotter_config(work / "snapshotter.toml", root, named, [work / "allowed"],
-                                containerd.address if plugin else None)
+    config = snapshotter_config(
+        work / "snapshotter.toml", root, named, [work / "allowed"], containerd.address if plugin else None
+    )
     daemon = Daemon(root=root, args=["--config", str(config)]).start()
     try:
         with containerd:
@@ -100,7 +116,10 @@ def test_doctor_passes_a_good_node(node: Node, binaries: Binaries):
     version = ".".join(map(str, binaries.version))
     limits = {} if ctrdconfig.diff_proxy(binaries.version) else {"commits": "WARN"}  # 1.6: no diff proxy
     assert {n: c["status"] for n, c in checks.items() if c["status"] != "PASS"} == {
-        **{n: "INFO" for n in INFO_ONLY}, "named lower npm": "INFO", **limits}
+        **{n: "INFO" for n in INFO_ONLY},
+        "named lower npm": "INFO",
+        **limits,
+    }
     if limits:
         assert "holds the files of its extra lowers" in checks["commits"]["detail"]
     else:
@@ -135,14 +154,17 @@ def test_doctor_fails_pod_lookups_at_an_address_where_no_containerd_answers(node
     config = snapshotter_config(node.work / "wrong.toml", node.daemon.root, {}, [], wrong)
     checks = node.doctor(1, config)
     assert fails(checks) == {"pod lookups"}
-    assert f"kubernetes.containerd_address: no answer (containerd at {wrong}: UNAVAILABLE)" in \
-        checks["pod lookups"]["detail"]
+    assert (
+        f"kubernetes.containerd_address: no answer (containerd at {wrong}: UNAVAILABLE)"
+        in checks["pod lookups"]["detail"]
+    )
     assert str(node.containerd.address) in checks["pod lookups"]["hint"]
     assert "a target needs containerd >= 1.7, and its version is unknown" in checks["mount targets"]["detail"]
 
 
 def test_doctor_fails_a_containerd_without_the_plugin_until_it_is_declared_and_restarted(
-        tmp_path_factory: pytest.TempPathFactory, binaries: Binaries):
+    tmp_path_factory: pytest.TempPathFactory, binaries: Binaries
+):
     with running_node(tmp_path_factory.mktemp("doctor-bare"), binaries, plugin=False) as n:
         checks = n.doctor(1)
         differ = {"commits"} if ctrdconfig.diff_proxy(binaries.version) else set()
@@ -169,8 +191,9 @@ def test_info_takes_the_container_id_as_ctr_snapshots_info_does(node: Node, busy
     namespace = "doctor-info"
     node.containerd.import_image(busybox_image.path, namespace, PLUGIN_NAME)
     node.containerd.run(busybox_image.ref, "c1", "true", rm=False, snapshotter=PLUGIN_NAME, namespace=namespace)
-    ctr = json.loads(node.containerd.ctr("snapshots", "--snapshotter", PLUGIN_NAME, "info", "c1",
-                                         namespace=namespace).stdout)
+    ctr = json.loads(
+        node.containerd.ctr("snapshots", "--snapshotter", PLUGIN_NAME, "info", "c1", namespace=namespace).stdout
+    )
     result = CliRunner().invoke(GROUP, ["info", "c1", "--json", "--config", str(node.config)])
     assert result.exit_code == 0, result.output
     ours = json.loads(result.stdout)

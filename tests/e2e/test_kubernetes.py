@@ -10,10 +10,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
 from addlower.core.config import PLUGIN_NAME
-from addlower.dev.devcontainerd import Binaries
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.labels import POD_LABEL
 from addlower.dev import ociimage
+from addlower.dev.devcontainerd import Binaries
 from addlower.dev.ociimage import OciImage
 from tests.support.cri.client import CriClient
 
@@ -26,8 +27,9 @@ CAT = ["sh", "-c", "cat /which 2>/dev/null || echo nothing"]
 
 
 @pytest.fixture(scope="module")
-def cri_target(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage,
-               binaries: Binaries) -> Iterator[Target]:
+def cri_target(
+    tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage, binaries: Binaries
+) -> Iterator[Target]:
     """This module's CRI node (conftest's `cri` client talks to it): our snapshotter with Kubernetes
     enabled, two named lowers and one allowed root for pods."""
     work = tmp_path_factory.mktemp("k8s")
@@ -86,7 +88,8 @@ def test_annotated_pod_sees_the_host_dir_copy_on_write(cri_target: Target, cri: 
 
 
 def test_the_pod_is_found_where_this_containerd_keeps_it(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries):
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
     """2.x keeps every pod in its sandbox store (pause container or not); 1.x only as the pause
     container's record."""
     with cri.pod("where", annotations={ANNOTATION: "maven"}) as pod:
@@ -97,16 +100,19 @@ def test_the_pod_is_found_where_this_containerd_keeps_it(
 
 
 def test_an_image_volume_gets_the_images_files_and_the_container_its_lowers(
-        cri_target: Target, cri: CriClient, tmp_path: Path):
+    cri_target: Target, cri: CriClient, tmp_path: Path
+):
     """CRI copies an image's VOLUME contents through a Mounts call made before the container
     record exists: that call carries no host dir, so the volume holds the image's files only."""
     maven = work_dir(cri_target) / "maven"
     (maven / "data").mkdir(exist_ok=True)
     (maven / "data" / "from-host").write_text("host\n")
-    image = ociimage.build_busybox_image(tmp_path / "vol.tar", ref="localhost/addlower/volume:latest",
-                                         extra_layers=[[ociimage.directory("data"),
-                                                        ociimage.file("data/from-image", "image\n")]],
-                                         volumes=["/data"])
+    image = ociimage.build_busybox_image(
+        tmp_path / "vol.tar",
+        ref="localhost/addlower/volume:latest",
+        extra_layers=[[ociimage.directory("data"), ociimage.file("data/from-image", "image\n")]],
+        volumes=["/data"],
+    )
     cri_target.import_image(image, CRI_NAMESPACE)
     with cri.pod("volumes", annotations={ANNOTATION: "maven"}) as pod:
         app = start(cri, pod, "app", image)
@@ -114,8 +120,9 @@ def test_an_image_volume_gets_the_images_files_and_the_container_its_lowers(
         assert cri.exec_sync(app, ["ls", "/data"]) == (0, "from-image\n", "")
 
 
-def test_a_pod_gets_a_named_lower_at_its_target(cri_target: Target, cri: CriClient, busybox_image: OciImage,
-                                                binaries: Binaries):
+def test_a_pod_gets_a_named_lower_at_its_target(
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
     with cri.pod("target", annotations={ANNOTATION: "m2"}) as pod:
         if binaries.version < (1, 7):
             says = refused_start(cri, pod, busybox_image)
@@ -151,11 +158,17 @@ def test_per_container_key_wins_over_the_pod_wide_one(cri_target: Target, cri: C
         assert cri.exec_sync(other, CAT) == (0, "npm\n", "")
 
 
-@pytest.mark.parametrize("value, says", [("/etc", "outside the allowed roots"),
-                                         ("gradle", "'gradle' is not a named lower"),
-                                         ("maven@/a/b:npm@/a", "at '/a/b' lies inside entry named lower 'npm'")])
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("/etc", "outside the allowed roots"),
+        ("gradle", "'gradle' is not a named lower"),
+        ("maven@/a/b:npm@/a", "at '/a/b' lies inside entry named lower 'npm'"),
+    ],
+)
 def test_disallowed_request_fails_the_start_with_the_policy_error(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage, value: str, says: str):
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, value: str, says: str
+):
     with cri.pod("evil", annotations={f"{ANNOTATION}.app": value}) as pod:
         cid = cri.create_container(pod.id, pod.config, "app", busybox_image.ref, ["sleep", "3600"])
         with pytest.raises(grpc.RpcError) as err:
@@ -167,7 +180,8 @@ def test_disallowed_request_fails_the_start_with_the_policy_error(
 
 
 def test_a_symlink_under_the_pods_root_is_refused_wherever_it_points(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage):
+    cri_target: Target, cri: CriClient, busybox_image: OciImage
+):
     link = work_dir(cri_target) / "allowed" / "link"
     with cri.pod("sneaky", namespace="team-a", annotations={ANNOTATION: str(link)}) as pod:
         says = refused_start(cri, pod, busybox_image)
@@ -175,14 +189,18 @@ def test_a_symlink_under_the_pods_root_is_refused_wherever_it_points(
         assert f"pod annotation {ANNOTATION}" in says and f"{link} is a symlink or not a directory" in says
 
 
-@pytest.mark.parametrize("namespace, value, outcome", [
-    ("team-b", "teamb", "teamb"),
-    ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
-    ("team-a", "{work}/team-a/cache", "team-a/cache"),
-    ("team-b", "{work}/team-a/cache", "outside the allowed roots"),
-])
+@pytest.mark.parametrize(
+    "namespace, value, outcome",
+    [
+        ("team-b", "teamb", "teamb"),
+        ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
+        ("team-a", "{work}/team-a/cache", "team-a/cache"),
+        ("team-b", "{work}/team-a/cache", "outside the allowed roots"),
+    ],
+)
 def test_named_lowers_and_roots_of_one_namespace_are_that_namespaces_own(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage, namespace: str, value: str, outcome: str):
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, namespace: str, value: str, outcome: str
+):
     value = value.format(work=work_dir(cri_target))
     with cri.pod("ns-pod", namespace=namespace, annotations={ANNOTATION: value}) as pod:
         if "/" in outcome or outcome == "teamb":  # allowed: the container sees the dir
@@ -195,7 +213,8 @@ def test_named_lowers_and_roots_of_one_namespace_are_that_namespaces_own(
 
 
 def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
-        cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries):
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
     work = work_dir(cri_target)
     with cri.pod("direct", namespace="team-b") as pod:
         # Allowed to label users (the default roots), to no pod: refused as the container is created.
@@ -218,18 +237,22 @@ def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
 
 
 @pytest.fixture
-def runtime_class_node(tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage,
-                       binaries: Binaries) -> Iterator[Target]:
+def runtime_class_node(
+    tmp_path_factory: pytest.TempPathFactory, pause_image: OciImage, busybox_image: OciImage, binaries: Binaries
+) -> Iterator[Target]:
     """A node whose default stays the built-in overlayfs, with a runtime handler `addlower` (a
     RuntimeClass's handler) whose pods run on our snapshotter, pods' lowers on."""
     work = tmp_path_factory.mktemp("rtc")
     (work / "m2").mkdir()
     (work / "m2" / "which").write_text("m2\n")
     config = work / "config.toml"
-    config.write_text(f'[lowers.named]\nmaven = "{work / "m2"}"\n[kubernetes]\nenabled = true\n'
-                      f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n')
-    options = CriOptions(builtin=True, daemon_args=["--config", str(config)],
-                         runtime_snapshotters={RUNTIME_HANDLER: PLUGIN_NAME})
+    config.write_text(
+        f'[lowers.named]\nmaven = "{work / "m2"}"\n[kubernetes]\nenabled = true\n'
+        f'containerd_address = "{work / "containerd" / "containerd.sock"}"\n'
+    )
+    options = CriOptions(
+        builtin=True, daemon_args=["--config", str(config)], runtime_snapshotters={RUNTIME_HANDLER: PLUGIN_NAME}
+    )
     with running_cri_target(work, binaries, options) as t:
         for image in (pause_image, busybox_image):
             t.import_image(image, CRI_NAMESPACE)  # into the node's default, overlayfs
@@ -240,7 +263,8 @@ RUNTIME_HANDLER = "addlower"
 
 
 def test_only_pods_of_the_runtime_class_use_the_snapshotter(
-        runtime_class_node: Target, busybox_image: OciImage, tmp_path: Path, binaries: Binaries):
+    runtime_class_node: Target, busybox_image: OciImage, tmp_path: Path, binaries: Binaries
+):
     """containerd 1.7+ honours a runtime handler's snapshotter; 1.6 ignores it (all on the default)."""
     t = runtime_class_node
     scoped = binaries.version >= (1, 7)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from addlower.core.config import PLUGIN_NAME
-from addlower.dev.devcontainerd import Binaries, CtrError, PrivateContainerd
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
+from addlower.dev.devcontainerd import Binaries, CtrError, PrivateContainerd
 from addlower.dev.ociimage import OciImage
 from tests.support.daemon import Daemon
 
@@ -38,14 +38,22 @@ def ours(daemon: Daemon, containerd: PrivateContainerd, busybox_image: OciImage,
 
 def start(t: Target, image: OciImage, cid: str, namespace: str, lowers: str) -> None:
     """`ctr run -d --snapshotter-label <lowers label>=<lowers>` of a container that idles."""
-    t.containerd.run(image.ref, cid, "sleep", "3600", rm=False, namespace=namespace,
-                     options=["-d", "--snapshotter-label", f"{LOWERS}={lowers}"])
+    t.containerd.run(
+        image.ref,
+        cid,
+        "sleep",
+        "3600",
+        rm=False,
+        namespace=namespace,
+        options=["-d", "--snapshotter-label", f"{LOWERS}={lowers}"],
+    )
 
 
 def sh(t: Target, cid: str, script: str, namespace: str) -> str:
     """Run a shell script inside the running container, as `ctr tasks exec`."""
-    return t.ctr("tasks", "exec", "--exec-id", f"e{uuid.uuid4().hex[:8]}", cid, "sh", "-c", script,
-                 namespace=namespace).stdout
+    return t.ctr(
+        "tasks", "exec", "--exec-id", f"e{uuid.uuid4().hex[:8]}", cid, "sh", "-c", script, namespace=namespace
+    ).stdout
 
 
 def stop(t: Target, cid: str, namespace: str) -> None:
@@ -86,7 +94,8 @@ def test_the_originals_demo(ours: Target, busybox_image: OciImage, namespace: st
 
 
 def test_two_containers_sharing_a_lower_do_not_see_each_others_changes(
-        ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path) -> None:
+    ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path
+) -> None:
     cache = host_dir
     cache.mkdir()
     (cache / "dep.jar").write_text("v1\n")
@@ -102,12 +111,18 @@ def test_two_containers_sharing_a_lower_do_not_see_each_others_changes(
             stop(ours, cid, namespace)
 
 
-@pytest.mark.parametrize("value, says", [("{host}/x,upperdir=/etc", "character ','"),
-                                         ("/etc", "outside the allowed roots"),
-                                         ("{host}/link/x", "is a symlink or not a directory")],
-                         ids=["comma", "etc", "symlink"])
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("{host}/x,upperdir=/etc", "character ','"),
+        ("/etc", "outside the allowed roots"),
+        ("{host}/link/x", "is a symlink or not a directory"),
+    ],
+    ids=["comma", "etc", "symlink"],
+)
 def test_bad_label_fails_the_container_and_leaves_nothing(
-        ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path, value: str, says: str) -> None:
+    ours: Target, busybox_image: OciImage, namespace: str, host_dir: Path, value: str, says: str
+) -> None:
     host_dir.mkdir()
     (host_dir / "link").symlink_to("/etc")
     with pytest.raises(CtrError) as err:
@@ -122,13 +137,15 @@ def test_bad_label_fails_the_container_and_leaves_nothing(
 
 def ours_infos(t: Target, namespace: str) -> list[dict]:
     """What our daemon itself holds (not containerd's view): every snapshot's Info, as JSON."""
-    out = subprocess.run(["addlower", "ls", "--root-dir", str(t.daemon.root), "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["addlower", "ls", "--root-dir", str(t.daemon.root), "--json"], check=True, capture_output=True, text=True
+    ).stdout
     return [i for i in json.loads(out) if i["name"].startswith(f"{namespace}/")]
 
 
 def test_with_no_configuration_only_the_default_roots_are_allowed(
-        tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries) -> None:
+    tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries
+) -> None:
     """An empty config file is the defaults, as no file at all."""
     work = tmp_path_factory.mktemp("defaults")
     (work / "empty.toml").write_text("")
@@ -136,8 +153,15 @@ def test_with_no_configuration_only_the_default_roots_are_allowed(
         t.import_image(busybox_image, "ci")
         for path in ("/etc", "/var/lib/kubelet/pods/evil"):
             with pytest.raises(CtrError) as err:
-                t.containerd.run(busybox_image.ref, "read-host", "cat", "/shadow", namespace="ci",
-                                 snapshotter=PLUGIN_NAME, options=["--snapshotter-label", f"{LOWERS}={path}"])
+                t.containerd.run(
+                    busybox_image.ref,
+                    "read-host",
+                    "cat",
+                    "/shadow",
+                    namespace="ci",
+                    snapshotter=PLUGIN_NAME,
+                    options=["--snapshotter-label", f"{LOWERS}={path}"],
+                )
             assert "outside the allowed roots" in err.value.stderr and "lowers.allowed_roots" in err.value.stderr
         assert not Path("/var/lib/kubelet/pods/evil").exists()
 
@@ -149,24 +173,55 @@ def test_named_lower(tmp_path_factory: pytest.TempPathFactory, busybox_image: Oc
     (m2 / "settings.xml").write_text("<settings/>\n")
     config = work / "config.toml"
     gradle, npm = work / "gradle", work / "npm"  # neither there yet
-    config.write_text(f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\ngradle = "{gradle}"\n'
-                      f'npm = {{ path = "{npm}", create = true }}\n')
+    config.write_text(
+        f'[lowers]\nallowed_roots = []\n[lowers.named]\nmaven = "{m2}"\ngradle = "{gradle}"\n'
+        f'npm = {{ path = "{npm}", create = true }}\n'
+    )
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(busybox_image, "ci")
-        out = t.containerd.run(busybox_image.ref, "build", "sh", "-c", "cat /settings.xml", namespace="ci",
-                               snapshotter=PLUGIN_NAME, options=["--snapshotter-label", f"{LOWERS}=maven"])
+        out = t.containerd.run(
+            busybox_image.ref,
+            "build",
+            "sh",
+            "-c",
+            "cat /settings.xml",
+            namespace="ci",
+            snapshotter=PLUGIN_NAME,
+            options=["--snapshotter-label", f"{LOWERS}=maven"],
+        )
         assert out.stdout == "<settings/>\n"
         with pytest.raises(CtrError) as err:  # a path is refused: no allowed roots on this node
-            t.containerd.run(busybox_image.ref, "build2", "true", namespace="ci", snapshotter=PLUGIN_NAME,
-                             options=["--snapshotter-label", f"{LOWERS}={m2}"])
+            t.containerd.run(
+                busybox_image.ref,
+                "build2",
+                "true",
+                namespace="ci",
+                snapshotter=PLUGIN_NAME,
+                options=["--snapshotter-label", f"{LOWERS}={m2}"],
+            )
         assert "outside the allowed roots" in err.value.stderr
         with pytest.raises(CtrError) as err:  # a missing cache is no empty dir
-            t.containerd.run(busybox_image.ref, "build3", "true", namespace="ci", snapshotter=PLUGIN_NAME,
-                             options=["--snapshotter-label", f"{LOWERS}=gradle"])
+            t.containerd.run(
+                busybox_image.ref,
+                "build3",
+                "true",
+                namespace="ci",
+                snapshotter=PLUGIN_NAME,
+                options=["--snapshotter-label", f"{LOWERS}=gradle"],
+            )
         assert f"named lower 'gradle' ({gradle}): {gradle} does not exist; create = true" in err.value.stderr
         assert not gradle.exists()
-        t.containerd.run(busybox_image.ref, "build4", "ls", "/", namespace="ci", snapshotter=PLUGIN_NAME,
-                         options=["--snapshotter-label", f"{LOWERS}=npm"])
+        t.containerd.run(
+            busybox_image.ref,
+            "build4",
+            "ls",
+            "/",
+            namespace="ci",
+            snapshotter=PLUGIN_NAME,
+            options=["--snapshotter-label", f"{LOWERS}=npm"],
+        )
         assert npm.is_dir()
-        assert re.search(rf"named lower 'npm' \({npm}\) did not exist: made it, empty, for snapshot ci/\d+/build4",
-                         t.logs()["daemon log"])
+        assert re.search(
+            rf"named lower 'npm' \({npm}\) did not exist: made it, empty, for snapshot ci/\d+/build4",
+            t.logs()["daemon log"],
+        )

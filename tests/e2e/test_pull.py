@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from addlower.ops import install
 from addlower.core.config import PLUGIN_NAME
 from addlower.dev.devcontainerd import Binaries, CriSettings, PrivateContainerd
 from addlower.dev.ociimage import OciImage
+from addlower.ops import install
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon
 from tests.support.registry import Registry, push_oci_layout
@@ -29,8 +29,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 
 @pytest.fixture
-def node(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries, registry: Registry,
-         busybox_image: OciImage, pause_image: OciImage) -> Iterator[tuple[Target, str]]:
+def node(
+    tmp_path_factory: pytest.TempPathFactory,
+    binaries: Binaries,
+    registry: Registry,
+    busybox_image: OciImage,
+    pause_image: OciImage,
+) -> Iterator[tuple[Target, str]]:
     """Our daemon and a CRI containerd on overlayfs whose config the installer then pointed at it;
     the sandbox image and busybox are in the registry only. Yields the node and busybox's ref."""
     work = tmp_path_factory.mktemp("pull")
@@ -39,9 +44,13 @@ def node(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries, registry:
     daemon = Daemon(root=work / "snapshotter").start()
     try:
         cri = CriSettings(snapshotter="overlayfs", sandbox_image=pause, registries=[registry.host])
-        node = PrivateContainerd(work / "containerd", proxy_plugins={PLUGIN_NAME: daemon.socket}, cri=cri,
-                                 binaries=binaries, configure=lambda text: install.configure(
-                                     text, str(daemon.socket), str(daemon.root), binaries.version))
+        node = PrivateContainerd(
+            work / "containerd",
+            proxy_plugins={PLUGIN_NAME: daemon.socket},
+            cri=cri,
+            binaries=binaries,
+            configure=lambda text: install.configure(text, str(daemon.socket), str(daemon.root), binaries.version),
+        )
         with node:
             yield make_target(node, daemon), busybox
     finally:
@@ -49,7 +58,8 @@ def node(tmp_path_factory: pytest.TempPathFactory, binaries: Binaries, registry:
 
 
 def test_kubelets_pull_unpacks_into_the_snapshotter_and_pods_run_from_it(
-        node: tuple[Target, str], busybox_image: OciImage, tmp_path: Path):
+    node: tuple[Target, str], busybox_image: OciImage, tmp_path: Path
+):
     t, busybox = node
     cri = CriClient(t.containerd.address, log_root=tmp_path / "logs")
     try:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from addlower.engine import fsutil
 from addlower.core.config import PLUGIN_NAME
-from addlower.dev.devcontainerd import Binaries, CtrError
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.dev.devcontainerd import Binaries, CtrError
 from addlower.dev.ociimage import OciImage
+from addlower.engine import fsutil
 
 from .conftest import Target, running_target
 
@@ -33,18 +33,28 @@ def node(tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, bina
         (host / name / file).parent.mkdir(parents=True)
         (host / name / file).write_text(f"{name}\n")
     config = work / "config.toml"
-    config.write_text(f'[lowers]\nallowed_roots = ["{host}"]\n'
-                      f'max_host_mounts = {BUDGET}\n'
-                      f'[lowers.named]\nmaven = {{ path = "{host / "m2"}", target = "/root/.m2" }}\n'
-                      f'[kubernetes]\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n')
+    config.write_text(
+        f'[lowers]\nallowed_roots = ["{host}"]\n'
+        f"max_host_mounts = {BUDGET}\n"
+        f'[lowers.named]\nmaven = {{ path = "{host / "m2"}", target = "/root/.m2" }}\n'
+        f'[kubernetes]\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
+    )
     with running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]) as t:
         t.import_image(busybox_image, NS)
         yield t
 
 
 def run(t: Target, image: OciImage, cid: str, lowers: str, script: str) -> str:
-    return t.containerd.run(image.ref, cid, "sh", "-c", script, namespace=NS, snapshotter=PLUGIN_NAME,
-                            options=["--snapshotter-label", f"{LOWERS}={lowers}"]).stdout
+    return t.containerd.run(
+        image.ref,
+        cid,
+        "sh",
+        "-c",
+        script,
+        namespace=NS,
+        snapshotter=PLUGIN_NAME,
+        options=["--snapshotter-label", f"{LOWERS}={lowers}"],
+    ).stdout
 
 
 def host(t: Target) -> Path:
@@ -56,10 +66,13 @@ def honours_targets(binaries: Binaries) -> bool:
 
 
 def test_a_flat_cache_at_its_target_is_copy_on_write_and_the_image_keeps_its_modes(
-        node: Target, busybox_image: OciImage, binaries: Binaries):
+    node: Target, busybox_image: OciImage, binaries: Binaries
+):
     m2 = host(node) / "m2"
-    script = ("cat /root/.m2/repository/a.jar; echo mine > /root/.m2/repository/a.jar; touch /root/.m2/new; "
-              "cat /root/.m2/repository/a.jar; stat -c %a /root /tmp; ls /")
+    script = (
+        "cat /root/.m2/repository/a.jar; echo mine > /root/.m2/repository/a.jar; touch /root/.m2/new; "
+        "cat /root/.m2/repository/a.jar; stat -c %a /root /tmp; ls /"
+    )
     if not honours_targets(binaries):
         with pytest.raises(CtrError) as err:
             run(node, busybox_image, "m2", f"{m2}@/root/.m2", script)
@@ -91,8 +104,9 @@ def test_targets_that_nest_are_refused_naming_both_and_nothing_is_left(node: Tar
     m2, npm = host(node) / "m2", host(node) / "npm"
     with pytest.raises(CtrError) as err:
         run(node, busybox_image, "nest", f"{m2}@/root/.m2/repository:{npm}@/root", "true")
-    assert (f"entry '{m2}' at '/root/.m2/repository' lies inside entry '{npm}' at '/root': targets must not "
-            "nest") in err.value.stderr
+    assert (
+        f"entry '{m2}' at '/root/.m2/repository' lies inside entry '{npm}' at '/root': targets must not nest"
+    ) in err.value.stderr
     assert "nest" not in node.snapshots(NS)
 
 
@@ -102,15 +116,18 @@ def test_past_the_host_mount_budget_a_container_is_refused_naming_it(node: Targe
         d.mkdir(exist_ok=True)
     with pytest.raises(CtrError) as err:
         run(node, busybox_image, "over", ":".join(map(str, dirs)), "true")  # a pin each: 5 > 4
-    assert (f"lowers.max_host_mounts: this snapshot's extra lowers need {BUDGET + 1} host mounts (a pin per "
-            f"entry, a mount per target) and 0 of the node's budget of {BUDGET} are in use") in err.value.stderr
+    assert (
+        f"lowers.max_host_mounts: this snapshot's extra lowers need {BUDGET + 1} host mounts (a pin per "
+        f"entry, a mount per target) and 0 of the node's budget of {BUDGET} are in use"
+    ) in err.value.stderr
     assert "over" not in node.snapshots(NS)
     out = run(node, busybox_image, "within", ":".join(map(str, dirs[:BUDGET])), "echo ok")
     assert out.split() == ["ok"]
 
 
 def test_removing_the_containers_and_the_image_leaves_no_dir_and_no_mount(
-        node: Target, busybox_image: OciImage, binaries: Binaries):
+    node: Target, busybox_image: OciImage, binaries: Binaries
+):
     if honours_targets(binaries):
         run(node, busybox_image, "gone", f"maven:{host(node) / 'npm'}@/root/.npm", "true")
     node.ctr("images", "rm", "--sync", busybox_image.ref, namespace=NS)

@@ -21,14 +21,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from addlower.ops.client import SnapshotsClient
 from addlower.dev.mounting import mounted
+from addlower.ops.client import SnapshotsClient
 
 Op = Callable[[Path], None]
 
 # The label containerd's suite puts on every snapshot it creates (snapshots.WithLabels(opt)).
 GC_ROOT = {"containerd.io/gc.root": "2024-01-01T00:00:00Z"}
-
 
 
 # --- fstest appliers ---------------------------------------------------------------------------
@@ -132,9 +131,7 @@ def assert_same_tree(actual: Path, expected: Path) -> None:
     problems = [f"missing {p}: {want[p]!r}" for p in sorted(want.keys() - got.keys())]
     problems += [f"unexpected {p}: {got[p]!r}" for p in sorted(got.keys() - want.keys())]
     problems += [
-        f"differs {p}: got {got[p]!r}, want {want[p]!r}"
-        for p in sorted(got.keys() & want.keys())
-        if got[p] != want[p]
+        f"differs {p}: got {got[p]!r}, want {want[p]!r}" for p in sorted(got.keys() & want.keys()) if got[p] != want[p]
     ]
     assert not problems, f"{actual} != {expected}:\n" + "\n".join(problems)
 
@@ -167,8 +164,9 @@ def expect_code(code: grpc.StatusCode, call: Callable, *args, **kwargs) -> grpc.
     return info.value
 
 
-def create_snapshot(client: SnapshotsClient, work: Path, parent: str, *ops: Op,
-                    labels: Mapping[str, str] = GC_ROOT) -> str:
+def create_snapshot(
+    client: SnapshotsClient, work: Path, parent: str, *ops: Op, labels: Mapping[str, str] = GC_ROOT
+) -> str:
     """createSnapshot: Prepare on `parent`, apply `ops` through a real mount, unmount, Commit."""
     name = f"layer-{uuid.uuid4().hex[:12]}"
     key = f"{name}-prepare"

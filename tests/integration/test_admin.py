@@ -13,27 +13,31 @@ import json
 import os
 import re
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pytest
 from click.testing import CliRunner, Result
 
-from addlower.ops import admin
 from addlower.cli import admin as GROUP
+from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.mounts import Kind
 from addlower.engine.store import Info
-from addlower.core.config import PLUGIN_NAME
+from addlower.ops import admin
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
-
 CONTAINER = "default/42/container-" + "0123456789abcdef" * 4  # longer than any column
 CHAIN = {"base": ("", 64 * 1024), "middle": ("base", 256 * 1024), "top": ("middle", 8 * 1024)}
-KINDS = {"base": ("committed", "-"), "middle": ("committed", "base"), "top": ("committed", "middle"),
-         CONTAINER: ("active", "top"), "top-view": ("view", "top")}
+KINDS = {
+    "base": ("committed", "-"),
+    "middle": ("committed", "base"),
+    "top": ("committed", "middle"),
+    CONTAINER: ("active", "top"),
+    "top-view": ("view", "top"),
+}
 
 
 @dataclass
@@ -81,8 +85,9 @@ def _table(stdout: str, width: int | None = 80) -> tuple[list[str], dict[str, li
     """A table's header cells and its rows by their first cell (cells are 2+ spaces apart); each
     line at most `width` long (None: any)."""
     lines = stdout.splitlines()
-    assert width is None or all(len(line) <= width for line in lines), \
-        "\n".join(line for line in lines if len(line) > width)
+    assert width is None or all(len(line) <= width for line in lines), "\n".join(
+        line for line in lines if len(line) > width
+    )
     rows = [re.split(r" {2,}", line.strip()) for line in lines]
     return rows[0], {row[0]: row for row in rows[1:]}
 
@@ -216,7 +221,9 @@ def test_tree_draws_the_parent_chains(setup: Setup):
     top = root["children"][0]["children"][0]
     assert (root["name"], top["name"]) == ("base", "top")
     assert [(c["name"], c["kind"], c["children"]) for c in top["children"]] == [
-        (CONTAINER, "active", []), ("top-view", "view", [])]
+        (CONTAINER, "active", []),
+        ("top-view", "view", []),
+    ]
 
 
 def test_tree_roots_are_snapshots_without_parent(setup: Setup):
@@ -226,8 +233,10 @@ def test_tree_roots_are_snapshots_without_parent(setup: Setup):
 
 
 def test_a_deep_chain_still_fits_80_columns():
-    infos = [Info(f"layer-{i:03d}-" + "f" * 64, f"layer-{i - 1:03d}-" + "f" * 64 if i else "", Kind.COMMITTED, 0, 0)
-             for i in range(40)]
+    infos = [
+        Info(f"layer-{i:03d}-" + "f" * 64, f"layer-{i - 1:03d}-" + "f" * 64 if i else "", Kind.COMMITTED, 0, 0)
+        for i in range(40)
+    ]
     (root,) = admin.build_forest(infos)
     lines = admin.draw_tree(root, 80)
     assert len(lines) == 40 and all(len(line) <= 80 for line in lines), "\n".join(lines)
@@ -276,9 +285,15 @@ def test_cleanup_needs_the_daemon(setup: Setup):
 def _containerd_config(tmp_path: Path, socket: Path | None) -> Path:
     """A containerd config (version 2) whose proxy plugin `addlower` is at `socket` (None: none)."""
     path = tmp_path / "containerd.toml"
-    plugin = (f'[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{socket}"\n'
-              f'[proxy_plugins.addlower.exports]\n  root = "{socket.parent}"\n'
-              '[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "addlower"\n') if socket else ""
+    plugin = (
+        (
+            f'[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{socket}"\n'
+            f'[proxy_plugins.addlower.exports]\n  root = "{socket.parent}"\n'
+            '[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "addlower"\n'
+        )
+        if socket
+        else ""
+    )
     path.write_text(f"version = 2\n\n{plugin}")
     return path
 
@@ -286,8 +301,15 @@ def _containerd_config(tmp_path: Path, socket: Path | None) -> Path:
 def _doctor(setup: Setup, containerd_config: Path, code: int, *args: str) -> dict[str, str]:
     """Each check's lines (status, name, detail, hint), by the check's name. No containerd answers
     here (tests/e2e/test_doctor.py has real ones)."""
-    stdout = setup.run("doctor", "--containerd-config", str(containerd_config), "--containerd-address",
-                       str(containerd_config.parent / "no-containerd.sock"), *args, code=code).stdout
+    stdout = setup.run(
+        "doctor",
+        "--containerd-config",
+        str(containerd_config),
+        "--containerd-address",
+        str(containerd_config.parent / "no-containerd.sock"),
+        *args,
+        code=code,
+    ).stdout
     blocks = re.split(r"\n(?=\S)", stdout.strip())
     return {re.match(r"(?:PASS|FAIL|WARN|INFO)  (.+?): ", block)[1]: block for block in blocks}
 
@@ -312,16 +334,19 @@ def test_doctor_fails_cri_elsewhere_only_when_pod_lookups_are_on(setup: Setup, t
     plugin = f'version = 2\n[proxy_plugins.addlower]\n  type = "snapshot"\n  address = "{setup.daemon.socket}"\n'
     containerd.write_text(plugin)
     assert cri().startswith(
-        "INFO CRI snapshotter: CRI unpacks and runs pods on 'overlayfs', and no runtime handler names addlower")
+        "INFO CRI snapshotter: CRI unpacks and runs pods on 'overlayfs', and no runtime handler names addlower"
+    )
     pods = tmp_path / "pods.toml"
     pods.write_text("[kubernetes]\nenabled = true\n")
     with_pods = cri("--config", str(pods))
     assert with_pods.startswith("FAIL") and "kubernetes.enabled is on, yet no pod runs here" in with_pods
     assert 'set snapshotter = "addlower" in [plugins."io.containerd.grpc.v1.cri".containerd]' in with_pods
-    containerd.write_text(plugin + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.rc]\n'
-                                   '  snapshotter = "addlower"\n')
+    containerd.write_text(
+        plugin + '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.rc]\n  snapshotter = "addlower"\n'
+    )
     assert cri("--config", str(pods)).startswith(
-        "PASS CRI snapshotter: CRI runs pods on 'overlayfs', those of runtime handler rc")
+        "PASS CRI snapshotter: CRI runs pods on 'overlayfs', those of runtime handler rc"
+    )
 
 
 def test_doctor_fails_with_a_hint_when_the_socket_is_down(setup: Setup, tmp_path: Path):
@@ -362,8 +387,10 @@ def _digest(path: Path) -> str:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_ls_info_tree_du_read_the_store_when_the_daemon_is_down(setup: Setup, sig: int):
-    with_daemon = {cmd: setup.json(*cmd) for cmd in [("ls",), ("ls", "--filter", "kind==active"),
-                                                       ("info", CONTAINER), ("tree",), ("du",)]}
+    with_daemon = {
+        cmd: setup.json(*cmd)
+        for cmd in [("ls",), ("ls", "--filter", "kind==active"), ("info", CONTAINER), ("tree",), ("du",)]
+    }
     setup.daemon.stop(sig)
     db = setup.daemon.root / "metadata.db"
     digest = _digest(db)
@@ -378,8 +405,9 @@ def test_ls_info_tree_du_read_the_store_when_the_daemon_is_down(setup: Setup, si
 
 
 def test_reading_the_store_beside_a_live_daemon_does_not_block_it(setup: Setup, tmp_path: Path):
-    result = CliRunner().invoke(GROUP, ["ls", "--json", "--root-dir", str(setup.daemon.root),
-                                        "--address", str(tmp_path / "nobody.sock")])
+    result = CliRunner().invoke(
+        GROUP, ["ls", "--json", "--root-dir", str(setup.daemon.root), "--address", str(tmp_path / "nobody.sock")]
+    )
     assert result.exit_code == 0 and "read-only" in result.stderr
     assert {s["name"] for s in json.loads(result.stdout)} == set(KINDS)
     setup.client.prepare("after")  # the daemon still writes

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
+from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import (
     GC_ROOT,
     apply,
@@ -33,7 +34,6 @@ from tests.integration.layers import (
     mount_snapshot,
     remove_all,
 )
-from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 ACTIVE, VIEW, COMMITTED = pb.ACTIVE, pb.VIEW, pb.COMMITTED
@@ -68,10 +68,13 @@ def names(infos) -> list[str]:
 def test_basic(client: SnapshotsClient, work: Path):
     """checkSnapshotterBasic: prepare/commit/prepare/commit/view through real mounts; Stat, List
     and Remove agree, and a parent with a child cannot be removed."""
-    initial = [create_file("/foo", "foo\n", 0o777), create_dir("/a", 0o755),
-               create_dir("/a/b", 0o755), create_dir("/a/b/c", 0o755)]
-    diff = [create_file("/bar", "bar\n", 0o777), create_file("/foo", "bar\n", 0o777),
-            remove_all("/a/b")]
+    initial = [
+        create_file("/foo", "foo\n", 0o777),
+        create_dir("/a", 0o755),
+        create_dir("/a/b", 0o755),
+        create_dir("/a/b/c", 0o755),
+    ]
+    diff = [create_file("/bar", "bar\n", 0o777), create_file("/foo", "bar\n", 0o777), remove_all("/a/b")]
 
     mounts = client.prepare("preparing", "", GC_ROOT)
     assert mounts
@@ -187,8 +190,9 @@ def base_test_snapshots(client: SnapshotsClient) -> None:
 
 def update(client: SnapshotsClient, name: str, labels: dict, paths=None, parent: str = "doesnotexist"):
     """Update sending a whole Info (with a bogus parent, as the Go suite does) and an optional mask."""
-    req = pb.UpdateSnapshotRequest(snapshotter=client.snapshotter,
-                                   info=pb.Info(name=name, parent=parent, labels=labels))
+    req = pb.UpdateSnapshotRequest(
+        snapshotter=client.snapshotter, info=pb.Info(name=name, parent=parent, labels=labels)
+    )
     if paths is not None:
         req.update_mask.paths.extend(paths)
     return client.stub.Update(req).info
@@ -232,8 +236,11 @@ def test_update(client: SnapshotsClient):
 def test_update_masks_keys_with_dots_and_slashes(client: SnapshotsClient):
     """A mask path `labels.<key>` takes the rest of the path as the key, dots and slashes included."""
     client.prepare("a", "", {"containerd.io/gc.root": "x", "keep": "1"})
-    got = client.update("a", {"containerd.io/snapshot.ref": "sha256:abc"},
-                        ["labels.containerd.io/snapshot.ref", "labels.containerd.io/gc.root"])
+    got = client.update(
+        "a",
+        {"containerd.io/snapshot.ref": "sha256:abc"},
+        ["labels.containerd.io/snapshot.ref", "labels.containerd.io/gc.root"],
+    )
     assert dict(got.labels) == {"keep": "1", "containerd.io/snapshot.ref": "sha256:abc"}
 
 
@@ -409,11 +416,17 @@ def test_stat_in_walk(client: SnapshotsClient, work: Path):
 def test_layer_file_update(client: SnapshotsClient, work: Path):
     """checkLayerFileUpdate (docker#21555): a file rewritten in an upper layer shows the new
     content and mode; run a few times across second boundaries, as the Go suite does."""
-    l1 = [create_dir("/etc", 0o700), create_file("/etc/hosts", "mydomain 10.0.0.1", 0o644),
-          create_file("/etc/profile", "PATH=/usr/bin", 0o644)]
-    l2 = [create_file("/etc/hosts", "mydomain 10.0.0.2", 0o644),
-          create_file("/etc/profile", "PATH=/usr/bin", 0o666),
-          create_dir("/root", 0o700), create_file("/root/.bashrc", "PATH=/usr/sbin:/usr/bin", 0o644)]
+    l1 = [
+        create_dir("/etc", 0o700),
+        create_file("/etc/hosts", "mydomain 10.0.0.1", 0o644),
+        create_file("/etc/profile", "PATH=/usr/bin", 0o644),
+    ]
+    l2 = [
+        create_file("/etc/hosts", "mydomain 10.0.0.2", 0o644),
+        create_file("/etc/profile", "PATH=/usr/bin", 0o666),
+        create_dir("/root", 0o700),
+        create_file("/root/.bashrc", "PATH=/usr/sbin:/usr/bin", 0o644),
+    ]
     for i in range(3):
         check_snapshots(client, work / f"run{i}", l1, l2)
         time.sleep(1 - time.time() % 1)
@@ -423,7 +436,8 @@ def test_remove_directory_in_lower_layer(client: SnapshotsClient, work: Path):
     """checkRemoveDirectoryInLowerLayer (docker#25244): a directory removed and recreated in an
     upper layer hides the lower one's files (opaque dir), also one layer further up."""
     check_snapshots(
-        client, work,
+        client,
+        work,
         [create_dir("/lib", 0o700), create_file("/lib/hidden", "", 0o644)],
         [remove_all("/lib"), create_dir("/lib", 0o700), create_file("/lib/not-hidden", "", 0o644)],
         [create_file("/lib/newfile", "", 0o644)],
@@ -434,11 +448,15 @@ def test_chown(client: SnapshotsClient, work: Path):
     """checkChown (docker#20240, #24913, #28391): ownership changed in an upper layer sticks for
     directories and files."""
     check_snapshots(
-        client, work,
-        [create_dir("/opt", 0o700), create_dir("/opt/a", 0o700), create_dir("/opt/a/b", 0o700),
-         create_file("/opt/a/b/file.txt", "hello", 0o644)],
-        [chown("/opt", 1, 1), chown("/opt/a", 1, 1), chown("/opt/a/b", 1, 1),
-         chown("/opt/a/b/file.txt", 1, 1)],
+        client,
+        work,
+        [
+            create_dir("/opt", 0o700),
+            create_dir("/opt/a", 0o700),
+            create_dir("/opt/a/b", 0o700),
+            create_file("/opt/a/b/file.txt", "hello", 0o644),
+        ],
+        [chown("/opt", 1, 1), chown("/opt/a", 1, 1), chown("/opt/a/b", 1, 1), chown("/opt/a/b/file.txt", 1, 1)],
     )
 
 
@@ -446,15 +464,30 @@ def test_directory_permission_on_commit(client: SnapshotsClient, work: Path):
     """checkDirectoryPermissionOnCommit (docker#27298): owners and modes of directories survive
     commit, removal and re-creation across three layers."""
     check_snapshots(
-        client, work,
-        [create_dir("/dir1", 0o700), create_dir("/dir2", 0o700), create_dir("/dir3", 0o700),
-         create_dir("/dir4", 0o700), create_file("/dir4/f1", "...", 0o644),
-         create_dir("/dir5", 0o700), create_file("/dir5/f1", "...", 0o644),
-         chown("/dir1", 1, 1), chown("/dir2", 1, 1), chown("/dir3", 1, 1), chown("/dir5", 1, 1),
-         chown("/dir5/f1", 1, 1)],
+        client,
+        work,
+        [
+            create_dir("/dir1", 0o700),
+            create_dir("/dir2", 0o700),
+            create_dir("/dir3", 0o700),
+            create_dir("/dir4", 0o700),
+            create_file("/dir4/f1", "...", 0o644),
+            create_dir("/dir5", 0o700),
+            create_file("/dir5/f1", "...", 0o644),
+            chown("/dir1", 1, 1),
+            chown("/dir2", 1, 1),
+            chown("/dir3", 1, 1),
+            chown("/dir5", 1, 1),
+            chown("/dir5/f1", 1, 1),
+        ],
         [chown("/dir2", 0, 0), remove_all("/dir3"), chown("/dir4", 1, 1), chown("/dir4/f1", 1, 1)],
-        [create_dir("/dir3", 0o700), chown("/dir3", 1, 1), remove_all("/dir5"),
-         create_dir("/dir5", 0o700), chown("/dir5", 1, 1)],
+        [
+            create_dir("/dir3", 0o700),
+            chown("/dir3", 1, 1),
+            remove_all("/dir5"),
+            create_dir("/dir5", 0o700),
+            chown("/dir5", 1, 1),
+        ],
     )
 
 
@@ -462,7 +495,8 @@ def test_deleted_files_in_child_snapshot(client: SnapshotsClient, work: Path):
     """checkDeletedFilesInChildSnapshot: a file deleted in a child stays deleted (whiteout) in
     the child's view and in an empty grandchild's."""
     check_snapshots(
-        client, work,
+        client,
+        work,
         [create_file("/foo", "foo\n", 0o777), create_file("/foobar", "foobar\n", 0o777)],
         [remove_all("/foobar")],
         [],
@@ -473,11 +507,21 @@ def test_move_file_from_lower_layer(client: SnapshotsClient, work: Path):
     """checkFileFromLowerLayer: a file hard-linked to a new place and removed from its lower
     directory, and a whole lower directory removed, come out right."""
     check_snapshots(
-        client, work,
-        [create_dir("/dir1", 0o700), create_file("/dir1/f1", "Hello", 0o644),
-         create_dir("dir2", 0o700), create_file("dir2/f2", "...", 0o644)],
-        [create_dir("/dir3", 0o700), create_file("/dir3/f1", "Hello", 0o644), remove_all("/dir1"),
-         link("dir2/f2", "dir3/f2"), remove_all("dir2/f2")],
+        client,
+        work,
+        [
+            create_dir("/dir1", 0o700),
+            create_file("/dir1/f1", "Hello", 0o644),
+            create_dir("dir2", 0o700),
+            create_file("dir2/f2", "...", 0o644),
+        ],
+        [
+            create_dir("/dir3", 0o700),
+            create_file("/dir3/f1", "Hello", 0o644),
+            remove_all("/dir1"),
+            link("dir2/f2", "dir3/f2"),
+            remove_all("dir2/f2"),
+        ],
     )
 
 
@@ -544,15 +588,25 @@ def test_128_layers_mount(client: SnapshotsClient, work: Path):
     """check128LayersMount: 128 committed layers (each rewriting /overwriteme, adding
     /addhere/file-N and replacing /onlyme) mount correctly at every step; a View and an active
     snapshot on top of all 128 see the flattened result (128 lowerdirs, compacted past a page)."""
-    layers = [[create_file("/bottom", "way at the bottom\n", 0o777),
-               create_file("/overwriteme", "FIRST!\n", 0o777),
-               create_dir("/addhere", 0o755), create_dir("/onlyme", 0o755),
-               create_file("/onlyme/bottom", "bye!\n", 0o777)]]
+    layers = [
+        [
+            create_file("/bottom", "way at the bottom\n", 0o777),
+            create_file("/overwriteme", "FIRST!\n", 0o777),
+            create_dir("/addhere", 0o755),
+            create_dir("/onlyme", 0o755),
+            create_file("/onlyme/bottom", "bye!\n", 0o777),
+        ]
+    ]
     for i in range(1, 128):
-        layers.append([create_file("/overwriteme", f"{i} WAS HERE!\n", 0o777),
-                       create_file(f"/addhere/file-{i}", "same\n", 0o755),
-                       remove_all("/onlyme"), create_dir("/onlyme", 0o755),
-                       create_file(f"/onlyme/file-{i}", "only me!\n", 0o777)])
+        layers.append(
+            [
+                create_file("/overwriteme", f"{i} WAS HERE!\n", 0o777),
+                create_file(f"/addhere/file-{i}", "same\n", 0o755),
+                remove_all("/onlyme"),
+                create_dir("/onlyme", 0o755),
+                create_file(f"/onlyme/file-{i}", "only me!\n", 0o777),
+            ]
+        )
 
     flat = work / "flat"
     flat.mkdir()

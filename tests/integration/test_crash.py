@@ -88,8 +88,7 @@ def test_kill_9_at_random_points_leaves_a_consistent_store(tmp_path: Path, mode:
         stop = threading.Event()
         with d.channel() as ch:
             client = SnapshotsClient(ch)
-            workers = [threading.Thread(target=workload, args=(client, acked, stop, round_ * 10 + w))
-                       for w in range(2)]
+            workers = [threading.Thread(target=workload, args=(client, acked, stop, round_ * 10 + w)) for w in range(2)]
             for w in workers:
                 w.start()
             time.sleep(rng.uniform(0.05, 0.4))
@@ -156,13 +155,15 @@ def read_db(root: Path) -> tuple[dict[str, tuple[int, Kind, str, dict]], int]:
     the last id handed out (sqlite_sequence)."""
     db = sqlite3.connect(f"file:{root / 'metadata.db'}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT s.id, s.key, s.kind, p.key, s.labels FROM snapshots s"
-                          " LEFT JOIN snapshots p ON p.id = s.parent_id").fetchall()
+        rows = db.execute(
+            "SELECT s.id, s.key, s.kind, p.key, s.labels FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
+        ).fetchall()
         seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'").fetchone()
     finally:
         db.close()
-    return {key: (sid, Kind(kind), parent or "", json.loads(labels)) for sid, key, kind, parent, labels in rows}, \
-        (seq[0] if seq else 0)
+    return {key: (sid, Kind(kind), parent or "", json.loads(labels)) for sid, key, kind, parent, labels in rows}, (
+        seq[0] if seq else 0
+    )
 
 
 def live_ids(root: Path) -> set[int]:
@@ -173,12 +174,15 @@ def pin_problems(root: Path, live: set[int]) -> list[str]:
     """Pin dirs under <root>/lowers, and bind mounts under it (/proc/self/mountinfo: the daemon
     shares our mount namespace), that belong to no live snapshot."""
     lowers = root / "lowers"
-    problems = [f"pin dir lowers/{e} belongs to no live snapshot"
-                for e in (os.listdir(lowers) if lowers.is_dir() else []) if not (e.isdigit() and int(e) in live)]
+    problems = [
+        f"pin dir lowers/{e} belongs to no live snapshot"
+        for e in (os.listdir(lowers) if lowers.is_dir() else [])
+        if not (e.isdigit() and int(e) in live)
+    ]
     prefix = f"{lowers}/"
     for m in fsutil.mount_points():
         if m.startswith(prefix):
-            sid = m[len(prefix):].split("/")[0]
+            sid = m[len(prefix) :].split("/")[0]
             if not (sid.isdigit() and int(sid) in live):
                 problems.append(f"bind mount {m} is left for snapshot {sid}, which is gone")
     return problems
@@ -197,10 +201,12 @@ def log_tail(d: Daemon, lines: int = 40) -> str:
     return "\n".join(d.log().splitlines()[-lines:])
 
 
-@pytest.mark.parametrize("mode, order", [("async", "restart-first"), ("sync", "restart-first"),
-                                         ("sync", "remove-first")])
+@pytest.mark.parametrize(
+    "mode, order", [("async", "restart-first"), ("sync", "restart-first"), ("sync", "remove-first")]
+)
 def test_restart_after_a_create_killed_between_rename_and_commit_keeps_serving(
-        tmp_path: Path, mode: str, order: str, reaper: list[Daemon]):
+    tmp_path: Path, mode: str, order: str, reaper: list[Daemon]
+):
     """The disk exactly as a kill -9 between a create's rename to snapshots/<id> and its COMMIT
     leaves it: the dir of the id after the last one, with no row. Start-up sets it aside; a later
     create must not get that id again: a restart before any Cleanup must come back serving with
@@ -214,8 +220,10 @@ def test_restart_after_a_create_killed_between_rename_and_commit_keeps_serving(
         reaper.append(d)
         failure = start_failure(d)
         if failure:
-            pytest.fail(f"{where} the daemon did not come back {what} (snapshots/ holds "
-                        f"{sorted(os.listdir(root / 'snapshots'))}):\n{failure}")
+            pytest.fail(
+                f"{where} the daemon did not come back {what} (snapshots/ holds "
+                f"{sorted(os.listdir(root / 'snapshots'))}):\n{failure}"
+            )
         return d
 
     d = start("at first")
@@ -273,8 +281,10 @@ def remove_and_clean_up(client: SnapshotsClient, root: Path, before: dict, where
     try:
         client.remove("new-active")
     except grpc.RpcError as exc:
-        pytest.fail(f"{where} Remove of the snapshot made after the set-aside dir failed: {exc.code()} "
-                    f"{exc.details()} (snapshots/ holds {sorted(os.listdir(root / 'snapshots'))})")
+        pytest.fail(
+            f"{where} Remove of the snapshot made after the set-aside dir failed: {exc.code()} "
+            f"{exc.details()} (snapshots/ holds {sorted(os.listdir(root / 'snapshots'))})"
+        )
     with pytest.raises(grpc.RpcError) as gone:
         client.stat("new-active")
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
@@ -316,8 +326,11 @@ class Model:
 
     def owned(self, owner: str) -> list[tuple[str, Snap]]:
         with self.lock:
-            return [(k, s) for k, s in self.known.items()
-                    if s is not None and k not in self.unsure and k.split(".")[0] == owner]
+            return [
+                (k, s)
+                for k, s in self.known.items()
+                if s is not None and k not in self.unsure and k.split(".")[0] == owner
+            ]
 
     def committed(self) -> list[str]:
         with self.lock:
@@ -325,8 +338,9 @@ class Model:
 
     def acked_commits(self) -> set[str]:
         with self.lock:
-            return {k for k, s in self.known.items()
-                    if s is not None and s.kind == Kind.COMMITTED and k not in self.unsure}
+            return {
+                k for k, s in self.known.items() if s is not None and s.kind == Kind.COMMITTED and k not in self.unsure
+            }
 
     def reconcile(self, rows: dict[str, tuple[int, Kind, str, dict]]) -> list[str]:
         """What the store holds against what was acknowledged; then the unsure keys take what the
@@ -341,13 +355,21 @@ class Model:
                     problems.append(f"{key}: its removal (or commit) was acknowledged, yet it is there: {row}")
                 elif snap is not None and row is None:
                     problems.append(f"{key}: acknowledged {snap.kind.label} snapshot is gone")
-                elif snap is not None and row is not None and (row[1], row[2], row[3]) != \
-                        (snap.kind, snap.parent, snap.labels):
-                    problems.append(f"{key}: acknowledged as {snap.kind.label} on {snap.parent!r} with "
-                                    f"{snap.labels}, the store says {row[1].label} on {row[2]!r} with {row[3]}")
+                elif (
+                    snap is not None
+                    and row is not None
+                    and (row[1], row[2], row[3]) != (snap.kind, snap.parent, snap.labels)
+                ):
+                    problems.append(
+                        f"{key}: acknowledged as {snap.kind.label} on {snap.parent!r} with "
+                        f"{snap.labels}, the store says {row[1].label} on {row[2]!r} with {row[3]}"
+                    )
             problems += [f"{key}: in the store, never asked for" for key in rows if key not in self.known]
-            problems += [f"commit of {key} as {name} killed: neither is in the store"
-                         for key, name in self.commits_in_flight if key not in rows and name not in rows]
+            problems += [
+                f"commit of {key} as {name} killed: neither is in the store"
+                for key, name in self.commits_in_flight
+                if key not in rows and name not in rows
+            ]
             for key in self.unsure:
                 row = rows.get(key)
                 self.known[key] = None if row is None else Snap(row[1], row[2], row[3])
@@ -363,8 +385,19 @@ class Workload:
 
     OPS = ("prepare", "view", "commit", "remove", "update", "mounts", "usage", "cleanup")
 
-    def __init__(self, client: SnapshotsClient, model: Model, host: list[Path], made: Path, killed: threading.Event,
-                 counts: Counter, problems: list[str], owner: str, tag: str, rng: random.Random):
+    def __init__(
+        self,
+        client: SnapshotsClient,
+        model: Model,
+        host: list[Path],
+        made: Path,
+        killed: threading.Event,
+        counts: Counter,
+        problems: list[str],
+        owner: str,
+        tag: str,
+        rng: random.Random,
+    ):
         self.client, self.model, self.host, self.made = client, model, host, made
         self.killed, self.counts, self.problems = killed, counts, problems
         self.owner, self.tag, self.rng, self.n = owner, tag, rng, 0
@@ -384,8 +417,16 @@ class Workload:
 
     def step(self, ops: tuple[str, ...] = OPS) -> None:
         mine = self.model.owned(self.owner)
-        weights = {"prepare": 20, "view": 8, "commit": 14, "remove": 8 + 4 * max(0, len(mine) - 8), "update": 10,
-                   "mounts": 20, "usage": 8, "cleanup": self.cleanups}
+        weights = {
+            "prepare": 20,
+            "view": 8,
+            "commit": 14,
+            "remove": 8 + 4 * max(0, len(mine) - 8),
+            "update": 10,
+            "mounts": 20,
+            "usage": 8,
+            "cleanup": self.cleanups,
+        }
         getattr(self, rng_pick(self.rng, {op: weights[op] for op in ops}))(mine)
 
     def _lowers_value(self) -> str:
@@ -394,8 +435,14 @@ class Workload:
             picks.append(self.made / f"{self.owner}-{self.tag}-{self.n}")
         return ":".join(map(str, picks))
 
-    def _call(self, op: str, touched: dict[str, Snap | None], call: Callable[[], object],
-              tolerated: tuple[grpc.StatusCode, ...] = (), commit: tuple[str, str] | None = None) -> object:
+    def _call(
+        self,
+        op: str,
+        touched: dict[str, Snap | None],
+        call: Callable[[], object],
+        tolerated: tuple[grpc.StatusCode, ...] = (),
+        commit: tuple[str, str] | None = None,
+    ) -> object:
         with self.model.lock:
             for key in touched:
                 self.model.known.setdefault(key, None)  # a new key: none until acknowledged
@@ -412,8 +459,9 @@ class Workload:
                 self.model.commits_in_flight.discard(commit)  # type: ignore[arg-type]
                 self.counts[f"{op} answered {exc.code().name}"] += 1
                 if exc.code() not in tolerated:
-                    self.problems.append(f"{op} {sorted(touched) or ''} by {self.owner}: {exc.code().name} "
-                                         f"{exc.details()}")
+                    self.problems.append(
+                        f"{op} {sorted(touched) or ''} by {self.owner}: {exc.code().name} {exc.details()}"
+                    )
             return None
         with self.model.lock:
             self.model.known.update(touched)
@@ -435,8 +483,12 @@ class Workload:
         if self.rng.random() < 0.3:
             labels["u"] = "0"
         call = self.client.prepare if kind == Kind.ACTIVE else self.client.view
-        self._call(kind.label if kind == Kind.VIEW else "prepare", {key: Snap(kind, parent, labels)},
-                   lambda: call(key, parent, labels), (Code.NOT_FOUND,) if parent else ())
+        self._call(
+            kind.label if kind == Kind.VIEW else "prepare",
+            {key: Snap(kind, parent, labels)},
+            lambda: call(key, parent, labels),
+            (Code.NOT_FOUND,) if parent else (),
+        )
 
     def prepare(self, mine: list[tuple[str, Snap]]) -> None:
         self._create(Kind.ACTIVE)
@@ -450,8 +502,12 @@ class Workload:
             return self.prepare(mine)
         key, snap = self.rng.choice(actives)
         name, labels = f"{key}c", ({"c": "1"} if self.rng.random() < 0.5 else {})
-        self._call("commit", {key: None, name: Snap(Kind.COMMITTED, snap.parent, labels)},
-                   lambda: self.client.commit(name, key, labels), commit=(key, name))
+        self._call(
+            "commit",
+            {key: None, name: Snap(Kind.COMMITTED, snap.parent, labels)},
+            lambda: self.client.commit(name, key, labels),
+            commit=(key, name),
+        )
 
     def remove(self, mine: list[tuple[str, Snap]]) -> None:
         if not mine:
@@ -470,8 +526,11 @@ class Workload:
         if value is not None:
             labels[label] = value
         sent = {label: value} if value is not None else {}
-        self._call("update", {key: Snap(snap.kind, snap.parent, labels)},
-                   lambda: self.client.update(key, sent, [f"labels.{label}"]))
+        self._call(
+            "update",
+            {key: Snap(snap.kind, snap.parent, labels)},
+            lambda: self.client.update(key, sent, [f"labels.{label}"]),
+        )
 
     def mounts(self, mine: list[tuple[str, Snap]]) -> None:
         mountable = [(k, s) for k, s in mine if s.kind != Kind.COMMITTED]
@@ -480,8 +539,11 @@ class Workload:
             return self.prepare(mine)
         key, snap = self.rng.choice(pinned if pinned and self.rng.random() < 0.7 else mountable)
         mounts = self._call("mounts", {}, lambda: self.client.mounts(key))
-        if mounts is not None and snap.labels.get(LOWERS) and \
-                not any("/lowers/" in o for m in mounts for o in m.options):  # type: ignore[attr-defined]
+        if (
+            mounts is not None
+            and snap.labels.get(LOWERS)
+            and not any("/lowers/" in o for m in mounts for o in m.options)
+        ):  # type: ignore[attr-defined]
             with self.model.lock:
                 self.problems.append(f"mounts of {key} (lowers {snap.labels[LOWERS]}) have no pin: {mounts}")
 
@@ -501,8 +563,7 @@ def rng_pick(rng: random.Random, weights: dict[str, int]) -> str:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: Path, mode: str,
-                                                                     reaper: list[Daemon]):
+def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: Path, mode: str, reaper: list[Daemon]):
     """Three clients call every operation (Prepare with and without a parent, View, Commit,
     Remove, Update, Mounts that pin extra lowers, Usage, Cleanup) until a kill -9 at a random
     instant; between the kills, sometimes plain restarts (SIGTERM, no Cleanup), some after a few
@@ -524,8 +585,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
     set_aside: set[int] = set()  # ids of the snapshot dirs start-up set aside: never to be live
 
     def where() -> str:
-        return (f"seed={seed} mode={mode} round={at['round']}/{KILL_ROUNDS} ({at['phase']}); "
-                f"kills={counts['kills']} restarts={counts['restarts']} counts={dict(sorted(counts.items()))}")
+        return (
+            f"seed={seed} mode={mode} round={at['round']}/{KILL_ROUNDS} ({at['phase']}); "
+            f"kills={counts['kills']} restarts={counts['restarts']} counts={dict(sorted(counts.items()))}"
+        )
 
     def start(phase: str) -> Daemon:
         at["phase"] = phase
@@ -534,8 +597,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
         offset = d.log_path.stat().st_size if d.log_path.exists() else 0
         failure = start_failure(d)
         if failure:
-            pytest.fail(f"{where()}: the daemon did not come back (snapshots/ holds "
-                        f"{sorted(os.listdir(root / 'snapshots'))}):\n{failure}")
+            pytest.fail(
+                f"{where()}: the daemon did not come back (snapshots/ holds "
+                f"{sorted(os.listdir(root / 'snapshots'))}):\n{failure}"
+            )
         counts["starts"] += 1
         with open(d.log_path, "rb") as f:
             f.seek(offset)
@@ -568,9 +633,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
         rows, _ = read_db(root)
         live = {row[0] for row in rows.values()}
         entries = set(os.listdir(root / "snapshots"))
-        assert entries == {str(i) for i in live}, \
-            f"{where()}: after Cleanup, snapshots/ holds {sorted(entries - {str(i) for i in live})} of no " \
+        assert entries == {str(i) for i in live}, (
+            f"{where()}: after Cleanup, snapshots/ holds {sorted(entries - {str(i) for i in live})} of no "
             f"live snapshot and lacks {sorted({str(i) for i in live} - entries)}\n{log_tail(d)}"
+        )
         pins = pin_problems(root, live)
         assert not pins, f"{where()}: after Cleanup: " + "\n".join(pins) + f"\n{log_tail(d)}"
         committed = {row[0] for row in rows.values() if row[1] == Kind.COMMITTED}
@@ -578,8 +644,9 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
         assert not kept, f"{where()}: after Cleanup, committed snapshots {kept} keep their pins\n{log_tail(d)}"
 
     def workload(client: SnapshotsClient, killed: threading.Event, owner: str, tag: str) -> Workload:
-        return Workload(client, model, host, allowed / "made", killed, counts, problems, owner, tag,
-                        random.Random(rng.random()))
+        return Workload(
+            client, model, host, allowed / "made", killed, counts, problems, owner, tag, random.Random(rng.random())
+        )
 
     t0 = time.monotonic()
     for round_ in range(KILL_ROUNDS):
@@ -591,8 +658,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
                 clean_up(client, d)
             at["phase"] = "workload"
             killed = threading.Event()
-            workers = [threading.Thread(target=workload(client, killed, f"w{w}", f"r{round_}").run, daemon=True)
-                       for w in range(WORKERS)]
+            workers = [
+                threading.Thread(target=workload(client, killed, f"w{w}", f"r{round_}").run, daemon=True)
+                for w in range(WORKERS)
+            ]
             try:
                 for w in workers:
                     w.start()
@@ -613,8 +682,9 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
                 d = start(f"plain restart {k + 1}")
                 if rng.random() < 0.6:  # a few creates: they take the next ids
                     with d.channel() as ch:
-                        w = workload(SnapshotsClient(ch), threading.Event(), f"w{rng.randrange(WORKERS)}",
-                                     f"x{round_}.{k}")
+                        w = workload(
+                            SnapshotsClient(ch), threading.Event(), f"w{rng.randrange(WORKERS)}", f"x{round_}.{k}"
+                        )
                         for _ in range(rng.randint(1, 4)):
                             w.step(("prepare", "prepare", "view", "mounts", "commit"))
                     assert not problems, f"{where()}: unexpected answers:\n" + "\n".join(problems[:20])
@@ -630,8 +700,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
     log = d.log()
     counts["cleanup errors logged"] = log.count("cleanup could not remove")
     counts["error lines logged"] = log.count("level=error")
-    print(f"\nkill loop [{mode}] seed={seed}: {KILL_ROUNDS} rounds in {time.monotonic() - t0:.1f}s, "
-          f"kills={counts['kills']} restarts={counts['restarts']} starts={counts['starts']}, "
-          f"{len(acked)} commits kept; counts: {dict(sorted(counts.items()))}")
+    print(
+        f"\nkill loop [{mode}] seed={seed}: {KILL_ROUNDS} rounds in {time.monotonic() - t0:.1f}s, "
+        f"kills={counts['kills']} restarts={counts['restarts']} starts={counts['starts']}, "
+        f"{len(acked)} commits kept; counts: {dict(sorted(counts.items()))}"
+    )
     assert acked and counts["mounts"] and counts["remove"], f"{where()}: the workload did too little"
     assert counts["cleanup errors logged"] == 0, f"{where()}: a Cleanup logged a false error\n{log_tail(d)}"

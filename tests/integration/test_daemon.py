@@ -28,7 +28,7 @@ def run_cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
 def test_socket_is_created_with_mode_0660_and_startup_line_names_everything(daemon: Daemon):
     mode = stat.S_IMODE(os.stat(daemon.socket).st_mode)
     assert mode == 0o660
-    line = next(l for l in daemon.log().splitlines() if "serving" in l)
+    line = next(entry for entry in daemon.log().splitlines() if "serving" in entry)
     for part in ("msg=serving version=0.", f"root={daemon.root}", f"socket={daemon.socket}", "async_remove=True"):
         assert part in line
 
@@ -119,8 +119,11 @@ def test_read_only_root_is_refused(tmp_path: Path):
 
 def test_address_flag_moves_the_socket(tmp_path: Path):
     sock = tmp_path / "elsewhere" / "snap.sock"
-    proc = subprocess.Popen([*CMD, "--root-dir", str(tmp_path / "root"), "--address", str(sock)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CMD, "--root-dir", str(tmp_path / "root"), "--address", str(sock)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with grpc.insecure_channel(f"unix://{sock}") as ch:
             grpc.channel_ready_future(ch).result(timeout=15)
@@ -157,8 +160,9 @@ def test_version_and_help():
 
 def test_admin_serve_runs_the_same_daemon(tmp_path: Path):
     root = tmp_path / "root"
-    proc = subprocess.Popen(["addlower", "serve", "--root-dir", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["addlower", "serve", "--root-dir", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         with grpc.insecure_channel(f"unix://{root}/grpc.socks") as ch:
             grpc.channel_ready_future(ch).result(timeout=15)
@@ -174,8 +178,9 @@ def test_readiness_is_sent_to_systemd_when_asked(tmp_path: Path):
     notify.bind(str(tmp_path / "notify"))
     notify.settimeout(15)
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
-    proc = subprocess.Popen([*CMD, "--root-dir", str(tmp_path / "root")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CMD, "--root-dir", str(tmp_path / "root")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         assert notify.recv(100) == b"READY=1"
         assert (tmp_path / "root" / "grpc.socks").exists()  # ready means listening

@@ -39,8 +39,10 @@ def found(upper: Path, *lowers: Path) -> list[tuple[str, str]]:
 
 def test_the_walking_differs_rules_from_the_upper_dir_and_the_merged_parent(tmp_path: Path):
     base, top, up = tmp_path / "base", tmp_path / "top", tmp_path / "up"
-    tree(base, {"etc/conf": "a", "etc/same": "s", "d/x": "x", "d/sub/y": "y", "gone/z": "z", "hidden/h": "h",
-                "o/old": "o"})
+    tree(
+        base,
+        {"etc/conf": "a", "etc/same": "s", "d/x": "x", "d/sub/y": "y", "gone/z": "z", "hidden/h": "h", "o/old": "o"},
+    )
     tree(top, {"etc/conf": "b", "o/kept-by-top": "k"})
     whiteout(top / "hidden")  # the parent itself deleted it
     opaque(top / "o")  # and made o opaque: base's o/old is not in the parent
@@ -52,11 +54,17 @@ def test_the_walking_differs_rules_from_the_upper_dir_and_the_merged_parent(tmp_
     opaque(up / "d")  # rm -r d; mkdir d: every parent entry of d it lacks is deleted
     opaque(up / "o")  # hides top's o/kept-by-top; base's o/old is hidden by top's own opaque o already
     assert found(up, top, base) == [
-        ("ADD", "d/new"), ("DELETE", "d/sub"), ("DELETE", "d/x"),  # opaque d: what the parent had, deleted
-        ("MODIFY", "etc/conf"), ("ADD", "etc/new"),  # etc/same was copied up unchanged: the same file
+        ("ADD", "d/new"),
+        ("DELETE", "d/sub"),
+        ("DELETE", "d/x"),  # opaque d: what the parent had, deleted
+        ("MODIFY", "etc/conf"),
+        ("ADD", "etc/new"),  # etc/same was copied up unchanged: the same file
         ("DELETE", "gone"),  # a deleted dir is one whiteout; "not-in-parent" is nothing
-        ("ADD", "hidden"), ("ADD", "hidden/again"),  # the parent deleted "hidden": new here
-        ("ADD", "o/fresh"), ("DELETE", "o/kept-by-top")]
+        ("ADD", "hidden"),
+        ("ADD", "hidden/again"),  # the parent deleted "hidden": new here
+        ("ADD", "o/fresh"),
+        ("DELETE", "o/kept-by-top"),
+    ]
 
 
 def test_the_layer_has_parents_first_whiteouts_and_hardlinks(tmp_path: Path):
@@ -67,10 +75,14 @@ def test_the_layer_has_parents_first_whiteouts_and_hardlinks(tmp_path: Path):
     whiteout(up / "a" / "old")
     out = io.BytesIO()
     layer = write_layer(Layers(os.fsencode(up), (os.fsencode(base),)), out, LAYER_TAR, whiteout_time=0)
-    members = tarfile.open(fileobj=io.BytesIO(out.getvalue())).getmembers()
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        members = tar.getmembers()
     assert [(m.name, m.type, m.linkname) for m in members] == [
-        ("a", tarfile.DIRTYPE, ""), ("a/new", tarfile.REGTYPE, ""), ("a/new-link", tarfile.LNKTYPE, "a/new"),
-        ("a/.wh.old", tarfile.REGTYPE, "")]
+        ("a", tarfile.DIRTYPE, ""),
+        ("a/new", tarfile.REGTYPE, ""),
+        ("a/new-link", tarfile.LNKTYPE, "a/new"),
+        ("a/.wh.old", tarfile.REGTYPE, ""),
+    ]
     assert layer.digest == layer.diff_id and layer.size == len(out.getvalue())  # a tar: one digest
 
 
@@ -97,13 +109,18 @@ def test_on_the_socket_what_is_not_ours_is_passed_on_and_a_bad_media_type_refuse
                     return exc.code()
                 return grpc.StatusCode.OK
 
-            foreign = [mount_pb2.Mount(type="overlay", source="overlay",
-                                       options=["upperdir=/var/lib/other/fs", "lowerdir=/a:/b"])]
+            foreign = [
+                mount_pb2.Mount(
+                    type="overlay", source="overlay", options=["upperdir=/var/lib/other/fs", "lowerdir=/a:/b"]
+                )
+            ]
             assert code(parent, foreign) == grpc.StatusCode.UNIMPLEMENTED  # another snapshotter's
             assert code(c.view("other-view", "other"), right) == grpc.StatusCode.UNIMPLEMENTED  # not its parent
             assert code(parent, c.view("job-view", "base")) == grpc.StatusCode.UNIMPLEMENTED  # a view
-            assert code(parent, right, "application/vnd.oci.image.layer.v1.tar+zstd") == \
-                grpc.StatusCode.FAILED_PRECONDITION
+            assert (
+                code(parent, right, "application/vnd.oci.image.layer.v1.tar+zstd")
+                == grpc.StatusCode.FAILED_PRECONDITION
+            )
             with pytest.raises(grpc.RpcError) as refused:
                 differ.Apply(diff_pb2.ApplyRequest(mounts=right))
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -39,8 +39,10 @@ def test_the_budget_refuses_by_name_gives_back_on_remove_and_survives_a_restart(
     config = tmp_path / "config.toml"
 
     def write(budget: int) -> None:
-        config.write_text(f'mount_targets = "on"\nmetrics_address = "127.0.0.1:{port}"\n'
-                          f'[lowers]\nallowed_roots = ["{cache}"]\nmax_host_mounts = {budget}\n')
+        config.write_text(
+            f'mount_targets = "on"\nmetrics_address = "127.0.0.1:{port}"\n'
+            f'[lowers]\nallowed_roots = ["{cache}"]\nmax_host_mounts = {budget}\n'
+        )
 
     write(6)
     root = tmp_path / "root"
@@ -56,8 +58,10 @@ def test_the_budget_refuses_by_name_gives_back_on_remove_and_survives_a_restart(
             with pytest.raises(grpc.RpcError) as refused:
                 cl.prepare("one-at-a-target", labels={LOWERS: f"{c}@/y"})  # 1 pin + 1 mount: 7 > 6
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert ("lowers.max_host_mounts: this snapshot's extra lowers need 2 host mounts (a pin per entry, a "
-                    "mount per target) and 5 of the node's budget of 6 are in use") in refused.value.details()
+            assert (
+                "lowers.max_host_mounts: this snapshot's extra lowers need 2 host mounts (a pin per entry, a "
+                "mount per target) and 5 of the node's budget of 6 are in use"
+            ) in refused.value.details()
             with pytest.raises(grpc.RpcError) as refused:
                 cl.view("a-view", labels={LOWERS: f"{c}@/y"})
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -27,9 +27,20 @@ REPO = Path(__file__).resolve().parents[2]
 DAEMON = "/usr/local/bin/overlay-custom-add-lower-snapshotter"
 # Settings that would give the daemon a mount namespace of its own, where containerd would not see
 # its pinned lowers.
-OWN_MOUNT_NAMESPACE = ["PrivateMounts=", "PrivateTmp=", "PrivateDevices=", "ProtectSystem=", "ProtectHome=",
-                       "ProtectKernelTunables=", "ProtectKernelModules=", "ProtectKernelLogs=",
-                       "ProtectControlGroups=", "ProtectProc=", "ProcSubset=", "PrivateNetwork="]
+OWN_MOUNT_NAMESPACE = [
+    "PrivateMounts=",
+    "PrivateTmp=",
+    "PrivateDevices=",
+    "ProtectSystem=",
+    "ProtectHome=",
+    "ProtectKernelTunables=",
+    "ProtectKernelModules=",
+    "ProtectKernelLogs=",
+    "ProtectControlGroups=",
+    "ProtectProc=",
+    "ProcSubset=",
+    "PrivateNetwork=",
+]
 
 
 @pytest.fixture
@@ -42,8 +53,9 @@ def node(tmp_path: Path) -> Path:
     (host / "etc/containerd/config.toml").write_text("version = 2\n")
     (host / DAEMON.lstrip("/")).parent.mkdir(parents=True)
     shutil.copy2(this_installation(), host / DAEMON.lstrip("/"))
-    r = CliRunner().invoke(admin, ["install", "--host-root", str(host), "--exec-start", DAEMON,
-                                   "--containerd-version", "1.7.24"])
+    r = CliRunner().invoke(
+        admin, ["install", "--host-root", str(host), "--exec-start", DAEMON, "--containerd-version", "1.7.24"]
+    )
     assert r.exit_code == 0, r.output
     return host
 
@@ -96,12 +108,14 @@ def sandboxed() -> list[str]:
     assert directive(unit, "NoNewPrivileges") == "yes" and directive(unit, "MemoryDenyWriteExecute") == "yes"
     caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in directive(unit, "CapabilityBoundingSet").split())
     umask = int(directive(unit, "UMask"), 8)
-    mdwe = ("import ctypes, os, sys\n"
-            "libc = ctypes.CDLL(None, use_errno=True)\n"
-            "if libc.prctl(65, 1, 0, 0, 0):\n"  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
-            "    raise OSError(ctypes.get_errno(), 'PR_SET_MDWE')\n"
-            f"os.umask({umask})\n"
-            "os.execv(sys.executable, [sys.executable, '-m', 'addlower.cli', *sys.argv[1:]])\n")
+    mdwe = (
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.prctl(65, 1, 0, 0, 0):\n"  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+        "    raise OSError(ctypes.get_errno(), 'PR_SET_MDWE')\n"
+        f"os.umask({umask})\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'addlower.cli', *sys.argv[1:]])\n"
+    )
     return ["setpriv", "--no-new-privs", f"--bounding-set=-all,{caps}", "--", sys.executable, "-c", mdwe]
 
 
@@ -159,10 +173,31 @@ def test_the_wheelhouse_serves_each_python_a_node_may_have(wheelhouse: Path, tmp
     """pip resolves addlower and every dependency from the wheels alone for that CPython, as the
     node's pip will (binary wheels only: a node has no compiler)."""
     report = tmp_path / "report.json"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--dry-run",
-                    "--ignore-installed", "--no-index", "--only-binary=:all:", "--find-links", str(wheelhouse),
-                    "--python-version", python, "--target", str(tmp_path / "t"), "--report", str(report), "addlower"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--dry-run",
+            "--ignore-installed",
+            "--no-index",
+            "--only-binary=:all:",
+            "--find-links",
+            str(wheelhouse),
+            "--python-version",
+            python,
+            "--target",
+            str(tmp_path / "t"),
+            "--report",
+            str(report),
+            "addlower",
+        ],
+        check=True,
+        capture_output=True,
+    )
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert {"addlower", "grpcio", "protobuf", "google-re2", "click", "tomlkit"} <= names
     assert python in wheel_pythons([p.name for p in wheelhouse.iterdir()])
@@ -173,10 +208,15 @@ def test_the_venv_the_installer_builds_runs_the_daemon(wheelhouse: Path, tmp_pat
     names = [p.name for p in wheelhouse.iterdir()]
     for command in venv_commands(sys.executable, str(venv), str(wheelhouse), wheel_pythons(names)):
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": ""})
-    out = subprocess.run([str(venv / "bin/overlay-custom-add-lower-snapshotter"), "--version"], check=True,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""}).stdout
+    out = subprocess.run(
+        [str(venv / "bin/overlay-custom-add-lower-snapshotter"), "--version"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+    ).stdout
     assert "overlay-custom-add-lower-snapshotter" in out
-    unit = (venv / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/addlower/ops" / UNIT_NAME)
+    unit = venv / f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/addlower/ops" / UNIT_NAME
     assert "@EXEC_START@" in unit.read_text()  # the template came with the wheel
 
 
@@ -187,4 +227,5 @@ def test_the_wheel_says_its_license_and_pythons(wheelhouse: Path):
         licence = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/licenses/LICENSE"))).decode()
     assert "License-Expression: Apache-2.0" in metadata and "Apache License" in licence
     assert {f"Programming Language :: Python :: 3.{v}" for v in (11, 12, 13)} <= set(
-        line.removeprefix("Classifier: ") for line in metadata.splitlines())
+        line.removeprefix("Classifier: ") for line in metadata.splitlines()
+    )

@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import expect_code, mount_snapshot
 from tests.integration.test_observability import free_port, metric
-from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode
@@ -44,8 +44,9 @@ def base_layer(client: SnapshotsClient, tmp_path: Path) -> str:
     return "base"
 
 
-@pytest.mark.parametrize("case", ["active-no-parent", "active-on-image", "view-no-parent", "view-of-one-layer",
-                                  "view-of-two-layers"])
+@pytest.mark.parametrize(
+    "case", ["active-no-parent", "active-on-image", "view-no-parent", "view-of-one-layer", "view-of-two-layers"]
+)
 def test_host_files_show_in_every_mount_case(client: SnapshotsClient, tmp_path: Path, host: Path, case: str):
     labels = {LOWERS: str(host)}
     if case == "active-no-parent":
@@ -68,8 +69,9 @@ def test_host_files_show_in_every_mount_case(client: SnapshotsClient, tmp_path: 
             assert (m / "image-file").read_text() == "image\n"
 
 
-def test_writes_stay_in_the_container_and_host_changes_show_through(client: SnapshotsClient, tmp_path: Path,
-                                                                  host: Path):
+def test_writes_stay_in_the_container_and_host_changes_show_through(
+    client: SnapshotsClient, tmp_path: Path, host: Path
+):
     client.prepare("c", labels={LOWERS: str(host)})
     with mount_snapshot(client.mounts("c"), tmp_path / "mnt") as m:
         (m / "settings.xml").write_text("container\n")
@@ -106,14 +108,18 @@ def assert_nothing_created(daemon: Daemon, client: SnapshotsClient) -> None:
     assert os.listdir(daemon.root / "snapshots") == []
 
 
-@pytest.mark.parametrize("value, says", [
-    ("{tmp}/x,upperdir=/etc", "character ','"),
-    ("{tmp}/a/../b", "must not contain '..'"),
-    ("cache", "'cache' is not a named lower"),
-    ("{root}/snapshots", "outside the allowed roots"),
-])
-def test_bad_label_is_refused_and_leaves_nothing_behind(daemon: Daemon, client: SnapshotsClient, tmp_path: Path,
-                                                       value: str, says: str):
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("{tmp}/x,upperdir=/etc", "character ','"),
+        ("{tmp}/a/../b", "must not contain '..'"),
+        ("cache", "'cache' is not a named lower"),
+        ("{root}/snapshots", "outside the allowed roots"),
+    ],
+)
+def test_bad_label_is_refused_and_leaves_nothing_behind(
+    daemon: Daemon, client: SnapshotsClient, tmp_path: Path, value: str, says: str
+):
     value = value.format(tmp=tmp_path, root=daemon.root)
     for call in (client.prepare, client.view):
         err = expect_code(Code.INVALID_ARGUMENT, call, "c", labels={LOWERS: value})
@@ -247,8 +253,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
     caches, allowed, port = tmp_path / "caches", tmp_path / "allowed", free_port()
     caches.mkdir()
     allowed.mkdir()
-    toml = (f'metrics_address = "127.0.0.1:{port}"\n[lowers]\nallowed_roots = ["{allowed}"]\n[lowers.named]\n'
-            f'maven = "{caches / "m2"}"\nnpm = {{ path = "{caches / "npm"}", create = true }}\n')
+    toml = (
+        f'metrics_address = "127.0.0.1:{port}"\n[lowers]\nallowed_roots = ["{allowed}"]\n[lowers.named]\n'
+        f'maven = "{caches / "m2"}"\nnpm = {{ path = "{caches / "npm"}", create = true }}\n'
+    )
     with configured(tmp_path, toml) as (d, c):
         yield Node(d, c, caches, allowed, port)
 
@@ -276,8 +284,10 @@ def test_a_named_lower_with_create_true_is_made_with_a_warning_and_counted(node:
     node.client.prepare("c", labels={LOWERS: "npm"})
     npm = node.caches / "npm"
     assert npm.is_dir() and stat.S_IMODE(npm.stat().st_mode) == 0o755 and os.listdir(npm) == []
-    warning = f'level=warning logger=addlower.engine.pinning msg="label {LOWERS}: entry named lower \'npm\' ({npm}) ' \
-              'did not exist: made it, empty, for snapshot c" key=c entry="named lower \'npm\' (' + str(npm) + ')"'
+    warning = (
+        f"level=warning logger=addlower.engine.pinning msg=\"label {LOWERS}: entry named lower 'npm' ({npm}) "
+        "did not exist: made it, empty, for snapshot c\" key=c entry=\"named lower 'npm' (" + str(npm) + ')"'
+    )
     assert warning in node.daemon.log()
     assert node.metric("addlower_extra_lowers_created_total", entry="named") == 1
     node.client.mounts("c")  # there now: nothing more to say

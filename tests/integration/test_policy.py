@@ -22,14 +22,15 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
-from addlower.ops.client import SnapshotsClient
-from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS, POD_LABEL
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.labels import POD_LABEL
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.dev.devcontainerd import unmount_under
 from addlower.dev.mounting import mounted
+from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import expect_code
-from tests.support.logfmt import parse
 from tests.support.daemon import Daemon, allowing, config_args
+from tests.support.logfmt import parse
 
 Code = grpc.StatusCode
 RACE_SECONDS = 3.0
@@ -83,12 +84,15 @@ def layout(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_swapping_a_checked_dir_for_a_symlink_never_mounts_the_symlinks_target(
-        tmp_path: Path, layout: tuple[Path, Path]):
+    tmp_path: Path, layout: tuple[Path, Path]
+):
     allowed, outside = layout
     (allowed / "link").symlink_to(outside)
     seen: dict[str, int] = {}
-    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c), \
-            swapping(allowed / "cache", allowed / "link"):
+    with (
+        serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c),
+        swapping(allowed / "cache", allowed / "link"),
+    ):
         deadline, n = time.monotonic() + RACE_SECONDS, 0
         while time.monotonic() < deadline:
             n += 1
@@ -107,12 +111,15 @@ def test_swapping_a_checked_dir_for_a_symlink_never_mounts_the_symlinks_target(
 
 
 def test_missing_dirs_are_never_made_outside_the_allowed_root_however_the_path_moves(
-        tmp_path: Path, layout: tuple[Path, Path]):
+    tmp_path: Path, layout: tuple[Path, Path]
+):
     allowed, outside = layout
     (allowed / "link").symlink_to(outside)
     made = 0
-    with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c), \
-            swapping(allowed / "cache", allowed / "link"):
+    with (
+        serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (_, c),
+        swapping(allowed / "cache", allowed / "link"),
+    ):
         deadline, n = time.monotonic() + RACE_SECONDS, 0
         while time.monotonic() < deadline:
             n += 1
@@ -125,8 +132,7 @@ def test_missing_dirs_are_never_made_outside_the_allowed_root_however_the_path_m
     assert made and len(list(allowed.glob("*/new*"))) == made
 
 
-def test_pins_show_host_changes_and_cannot_be_written_through(
-        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+def test_pins_show_host_changes_and_cannot_be_written_through(daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
     host = tmp_path / "host"
     host.mkdir()
     [m] = client.prepare("c", labels={LOWERS: str(host)})
@@ -168,14 +174,16 @@ def test_removal_and_cleanup_never_delete_through_a_mount(tmp_path: Path, sync: 
     assert (host / "precious").read_text() == "keep\n"
 
 
-@pytest.mark.parametrize("value, says", [
-    ("{allowed}/afile/x", "{allowed}/afile is a symlink or not a directory"),
-    ("{allowed}/" + "y" * 300, "is longer than 255 bytes"),
-    ("{allowed}/a\u0085b", "character '\\x85'"),
-    ("{allowed}/a\u202eb", "character '\\u202e'"),
-])
-def test_filesystem_and_character_refusals_are_invalid_argument_naming_the_entry(
-        tmp_path: Path, value: str, says: str):
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("{allowed}/afile/x", "{allowed}/afile is a symlink or not a directory"),
+        ("{allowed}/" + "y" * 300, "is longer than 255 bytes"),
+        ("{allowed}/a\u0085b", "character '\\x85'"),
+        ("{allowed}/a\u202eb", "character '\\u202e'"),
+    ],
+)
+def test_filesystem_and_character_refusals_are_invalid_argument_naming_the_entry(tmp_path: Path, value: str, says: str):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "afile").write_text("x")
@@ -278,6 +286,7 @@ def test_a_root_whose_metadata_is_older_than_its_snapshots_is_refused(tmp_path: 
 
 # --- found by an attack study of the pins --------------------------------------------------------
 
+
 def test_a_container_made_tree_deeper_than_python_recursion_is_removed(tmp_path: Path):
     with serving(tmp_path / "root", []) as (d, c):
         c.prepare("deep")
@@ -298,30 +307,34 @@ def test_a_container_made_tree_deeper_than_python_recursion_is_removed(tmp_path:
 def test_a_dir_removed_by_its_writer_while_pinned_is_invalid_argument(tmp_path: Path):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
-    x, stop, codes = allowed / "x", threading.Event(), set()
+    x, stop, codes, pinned = allowed / "x", threading.Event(), set(), 0
 
     def writer() -> None:
         while not stop.is_set():
             for op in (os.mkdir, os.rmdir):
-                try:
+                with contextlib.suppress(OSError):
                     op(x)
-                except OSError:
-                    pass
 
     with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
         t = threading.Thread(target=writer, daemon=True)
         t.start()
-        try:
-            for n in range(300):
+        refused = 0
+        try:  # until the race went both ways: pinned, and refused because the dir went meanwhile
+            for n in range(3000):
                 try:
                     c.prepare(f"k{n}", labels={LOWERS: str(x)})
                     c.remove(f"k{n}")
+                    pinned += 1
                 except grpc.RpcError as err:
                     codes.add(err.code())
+                    refused += 1
+                if pinned >= 20 and refused >= 20:
+                    break
         finally:
             stop.set()
             t.join()
-        assert codes <= {Code.INVALID_ARGUMENT} and "Traceback" not in d.log()
+        assert pinned >= 20 and refused >= 20, f"the race did not run both ways: {pinned} pinned, {refused} refused"
+        assert codes == {Code.INVALID_ARGUMENT} and "Traceback" not in d.log()
 
 
 def test_a_dir_swapped_in_for_one_the_daemon_made_is_neither_chmodded_nor_removed(tmp_path: Path):
@@ -335,12 +348,10 @@ def test_a_dir_swapped_in_for_one_the_daemon_made_is_neither_chmodded_nor_remove
         for n in range(200):
             made, stop = allowed / f"new{n}", threading.Event()
 
-            def swap() -> None:
+            def swap(made: Path = made, stop: threading.Event = stop) -> None:
                 while not stop.is_set():
-                    try:
+                    with contextlib.suppress(OSError):
                         exchange(made, victim)
-                    except OSError:
-                        pass
 
             t = threading.Thread(target=swap, daemon=True)
             t.start()
@@ -353,22 +364,23 @@ def test_a_dir_swapped_in_for_one_the_daemon_made_is_neither_chmodded_nor_remove
                 t.join()
             owned = [p for p in (victim, made) if p.exists() and p.stat().st_uid == 1234]
             assert len(owned) == 1, f"round {n}: the other user's dir is gone: " + repr(
-                [(e.name, e.stat(follow_symlinks=False).st_uid) for e in os.scandir(allowed)])
+                [(e.name, e.stat(follow_symlinks=False).st_uid) for e in os.scandir(allowed)]
+            )
             assert stat.S_IMODE(owned[0].stat().st_mode) == 0o700, f"round {n}: chmodded"
             if owned[0] != victim:
                 os.rename(owned[0], victim)
 
 
 def test_the_same_dir_twice_at_one_place_is_refused_before_the_mount_would_fail(
-        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+    daemon: Daemon, client: SnapshotsClient, tmp_path: Path
+):
     cache = tmp_path / "cache"
     cache.mkdir()
     err = expect_code(Code.INVALID_ARGUMENT, client.prepare, "c", labels={LOWERS: f"{cache}:{cache}"})
     assert "the same dir as" in err.details()
 
 
-def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(
-        daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
+def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
     cache = tmp_path / "cache"
     cache.mkdir()
     client.prepare("c", labels={LOWERS: str(cache)})
@@ -401,7 +413,7 @@ class HungFuse:
                 return
             _, op, unique = struct.unpack_from("<IIQ", buf)
 
-            def reply(err: int, body: bytes = b"") -> None:
+            def reply(err: int, body: bytes = b"", unique: int = unique) -> None:
                 with contextlib.suppress(OSError):
                     os.write(self.dev, struct.pack("<IiQ", 16 + len(body), err, unique) + body)
 
@@ -444,8 +456,9 @@ def test_a_hung_filesystem_under_an_allowed_root_stalls_only_the_call_that_walks
                     stub = SnapshotsClient(ch).stub
                     assert stub.Stat(pb.StatSnapshotRequest(key="probe"), timeout=5).info.name == "probe"
                     stub.Prepare(pb.PrepareSnapshotRequest(key="plain"), timeout=5)  # a writer meanwhile
-                    stub.Prepare(pb.PrepareSnapshotRequest(key="lowered", labels={LOWERS: f"{allowed}/fine"}),
-                                 timeout=5)  # and another call with host dirs
+                    stub.Prepare(
+                        pb.PrepareSnapshotRequest(key="lowered", labels={LOWERS: f"{allowed}/fine"}), timeout=5
+                    )  # and another call with host dirs
             finally:
                 fuse.release.set()  # before the daemon is stopped: it may be waiting on the filesystem
                 stalled.join(10)

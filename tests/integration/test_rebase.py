@@ -67,8 +67,7 @@ def test_a_rebase_onto_a_missing_or_uncommitted_parent_changes_nothing(client: S
     assert client.stat("x").parent == ""
 
 
-def test_with_parallel_unpack_a_layer_is_unpacked_through_an_overlay_and_its_whiteouts_hide_below(
-        tmp_path: Path):
+def test_with_parallel_unpack_a_layer_is_unpacked_through_an_overlay_and_its_whiteouts_hide_below(tmp_path: Path):
     """containerd's applier writes whiteouts (0/0 char devices in the upper dir) only into an
     overlay mount: with parallel_unpack a parentless active is one, over an empty dir."""
     work = tmp_path / "work"

@@ -55,9 +55,7 @@ def test_pushed_image_is_served_by_tag(tmp_path: Path) -> None:
 def test_images_sharing_a_base_layer_share_a_repository(tmp_path: Path) -> None:
     """The second push finds the busybox layer already there (HEAD) and uploads only what is new."""
     base = ociimage.build_busybox_image(tmp_path / "base.tar")
-    child = ociimage.build_busybox_image(
-        tmp_path / "child.tar", extra_layers=[[ociimage.file("etc/motd", "hello\n")]]
-    )
+    child = ociimage.build_busybox_image(tmp_path / "child.tar", extra_layers=[[ociimage.file("etc/motd", "hello\n")]])
     with Registry(tmp_path / "registry") as registry:
         push_oci_layout(registry.host, base.path, "addlower/busybox", "base")
         push_oci_layout(registry.host, child.path, "addlower/busybox", "child")

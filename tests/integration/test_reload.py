@@ -59,7 +59,7 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
                 c.mounts("a1")  # a container's next Mounts is held to the new policy too
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-            config.write_text(roots(team_a) + "[lowers.named]\nbad = \"/etc\"\n")
+            config.write_text(roots(team_a) + '[lowers.named]\nbad = "/etc"\n')
             hup(d, "reload refused")
             c.prepare("b3", labels={LOWERS: str(team_b)})  # the policy before the bad file
             config.write_text("[lowers\n")
@@ -68,14 +68,18 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
             hup(d, "reload refused")
             c.prepare("b4", labels={LOWERS: str(team_b)})
 
-            config.write_text(f'root_dir = "{tmp_path / "elsewhere"}"\nasync_remove = false\nlog_level = "debug"\n' + roots(team_b))
+            config.write_text(
+                f'root_dir = "{tmp_path / "elsewhere"}"\nasync_remove = false\nlog_level = "debug"\n' + roots(team_b)
+            )
             hup(d, "reloaded the config")
             c.stat("b4")
     finally:
         d.stop()
     log = d.log()
     assert "named lower 'bad' '/etc': overlaps the system dir" in log  # the refusal names the bad part
-    assert 'msg="changed keys take effect only after a restart" keys=async_remove\n' in log  # root_dir: the flag decides
+    assert (
+        'msg="changed keys take effect only after a restart" keys=async_remove\n' in log
+    )  # root_dir: the flag decides
     assert "method=Stat key=b4" in log  # the new log level applies at once
     assert not (tmp_path / "elsewhere").exists()
 
@@ -83,14 +87,18 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
 def reload_command(config: Path, d: Daemon) -> subprocess.CompletedProcess:
     """What the unit's ExecReload runs: the daemon command with --reload, told $MAINPID."""
     assert d.proc is not None
-    return subprocess.run([sys.executable, "-m", "addlower.cli", "--config", str(config), "--reload"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "MAINPID": str(d.proc.pid)})
+    return subprocess.run(
+        [sys.executable, "-m", "addlower.cli", "--config", str(config), "--reload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAINPID": str(d.proc.pid)},
+    )
 
 
 def named(root: Path, cache: Path) -> str:
     """A config that names `cache` maven (and the daemon's root: an emptied file forgets it)."""
-    return (f'root_dir = "{root}"\n[lowers]\nallowed_roots = ["{cache.parent}"]\n'
-            f'[lowers.named]\nmaven = "{cache}"\n')
+    return f'root_dir = "{root}"\n[lowers]\nallowed_roots = ["{cache.parent}"]\n[lowers.named]\nmaven = "{cache}"\n'
 
 
 def test_a_reload_never_applies_an_empty_or_cut_short_file_and_says_so(tmp_path: Path):
@@ -125,7 +133,7 @@ def test_a_reload_never_applies_an_empty_or_cut_short_file_and_says_so(tmp_path:
                 time.sleep(0.05)
             c.prepare("after-the-editor", labels={LOWERS: "maven"})
 
-            config.write_text(full + "[lowers.named.bad]\npath = \"/etc\"\n")
+            config.write_text(full + '[lowers.named.bad]\npath = "/etc"\n')
             r = reload_command(config, d)
             assert r.returncode == 1 and "overlaps the system dir /etc" in r.stderr
             config.write_text(full.replace("[lowers.named]\n", "max_host_mounts = 7\n[lowers.named]\n"))
@@ -192,7 +200,9 @@ def test_a_storm_of_rewrites_of_the_same_policy_refuses_no_container(tmp_path: P
     finally:
         stop.set()
         d.stop()
-    print(f"storm: {prepared} prepared, {refused} refused, {d.log().count('reload refused')} reloads refused, "
-          f"{d.log().count('reloaded the config')} applied")
+    print(
+        f"storm: {prepared} prepared, {refused} refused, {d.log().count('reload refused')} reloads refused, "
+        f"{d.log().count('reloaded the config')} applied"
+    )
     assert refused == 0 and prepared > 100
     assert "Traceback" not in d.log()

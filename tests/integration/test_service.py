@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
+from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import (
     apply,
     create_file,
@@ -23,7 +24,6 @@ from tests.integration.layers import (
     link,
     mount_snapshot,
 )
-from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
 Code = grpc.StatusCode
@@ -152,12 +152,28 @@ def test_mounts_for_every_case(daemon: Daemon, client: SnapshotsClient):
     new_id(root, lambda: cases.__setitem__("v1", client.view("v1", "c1")))
     expected["v1"] = [("bind", fs(root, c1), "", ["ro", "rbind"])]
     sid = new_id(root, lambda: cases.__setitem__("a1", client.prepare("a1", "c1")))
-    expected["a1"] = [("overlay", "overlay", "", [*extras, f"workdir={work_dir(root, sid)}",
-                                                   f"upperdir={fs(root, sid)}", f"lowerdir={fs(root, c1)}"])]
+    expected["a1"] = [
+        (
+            "overlay",
+            "overlay",
+            "",
+            [*extras, f"workdir={work_dir(root, sid)}", f"upperdir={fs(root, sid)}", f"lowerdir={fs(root, c1)}"],
+        )
+    ]
     sid = new_id(root, lambda: cases.__setitem__("a2", client.prepare("a2", "c2")))
-    expected["a2"] = [("overlay", "overlay", "", [*extras, f"workdir={work_dir(root, sid)}",
-                                                   f"upperdir={fs(root, sid)}",
-                                                   f"lowerdir={fs(root, c2)}:{fs(root, c1)}"])]
+    expected["a2"] = [
+        (
+            "overlay",
+            "overlay",
+            "",
+            [
+                *extras,
+                f"workdir={work_dir(root, sid)}",
+                f"upperdir={fs(root, sid)}",
+                f"lowerdir={fs(root, c2)}:{fs(root, c1)}",
+            ],
+        )
+    ]
     new_id(root, lambda: cases.__setitem__("v2", client.view("v2", "c2")))
     expected["v2"] = [("overlay", "overlay", "", [*extras, f"lowerdir={fs(root, c2)}:{fs(root, c1)}"])]
 
@@ -398,11 +414,17 @@ def test_upperdir_label(tmp_path: Path):
 
         assert dict(client.stat("a").labels) == want
         listed = {i.name: dict(i.labels) for i in client.list()}
-        assert listed == {"a": want, "c": {"x": "1", UPPERDIR_LABEL: fs(d.root, c)},
-                          "v": {"x": "1", UPPERDIR_LABEL: fs(d.root, v)}}
+        assert listed == {
+            "a": want,
+            "c": {"x": "1", UPPERDIR_LABEL: fs(d.root, c)},
+            "v": {"x": "1", UPPERDIR_LABEL: fs(d.root, v)},
+        }
         assert dict(client.update("a", {"y": "2"}, ["labels.y"]).labels) == {**want, "y": "2"}
-        assert dict(client.update("c", {"y": "2"}, ["labels.y"]).labels) == \
-            {"x": "1", "y": "2", UPPERDIR_LABEL: fs(d.root, c)}
+        assert dict(client.update("c", {"y": "2"}, ["labels.y"]).labels) == {
+            "x": "1",
+            "y": "2",
+            UPPERDIR_LABEL: fs(d.root, c),
+        }
         # as in containerd, filters see the stored labels, not the added one
         assert client.list(f'labels."{UPPERDIR_LABEL}"') == []
 

@@ -64,9 +64,11 @@ def test_error_messages_keep_non_ascii_text(client: SnapshotsClient):
 
 def test_unknown_method_is_unimplemented(daemon: Daemon):
     with daemon.channel() as ch:
-        call = ch.unary_unary("/containerd.services.snapshots.v1.Snapshots/Rename",
-                              request_serializer=pb.StatSnapshotRequest.SerializeToString,
-                              response_deserializer=pb.StatSnapshotResponse.FromString)
+        call = ch.unary_unary(
+            "/containerd.services.snapshots.v1.Snapshots/Rename",
+            request_serializer=pb.StatSnapshotRequest.SerializeToString,
+            response_deserializer=pb.StatSnapshotResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as err:
             call(pb.StatSnapshotRequest(key="x"))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -92,6 +94,7 @@ def test_garbage_on_the_socket_does_not_hurt_the_daemon(daemon: Daemon, client: 
 
 # --- abusive peers: the connection ends with the RFC 9113 error, the daemon serves on ---------------
 
+
 def message(request: object) -> bytes:
     body = request.SerializeToString()  # type: ignore[attr-defined]
     return b"\x00" + struct.pack(">I", len(body)) + body
@@ -115,16 +118,22 @@ def data_beyond_the_window(c: RawClient) -> None:
 def rapid_reset(c: RawClient) -> None:
     body = message(pb.CleanupRequest())
     for sid in range(1, 4001, 2):
-        if not c.send(c.headers(sid, "Cleanup") + frame(DATA, END_STREAM, sid, body)
-                      + frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.CANCEL))):
+        if not c.send(
+            c.headers(sid, "Cleanup")
+            + frame(DATA, END_STREAM, sid, body)
+            + frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.CANCEL))
+        ):
             return
 
 
-@pytest.mark.parametrize("attack, error", [
-    (endless_continuation, H2Error.ENHANCE_YOUR_CALM),
-    (data_beyond_the_window, H2Error.FLOW_CONTROL_ERROR),
-    (rapid_reset, H2Error.ENHANCE_YOUR_CALM),
-])
+@pytest.mark.parametrize(
+    "attack, error",
+    [
+        (endless_continuation, H2Error.ENHANCE_YOUR_CALM),
+        (data_beyond_the_window, H2Error.FLOW_CONTROL_ERROR),
+        (rapid_reset, H2Error.ENHANCE_YOUR_CALM),
+    ],
+)
 def test_an_abusive_peer_is_cut_off_and_others_are_served(daemon: Daemon, client: SnapshotsClient, attack, error):
     raw = RawClient(daemon.socket)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hpack
 
-from addlower.server.grpcserver import GOAWAY, HEADERS, END_HEADERS, PREFACE, SETTINGS, frame
+from addlower.server.grpcserver import END_HEADERS, GOAWAY, HEADERS, PREFACE, SETTINGS, frame
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
 
@@ -24,8 +24,14 @@ class RawClient:
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0))
 
     def headers(self, sid: int, method: str, end_headers: bool = True) -> bytes:
-        block = self.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + method),
-                                     ("content-type", "application/grpc")])
+        block = self.encoder.encode(
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", SERVICE + method),
+                ("content-type", "application/grpc"),
+            ]
+        )
         return frame(HEADERS, END_HEADERS if end_headers else 0, sid, block)
 
     def send(self, data: bytes) -> bool:
@@ -54,7 +60,7 @@ class RawClient:
             n = int.from_bytes(data[:3], "big")
             if data[3] == GOAWAY:
                 return struct.unpack(">II", data[9:17])[1]
-            data = data[9 + n:]
+            data = data[9 + n :]
         return None
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 _PAIR = re.compile(r'([^\s="]+)=("(?:\\.|[^"\\])*"|[^\s="]*)')
 LEVELS = {"debug", "info", "warning", "error", "critical"}
@@ -35,6 +35,6 @@ def parse(text: str, fmt: str) -> list[dict]:
     for e in entries:
         assert list(e)[:4] == ["time", "level", "logger", "msg"], e
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["time"]), e
-        assert datetime.fromisoformat(e["time"].replace("Z", "+00:00")).tzinfo == timezone.utc
+        assert datetime.fromisoformat(e["time"].replace("Z", "+00:00")).tzinfo == UTC
         assert e["level"] in LEVELS, e
     return entries

@@ -22,12 +22,14 @@ from types import TracebackType
 
 BINARY = "docker-registry"
 # Manifest media types a registry serves back when asked for a tag.
-MANIFEST_ACCEPT = ", ".join((
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-))
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
 # Bypass any http_proxy in the environment: the registry is on loopback.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -60,8 +62,9 @@ class Registry:
         # The registry lets REGISTRY_* variables override its config file; keep ours authoritative.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)
+            self.proc = subprocess.Popen(
+                [binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -104,8 +107,9 @@ class Registry:
     def __enter__(self) -> Registry:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -113,6 +117,7 @@ def push_oci_layout(registry_host: str, layout_tar: Path, repository: str, tag: 
     """Push the one image manifest of an OCI layout tarball, its config and layers, as
     `repository:tag`; returns the reference `<host>/<repository>:<tag>`."""
     with tarfile.open(layout_tar) as tar:
+
         def read(name: str) -> bytes:
             member = tar.extractfile(_member(tar, name))
             if member is None:
@@ -151,8 +156,7 @@ def _push_blob(registry_host: str, repository: str, digest: str, data: bytes) ->
         # Location may be relative or absolute and usually carries a query (the upload state).
         upload = urllib.parse.urlsplit(urllib.parse.urljoin(resp.url, resp.headers["Location"]))
     query = "&".join(q for q in (upload.query, urllib.parse.urlencode({"digest": digest})) if q)
-    with _request("PUT", upload._replace(query=query).geturl(), data,
-                  {"Content-Type": "application/octet-stream"}):
+    with _request("PUT", upload._replace(query=query).geturl(), data, {"Content-Type": "application/octet-stream"}):
         pass
 
 
@@ -164,12 +168,12 @@ class RegistryError(RuntimeError):
         self.code = code
 
 
-def _request(method: str, url: str, data: bytes | None = None,
-             headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+def _request(
+    method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> http.client.HTTPResponse:
     """urlopen without proxies; raises RegistryError on any non-2xx answer."""
     try:
-        return _OPENER.open(urllib.request.Request(url, data=data, headers=headers or {}, method=method),
-                            timeout=30)
+        return _OPENER.open(urllib.request.Request(url, data=data, headers=headers or {}, method=method), timeout=30)
     except urllib.error.HTTPError as e:
         raise RegistryError(method, url, e.code, e.read().decode(errors="replace").strip()) from None
 

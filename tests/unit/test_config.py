@@ -12,10 +12,17 @@ from addlower.core.pods import KubernetesConfig
 
 def test_a_reload_takes_the_policy_and_names_what_needs_a_restart():
     running = Config(kubernetes=KubernetesConfig(enabled=True))
-    new = replace(running, allowed_roots=("/var/cache/b",), named_lowers={"m2": NamedLower("/var/cache/m2")},
-                  log_level="debug", root_dir=Path("/elsewhere"), metrics_address="127.0.0.1:1",
-                  kubernetes=KubernetesConfig(enabled=True, allowed_roots=("/var/cache/pods",),
-                                              namespaces={"team-a": ("/var/cache/a",)}, timeout=9.0))
+    new = replace(
+        running,
+        allowed_roots=("/var/cache/b",),
+        named_lowers={"m2": NamedLower("/var/cache/m2")},
+        log_level="debug",
+        root_dir=Path("/elsewhere"),
+        metrics_address="127.0.0.1:1",
+        kubernetes=KubernetesConfig(
+            enabled=True, allowed_roots=("/var/cache/pods",), namespaces={"team-a": ("/var/cache/a",)}, timeout=9.0
+        ),
+    )
     applied, later = reloaded(running, new)
     assert applied.allowed_roots == ("/var/cache/b",) and set(applied.named_lowers) == {"m2"}
     assert applied.log_level == "debug"

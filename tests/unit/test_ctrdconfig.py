@@ -8,20 +8,20 @@ import pytest
 
 from addlower.core.ctrdconfig import CriUse, cri_use
 
-V2 = '''version = 2
+V2 = """version = 2
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "{default}"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.addlower]
   snapshotter = "{handler}"
-'''
-V3 = '''version = 3
+"""
+V3 = """version = 3
 [plugins.'io.containerd.cri.v1.images']
   snapshotter = "{default}"
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.addlower]
   snapshotter = "{handler}"
-'''
+"""
 
 
 @pytest.mark.parametrize("template", [V2, V3], ids=["v2", "v3"])

@@ -28,11 +28,14 @@ def test_a_given_dir_is_made_private(tmp_path: Path):
     assert made == tmp_path / "demo" and made.stat().st_mode & 0o777 == 0o700
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: (d.mkdir(), d.chmod(0o777)),              # anyone may plant files or symlinks in it
-    lambda d: (d.with_name("real").mkdir(), d.symlink_to(d.with_name("real"))),  # may point anywhere next time
-    lambda d: d.write_text("a file"),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: (d.mkdir(), d.chmod(0o777)),  # anyone may plant files or symlinks in it
+        lambda d: (d.with_name("real").mkdir(), d.symlink_to(d.with_name("real"))),  # may point anywhere next time
+        lambda d: d.write_text("a file"),
+    ],
+)
 def test_a_dir_others_may_change_is_refused(tmp_path: Path, make):
     workdir = tmp_path / "demo"
     make(workdir)

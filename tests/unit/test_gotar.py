@@ -16,15 +16,18 @@ GOLDEN = Path(__file__).parent / "data" / "gotar-golden.tar"
 GOLDEN_PROGRAM = """
 tw := tar.NewWriter(os.Stdout)   // each w(h, data, pax): h.Format = FormatPAX if pax; WriteHeader; Write
 w(&tar.Header{Name: "a/", Typeflag: TypeDir, Mode: 0755, ModTime: Unix(1700000000)}, "", true)
-w(&tar.Header{Name: "a/f", Typeflag: TypeReg, Mode: 0644, Uid: 1000, Gid: 1000, Size: 5, ModTime: Unix(1700000001)}, "hello", true)
+w(&tar.Header{Name: "a/f", Typeflag: TypeReg, Mode: 0644, Uid: 1000, Gid: 1000, Size: 5,
+              ModTime: Unix(1700000001)}, "hello", true)
 w(&tar.Header{Name: d*120 + "/" + f*90, Typeflag: TypeReg, Mode: 0644, Size: 1, ModTime: Unix(1)}, "x", true)
 w(&tar.Header{Name: "é"*60, Typeflag: TypeReg, Mode: 0600, ModTime: Unix(2)}, "", true)
-w(&tar.Header{Name: "cap", Typeflag: TypeReg, Mode: 0755, ModTime: Unix(3), PAXRecords: {"SCHILY.xattr.security.capability": "\\x01\\x00\\x00\\x02"}}, "", true)
+w(&tar.Header{Name: "cap", Typeflag: TypeReg, Mode: 0755, ModTime: Unix(3),
+              PAXRecords: {"SCHILY.xattr.security.capability": "\\x01\\x00\\x00\\x02"}}, "", true)
 w(&tar.Header{Name: z*200 + "/", Typeflag: TypeDir, Mode: 0755, ModTime: Unix(3)}, "", true)
 w(&tar.Header{Name: "a/.wh.gone", Typeflag: TypeReg, ModTime: Unix(0)}, "", false)
 w(&tar.Header{Name: "ln", Typeflag: TypeSymlink, Linkname: t*130, Mode: 0777, ModTime: Unix(4)}, "", true)
 w(&tar.Header{Name: "dev", Typeflag: TypeChar, Mode: 0666, Devmajor: 1, Devminor: 3, ModTime: Unix(5)}, "", true)
-w(&tar.Header{Name: "hl", Typeflag: TypeLink, Linkname: "a/f", Mode: 0644, Uid: 1000, Gid: 1000, ModTime: Unix(1700000001)}, "", true)
+w(&tar.Header{Name: "hl", Typeflag: TypeLink, Linkname: "a/f", Mode: 0644, Uid: 1000, Gid: 1000,
+              ModTime: Unix(1700000001)}, "", true)
 w(&tar.Header{Name: "big-uid", Typeflag: TypeReg, Mode: 0644, Uid: 3000000, ModTime: Unix(6)}, "", true)
 w(&tar.Header{Name: q*99 + "é", Typeflag: TypeReg, Mode: 0644, ModTime: Unix(7)}, "", true)
 w(&tar.Header{Name: "p/" + r*150 + "/" + s*100 + "/", Typeflag: TypeDir, Mode: 0700, ModTime: Unix(8)}, "", true)
@@ -57,7 +60,8 @@ def test_the_same_bytes_as_gos_archive_tar():
 
 
 def test_what_a_reader_makes_of_it():
-    members = tarfile.open(fileobj=io.BytesIO(archive(ENTRIES))).getmembers()
+    with tarfile.open(fileobj=io.BytesIO(archive(ENTRIES))) as tar:
+        members = tar.getmembers()
     assert [m.name for m in members][:4] == ["a", "a/f", "d" * 120 + "/" + "f" * 90, "é" * 60]
     assert members[4].pax_headers["SCHILY.xattr.security.capability"] == "\x01\x00\x00\x02"
     assert members[7].linkname == "t" * 130 and members[10].uid == 3000000

@@ -72,8 +72,10 @@ class Peer:
             ECHO.decode(): g.Route(wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(value=r.value.upper())),
             SLOW.decode(): g.Route(wrappers_pb2.StringValue, lambda r: r, pool="held"),
             MANY.decode(): g.Route(wrappers_pb2.StringValue, many, streaming=True),
-            WHO.decode(): g.Route(wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(
-                value=repr(sorted(g.call_metadata().items())))),
+            WHO.decode(): g.Route(
+                wrappers_pb2.StringValue,
+                lambda r: wrappers_pb2.StringValue(value=repr(sorted(g.call_metadata().items()))),
+            ),
         }
         self.server = g.GrpcServer(routes, {"held": self.pool}, lambda exc: (g.Code.UNKNOWN, str(exc)))
         self.conn = g._Connection(self.server)
@@ -87,8 +89,15 @@ class Peer:
         self.conn.data_received(data)
 
     def headers(self, sid: int, path: bytes = ECHO, end_stream: bool = False, extra: tuple = ()) -> bytes:
-        block = self.encoder.encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
-                                     (b"content-type", b"application/grpc"), *extra])
+        block = self.encoder.encode(
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", path),
+                (b"content-type", b"application/grpc"),
+                *extra,
+            ]
+        )
         return frame(g.HEADERS, g.END_HEADERS | (g.END_STREAM if end_stream else 0), sid, block)
 
     def call(self, sid: int, path: bytes = ECHO, value: str = "hi", extra: tuple = ()) -> None:
@@ -96,12 +105,12 @@ class Peer:
 
     def frames(self) -> list[tuple[int, int, int, bytes]]:
         """Every frame the server wrote since the last call."""
-        data, out = bytes(self.transport.data[self.sent:]), []
+        data, out = bytes(self.transport.data[self.sent :]), []
         self.sent = len(self.transport.data)
         while data:
             n = int.from_bytes(data[:3], "big")
-            out.append((data[3], data[4], int.from_bytes(data[5:9], "big"), data[9:9 + n]))
-            data = data[9 + n:]
+            out.append((data[3], data[4], int.from_bytes(data[5:9], "big"), data[9 : 9 + n]))
+            data = data[9 + n :]
         return out
 
     def goaway(self) -> H2Error | None:
@@ -119,6 +128,7 @@ class Peer:
 def run(test: Any) -> Any:
     async def main() -> Any:
         return test()
+
     return asyncio.run(main())
 
 
@@ -131,6 +141,7 @@ def test_a_call_is_answered():
         data = b"".join(payload for t, _, s, payload in out if t == g.DATA and s == 1)
         assert wrappers_pb2.StringValue.FromString(data[5:]).value == "HI"
         assert p.status(out, 1) == 0
+
     run(test)
 
 
@@ -143,11 +154,16 @@ def test_a_handler_sees_containerds_namespace_and_lease_of_its_own_call_and_noth
         p.call(3, WHO, extra=((b"containerd-namespace", b"other"),))
         p.call(5, WHO, extra=kept)  # the same block again: remembered, with its metadata
         out = p.frames()
-        answers = [wrappers_pb2.StringValue.FromString(b"".join(
-            payload for t, _, s, payload in out if t == g.DATA and s == sid)[5:]).value for sid in (1, 3, 5)]
+        answers = [
+            wrappers_pb2.StringValue.FromString(
+                b"".join(payload for t, _, s, payload in out if t == g.DATA and s == sid)[5:]
+            ).value
+            for sid in (1, 3, 5)
+        ]
         both = "[('containerd-lease', 'l1'), ('containerd-namespace', 'ci')]"
         assert answers == [both, "[('containerd-namespace', 'other')]", both]
         assert g.call_metadata() == {}  # only while a handler runs
+
     run(test)
 
 
@@ -161,6 +177,7 @@ def test_endless_continuation_ends_the_connection_with_its_buffer_bounded():
             p.send(frame(g.CONTINUATION, 0, 1, b"\x00" * 1000))
             assert len(p.conn.block) <= g.MAX_HEADER_BLOCK
         assert p.goaway() is H2Error.ENHANCE_YOUR_CALM and p.transport.closed
+
     run(test)
 
 
@@ -181,6 +198,7 @@ def test_data_is_not_acknowledged_until_consumed_and_a_peer_beyond_the_window_is
         assert updates == []  # nothing consumed, so nothing given back
         p.send(frame(g.DATA, 0, sid, chunk))
         assert p.goaway() is H2Error.FLOW_CONTROL_ERROR
+
     run(test)
 
 
@@ -191,6 +209,7 @@ def test_consumed_requests_give_their_window_back():
         p.call(1)
         credited = sum(struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == g.WINDOW_UPDATE and s == 0)
         assert credited == len(message("hi"))
+
     run(test)
 
 
@@ -202,6 +221,7 @@ def test_a_request_above_the_message_limit_is_resource_exhausted():
         for _ in range(g.MAX_MESSAGE // g.MAX_FRAME + 2):
             p.send(frame(g.DATA, 0, 1, chunk))
         assert p.status(p.frames(), 1) == g.Code.RESOURCE_EXHAUSTED
+
     run(test)
 
 
@@ -210,8 +230,11 @@ def test_streams_beyond_the_advertised_limit_are_refused():
         p = Peer()
         for i in range(g.MAX_STREAMS + 1):
             p.send(p.headers(2 * i + 1))
-        refused = [s for t, _, s, x in p.frames() if t == g.RST_STREAM and struct.unpack(">I", x)[0] == H2Error.REFUSED_STREAM]
+        refused = [
+            s for t, _, s, x in p.frames() if t == g.RST_STREAM and struct.unpack(">I", x)[0] == H2Error.REFUSED_STREAM
+        ]
         assert refused == [2 * g.MAX_STREAMS + 1]
+
     run(test)
 
 
@@ -225,6 +248,7 @@ def test_queued_work_is_bounded_and_a_reset_cancels_it():
         assert len(p.pool.futures) == g.MAX_QUEUED
         p.send(frame(g.RST_STREAM, 0, 1, struct.pack(">I", H2Error.CANCEL)))
         assert p.pool.futures[0].cancelled() and not p.pool.futures[1].cancelled()
+
     run(test)
 
 
@@ -235,11 +259,13 @@ def test_the_deadline_answers_and_drops_work_that_never_started():
         await asyncio.sleep(0.1)
         assert p.status(p.frames(), 1) == g.Code.DEADLINE_EXCEEDED
         assert p.pool.futures[0].cancelled()
+
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("value, seconds", [(b"1S", 1.0), (b"250m", 0.25), (b"2H", 7200.0), (b"5x", None),
-                                            (b"123456789S", None)])
+@pytest.mark.parametrize(
+    "value, seconds", [(b"1S", 1.0), (b"250m", 0.25), (b"2H", 7200.0), (b"5x", None), (b"123456789S", None)]
+)
 def test_grpc_timeout_values(value, seconds):
     assert g.grpc_timeout(value) == seconds
 
@@ -251,6 +277,7 @@ def test_a_peer_that_does_not_read_is_not_read_either():
         assert not p.transport.reading
         p.conn.resume_writing()
         assert p.transport.reading
+
     run(test)
 
 
@@ -260,9 +287,12 @@ def test_a_streaming_answer_is_made_only_as_fast_as_the_peer_takes_it():
         p = Peer(pulled)
         p.call(1, MANY)
         assert len(pulled) < 70  # the 64 KiB initial windows hold about 65 messages of 1 kB
-        p.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20))
-               + frame(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20)))
+        p.send(
+            frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20))
+            + frame(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20))
+        )
         assert len(pulled) == 1000 and p.status(p.frames(), 1) == 0
+
     run(test)
 
 
@@ -278,27 +308,34 @@ def test_connection_window_updates_cost_a_stream_each_whatever_the_number_waitin
         for _ in range(100):  # a byte at a time, as the attack did
             p.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
         assert len(flushed) <= 101  # stream 1 (waiting on its own window too) leaves the queue once
+
     run(test)
 
 
-@pytest.mark.parametrize("payload, error", [
-    (frame(g.SETTINGS, 0, 0, b"\x00" * 5), H2Error.FRAME_SIZE_ERROR),
-    (frame(g.SETTINGS, g.ACK, 0, b"\x00" * 6), H2Error.FRAME_SIZE_ERROR),
-    (frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_MAX_FRAME_SIZE, 100)), H2Error.PROTOCOL_ERROR),
-    (frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_INITIAL_WINDOW_SIZE, 2**31)), H2Error.FLOW_CONTROL_ERROR),
-    (frame(g.SETTINGS, 0, 1), H2Error.PROTOCOL_ERROR),
-    (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)), H2Error.FLOW_CONTROL_ERROR),
-    (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)), H2Error.PROTOCOL_ERROR),
-    (frame(g.WINDOW_UPDATE, 0, 0, b"\x00\x00\x01"), H2Error.FRAME_SIZE_ERROR),
-    (frame(g.PING, 0, 0, b"\x00" * 7), H2Error.FRAME_SIZE_ERROR),
-    (frame(g.PING, 0, 3, b"\x00" * 8), H2Error.PROTOCOL_ERROR),
-    (frame(g.DATA, 0, 9, b"x"), H2Error.PROTOCOL_ERROR),  # an idle stream
-    (frame(g.DATA, g.PADDED, 1, b"\x05ab"), H2Error.PROTOCOL_ERROR),
-    (frame(g.RST_STREAM, 0, 0, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
-    (frame(g.PUSH_PROMISE, 0, 1, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
-    (frame(g.HEADERS, g.END_HEADERS, 2, b""), H2Error.PROTOCOL_ERROR),  # even: a server's stream
-    (b"\x00\x40\x01" + bytes(6), H2Error.FRAME_SIZE_ERROR),  # 16 kB + 1 frame
-])
+@pytest.mark.parametrize(
+    "payload, error",
+    [
+        (frame(g.SETTINGS, 0, 0, b"\x00" * 5), H2Error.FRAME_SIZE_ERROR),
+        (frame(g.SETTINGS, g.ACK, 0, b"\x00" * 6), H2Error.FRAME_SIZE_ERROR),
+        (frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_MAX_FRAME_SIZE, 100)), H2Error.PROTOCOL_ERROR),
+        (
+            frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_INITIAL_WINDOW_SIZE, 2**31)),
+            H2Error.FLOW_CONTROL_ERROR,
+        ),
+        (frame(g.SETTINGS, 0, 1), H2Error.PROTOCOL_ERROR),
+        (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)), H2Error.FLOW_CONTROL_ERROR),
+        (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)), H2Error.PROTOCOL_ERROR),
+        (frame(g.WINDOW_UPDATE, 0, 0, b"\x00\x00\x01"), H2Error.FRAME_SIZE_ERROR),
+        (frame(g.PING, 0, 0, b"\x00" * 7), H2Error.FRAME_SIZE_ERROR),
+        (frame(g.PING, 0, 3, b"\x00" * 8), H2Error.PROTOCOL_ERROR),
+        (frame(g.DATA, 0, 9, b"x"), H2Error.PROTOCOL_ERROR),  # an idle stream
+        (frame(g.DATA, g.PADDED, 1, b"\x05ab"), H2Error.PROTOCOL_ERROR),
+        (frame(g.RST_STREAM, 0, 0, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
+        (frame(g.PUSH_PROMISE, 0, 1, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
+        (frame(g.HEADERS, g.END_HEADERS, 2, b""), H2Error.PROTOCOL_ERROR),  # even: a server's stream
+        (b"\x00\x40\x01" + bytes(6), H2Error.FRAME_SIZE_ERROR),  # 16 kB + 1 frame
+    ],
+)
 def test_a_peer_at_fault_gets_the_rfc_9113_error(payload, error):
     def test() -> None:
         p = Peer()
@@ -306,6 +343,7 @@ def test_a_peer_at_fault_gets_the_rfc_9113_error(payload, error):
         p.frames()
         p.send(payload)
         assert p.goaway() is error and p.transport.closed
+
     run(test)
 
 
@@ -317,6 +355,7 @@ def test_data_after_the_request_is_complete_resets_the_stream():
         p.send(frame(g.DATA, 0, 1, b"late"))
         resets = [struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == g.RST_STREAM and s == 1]
         assert resets == [H2Error.STREAM_CLOSED] and not p.transport.closed
+
     run(test)
 
 
@@ -330,6 +369,7 @@ def test_a_connection_without_the_preface_is_closed_in_time(monkeypatch):
         conn.data_received(g.PREFACE[:5])
         await asyncio.sleep(0.2)
         assert transport.closed
+
     asyncio.run(main())
 
 
@@ -340,6 +380,7 @@ def test_connections_beyond_the_limit_are_closed_at_once():
         for t in transports:
             g._Connection(server).connection_made(t)  # type: ignore[arg-type]
         assert [t.closed for t in transports].count(True) == 1 and transports[-1].closed
+
     run(test)
 
 
@@ -355,6 +396,7 @@ def test_a_handler_on_the_loop_may_hand_its_call_to_a_pool():
         p.server.routes[b"/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, quick_or_not)
         p.call(1, b"/t.T/Maybe")
         assert len(p.pool.futures) == 1 and p.status(p.frames(), 1) is None  # waiting in the pool
+
     run(test)
 
 
@@ -371,4 +413,3 @@ def test_a_remembered_header_block_is_decoded_again_once_the_table_changed():
         paths.append(headers.decode(block)[0])
         assert paths[-1] == want
     assert paths == [b"/a", b"/a", b"/b", b"/b"] and len(again) == 2
-

@@ -23,14 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 SOCK = "/var/lib/x/grpc.socks"
 NAME = "overlay-custom-add-lower-snapshotter"
 
-V2 = '''version = 2
+V2 = """version = 2
 root = "/var/lib/containerd"
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
   runtime_type = "io.containerd.runc.v2"
-'''
+"""
 
 
 ROOT = "/var/lib/x"
@@ -69,19 +69,25 @@ def test_a_version_2_file_on_containerd_2_keeps_a_runtimes_table_for_the_migrati
     assert cri["snapshotter"] == NAME and cri["runtimes"]["runc"]["runtime_type"] == "io.containerd.runc.v2"
 
 
-@pytest.mark.parametrize("text", [
-    # spellings containerd accepts; the edit must find the tables as written and keep the comments
-    "version = 2\n[plugins.'io.containerd.grpc.v1.cri'.containerd]\n  snapshotter = 'overlayfs'  # was\n",
-    'version = 2\nplugins."io.containerd.grpc.v1.cri".containerd.snapshotter = "overlayfs"\n',
-    'version = 2\n[ plugins . "io.containerd.grpc.v1.cri" . containerd ]\nsnapshotter = "overlayfs"\n',
-    'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd] # CRI\nsnapshotter = "overlayfs"\n',
-    "version = 3\n[plugins.\"io.containerd.cri.v1.images\"]\nsnapshotter = \"overlayfs\"\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        # spellings containerd accepts; the edit must find the tables as written and keep the comments
+        "version = 2\n[plugins.'io.containerd.grpc.v1.cri'.containerd]\n  snapshotter = 'overlayfs'  # was\n",
+        'version = 2\nplugins."io.containerd.grpc.v1.cri".containerd.snapshotter = "overlayfs"\n',
+        'version = 2\n[ plugins . "io.containerd.grpc.v1.cri" . containerd ]\nsnapshotter = "overlayfs"\n',
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd] # CRI\nsnapshotter = "overlayfs"\n',
+        'version = 3\n[plugins."io.containerd.cri.v1.images"]\nsnapshotter = "overlayfs"\n',
+    ],
+)
 def test_every_spelling_is_edited_in_place(text):
     out = configure(text, SOCK, ROOT, V17)
     doc = tomllib.loads(out)
-    cri = doc["plugins"]["io.containerd.cri.v1.images"] if doc["version"] == 3 else \
-        doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    cri = (
+        doc["plugins"]["io.containerd.cri.v1.images"]
+        if doc["version"] == 3
+        else doc["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    )
     assert cri["snapshotter"] == NAME
     assert out.startswith(text.split("\n")[0]) and "overlayfs" not in out
     assert ("# was" in out) == ("# was" in text) and ("# CRI" in out) == ("# CRI" in text)
@@ -92,11 +98,14 @@ def test_configuring_twice_changes_nothing():
     assert configure(once, SOCK, ROOT, V21) == once
 
 
-@pytest.mark.parametrize("text, says", [
-    ("version = 2\n[broken\n", "does not parse"),
-    ("version = 1\n", "version 1"),
-    (f'version = 2\n[proxy_plugins.{NAME}]\n  address = "/elsewhere"\n', "already points at '/elsewhere'"),
-])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("version = 2\n[broken\n", "does not parse"),
+        ("version = 1\n", "version 1"),
+        (f'version = 2\n[proxy_plugins.{NAME}]\n  address = "/elsewhere"\n', "already points at '/elsewhere'"),
+    ],
+)
 def test_unsafe_edits_are_refused(text, says):
     with pytest.raises(InstallError, match=says):
         configure(text, SOCK, ROOT, V16)
@@ -105,22 +114,31 @@ def test_unsafe_edits_are_refused(text, says):
 def test_doctor_wants_unpack_config_on_2_1_and_names_the_table(tmp_path: Path):
     path = tmp_path / "config.toml"
     path.write_text(configure("version = 3\n", SOCK, ROOT, V17))  # written for 1.7: no unpack entries
-    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21,
-                                                  pods=False)[1]}
-    assert checks["unpack into it"].status == "FAIL" and "no unpack platforms defined" in checks["unpack into it"].detail
+    checks = {
+        c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21, pods=False)[1]
+    }
+    assert (
+        checks["unpack into it"].status == "FAIL" and "no unpack platforms defined" in checks["unpack into it"].detail
+    )
     assert f'snapshotter = "{NAME}"' in checks["unpack into it"].hint
     path.write_text(configure("version = 3\n", SOCK, ROOT, V21))
-    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21,
-                                                  pods=False)[1]}
+    checks = {
+        c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V21, pods=False)[1]
+    }
     assert {n: c.status for n, c in checks.items()} == {
-        "containerd config": "PASS", "image filesystem": "PASS", "CRI snapshotter": "PASS", "unpack into it": "PASS"}
+        "containerd config": "PASS",
+        "image filesystem": "PASS",
+        "CRI snapshotter": "PASS",
+        "unpack into it": "PASS",
+    }
 
 
 def test_doctor_fails_a_plugin_without_exports_root(tmp_path: Path):
     path = tmp_path / "config.toml"
     path.write_text(f'version = 2\n[proxy_plugins.{NAME}]\n  type = "snapshot"\n  address = "{SOCK}"\n')
-    checks = {c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V16,
-                                                  pods=False)[1]}
+    checks = {
+        c.name: c for c in check_containerd(ContainerdFile.read(path), Path(SOCK), Path(ROOT), V16, pods=False)[1]
+    }
     assert checks["image filesystem"].status == "FAIL" and "ImageFsInfo" in checks["image filesystem"].detail
 
 
@@ -146,8 +164,11 @@ def node(tmp_path: Path) -> Path:
 
 def tree(root: Path) -> dict[str, tuple[int, str]]:
     """Every file under `root`: mode and text (symlinks by target)."""
-    return {str(p.relative_to(root)): (p.lstat().st_mode, os.readlink(p) if p.is_symlink() else p.read_text())
-            for p in sorted(root.rglob("*")) if p.is_symlink() or p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.lstat().st_mode, os.readlink(p) if p.is_symlink() else p.read_text())
+        for p in sorted(root.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
 
 
 def run(*args: str | Path) -> Result:
@@ -164,7 +185,7 @@ def uninstall(node: Path, *args: str | Path) -> Result:
 
 def test_install_writes_the_unit_the_config_and_the_backup_it_names(node: Path, tmp_path: Path):
     config = tmp_path / "config.toml"
-    config.write_text('[kubernetes]\nenabled = true\n')
+    config.write_text("[kubernetes]\nenabled = true\n")
     first = install(node, "--config", config)
     assert first.exit_code == 0, first.output
     assert first.output.splitlines()[:4] == [
@@ -196,12 +217,26 @@ def test_a_second_install_keeps_the_first_backup(node: Path):
 def test_dry_run_prints_every_change_and_makes_none(node: Path, tmp_path: Path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    for name in ("addlower-0.1.0-py3-none-any.whl", "grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl",
-                 "grpcio-1.85.3-cp313-cp313-manylinux2014_x86_64.whl"):
+    for name in (
+        "addlower-0.1.0-py3-none-any.whl",
+        "grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl",
+        "grpcio-1.85.3-cp313-cp313-manylinux2014_x86_64.whl",
+    ):
         (wheels / name).write_bytes(b"wheel")
     before = tree(node)
-    r = run("install", "--host-root", node, "--containerd-version", "2.1.9", "--wheels", wheels, "--nsenter",
-            "--start", "--restart-containerd", "--dry-run")
+    r = run(
+        "install",
+        "--host-root",
+        node,
+        "--containerd-version",
+        "2.1.9",
+        "--wheels",
+        wheels,
+        "--nsenter",
+        "--start",
+        "--restart-containerd",
+        "--dry-run",
+    )
     assert r.exit_code == 0, r.output
     assert tree(node) == before
     lines = r.output.splitlines()
@@ -228,20 +263,31 @@ def test_dry_run_prints_every_change_and_makes_none(node: Path, tmp_path: Path):
     assert "not run" not in r.output and "next:" not in r.output
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--start"], "add --nsenter"),
-    (["--restart-containerd"], "add --nsenter"),
-    (["--wheels", "{wheels}"], "add --nsenter"),
-    (["--exec-start", "/usr/bin/missing"], "/usr/bin/missing is not an executable file on the node"),
-    (["--exec-start", "relative/path"], "must be absolute"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--start"], "add --nsenter"),
+        (["--restart-containerd"], "add --nsenter"),
+        (["--wheels", "{wheels}"], "add --nsenter"),
+        (["--exec-start", "/usr/bin/missing"], "/usr/bin/missing is not an executable file on the node"),
+        (["--exec-start", "relative/path"], "must be absolute"),
+    ],
+)
 def test_refusals_change_nothing(node: Path, tmp_path: Path, args: list[str], says: str):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "addlower-0.1.0-py3-none-any.whl").write_bytes(b"wheel")
     before = tree(node)
-    r = run("install", "--host-root", node, "--containerd-version", "1.7.24", "--exec-start", DAEMON,
-            *[a.format(wheels=wheels) for a in args])
+    r = run(
+        "install",
+        "--host-root",
+        node,
+        "--containerd-version",
+        "1.7.24",
+        "--exec-start",
+        DAEMON,
+        *[a.format(wheels=wheels) for a in args],
+    )
     assert r.exit_code == 1 and says in r.output
     assert tree(node) == before
 
@@ -304,12 +350,19 @@ def test_uninstall_with_stop_runs_only_through_nsenter_on_another_root(node: Pat
     r = uninstall(node, "--stop")
     assert r.exit_code == 1 and "add --nsenter" in r.output and (node / UNIT).exists()
     dry = uninstall(node, "--stop", "--restart-containerd", "--nsenter", "--dry-run")
-    said = [line.replace("nsenter --target 1 --mount --uts --ipc --net --pid -- ", "")
-            for line in dry.output.splitlines() if line.startswith("would ")]
-    assert said == [f"would write /{CONFIG} (restored from /{BACKUP})", f"would remove /{BACKUP}",
-                    "would run systemctl restart containerd",  # first: containerd lets go of us
-                    f"would run systemctl disable --now {NAME}.service", f"would remove /{UNIT}",
-                    "would run systemctl daemon-reload"]
+    said = [
+        line.replace("nsenter --target 1 --mount --uts --ipc --net --pid -- ", "")
+        for line in dry.output.splitlines()
+        if line.startswith("would ")
+    ]
+    assert said == [
+        f"would write /{CONFIG} (restored from /{BACKUP})",
+        f"would remove /{BACKUP}",
+        "would run systemctl restart containerd",  # first: containerd lets go of us
+        f"would run systemctl disable --now {NAME}.service",
+        f"would remove /{UNIT}",
+        "would run systemctl daemon-reload",
+    ]
 
 
 def test_install_refuses_a_bad_daemon_config(node: Path, tmp_path: Path):
@@ -321,20 +374,36 @@ def test_install_refuses_a_bad_daemon_config(node: Path, tmp_path: Path):
     assert tree(node) == before
 
 
-@pytest.mark.parametrize("names, pythons", [
-    (["addlower-0.1.0-py3-none-any.whl", "click-8.5.1-py3-none-any.whl",
-      "protobuf-6.33.6-cp39-abi3-manylinux2014_x86_64.whl"], None),  # any python will do
-    (["grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl", "grpcio-1.85.3-cp312-cp312-manylinux2014_x86_64.whl",
-      "google_re2-1.1.20251105-1-cp312-cp312-manylinux_2_28_x86_64.whl",
-      "google_re2-1.1.20251105-1-cp311-cp311-manylinux_2_28_x86_64.whl",
-      "google_re2-1.1.20251105-1-cp313-cp313-manylinux_2_28_x86_64.whl"], ["3.11", "3.12"]),  # grpcio lacks 3.13
-])
+@pytest.mark.parametrize(
+    "names, pythons",
+    [
+        (
+            [
+                "addlower-0.1.0-py3-none-any.whl",
+                "click-8.5.1-py3-none-any.whl",
+                "protobuf-6.33.6-cp39-abi3-manylinux2014_x86_64.whl",
+            ],
+            None,
+        ),  # any python will do
+        (
+            [
+                "grpcio-1.85.3-cp311-cp311-manylinux2014_x86_64.whl",
+                "grpcio-1.85.3-cp312-cp312-manylinux2014_x86_64.whl",
+                "google_re2-1.1.20251105-1-cp312-cp312-manylinux_2_28_x86_64.whl",
+                "google_re2-1.1.20251105-1-cp311-cp311-manylinux_2_28_x86_64.whl",
+                "google_re2-1.1.20251105-1-cp313-cp313-manylinux_2_28_x86_64.whl",
+            ],
+            ["3.11", "3.12"],
+        ),  # grpcio lacks 3.13
+    ],
+)
 def test_the_pythons_a_wheelhouse_serves(names, pythons):
     assert wheel_pythons(names) == pythons
 
 
-@pytest.mark.parametrize("snippet, containerd", [("config-v2.toml", V16), ("config-v2.toml", V17),
-                                                 ("config-v3.toml", V21)])
+@pytest.mark.parametrize(
+    "snippet, containerd", [("config-v2.toml", V16), ("config-v2.toml", V17), ("config-v3.toml", V21)]
+)
 def test_containerd_snippets_say_all_the_installer_would(snippet, containerd):
     text = (REPO / "deploy/containerd" / snippet).read_text()
     socket = str(DEFAULT_ROOT / SOCKET_NAME)
@@ -364,8 +433,9 @@ def test_the_daemonset_runs_on_labelled_nodes_and_rolls_when_its_config_changes(
     pod = ds["spec"]["template"]
     assert pod["spec"]["nodeSelector"] == {"addlower.io/enabled": "true"}
     digest = hashlib.sha256(configmap["data"]["config.toml"].encode()).hexdigest()
-    assert pod["metadata"]["annotations"]["addlower.io/config-sha256"] == digest, \
+    assert pod["metadata"]["annotations"]["addlower.io/config-sha256"] == digest, (
         f"config.toml changed: set addlower.io/config-sha256 to {digest}"
+    )
     args = pod["spec"]["initContainers"][0]["args"]
     assert args[:4] == ["install", "--host-root", "/host", "--nsenter"] and pod["spec"]["hostPID"] is True
     assert {"--start", "--restart-containerd"} <= set(args)
@@ -376,8 +446,12 @@ def test_setup_refuses_a_python_the_readme_commands_would_not_run(tmp_path: Path
     other.write_text("#!/bin/sh\necho /opt/other/bin/python3\n")  # answers as another interpreter would
     other.chmod(0o755)
     for python, says in ((other, "/opt/other/bin/python3, but python3 on PATH is"), (tmp_path / "none", "cannot run")):
-        r = subprocess.run(["bash", str(REPO / "scripts/setup.sh")], env={**os.environ, "PYTHON": str(python)},
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["bash", str(REPO / "scripts/setup.sh")],
+            env={**os.environ, "PYTHON": str(python)},
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 1 and says in r.stderr and "installing" not in r.stdout
 
 
@@ -390,12 +464,14 @@ def test_the_differ_goes_first_on_17_and_later_unless_declined(containerd):
     assert doc["plugins"]["io.containerd.service.v1.diff-service"]["default"] == [DIFFER_NAME, "walking"]
     assert configure(text, socket, root, containerd) == text  # a second run changes nothing
     declined = tomllib.loads(configure(new_config(containerd), socket, root, containerd, differ=False))
-    assert DIFFER_NAME not in declined["proxy_plugins"] and "io.containerd.service.v1.diff-service" not in \
-        declined.get("plugins", {})
+    assert DIFFER_NAME not in declined["proxy_plugins"] and "io.containerd.service.v1.diff-service" not in declined.get(
+        "plugins", {}
+    )
     kept = 'version = 2\n[plugins."io.containerd.service.v1.diff-service"]\ndefault = ["walking", "mine"]\n'
     if containerd[0] < 2:  # an admin's own order is kept, after ours
         assert tomllib.loads(configure(kept, socket, root, containerd))["plugins"][
-            "io.containerd.service.v1.diff-service"]["default"] == [DIFFER_NAME, "walking", "mine"]
+            "io.containerd.service.v1.diff-service"
+        ]["default"] == [DIFFER_NAME, "walking", "mine"]
 
 
 def test_containerd_16_gets_no_differ():

@@ -15,22 +15,28 @@ def test_split_key_takes_containerds_form_only():
     assert [split_key(k) for k in ("plain-key", "default/x/c2", "/3/c1", "default/3/")] == [None] * 4
 
 
-@pytest.mark.parametrize("wanted, namespace, key", [
-    ("default/3/c1", None, "default/3/c1"),  # a whole key is itself
-    ("c1", None, "default/3/c1"),  # the name ctr snapshots info takes
-    ("abc", "ci", "ci/4/abc"),
-    ("plain-key", None, "plain-key"),
-])
+@pytest.mark.parametrize(
+    "wanted, namespace, key",
+    [
+        ("default/3/c1", None, "default/3/c1"),  # a whole key is itself
+        ("c1", None, "default/3/c1"),  # the name ctr snapshots info takes
+        ("abc", "ci", "ci/4/abc"),
+        ("plain-key", None, "plain-key"),
+    ],
+)
 def test_a_name_resolves_to_its_one_key(wanted, namespace, key):
     assert resolve_key(wanted, KEYS, namespace) == key
 
 
-@pytest.mark.parametrize("wanted, namespace, error, says", [
-    ("abc", None, InvalidArgument, "several namespaces (ci, k8s.io): choose one with --namespace"),
-    ("c1", "ci", NotFound, "'c1' does not exist in namespace 'ci'"),
-    ("c2", None, NotFound, "'c2' does not exist"),  # default/x/c2 is not containerd's form
-    ("default/3/c1", "default", NotFound, "does not exist in namespace 'default'"),  # -n: names only
-])
+@pytest.mark.parametrize(
+    "wanted, namespace, error, says",
+    [
+        ("abc", None, InvalidArgument, "several namespaces (ci, k8s.io): choose one with --namespace"),
+        ("c1", "ci", NotFound, "'c1' does not exist in namespace 'ci'"),
+        ("c2", None, NotFound, "'c2' does not exist"),  # default/x/c2 is not containerd's form
+        ("default/3/c1", "default", NotFound, "does not exist in namespace 'default'"),  # -n: names only
+    ],
+)
 def test_no_key_or_several_are_refused_saying_how_to_choose(wanted, namespace, error, says):
     with pytest.raises(error) as err:
         resolve_key(wanted, KEYS, namespace)

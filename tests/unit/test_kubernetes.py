@@ -7,6 +7,7 @@ import json
 import pytest
 
 from addlower.core.errors import InvalidArgument
+from addlower.core.lowers import Lower, NamedLower
 from addlower.core.pods import (
     AppContainer,
     KubernetesConfig,
@@ -19,16 +20,31 @@ from addlower.core.pods import (
     pod_sandbox,
     requested_lowers,
 )
-from addlower.core.lowers import Lower, NamedLower
 
-SPEC = json.dumps({"annotations": {"io.kubernetes.cri.container-type": "container",
-                                   "io.kubernetes.cri.sandbox-id": "sb1",
-                                   "io.kubernetes.cri.container-name": "build"}}).encode()
-CONTAINER_META = json.dumps({"Version": "v1", "Metadata": {"ID": "c1", "SandboxID": "sb2",
-                                                           "Config": {"metadata": {"name": "test"}}}}).encode()
-SANDBOX_META = json.dumps({"Version": "v1", "Metadata": {"ID": "sb1", "Config": {
-    "metadata": {"name": "pod", "namespace": "team-a", "uid": "u1"},
-    "annotations": {"addlower.io/lowers": "maven"}}}}).encode()
+SPEC = json.dumps(
+    {
+        "annotations": {
+            "io.kubernetes.cri.container-type": "container",
+            "io.kubernetes.cri.sandbox-id": "sb1",
+            "io.kubernetes.cri.container-name": "build",
+        }
+    }
+).encode()
+CONTAINER_META = json.dumps(
+    {"Version": "v1", "Metadata": {"ID": "c1", "SandboxID": "sb2", "Config": {"metadata": {"name": "test"}}}}
+).encode()
+SANDBOX_META = json.dumps(
+    {
+        "Version": "v1",
+        "Metadata": {
+            "ID": "sb1",
+            "Config": {
+                "metadata": {"name": "pod", "namespace": "team-a", "uid": "u1"},
+                "annotations": {"addlower.io/lowers": "maven"},
+            },
+        },
+    }
+).encode()
 
 
 def test_container_id_is_the_last_key_segment_in_the_namespace():
@@ -43,7 +59,9 @@ def test_app_container_from_spec_annotations():
 
 
 def test_app_container_from_cri_metadata_when_the_spec_says_nothing():
-    c = app_container({"io.cri-containerd.kind": "container"}, b"{}", {"io.cri-containerd.container.metadata": CONTAINER_META})
+    c = app_container(
+        {"io.cri-containerd.kind": "container"}, b"{}", {"io.cri-containerd.container.metadata": CONTAINER_META}
+    )
     assert (c.name, c.sandbox_id) == ("test", "sb2")
 
 
@@ -54,12 +72,19 @@ def test_sandboxes_and_foreign_records_are_not_app_containers():
 
 
 def test_pod_from_sandbox_metadata():
-    assert pod_sandbox({"io.cri-containerd.sandbox.metadata": SANDBOX_META}) == \
-        PodSandbox("team-a", "pod", {"addlower.io/lowers": "maven"})
+    assert pod_sandbox({"io.cri-containerd.sandbox.metadata": SANDBOX_META}) == PodSandbox(
+        "team-a", "pod", {"addlower.io/lowers": "maven"}
+    )
 
 
-@pytest.mark.parametrize("extensions", [{}, {"io.cri-containerd.sandbox.metadata": b"[]"},
-                                        {"io.cri-containerd.sandbox.metadata": b'{"Metadata": {"Config": {}}}'}])
+@pytest.mark.parametrize(
+    "extensions",
+    [
+        {},
+        {"io.cri-containerd.sandbox.metadata": b"[]"},
+        {"io.cri-containerd.sandbox.metadata": b'{"Metadata": {"Config": {}}}'},
+    ],
+)
 def test_a_sandbox_without_a_namespace_is_no_pod(extensions):
     assert pod_sandbox(extensions) is None
 
@@ -88,24 +113,31 @@ def test_values_are_recorded_without_empty_entries():
 
 def test_a_namespace_gets_the_pod_roots_its_own_roots_and_the_named_lowers_meant_for_it():
     assert check_for_pod(BUILD, "a", "maven:/srv/ci/x:/srv/team-a/y", pod_policy("team-a")) == (
-        Lower("/var/cache/m2", None, name="maven"), Lower("/srv/ci/x", "/srv/ci"), Lower("/srv/team-a/y", "/srv/team-a"))
+        Lower("/var/cache/m2", None, name="maven"),
+        Lower("/srv/ci/x", "/srv/ci"),
+        Lower("/srv/team-a/y", "/srv/team-a"),
+    )
     check_for_pod(BUILD, "a", "teamb", pod_policy("team-b"))
 
 
-@pytest.mark.parametrize("namespace, value, says", [
-    ("team-a", "/etc", "outside the allowed roots"),
-    ("team-a", "gradle", "not a named lower"),
-    ("team-a", "/srv/ci/x,upperdir=/", "character ','"),
-    ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
-    ("team-b", "/srv/team-a/cache", "outside the allowed roots"),
-])
+@pytest.mark.parametrize(
+    "namespace, value, says",
+    [
+        ("team-a", "/etc", "outside the allowed roots"),
+        ("team-a", "gradle", "not a named lower"),
+        ("team-a", "/srv/ci/x,upperdir=/", "character ','"),
+        ("team-a", "teamb", "named lower 'teamb' is not available to namespace 'team-a'"),
+        ("team-b", "/srv/team-a/cache", "outside the allowed roots"),
+    ],
+)
 def test_refusal_names_namespace_pod_container_annotation_and_entry(namespace, value, says):
     found = PodContainer(namespace, "web-1", "build", None)
     with pytest.raises(InvalidArgument) as err:
         check_for_pod(found, "pod annotation addlower.io/lowers.build", value, pod_policy(namespace))
     text = str(err.value)
-    assert text.startswith(f"namespace {namespace!r} pod 'web-1' container 'build': "
-                           "pod annotation addlower.io/lowers.build")
+    assert text.startswith(
+        f"namespace {namespace!r} pod 'web-1' container 'build': pod annotation addlower.io/lowers.build"
+    )
     assert says in text
 
 

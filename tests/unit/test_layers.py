@@ -22,8 +22,13 @@ def imported_packages(path: Path) -> set[str]:
     """The addlower subpackages a module imports, at any depth of its code."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
         for name in names:
             parts = name.split(".")
             if parts[0] == "addlower" and len(parts) > 1:
@@ -33,8 +38,10 @@ def imported_packages(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_no_layer_imports_one_it_must_not(layer):
-    offences = {str(p.relative_to(PACKAGE)): sorted(imported_packages(p) & FORBIDDEN[layer])
-                for p in (PACKAGE / layer).glob("*.py")}
+    offences = {
+        str(p.relative_to(PACKAGE)): sorted(imported_packages(p) & FORBIDDEN[layer])
+        for p in (PACKAGE / layer).glob("*.py")
+    }
     assert {m: f for m, f in offences.items() if f} == {}
 
 

@@ -12,11 +12,24 @@ from tests.support.logfmt import parse
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATTERS))
-@pytest.mark.parametrize("hostile", ["plain", "", "a b", 'q"uote', "back\\slash", "x=y", "nl\nlevel=error",
-                                     "sep\u2028x", "c1\x85x", "tab\tx", "ünïcode"])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "plain",
+        "",
+        "a b",
+        'q"uote',
+        "back\\slash",
+        "x=y",
+        "nl\nlevel=error",
+        "sep\u2028x",
+        "c1\x85x",
+        "tab\tx",
+        "ünïcode",
+    ],
+)
 def test_values_read_back_as_written(fmt: str, hostile: str):
-    record = logging.LogRecord("addlower", logging.WARNING, __file__, 1, "refused %s", (hostile,), None,
-                               extra=None)
+    record = logging.LogRecord("addlower", logging.WARNING, __file__, 1, "refused %s", (hostile,), None, extra=None)
     record.__dict__.update(fields(key=hostile, duration_s=0.25))
     line = FORMATTERS[fmt]().format(record)
     assert "\n" not in line and "\u2028" not in line and "\x85" not in line

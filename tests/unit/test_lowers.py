@@ -9,13 +9,13 @@ import pytest
 from addlower.core.config import ConfigError, parse_config
 from addlower.core.errors import InvalidArgument
 from addlower.core.lowers import (
-    target_count,
     DEFAULT_ALLOWED_ROOTS,
     LowerPolicy,
     NamedLower,
     check_mount_limits,
     compact_lowerdirs,
     parse_lowers,
+    target_count,
 )
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 
@@ -41,31 +41,42 @@ def test_at_most_so_many_entries_each_a_bind_mount_on_the_host():
 def test_an_entry_may_name_its_container_path():
     named = {"maven": NamedLower("/srv/cache/m2", target="/root/.m2")}
     policy = LowerPolicy(ROOT, ("/srv/cache",), named)
-    assert [(lower.path, lower.target) for lower in parse_lowers(
-        "maven:maven@/home/ci/.m2:/srv/cache/npm@/root/.npm:/srv/cache/tools", policy, SRC)] == [
-        ("/srv/cache/m2", "/root/.m2"), ("/srv/cache/m2", "/home/ci/.m2"), ("/srv/cache/npm", "/root/.npm"),
-        ("/srv/cache/tools", "/")]
+    assert [
+        (lower.path, lower.target)
+        for lower in parse_lowers("maven:maven@/home/ci/.m2:/srv/cache/npm@/root/.npm:/srv/cache/tools", policy, SRC)
+    ] == [
+        ("/srv/cache/m2", "/root/.m2"),
+        ("/srv/cache/m2", "/home/ci/.m2"),
+        ("/srv/cache/npm", "/root/.npm"),
+        ("/srv/cache/tools", "/"),
+    ]
 
 
-@pytest.mark.parametrize("entry, says", [
-    ("/tmp/a@/", "leave the target out"),
-    ("/tmp/a@root", "must be an absolute path"),
-    ("/tmp/a@/proc/x", "not under /proc"),
-    ("/tmp/a@/sys", "not under /sys"),
-    ("/tmp/a@/x/../etc", "must not contain '..'"),
-    ("/tmp/a@/x\x85", "character '\\x85'"),
-    ("/tmp/a@/x@/y", "one '@' separates"),
-])
+@pytest.mark.parametrize(
+    "entry, says",
+    [
+        ("/tmp/a@/", "leave the target out"),
+        ("/tmp/a@root", "must be an absolute path"),
+        ("/tmp/a@/proc/x", "not under /proc"),
+        ("/tmp/a@/sys", "not under /sys"),
+        ("/tmp/a@/x/../etc", "must not contain '..'"),
+        ("/tmp/a@/x\x85", "character '\\x85'"),
+        ("/tmp/a@/x@/y", "one '@' separates"),
+    ],
+)
 def test_bad_targets_are_refused(entry, says):
     with pytest.raises(InvalidArgument, match=re.escape(says)):
         parse_lowers(entry, POLICY, SRC)
 
 
-@pytest.mark.parametrize("value, inner, outer", [
-    ("/tmp/x@/a/b:/tmp/y@/a", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
-    ("/tmp/y@/a:/tmp/x@/a/b", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
-    ("maven:/tmp/x@/root", "named lower 'maven' (/srv/m2) at '/root/.m2'", "'/tmp/x' at '/root'"),
-])
+@pytest.mark.parametrize(
+    "value, inner, outer",
+    [
+        ("/tmp/x@/a/b:/tmp/y@/a", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
+        ("/tmp/y@/a:/tmp/x@/a/b", "'/tmp/x' at '/a/b'", "'/tmp/y' at '/a'"),
+        ("maven:/tmp/x@/root", "named lower 'maven' (/srv/m2) at '/root/.m2'", "'/tmp/x' at '/root'"),
+    ],
+)
 def test_targets_that_nest_are_refused_naming_both(value, inner, outer):
     policy = LowerPolicy(ROOT, ("/tmp",), {"maven": NamedLower("/srv/m2", target="/root/.m2")})
     with pytest.raises(InvalidArgument, match="targets must not nest") as refused:
@@ -89,11 +100,18 @@ def test_named_lower_resolves_to_its_host_dir():
 
 
 def test_missing_dirs_may_be_made_only_within_the_allowed_root_or_as_a_creatable_named_dir_itself():
-    policy = LowerPolicy(ROOT, ("/srv/cache", "/srv/cache/deep"),
-                         {"maven": NamedLower("/var/cache/ci/m2"), "npm": NamedLower("/var/cache/ci/npm", create=True)})
+    policy = LowerPolicy(
+        ROOT,
+        ("/srv/cache", "/srv/cache/deep"),
+        {"maven": NamedLower("/var/cache/ci/m2"), "npm": NamedLower("/var/cache/ci/npm", create=True)},
+    )
     path, maven, npm = parse_lowers("/srv/cache/deep/a/b:maven:npm", policy, SRC)
     assert [path.may_create(d) for d in ("/srv/cache/deep/a", "/srv/cache/deep", "/srv/cache", "/srv")] == [
-        True, True, False, False]  # the deepest allowed root
+        True,
+        True,
+        False,
+        False,
+    ]  # the deepest allowed root
     assert not maven.may_create("/var/cache/ci/m2")
     assert [npm.may_create(d) for d in ("/var/cache/ci/npm", "/var/cache/ci")] == [True, False]
 
@@ -103,7 +121,8 @@ def test_a_missing_named_dir_is_refused_saying_which_name_and_how_to_allow_creat
     assert maven.shown == "named lower 'maven' (/var/cache/ci/m2)"
     assert maven.missing_text("/var/cache/ci/m2") == (
         "/var/cache/ci/m2 does not exist; create = true in its table (lowers.named.maven = "
-        '{ path = "/var/cache/ci/m2", create = true }) lets the snapshotter make it, empty')
+        '{ path = "/var/cache/ci/m2", create = true }) lets the snapshotter make it, empty'
+    )
     creatable = NamedLower("/var/cache/ci/m2", create=True).entry("maven")
     assert "makes only the named dir itself" in creatable.missing_text("/var/cache/ci")
     assert parse_lowers("/tmp/x", POLICY, SRC)[0].missing_text("/tmp/x") == "/tmp/x does not exist"
@@ -151,8 +170,22 @@ def test_the_snapshotters_root_its_insides_and_its_ancestors_are_never_allowed(p
         LowerPolicy(root if path == "/srv/lib" else ROOT, named={"n": NamedLower(path)})
 
 
-@pytest.mark.parametrize("path", ["/", "/etc", "/etc/ssl", "/var", "/var/lib", "/var/lib/kubelet/pods", "/run",
-                                  "/proc/1/root", "/usr/local", "/root/.m2", "/var/lib/containerd"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/etc",
+        "/etc/ssl",
+        "/var",
+        "/var/lib",
+        "/var/lib/kubelet/pods",
+        "/run",
+        "/proc/1/root",
+        "/usr/local",
+        "/root/.m2",
+        "/var/lib/containerd",
+    ],
+)
 def test_system_dirs_and_other_workloads_data_are_never_allowed(path):
     with pytest.raises(InvalidArgument, match="overlaps the system dir"):
         LowerPolicy(ROOT, allowed_roots=(path,))
@@ -164,7 +197,9 @@ def test_the_default_policy_allows_the_cache_root_and_the_originals_demo_dir_onl
     policy = LowerPolicy(ROOT)
     assert policy.allowed_roots == DEFAULT_ALLOWED_ROOTS == ("/var/cache/addlower", "/tmp/overlayfs-custom-lower")
     assert paths(parse_lowers("/var/cache/addlower/m2:/tmp/overlayfs-custom-lower", policy, SRC)) == (
-        "/var/cache/addlower/m2", "/tmp/overlayfs-custom-lower")
+        "/var/cache/addlower/m2",
+        "/tmp/overlayfs-custom-lower",
+    )
     for other in ("/opt/cache", "/tmp/x", "/home/ci"):
         with pytest.raises(InvalidArgument, match="outside the allowed roots"):
             parse_lowers(other, policy, SRC)
@@ -233,13 +268,26 @@ def test_more_layers_than_overlayfs_stacks_are_refused():
 
 
 def test_config_file_values():
-    c = parse_config({"async_remove": False, "lowers": {"allowed_roots": ["/srv"], "named": {
-        "npm": "/srv/npm", "teamb": {"path": "/srv/teamb", "namespaces": ["team-b"]},
-        "m2": {"path": "/srv/m2", "create": True}}},
-        "kubernetes": {"allowed_roots": ["/srv/pods"], "namespaces": {"team-a": {"allowed_roots": ["/srv/a"]}}}})
+    c = parse_config(
+        {
+            "async_remove": False,
+            "lowers": {
+                "allowed_roots": ["/srv"],
+                "named": {
+                    "npm": "/srv/npm",
+                    "teamb": {"path": "/srv/teamb", "namespaces": ["team-b"]},
+                    "m2": {"path": "/srv/m2", "create": True},
+                },
+            },
+            "kubernetes": {"allowed_roots": ["/srv/pods"], "namespaces": {"team-a": {"allowed_roots": ["/srv/a"]}}},
+        }
+    )
     assert (c.async_remove, c.allowed_roots) == (False, ("/srv",))
-    assert dict(c.named_lowers) == {"npm": NamedLower("/srv/npm"), "teamb": NamedLower("/srv/teamb", ("team-b",)),
-                                    "m2": NamedLower("/srv/m2", create=True)}
+    assert dict(c.named_lowers) == {
+        "npm": NamedLower("/srv/npm"),
+        "teamb": NamedLower("/srv/teamb", ("team-b",)),
+        "m2": NamedLower("/srv/m2", create=True),
+    }
     assert (c.kubernetes.allowed_roots, dict(c.kubernetes.namespaces)) == (("/srv/pods",), {"team-a": ("/srv/a",)})
 
 

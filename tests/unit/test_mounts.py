@@ -1,7 +1,10 @@
 """Mount computation for every case of containerd's overlayfs snapshotter."""
 
+import hashlib
+
 import pytest
 
+from addlower.core.errors import FailedPrecondition
 from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
 
 L = Layout("/r")
@@ -43,20 +46,32 @@ def test_view_with_two_parents_is_lowerdir_only_overlay():
     assert m == Mount("overlay", "overlay", ("index=off", "lowerdir=/r/snapshots/5/fs:/r/snapshots/3/fs"))
 
 
-def test_committed_snapshots_have_no_mount_rule():
-    with pytest.raises(KeyError):
-        compute_mounts(L, Kind.COMMITTED, 9, ())
+@pytest.mark.parametrize("parents", [(), (3,), (3, 2)])
+def test_committed_snapshots_have_no_mounts(parents):
+    with pytest.raises(FailedPrecondition, match="a committed snapshot has no mounts"):
+        compute_mounts(L, Kind.COMMITTED, 9, parents)
 
 
 def test_a_target_adds_a_mount_at_it_and_the_mountpoints_lower_under_the_rootfs():
     [root, m2] = compute_mounts(L, Kind.ACTIVE, 7, (3,), ("index=off",), (), [("/root/.m2", ["/r/lowers/7/0"])])
-    assert root == Mount("overlay", "overlay", ("index=off", "workdir=/r/snapshots/7/work",
-                                                "upperdir=/r/snapshots/7/fs",
-                                                "lowerdir=/r/snapshots/3/fs:/r/snapshots/7/mountpoints"))
-    base = L.target_dir(7, "/root/.m2")
-    assert base.startswith("/r/snapshots/7/targets/")  # inside the snapshot: gone with it
-    assert m2 == Mount("overlay", "overlay", ("index=off", f"workdir={base}/work", f"upperdir={base}/fs",
-                                              "lowerdir=/r/lowers/7/0"), "/root/.m2")
+    assert root == Mount(
+        "overlay",
+        "overlay",
+        (
+            "index=off",
+            "workdir=/r/snapshots/7/work",
+            "upperdir=/r/snapshots/7/fs",
+            "lowerdir=/r/snapshots/3/fs:/r/snapshots/7/mountpoints",
+        ),
+    )
+    # Inside the snapshot (gone with it), named by the target's hash.
+    base = "/r/snapshots/7/targets/" + hashlib.sha256(b"/root/.m2").hexdigest()[:16]
+    assert m2 == Mount(
+        "overlay",
+        "overlay",
+        ("index=off", f"workdir={base}/work", f"upperdir={base}/fs", "lowerdir=/r/lowers/7/0"),
+        "/root/.m2",
+    )
 
 
 def test_targets_of_a_view_are_read_only():
@@ -72,7 +87,9 @@ def test_a_target_dir_follows_the_target_not_its_place():
 
 def test_for_parallel_unpack_a_parentless_active_is_an_overlay_over_the_empty_dir():
     (m,) = compute_mounts(L, Kind.ACTIVE, 7, [], ("index=off",), parallel_unpack=True)
-    assert (m.type, m.options) == ("overlay", ("index=off", "workdir=/r/snapshots/7/work",
-                                               "upperdir=/r/snapshots/7/fs", "lowerdir=/r/empty"))
+    assert (m.type, m.options) == (
+        "overlay",
+        ("index=off", "workdir=/r/snapshots/7/work", "upperdir=/r/snapshots/7/fs", "lowerdir=/r/empty"),
+    )
     assert compute_mounts(L, Kind.ACTIVE, 7, [3], parallel_unpack=True) == compute_mounts(L, Kind.ACTIVE, 7, [3])
     assert compute_mounts(L, Kind.VIEW, 7, [], parallel_unpack=True) == compute_mounts(L, Kind.VIEW, 7, [])

@@ -83,13 +83,12 @@ class CriClient:
             labels=dict(labels or {}),
             annotations=dict(annotations or {}),
             linux=pb.LinuxPodSandboxConfig(
-                security_context=pb.LinuxSandboxSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE)
-                )
+                security_context=pb.LinuxSandboxSecurityContext(namespace_options=pb.NamespaceOption(network=pb.NODE))
             ),
         )
-        resp = self.runtime.RunPodSandbox(pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler),
-                                          timeout=RPC_TIMEOUT)
+        resp = self.runtime.RunPodSandbox(
+            pb.RunPodSandboxRequest(config=config, runtime_handler=runtime_handler), timeout=RPC_TIMEOUT
+        )
         return Pod(resp.pod_sandbox_id, config)
 
     def pod_state(self, pod_id: str) -> str:
