@@ -4,7 +4,7 @@ what for each config version, and the entries that declare the snapshotter, as T
 containerd 1.6 and 1.7 read config version 2; 2.x reads version 3 (2.3 writes 4 and migrates 3).
 CRI's tables moved in 2.0: the snapshotter setting to 'io.containerd.cri.v1.images', runtimes to
 'io.containerd.cri.v1.runtime'. From 2.1 on, pulls and imports go through the Transfer service,
-which unpacks only into the snapshotters its `unpack_config` lists (SPEC section 5b). CRI reports
+which unpacks only into the snapshotters its `unpack_config` lists. CRI reports
 a proxy snapshotter's image filesystem (kubelet's ImageFsInfo and image GC) at the plugin's
 `exports.root`. Pure: used by the installer, doctor and the private containerd of tests; must
 not run anything or touch files.

@@ -2,7 +2,7 @@
 
 An unmodified kubelet and containerd pass no snapshot labels for pods, so the snapshotter asks
 containerd itself, at the Mounts call CRI makes when it starts a container: the container record
-names its pod sandbox, whose CRI metadata holds the pod's annotations (SPEC section 5). Here:
+names its pod sandbox, whose CRI metadata holds the pod's annotations. Here:
 the settings, turning containerd's records into a request, and holding it to the policy of the
 pod's Kubernetes namespace. addlower.engine.podlookup asks containerd. Must not do any I/O.
 """

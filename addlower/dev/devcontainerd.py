@@ -69,7 +69,7 @@ class Binaries:
 
 @dataclass(frozen=True)
 class CriSettings:
-    """CRI plugin settings that matter on our test machines (SPEC section 6)."""
+    """CRI plugin settings that matter on our test machines."""
 
     snapshotter: str = "overlayfs"
     sandbox_image: str = "localhost/addlower/pause:latest"

@@ -1,5 +1,5 @@
 """Pods choose extra lowers with an annotation, through an unmodified containerd 1.6 CRI: the daemon
-finds the pod through containerd's Containers API at container start (SPEC section 5)."""
+finds the pod through containerd's Containers API at container start."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""API-level facts of containerd's overlayfs snapshotter (SPEC section 3) that the conformance suite
+"""API-level facts of containerd's overlayfs snapshotter that the conformance suite
 does not pin: exact mounts per case, error codes, Commit and Usage rules, List batching, the
 on-disk layout, Cleanup with and without async remove, and the --upperdir-label flag.
 """
