@@ -104,9 +104,8 @@ class Usage:
     inodes: int = 0
 
 
-def disk_usage(root: Path, max_inodes: int | None = None) -> Usage | None:
-    """Blocks and inodes under `root` (itself included), each (dev, inode) counted once; None as
-    soon as more than `max_inodes` are seen (a caller that must stay quick gives up)."""
+def disk_usage(root: Path) -> Usage:
+    """Blocks and inodes under `root` (itself included), each (dev, inode) counted once."""
     seen: set[tuple[int, int]] = set()
     size = 0
     pending = [os.fspath(root)]
@@ -121,8 +120,6 @@ def disk_usage(root: Path, max_inodes: int | None = None) -> Usage | None:
                 if ident not in seen:
                     seen.add(ident)
                     size += st.st_blocks * 512
-                    if max_inodes is not None and len(seen) > max_inodes:
-                        return None
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(entry.path)
     return Usage(size=size, inodes=len(seen))

@@ -66,35 +66,23 @@ class Request:
     pod: Mapping[str, str] = field(default_factory=dict)  # namespace, pod, container: for the logs
 
 
-# A Commit or Usage on the event loop counts at most this many inodes (about a millisecond);
-# beyond, it is done again in a thread: an image layer of 100k files must not stall every other call.
-QUICK_WALK_INODES = 2000
-
-
-class NeedsTime(Exception):
-    """Work asked to be quick would take long: do it again where waiting is fine."""
-
-
 class LostMetadata(RuntimeError):
     """snapshots/ holds data that metadata.db does not account for: starting would delete it."""
 
 
-def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage, max_inodes: int | None = None) -> Usage | None:
-    """Usage as containerd reports it: a live walk for an active snapshot (None beyond
-    `max_inodes`), stored for the rest."""
-    return live_usage(layout, sid, max_inodes) if info.kind == Kind.ACTIVE else stored
+def measured_usage(layout: Layout, sid: int, info: Info, stored: Usage) -> Usage:
+    """Usage as containerd reports it: a live walk for an active snapshot, stored for the rest."""
+    return live_usage(layout, sid) if info.kind == Kind.ACTIVE else stored
 
 
-def live_usage(layout: Layout, sid: int, max_inodes: int | None = None) -> Usage | None:
-    """What an active snapshot's writes take: its upper dir and its targets' upper dirs (None
-    beyond `max_inodes`)."""
-    usage = fsutil.disk_usage(Path(layout.upper(sid)), max_inodes)
+def live_usage(layout: Layout, sid: int) -> Usage:
+    """What an active snapshot's writes take: its upper dir and its targets' upper dirs."""
+    usage = fsutil.disk_usage(Path(layout.upper(sid)))
     targets = Path(layout.targets(sid))
-    if usage is None or not targets.is_dir():
+    if not targets.is_dir():
         return usage
-    left = None if max_inodes is None else max_inodes - usage.inodes
-    extra = fsutil.disk_usage(targets, left)
-    return None if extra is None else Usage(usage.size + extra.size, usage.inodes + extra.inodes)
+    extra = fsutil.disk_usage(targets)
+    return Usage(usage.size + extra.size, usage.inodes + extra.inodes)
 
 
 @dataclass(frozen=True)
@@ -156,15 +144,39 @@ class Snapshotter:
 
     # --- creation -----------------------------------------------------------------------------
 
-    def prepare(self, key: str, parent: str, labels: Mapping[str, str], quick: bool = False) -> list[Mount]:
-        """`quick` (as for view and mounts): the caller runs on the event loop, so host dirs to
-        walk raise NeedsTime instead (a filesystem under an allowed root may hang)."""
-        return self._create(Kind.ACTIVE, key, parent, labels, quick)
+    # --- what a call will do, known before it starts (where it runs follows from it) -----------
 
-    def view(self, key: str, parent: str, labels: Mapping[str, str], quick: bool = False) -> list[Mount]:
-        return self._create(Kind.VIEW, key, parent, labels, quick)
+    def create_opens_dirs(self, key: str, labels: Mapping[str, str]) -> bool:
+        """Whether a Prepare or View of `key` with `labels` walks host dirs (a filesystem under an
+        allowed root may hang): it asks for extra lowers, outside the pods' namespace (where they
+        wait for the container's pod)."""
+        return bool(labels.get(EXTRA_LOWERS_LABEL)) and not self._held_for_pods(key)
 
-    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str], quick: bool) -> list[Mount]:
+    def mounts_work(self, key: str) -> tuple[bool, bool]:
+        """(walks host dirs, may ask containerd) for a Mounts of `key`, from what the store holds."""
+        with self.store.read() as reader:
+            labels = reader.labels_of(key)
+        if labels is None:
+            return False, False
+        if self._held_for_pods(key):
+            return True, POD_LABEL not in labels
+        return bool(labels.get(EXTRA_LOWERS_LABEL)), False
+
+    def walks_upper(self, key: str) -> bool:
+        """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
+        with self.store.read() as reader:
+            kind = reader.kind_of(key)
+        return kind == Kind.ACTIVE
+
+    # --- creation -----------------------------------------------------------------------------
+
+    def prepare(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> list[Mount]:
         validate_labels(labels)
         if not self.reserve.kept and not self.reserve.keep():
             raise self._no_space(
@@ -173,8 +185,6 @@ class Snapshotter:
             )
         self._refuse_reserved(labels, {})
         lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
-        if lowers and quick:
-            raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         with self._refused_counted(
             "label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key
         ) as opened:  # no lock
@@ -315,10 +325,9 @@ class Snapshotter:
 
     # --- mounts: a read that re-checks lowers, re-pins them and may record a pod's ------------
 
-    def mounts(self, key: str, quick: bool = False) -> list[Mount]:
+    def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
-        or the host may have changed) and, for a pod's container, records what it got. `quick`:
-        as for prepare."""
+        or the host may have changed) and, for a pod's container, records what it got."""
         with self.store.read() as reader:
             snap = reader.get_snapshot(key)
         if self._held_for_pods(key):
@@ -331,8 +340,6 @@ class Snapshotter:
                     key=key,
                 )
             )
-        if request.lowers and quick:
-            raise NeedsTime(f"snapshot {key!r} has host dirs to open")
         context = {"key": key, **request.pod}
         with self._refused_counted(
             request.metric, lambda: self._open(key, request.lowers, request.source), **context
@@ -448,14 +455,10 @@ class Snapshotter:
             sid, info, _ = reader.get_info(key)
         return self._decorate(sid, info)
 
-    def usage(self, key: str, quick: bool = False) -> Usage:
-        """`quick`: as for commit."""
+    def usage(self, key: str) -> Usage:
         with self.store.read() as reader:
             sid, info, stored = reader.get_info(key)
-        usage = measured_usage(self.layout, sid, info, stored, QUICK_WALK_INODES if quick else None)  # outside the lock
-        if usage is None:
-            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
-        return usage
+        return measured_usage(self.layout, sid, info, stored)  # outside the lock
 
     def list(self, filters: Sequence[str]) -> Iterator[Info]:
         """Snapshots matching the filters, by key: the store is read and the filters checked now,
@@ -489,19 +492,14 @@ class Snapshotter:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
 
-    def commit(self, name: str, key: str, labels: Mapping[str, str], quick: bool = False, parent: str = "") -> None:
+    def commit(self, name: str, key: str, labels: Mapping[str, str], parent: str = "") -> None:
         """Commit an active snapshot, onto `parent` when it was made without one (its upper dir
-        does not depend on what lies below). `quick`: the caller must not wait on a big upper dir
-        (it runs on the event loop), so more than QUICK_WALK_INODES raises NeedsTime instead."""
+        does not depend on what lies below)."""
         validate_labels(labels)
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
         # The walk happens outside the lock; the transaction re-checks everything.
-        usage = (
-            live_usage(self.layout, sid, QUICK_WALK_INODES if quick else None) if info.kind == Kind.ACTIVE else Usage()
-        )
-        if usage is None:
-            raise NeedsTime(f"snapshot {key!r} has more than {QUICK_WALK_INODES} inodes to count")
+        usage = live_usage(self.layout, sid) if info.kind == Kind.ACTIVE else Usage()
         with self.store.transaction() as tx:
             sid = tx.commit_active(key, name, usage, labels, parent)
         self.pins.release(sid)  # a committed snapshot has no mounts

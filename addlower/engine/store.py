@@ -189,6 +189,14 @@ class Reader:
         being sent costs no copy of the store."""
         return ((r.id, r.info) for r in self._m.in_key_order())
 
+    def labels_of(self, key: str) -> Mapping[str, str] | None:
+        rec = self._m.by_key.get(key)
+        return rec.info.labels if rec is not None else None
+
+    def kind_of(self, key: str) -> Kind | None:
+        rec = self._m.by_key.get(key)
+        return rec.info.kind if rec is not None else None
+
     def labels(self, sid: int) -> Mapping[str, str]:
         return self._m.by_id[sid].info.labels
 

@@ -186,6 +186,9 @@ class Route:
     streaming: bool = False
     pool: str | None = None  # the thread pool for calls that may take long; None: on the loop
     describe: Callable[[Any], str] = lambda request: ""  # for the per-call log line
+    # Where a call runs when it depends on the request: decided on the loop (so quickly) before
+    # the call starts; overrides `pool`.
+    place: Callable[[Any], str | None] | None = None
 
     @functools.cached_property
     def name(self) -> str:
@@ -196,27 +199,12 @@ class Route:
 ErrorMapper = Callable[[BaseException], tuple[Code, str]]
 Metadata = Mapping[str, str]  # the KEPT_METADATA a call came with
 
-_on_loop = contextvars.ContextVar("on_loop", default=False)
 _metadata: contextvars.ContextVar[Metadata] = contextvars.ContextVar("metadata", default=MappingProxyType({}))
-
-
-def on_loop() -> bool:
-    """Whether the handler calling this runs on the event loop (and so must be quick)."""
-    return _on_loop.get()
 
 
 def call_metadata() -> Metadata:
     """The KEPT_METADATA of the call the running handler answers."""
     return _metadata.get()
-
-
-class Offload(Exception):
-    """Raised by a handler running on the loop to have its call run again in the pool `pool`: for
-    work that is usually quick and sometimes not (a Commit of a big upper dir)."""
-
-    def __init__(self, pool: str):
-        super().__init__(pool)
-        self.pool = pool
 
 
 class ConnectionFault(Exception):
@@ -658,16 +646,10 @@ class _Connection(asyncio.Protocol):
             self._finish(stream, [], Code.DEADLINE_EXCEEDED, "the deadline passed before the call started")
             return
         started = time.perf_counter()
-        pool = route.pool
+        pool = route.pool if route.place is None else self.server.place(route, request)
         if pool is None:
-            token = _on_loop.set(True)
-            try:
-                self._complete(stream, route, request, started, self.server.call(route, request, stream.metadata))
-                return
-            except Offload as offload:
-                pool = offload.pool
-            finally:
-                _on_loop.reset(token)
+            self._complete(stream, route, request, started, self.server.call(route, request, stream.metadata))
+            return
         if self.server.queued >= MAX_QUEUED:
             self._finish(stream, [], Code.RESOURCE_EXHAUSTED, f"{MAX_QUEUED} calls are waiting already")
             return
@@ -808,7 +790,7 @@ class GrpcServer:
         errors: ErrorMapper,
         observe: Callable[[str, float, Code], None] = lambda method, seconds, code: None,
     ):
-        unknown = {r.pool for r in routes.values() if r.pool is not None} - set(pools)
+        unknown = {r.pool for r in routes.values() if r.pool is not None} - set(pools)  # place's: at the call
         if unknown:
             raise ValueError(f"routes name unknown pools {sorted(unknown)}")
         self.routes = {path.encode("latin-1"): route for path, route in routes.items()}
@@ -819,6 +801,16 @@ class GrpcServer:
         self.queued = 0  # calls submitted to the pools and not done
         self._server: asyncio.AbstractServer | None = None
 
+    @staticmethod
+    def place(route: Route, request: Any) -> str | None:
+        """The pool (None: the loop) `route` picks for `request`; the loop when picking fails (the
+        handler then answers with the error)."""
+        assert route.place is not None
+        try:
+            return route.place(request)
+        except Exception:
+            return None
+
     def call(self, route: Route, request: Any, metadata: Metadata) -> tuple[Iterable[bytes], Code, str]:
         """Run a handler; returns its serialized answer (a list of one message, or lazily an
         iterator for streaming routes) and the status (code, message)."""
@@ -828,10 +820,6 @@ class GrpcServer:
             if route.streaming:
                 return (r if isinstance(r, bytes) else r.SerializeToString() for r in result), Code.OK, ""
             return [result if isinstance(result, bytes) else result.SerializeToString()], Code.OK, ""
-        except Offload:
-            if on_loop():
-                raise
-            return iter(()), Code.INTERNAL, "a call offloaded to a pool asked to be offloaded again"
         except Exception as exc:
             code, message = self.errors(exc)
             return iter(()), code, message

@@ -24,9 +24,9 @@ from addlower.api import snapshots_pb2 as pb
 from addlower.core.codes import Code
 from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
 from addlower.core.mounts import Mount
-from addlower.engine.snapshotter import NeedsTime, Snapshotter
+from addlower.engine.snapshotter import Snapshotter
 from addlower.engine.store import Info
-from addlower.server.grpcserver import Offload, Route, on_loop
+from addlower.server.grpcserver import Route
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,12 @@ class SnapshotsService:
             log.warning("call refused: %s", exc)
         return status_code(exc), str(exc)
 
-    # Prepare, View and Mounts run on the loop, unless they have host dirs to open: then in the
-    # blocking pool (Offload), where a hung filesystem under an allowed root stalls only them.
-
     def Prepare(self, request: pb.PrepareSnapshotRequest) -> pb.PrepareSnapshotResponse:
-        labels = dict(request.labels)
-        mounts = self._offloading(lambda quick: self.sn.prepare(request.key, request.parent, labels, quick))
+        mounts = self.sn.prepare(request.key, request.parent, dict(request.labels))
         return pb.PrepareSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     def View(self, request: pb.ViewSnapshotRequest) -> pb.ViewSnapshotResponse:
-        labels = dict(request.labels)
-        mounts = self._offloading(lambda quick: self.sn.view(request.key, request.parent, labels, quick))
+        mounts = self.sn.view(request.key, request.parent, dict(request.labels))
         return pb.ViewSnapshotResponse(mounts=mounts_to_pb(mounts))
 
     def Mounts(self, request: pb.MountsRequest) -> pb.MountsResponse | bytes:
@@ -114,26 +109,15 @@ class SnapshotsService:
         info = self.sn.plain(request.key)
         data = self.plain_mounts.get(info) if info is not None else None
         if data is None:
-            mounts = self._offloading(lambda quick: self.sn.mounts(request.key, quick))
+            mounts = self.sn.mounts(request.key)
             reply = pb.MountsResponse(mounts=mounts_to_pb(mounts))
             if info is None:
                 return reply
             data = self.plain_mounts[info] = reply.SerializeToString()
         return data
 
-    @staticmethod
-    def _offloading(call: Callable[[bool], Any]) -> Any:
-        """call(quick), handed to the blocking pool when it says it needs time."""
-        try:
-            return call(on_loop())
-        except NeedsTime:
-            raise Offload(BLOCKING) from None
-
     def Commit(self, request: pb.CommitSnapshotRequest) -> empty_pb2.Empty:
-        """On the loop for the usual small upper dir; a big one is counted in the blocking pool."""
-        self._offloading(
-            lambda quick: self.sn.commit(request.name, request.key, dict(request.labels), quick, request.parent)
-        )
+        self.sn.commit(request.name, request.key, dict(request.labels), request.parent)
         return empty_pb2.Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest) -> empty_pb2.Empty:
@@ -156,9 +140,26 @@ class SnapshotsService:
         return iter(lambda: b"".join(self.infos.field(i) for i in itertools.islice(infos, LIST_BATCH)), b"")
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
-        """On the loop for the usual small upper dir, as Commit."""
-        usage = self._offloading(lambda quick: self.sn.usage(request.key, quick))
+        usage = self.sn.usage(request.key)
         return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    # --- where each call runs, decided from its request before it starts ----------------------
+
+    def creating(self, request: Any) -> str | None:
+        """Prepare and View: in the blocking pool when they walk host dirs (a filesystem under an
+        allowed root may hang: it stalls only them), else on the loop."""
+        return BLOCKING if self.sn.create_opens_dirs(request.key, request.labels) else None
+
+    def mounting(self, request: pb.MountsRequest) -> str | None:
+        """Mounts: a pod's container may wait for containerd (its own pool: a slow containerd must
+        not starve Usage or Remove), host dirs are walked in the blocking pool, the rest (most
+        calls, cached) on the loop."""
+        walks, asks = self.sn.mounts_work(request.key)
+        return KUBERNETES if asks else BLOCKING if walks else None
+
+    def counting(self, request: pb.UsageRequest) -> str | None:
+        """Usage: an active snapshot's tree is counted in the blocking pool; the rest is stored."""
+        return BLOCKING if self.sn.walks_upper(request.key) else None
 
     def Cleanup(self, request: pb.CleanupRequest) -> empty_pb2.Empty:
         removed = self.sn.cleanup()
@@ -176,25 +177,27 @@ KUBERNETES = "kubernetes"  # the pool for Mounts calls that may wait for contain
 
 @dataclass(frozen=True)
 class Method:
-    """One Snapshots method: its request type, where it runs, whether it streams, what to log."""
+    """One Snapshots method: its request type, where it runs (a pool, or the name of the service's
+    method that decides it from the request), whether it streams, what to log."""
 
     request: Any
     pool: str | None = None  # None: on the event loop
     streams: bool = False
     describe: Callable[[Any], str] = _key
+    place: str | None = None  # SnapshotsService.<place>(request) -> pool or None
 
 
 METHODS: dict[str, Method] = {
-    "Prepare": Method(pb.PrepareSnapshotRequest),
-    "View": Method(pb.ViewSnapshotRequest),
-    "Mounts": Method(pb.MountsRequest),  # KUBERNETES when lookups are on (pools())
-    "Commit": Method(pb.CommitSnapshotRequest),  # a big upper dir goes to BLOCKING itself (Offload)
+    "Prepare": Method(pb.PrepareSnapshotRequest, place="creating"),
+    "View": Method(pb.ViewSnapshotRequest, place="creating"),
+    "Mounts": Method(pb.MountsRequest, place="mounting"),
+    "Commit": Method(pb.CommitSnapshotRequest, BLOCKING),  # counts the upper dir's blocks and inodes
     "Remove": Method(pb.RemoveSnapshotRequest, BLOCKING),  # on the loop with async remove (pools())
     "Stat": Method(pb.StatSnapshotRequest),
     "Update": Method(pb.UpdateSnapshotRequest, describe=lambda r: r.info.name),
     # On the loop, lazily: each batch is framed only once flow control lets it go out.
     "List": Method(pb.ListSnapshotsRequest, streams=True, describe=lambda r: ",".join(r.filters)),
-    "Usage": Method(pb.UsageRequest),  # a big upper dir goes to BLOCKING itself (Offload)
+    "Usage": Method(pb.UsageRequest, place="counting"),
     "Cleanup": Method(pb.CleanupRequest, BLOCKING, describe=lambda r: ""),
 }
 
@@ -204,8 +207,6 @@ def pools(service: SnapshotsService) -> dict[str, str | None]:
     where = {name: m.pool for name, m in METHODS.items()}
     if service.sn.config.async_remove:
         where["Remove"] = None  # a rename in the store, no tree to delete
-    if service.sn.pods is not None:
-        where["Mounts"] = KUBERNETES  # may wait for containerd
     return where
 
 
@@ -218,6 +219,7 @@ def routes(service: SnapshotsService) -> dict[str, Route]:
             streaming=m.streams,
             pool=where[name],
             describe=m.describe,
+            place=getattr(service, m.place) if m.place else None,
         )
         for name, m in METHODS.items()
     }

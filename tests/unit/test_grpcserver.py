@@ -384,18 +384,28 @@ def test_connections_beyond_the_limit_are_closed_at_once():
     run(test)
 
 
-def test_a_handler_on_the_loop_may_hand_its_call_to_a_pool():
+def test_a_route_picks_where_a_call_runs_from_its_request_before_it_starts():
     def test() -> None:
         p = Peer()
+        ran: list[str] = []
 
-        def quick_or_not(request: Any) -> Any:
-            if g.on_loop():
-                raise g.Offload("held")
+        def handler(request: Any) -> Any:
+            ran.append(request.value)
             return request
 
-        p.server.routes[b"/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, quick_or_not)
-        p.call(1, b"/t.T/Maybe")
-        assert len(p.pool.futures) == 1 and p.status(p.frames(), 1) is None  # waiting in the pool
+        def place(request: Any) -> str | None:
+            if request.value == "boom":
+                raise ValueError("cannot tell")  # picking fails: the loop, the handler answers
+            return "held" if request.value == "slow" else None
+
+        p.server.routes[b"/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, handler, place=place)
+        p.call(1, b"/t.T/Maybe", "quick")
+        p.call(3, b"/t.T/Maybe", "slow")
+        p.call(5, b"/t.T/Maybe", "boom")
+        out = p.frames()
+        assert ran == ["quick", "boom"]  # on the loop, once each; "slow" waits in the pool, not run yet
+        assert len(p.pool.futures) == 1 and p.status(out, 3) is None
+        assert p.status(out, 1) == 0 and p.status(out, 5) == 0
 
     run(test)
 
