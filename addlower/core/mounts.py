@@ -10,23 +10,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import IntEnum
 
 from addlower.core.errors import FailedPrecondition
-
-
-class Kind(IntEnum):
-    """Snapshot kinds, numbered as in containerd's snapshots API."""
-
-    UNKNOWN = 0
-    VIEW = 1
-    ACTIVE = 2
-    COMMITTED = 3
-
-    @property
-    def label(self) -> str:
-        """The kind as containerd spells it in filters and `ctr snapshots ls` (active, view, ...)."""
-        return self.name.lower()
+from addlower.core.model import Kind
 
 
 @dataclass(frozen=True)

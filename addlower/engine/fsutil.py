@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from addlower.core.model import Usage
+
 DT_UNKNOWN = 0
 
 
@@ -96,12 +98,6 @@ def overlay_options(configured: tuple[str, ...] = ()) -> tuple[str, ...]:
     if os.path.exists("/sys/module/overlay/parameters/index"):
         opts.append("index=off")
     return tuple(opts)
-
-
-@dataclass(frozen=True)
-class Usage:
-    size: int = 0
-    inodes: int = 0
 
 
 def disk_usage(root: Path) -> Usage:

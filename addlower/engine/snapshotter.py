@@ -26,15 +26,15 @@ from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.core.logformat import fields
 from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers, target_count
-from addlower.core.mounts import Kind, Layout, Mount, compute_mounts, layer_dirs
+from addlower.core.model import Info, Kind, Usage
+from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
 from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine import fsutil, metrics
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
-from addlower.engine.fsutil import Usage
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.podlookup import PodLowers
-from addlower.engine.store import DB_NAME, Info, MetaStore, Snapshot, disk_full, matching, stored_schema_version
+from addlower.engine.store import DB_NAME, MetaStore, Snapshot, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
 

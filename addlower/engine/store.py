@@ -18,13 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from addlower.core.filters import parse_filters
-from addlower.core.mounts import Kind
-from addlower.engine.fsutil import Usage
+from addlower.core.model import Info, Kind, Usage
 
 SCHEMA_VERSION = 1
 DB_NAME = "metadata.db"  # under the snapshotter root
@@ -64,22 +63,6 @@ def stored_schema_version(path: Path) -> int:
             db.close()
     except sqlite3.DatabaseError:
         return -1
-
-
-@dataclass(frozen=True, eq=False)
-class Info:
-    """What Stat returns: containerd's snapshots.Info. Shared with the mirror: never mutate.
-
-    Compared and hashed by identity: a changed snapshot gets a new Info, so callers may memoise
-    what they derive from one (the service keeps its serialized form).
-    """
-
-    name: str
-    parent: str
-    kind: Kind
-    created_at: int
-    updated_at: int
-    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

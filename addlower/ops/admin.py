@@ -50,13 +50,13 @@ from addlower.core.errors import InvalidArgument, NotFound, SnapshotError
 from addlower.core.keys import resolve_key
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.lowers import Lower, NamedLower
-from addlower.core.mounts import Kind, Layout
+from addlower.core.model import Info, Kind, Usage
+from addlower.core.mounts import Layout
 from addlower.core.pods import CONTAINERD_ADDRESS
 from addlower.engine import fsutil, pinning
 from addlower.engine.ctrdversion import TargetSupport, ask_version
-from addlower.engine.fsutil import Usage
 from addlower.engine.snapshotter import measured_usage
-from addlower.engine.store import DB_NAME, Info, MetaStore, Reader, matching
+from addlower.engine.store import DB_NAME, MetaStore, Reader, matching
 from addlower.ops.client import SnapshotsClient
 from addlower.ops.install import plugin_table
 

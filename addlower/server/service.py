@@ -23,9 +23,9 @@ from addlower.api import mount_pb2
 from addlower.api import snapshots_pb2 as pb
 from addlower.core.codes import Code
 from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
+from addlower.core.model import Info
 from addlower.core.mounts import Mount
 from addlower.engine.snapshotter import Snapshotter
-from addlower.engine.store import Info
 from addlower.server.grpcserver import Route
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,7 @@ from click.testing import CliRunner, Result
 from addlower.cli import admin as GROUP
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL
-from addlower.core.mounts import Kind
-from addlower.engine.store import Info
+from addlower.core.model import Info, Kind
 from addlower.ops import admin
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon

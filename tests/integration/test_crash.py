@@ -29,7 +29,7 @@ import grpc
 import pytest
 
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
-from addlower.core.mounts import Kind
+from addlower.core.model import Kind
 from addlower.dev.devcontainerd import unmount_under
 from addlower.engine import fsutil
 from addlower.ops.client import SnapshotsClient

@@ -17,7 +17,8 @@ from addlower.core.lowers import (
     parse_lowers,
     target_count,
 )
-from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.core.model import Kind
+from addlower.core.mounts import Layout, Mount, compute_mounts
 
 ROOT = "/var/lib/addlower"
 POLICY = LowerPolicy(ROOT, ("/srv/cache", "/tmp", "/srv/cache/deep"), {"maven": NamedLower("/var/cache/ci/m2")})

@@ -5,7 +5,8 @@ import hashlib
 import pytest
 
 from addlower.core.errors import FailedPrecondition
-from addlower.core.mounts import Kind, Layout, Mount, compute_mounts
+from addlower.core.model import Kind
+from addlower.core.mounts import Layout, Mount, compute_mounts
 
 L = Layout("/r")
 
