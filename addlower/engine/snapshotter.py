@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,15 +25,15 @@ from addlower.core.config import Config, reloaded
 from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.core.logformat import fields
-from addlower.core.lowers import ROOT_TARGET, Lower, LowerPolicy, check_mount_limits, parse_lowers, target_count
+from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_count
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
-from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine import fsutil, metrics
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.podlookup import PodLowers
+from addlower.engine.resolver import LABEL_SOURCE, Resolver, counted
 from addlower.engine.store import DB_NAME, MetaStore, Snapshot, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ REMOVED_PREFIX = "rm-"
 # The snapshot id a dir under snapshots/ is named after: its own, set aside, or set aside again.
 _DIR_ID = re.compile(rf"(?:{REMOVED_PREFIX})?(\d+)(?:-\d+)?")
 
-LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
-
 # Room kept back on the root's filesystem for deleting rows when it is full (see fsutil.Reserve):
 # SQLite writes a few 4 KiB pages to its WAL per Remove, so this covers thousands.
 RESERVE_NAME = "reserve"
@@ -52,18 +50,6 @@ RESERVE_BYTES = 8 << 20
 
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Request:
-    """The extra lowers a Mounts call resolved: the entries, where they came from (for messages
-    and the refusal metric), and the labels to record once they are pinned."""
-
-    lowers: tuple[Lower, ...] = ()
-    source: str = LABEL_SOURCE
-    metric: str = "label"
-    record: Mapping[str, str] = field(default_factory=dict)
-    pod: Mapping[str, str] = field(default_factory=dict)  # namespace, pod, container: for the logs
 
 
 class LostMetadata(RuntimeError):
@@ -85,21 +71,6 @@ def live_usage(layout: Layout, sid: int) -> Usage:
     return Usage(usage.size + extra.size, usage.inodes + extra.inodes)
 
 
-@dataclass(frozen=True)
-class Policy:
-    """Which host dirs may be lowers, from one config: replaced whole when the config is reloaded."""
-
-    lowers: LowerPolicy  # containerd clients' labels
-    kubernetes: KubernetesConfig  # pods' roots, by namespace
-
-    @classmethod
-    def of(cls, root: str, config: Config) -> Policy:
-        return cls(LowerPolicy(root, tuple(config.allowed_roots), dict(config.named_lowers)), config.kubernetes)
-
-    def for_pods(self, namespace: str | None) -> LowerPolicy:
-        return self.kubernetes.policy(self.lowers.root, self.lowers.named, namespace)
-
-
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
@@ -118,8 +89,8 @@ class Snapshotter:
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         Path(self.layout.empty).mkdir(mode=0o755, exist_ok=True)
-        self.policy = Policy.of(str(root), config)
         self.pods = PodLowers(config.kubernetes) if config.kubernetes.enabled else None
+        self.resolver = Resolver(str(root), config, self.pods)
         k8s = config.kubernetes
         self.targets = TargetSupport(config.mount_targets, k8s.containerd_address, k8s.timeout)
         self._refuse_lost_metadata()
@@ -150,7 +121,7 @@ class Snapshotter:
         """Whether a Prepare or View of `key` with `labels` walks host dirs (a filesystem under an
         allowed root may hang): it asks for extra lowers, outside the pods' namespace (where they
         wait for the container's pod)."""
-        return bool(labels.get(EXTRA_LOWERS_LABEL)) and not self._held_for_pods(key)
+        return bool(labels.get(EXTRA_LOWERS_LABEL)) and not self.resolver.held_for_pods(key)
 
     def mounts_work(self, key: str) -> tuple[bool, bool]:
         """(walks host dirs, may ask containerd) for a Mounts of `key`, from what the store holds."""
@@ -158,7 +129,7 @@ class Snapshotter:
             labels = reader.labels_of(key)
         if labels is None:
             return False, False
-        if self._held_for_pods(key):
+        if self.resolver.held_for_pods(key):
             return True, POD_LABEL not in labels
         return bool(labels.get(EXTRA_LOWERS_LABEL)), False
 
@@ -184,10 +155,8 @@ class Snapshotter:
                 f"removals ({RESERVE_BYTES} bytes)"
             )
         self._refuse_reserved(labels, {})
-        lowers = self._refused_counted("label", lambda: self._created_lowers(kind, key, labels), key=key)
-        with self._refused_counted(
-            "label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key
-        ) as opened:  # no lock
+        lowers = self.resolver.for_create(kind, key, labels)
+        with counted("label", lambda: self._open(key, lowers, LABEL_SOURCE), key=key) as opened:  # no lock
             return self._create_opened(kind, key, parent, labels, opened)
 
     def _create_opened(
@@ -212,7 +181,7 @@ class Snapshotter:
                 os.rename(tree, final)
                 tree = final
                 # In place: the mounts may need dirs inside it (a target's mountpoint and upper).
-                mounts = self._refused_counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE), key=key)
+                mounts = counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE), key=key)
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
@@ -231,47 +200,13 @@ class Snapshotter:
 
     # --- extra lowers: which entries, checked against which policy -----------------------------
 
-    def _held_for_pods(self, key: str) -> bool:
-        """Whether a snapshot's lowers answer to the pods' policy: with Kubernetes lookups on,
-        everything in containerd's CRI namespace (a direct CRI client can set the label there)."""
-        return self.pods is not None and in_namespace(key, self.pods.config.namespace)
-
     def reload(self, config: Config) -> list[str]:
         """Apply a re-read config's policy in one step (each check sees the old policy or the new
         one, whole); returns the changed keys that need a restart."""
         applied, later = reloaded(self.config, config)
-        self.policy = Policy.of(str(self.root), applied)
+        self.resolver.reload(applied)
         self.config = applied
         return later
-
-    def _pod_policy(self, namespace: str | None) -> LowerPolicy:
-        assert self.pods is not None
-        return self.policy.for_pods(namespace)
-
-    def _created_lowers(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
-        """The entries a new snapshot's label asks for, refused before anything is created. In the
-        CRI namespace they wait for the container's pod (none before), so none for now."""
-        value = labels.get(EXTRA_LOWERS_LABEL, "")
-        if not self._held_for_pods(key):
-            return parse_lowers(value, self.policy.lowers, LABEL_SOURCE)
-        if value and kind != Kind.ACTIVE:
-            raise InvalidArgument(
-                f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
-                "have extra lowers; only pods' containers can"
-            )
-        parse_lowers(value, self._pod_policy(None), LABEL_SOURCE)  # fails early what no pod may use
-        return ()
-
-    @staticmethod
-    def _refused_counted(source: str, check: Callable[[], T], **context: str) -> T:
-        """check(), with a refusal counted by `source` ("label" or "annotation") and logged with
-        `context` (key, and a pod's namespace, pod and container) as fields."""
-        try:
-            return check()
-        except InvalidArgument as exc:
-            metrics.LOWERS_REFUSED.inc(source)
-            log.warning("refused extra lowers: %s", exc, extra=fields(source=source, **context))
-            raise
 
     @staticmethod
     def _refuse_reserved(labels: Mapping[str, str], current: Mapping[str, str]) -> None:
@@ -330,23 +265,10 @@ class Snapshotter:
         or the host may have changed) and, for a pod's container, records what it got."""
         with self.store.read() as reader:
             snap = reader.get_snapshot(key)
-        if self._held_for_pods(key):
-            request = self._pod_lowers(key, snap)
-        else:
-            request = Request(
-                self._refused_counted(
-                    "label",
-                    lambda: parse_lowers(snap.labels.get(EXTRA_LOWERS_LABEL, ""), self.policy.lowers, LABEL_SOURCE),
-                    key=key,
-                )
-            )
+        request = self.resolver.for_mounts(key, snap.labels)
         context = {"key": key, **request.pod}
-        with self._refused_counted(
-            request.metric, lambda: self._open(key, request.lowers, request.source), **context
-        ) as opened:
-            mounts = self._refused_counted(
-                request.metric, lambda: self._mounts(snap, opened, request.source), **context
-            )
+        with counted(request.metric, lambda: self._open(key, request.lowers, request.source), **context) as opened:
+            mounts = counted(request.metric, lambda: self._mounts(snap, opened, request.source), **context)
         if request.lowers:
             with self.store.read() as reader:
                 if not reader.has_id(snap.id):  # removed while it was being pinned: its pins go too
@@ -401,52 +323,13 @@ class Snapshotter:
         for, no pod to look up): they stay what they are as long as that Info lives."""
         with self.store.read() as reader:
             _, info, _ = reader.get_info(key)
-        if info.kind not in (Kind.ACTIVE, Kind.VIEW) or EXTRA_LOWERS_LABEL in info.labels or self._held_for_pods(key):
+        if (
+            info.kind not in (Kind.ACTIVE, Kind.VIEW)
+            or EXTRA_LOWERS_LABEL in info.labels
+            or self.resolver.held_for_pods(key)
+        ):
             return None
         return info
-
-    def _pod_lowers(self, key: str, snap: Snapshot) -> Request:
-        """A CRI-namespace snapshot's lowers: held to its pod's namespace, found through containerd
-        until POD_LABEL records it; none while no pod is known."""
-        assert self.pods is not None
-        label = snap.labels.get(EXTRA_LOWERS_LABEL)
-        recorded = snap.labels.get(POD_LABEL)
-        if recorded is not None:
-            source = f"pod {recorded}: {LABEL_SOURCE}"
-            namespace, _, pod = recorded.partition("/")
-            policy = self._pod_policy(namespace)
-            who = {"namespace": namespace, "pod": pod}
-            return Request(
-                self._refused_counted("label", lambda: parse_lowers(label or "", policy, source), key=key, **who),
-                source,
-                pod=who,
-            )
-        found = self.pods.find(key)
-        if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            return Request(
-                self._refused_counted(
-                    "label", lambda: parse_lowers(label or "", self.policy.lowers, LABEL_SOURCE), key=key
-                )
-            )
-        if isinstance(found, Lookup):
-            return Request()
-        if label is not None:
-            source, value = LABEL_SOURCE, label
-        elif found.request is not None:
-            source, value = f"pod annotation {found.request[0]}", found.request[1]
-        else:
-            return Request()
-        who = {"namespace": found.namespace, "pod": found.pod, "container": found.container}
-        lowers = self._refused_counted(
-            "annotation", lambda: check_for_pod(found, source, value, self._pod_policy(found.namespace)), key=key, **who
-        )
-        return Request(
-            lowers,
-            f"{found.describe()}: {source}",
-            "annotation",
-            {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"},
-            who,
-        )
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -483,11 +366,7 @@ class Snapshotter:
         with self.store.read() as reader:
             _, current, _ = reader.get_info(name)
         self._refuse_reserved(labels, current.labels)
-        if EXTRA_LOWERS_LABEL in labels:
-            policy = self._pod_policy(None) if self._held_for_pods(name) else self.policy.lowers
-            self._refused_counted(
-                "label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE), key=name
-            )
+        self.resolver.check_update(name, labels)
         with self.store.transaction() as tx:
             sid, info = tx.update_info(name, labels, fieldpaths)
         return self._decorate(sid, info)
@@ -663,7 +542,7 @@ class Snapshotter:
             log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
         with self.store.read() as reader:
             labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in mountable}
-        self.pins.count(lambda sid: target_count(labels[sid], self.policy.lowers.named))
+        self.pins.count(lambda sid: target_count(labels[sid], self.resolver.policy.lowers.named))
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
                 log.error(

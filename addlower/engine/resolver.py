@@ -1,0 +1,153 @@
+"""Which extra lowers a snapshot gets, and under which policy: its label, checked against the
+label users' policy; or, for a pod's container in containerd's CRI namespace, its pod's annotation
+(or label), checked against the pod's namespace's policy, the pod found through containerd until
+the snapshot's labels record it. Every refusal is counted and logged here. The policy is one
+object, replaced whole when the config is reloaded. Must not touch the store, directories or
+mounts: callers hand it keys and labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from addlower.core.config import Config
+from addlower.core.errors import InvalidArgument
+from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL
+from addlower.core.logformat import fields
+from addlower.core.lowers import Lower, LowerPolicy, parse_lowers
+from addlower.core.model import Kind
+from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
+from addlower.engine import metrics
+from addlower.engine.podlookup import PodLowers
+
+log = logging.getLogger(__name__)
+
+LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Request:
+    """The extra lowers a Mounts call resolved: the entries, where they came from (for messages
+    and the refusal metric), and the labels to record once they are pinned."""
+
+    lowers: tuple[Lower, ...] = ()
+    source: str = LABEL_SOURCE
+    metric: str = "label"
+    record: Mapping[str, str] = field(default_factory=dict)
+    pod: Mapping[str, str] = field(default_factory=dict)  # namespace, pod, container: for the logs
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which host dirs may be lowers, from one config: replaced whole when the config is reloaded."""
+
+    lowers: LowerPolicy  # containerd clients' labels
+    kubernetes: KubernetesConfig  # pods' roots, by namespace
+
+    @classmethod
+    def of(cls, root: str, config: Config) -> Policy:
+        return cls(LowerPolicy(root, tuple(config.allowed_roots), dict(config.named_lowers)), config.kubernetes)
+
+    def for_pods(self, namespace: str | None) -> LowerPolicy:
+        return self.kubernetes.policy(self.lowers.root, self.lowers.named, namespace)
+
+
+def counted(source: str, check: Callable[[], T], **context: str) -> T:
+    """check(), with a refusal counted by `source` ("label" or "annotation") and logged with
+    `context` (key, and a pod's namespace, pod and container) as fields."""
+    try:
+        return check()
+    except InvalidArgument as exc:
+        metrics.LOWERS_REFUSED.inc(source)
+        log.warning("refused extra lowers: %s", exc, extra=fields(source=source, **context))
+        raise
+
+
+class Resolver:
+    """The extra lowers of snapshots under `root`, by the policy of `config`; `pods` looks up a
+    CRI container's pod (None: Kubernetes lookups off)."""
+
+    def __init__(self, root: str, config: Config, pods: PodLowers | None):
+        self.policy = Policy.of(root, config)
+        self.pods = pods
+
+    def reload(self, config: Config) -> None:
+        """Swap in `config`'s policy, whole: each check sees the old one or the new one."""
+        self.policy = Policy.of(self.policy.lowers.root, config)
+
+    def held_for_pods(self, key: str) -> bool:
+        """Whether a snapshot's lowers answer to the pods' policy: with Kubernetes lookups on,
+        everything in containerd's CRI namespace (a direct CRI client can set the label there)."""
+        return self.pods is not None and in_namespace(key, self.pods.config.namespace)
+
+    def for_create(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
+        """The entries a new snapshot's label asks for, refused before anything is created. In the
+        CRI namespace they wait for the container's pod (none before), so none for now."""
+        return counted("label", lambda: self._created(kind, key, labels), key=key)
+
+    def _created(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
+        value = labels.get(EXTRA_LOWERS_LABEL, "")
+        if not self.held_for_pods(key):
+            return parse_lowers(value, self.policy.lowers, LABEL_SOURCE)
+        if value and kind != Kind.ACTIVE:
+            raise InvalidArgument(
+                f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
+                "have extra lowers; only pods' containers can"
+            )
+        parse_lowers(value, self.policy.for_pods(None), LABEL_SOURCE)  # fails early what no pod may use
+        return ()
+
+    def check_update(self, key: str, labels: Mapping[str, str]) -> None:
+        """A new lowers value in a label update, checked now (against the pods' policy in the CRI
+        namespace); it is pinned at the next Mounts."""
+        if EXTRA_LOWERS_LABEL in labels:
+            policy = self.policy.for_pods(None) if self.held_for_pods(key) else self.policy.lowers
+            counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE), key=key)
+
+    def for_mounts(self, key: str, labels: Mapping[str, str]) -> Request:
+        """The lowers a Mounts of `key` (whose labels are `labels`) gets, checked again."""
+        if self.held_for_pods(key):
+            return self._pod_lowers(key, labels)
+        value = labels.get(EXTRA_LOWERS_LABEL, "")
+        return Request(counted("label", lambda: parse_lowers(value, self.policy.lowers, LABEL_SOURCE), key=key))
+
+    def _pod_lowers(self, key: str, labels: Mapping[str, str]) -> Request:
+        """A CRI-namespace snapshot's lowers: held to its pod's namespace, found through containerd
+        until POD_LABEL records it; none while no pod is known."""
+        assert self.pods is not None
+        label = labels.get(EXTRA_LOWERS_LABEL)
+        recorded = labels.get(POD_LABEL)
+        if recorded is not None:
+            source = f"pod {recorded}: {LABEL_SOURCE}"
+            namespace, _, pod = recorded.partition("/")
+            policy = self.policy.for_pods(namespace)
+            who = {"namespace": namespace, "pod": pod}
+            lowers = counted("label", lambda: parse_lowers(label or "", policy, source), key=key, **who)
+            return Request(lowers, source, pod=who)
+        found = self.pods.find(key)
+        if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
+            own = self.policy.lowers
+            return Request(counted("label", lambda: parse_lowers(label or "", own, LABEL_SOURCE), key=key))
+        if isinstance(found, Lookup):
+            return Request()
+        if label is not None:
+            source, value = LABEL_SOURCE, label
+        elif found.request is not None:
+            source, value = f"pod annotation {found.request[0]}", found.request[1]
+        else:
+            return Request()
+        who = {"namespace": found.namespace, "pod": found.pod, "container": found.container}
+        policy = self.policy.for_pods(found.namespace)
+        lowers = counted("annotation", lambda: check_for_pod(found, source, value, policy), key=key, **who)
+        return Request(
+            lowers,
+            f"{found.describe()}: {source}",
+            "annotation",
+            {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"},
+            who,
+        )
