@@ -24,7 +24,7 @@ from addlower.cli import admin as GROUP
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.model import Info, Kind
-from addlower.ops import admin
+from addlower.ops import render
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -236,8 +236,8 @@ def test_a_deep_chain_still_fits_80_columns():
         Info(f"layer-{i:03d}-" + "f" * 64, f"layer-{i - 1:03d}-" + "f" * 64 if i else "", Kind.COMMITTED, 0, 0)
         for i in range(40)
     ]
-    (root,) = admin.build_forest(infos)
-    lines = admin.draw_tree(root, 80)
+    (root,) = render.build_forest(infos)
+    lines = render.draw_tree(root, 80)
     assert len(lines) == 40 and all(len(line) <= 80 for line in lines), "\n".join(lines)
     assert re.fullmatch(r"… +└── layer-039-f+…f+", lines[-1]), lines[-1]  # indentation cut on the left
 

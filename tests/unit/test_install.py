@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 from addlower.cli import admin
 from addlower.core.config import DEFAULT_ROOT, DIFFER_NAME, SOCKET_NAME
-from addlower.ops.admin import ContainerdFile, check_containerd
+from addlower.ops.doctor import ContainerdFile, check_containerd
 from addlower.ops.install import DAEMON_CONFIG, InstallError, configure, new_config, this_installation, wheel_pythons
 
 REPO = Path(__file__).resolve().parents[2]
