@@ -255,6 +255,7 @@ class _Connection(asyncio.Protocol):
         self.peer_max_frame = MIN_FRAME
         self.last_stream = 0
         self.block = bytearray()  # the header block being received
+        self.failed = False  # a connection error was sent (GOAWAY): the connection is done
         self.block_stream = 0  # its stream while CONTINUATION frames are due, else 0
         self.block_flags = 0  # END_STREAM of the HEADERS frame that opened it
         self.blocked: dict[int, None] = {}  # streams with output waiting for the connection window
@@ -328,6 +329,7 @@ class _Connection(asyncio.Protocol):
         self._write(frame(GOAWAY, 0, 0, struct.pack(">II", self.last_stream, error) + reason.encode()[:256]))
         self.closing = True
         if error:
+            self.failed = True  # nothing more is read: what follows an error means nothing
             for stream in list(self.streams.values()):
                 self._drop(stream)
         self._close_if_idle()
@@ -339,6 +341,8 @@ class _Connection(asyncio.Protocol):
     # --- reading -------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:  # bytes the transport had read before it closed
+            return
         if self.buf:
             self.buf += data
             data = bytes(self.buf)
@@ -566,6 +570,10 @@ class _Connection(asyncio.Protocol):
             raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
 
     def _on_goaway(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid != 0:
+            raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"GOAWAY on stream {sid}")
+        if len(payload) < 8:
+            raise ConnectionFault(H2Error.FRAME_SIZE_ERROR, f"GOAWAY of {len(payload)} bytes")
         self.closing = True
         self._close_if_idle()
 
