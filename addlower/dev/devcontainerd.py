@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import tomlkit
 
@@ -213,7 +214,7 @@ class PrivateContainerd:
                 )
             )
 
-    def start(self, timeout: float = 30) -> PrivateContainerd:
+    def start(self, timeout: float = 30) -> Self:
         """Write the config, start containerd and wait until it answers `ctr version`."""
         if len(str(self.ttrpc_address)) > MAX_SOCKET_PATH:
             raise ValueError(f"workdir too long for a unix socket path: {self.address}")
@@ -373,7 +374,7 @@ class SnapshotterProcess:
     def log_path(self) -> Path:
         return self.root.parent / f"{self.root.name}.log"
 
-    def start(self, timeout: float = 30) -> SnapshotterProcess:
+    def start(self, timeout: float = 30) -> Self:
         """Start it and wait until its socket accepts connections."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
