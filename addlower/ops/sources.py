@@ -82,10 +82,15 @@ class Invocation:
         return replace(config, **{k: v for k, v in flags.items() if v is not None})
 
     def target(self) -> Target:
+        """The root and socket to work on. A config file that cannot be used (caught halfway
+        through an edit, say) is no obstacle when --root-dir or --address says where to look."""
         try:
             return Target.of(self.load())
         except ConfigError as exc:
-            raise click.ClickException(f"bad configuration: {exc}") from None
+            if self.root_dir is None and self.address is None:
+                raise click.ClickException(f"bad configuration: {exc}") from None
+            click.echo(f"warning: bad configuration ({exc}); going by --root-dir/--address", err=True)
+            return Target.of(self.override(Config()))
 
 
 def admin_command(name: str) -> Callable[[Callable[..., None]], click.Command]:

@@ -411,3 +411,13 @@ def test_reading_the_store_beside_a_live_daemon_does_not_block_it(setup: Setup, 
     assert {s["name"] for s in json.loads(result.stdout)} == set(KINDS)
     setup.client.prepare("after")  # the daemon still writes
     assert "after" in {s["name"] for s in setup.json("ls")}
+
+
+def test_a_broken_config_file_does_not_stop_ls_when_the_root_is_given(setup: Setup, tmp_path: Path):
+    """An operator looking at the node while the config is being edited: --root-dir says where."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[lowers\n")
+    listed = setup.run("ls", "--wide", "--config", str(broken))  # run() adds --root-dir
+    assert CONTAINER in listed.stdout and "warning: bad configuration" in listed.stderr
+    refused = CliRunner().invoke(GROUP, ["ls", "--config", str(broken)])
+    assert refused.exit_code == 1 and "bad configuration" in refused.output
