@@ -215,6 +215,25 @@ class ConnectionFault(Exception):
         self.error = error
 
 
+@dataclass(slots=True)
+class Window:
+    """A flow-control window (RFC 9113, 6.9): what may still be sent, or received, on the
+    connection or one stream. Taking more than it holds, or growing it past 2^31-1, is the peer's
+    flow-control error; the caller knows whether that ends the stream or the connection."""
+
+    size: int
+
+    def take(self, n: int) -> bool:
+        """Count `n` bytes against it; False when they did not fit."""
+        self.size -= n
+        return self.size >= 0
+
+    def give(self, n: int) -> bool:
+        """Grow it by `n` (a WINDOW_UPDATE, a new initial size); False past 2^31-1."""
+        self.size += n
+        return self.size <= MAX_WINDOW
+
+
 class State(enum.Enum):
     """A stream's life as the server sees it (RFC 9113, 5.1); closed streams are forgotten."""
 
@@ -222,12 +241,31 @@ class State(enum.Enum):
     HALF_CLOSED_REMOTE = "half-closed (remote)"  # the request is complete; the answer is on its way
 
 
+class Received(enum.Enum):
+    """What the peer sends on a stream that exists (HEADERS make it, in State.OPEN)."""
+
+    DATA = "DATA"
+    DATA_END = "DATA with END_STREAM"
+    HEADERS_END = "a header block with END_STREAM"  # the opening one, or trailers
+    HEADERS = "a header block without END_STREAM"  # on a stream that exists: never allowed
+
+
+# A stream's transitions on what the peer sends. Anything else is the peer's error: a DATA frame
+# resets the stream (STREAM_CLOSED: the request was complete), a header block ends the connection
+# (PROTOCOL_ERROR). The server half-closes a stream itself when it answers an oversized request.
+TRANSITIONS: dict[tuple[State, Received], State] = {
+    (State.OPEN, Received.DATA): State.OPEN,
+    (State.OPEN, Received.DATA_END): State.HALF_CLOSED_REMOTE,
+    (State.OPEN, Received.HEADERS_END): State.HALF_CLOSED_REMOTE,
+}
+
+
 @dataclass(slots=True)
 class _Stream:
     sid: int
-    send_window: int
+    send_window: Window
     state: State = State.OPEN
-    recv_window: int = STREAM_WINDOW
+    recv_window: Window = field(default_factory=lambda: Window(STREAM_WINDOW))
     held: int = 0  # bytes of this stream counted against the connection's receive window
     unacked: int = 0  # bytes received since the stream's window was last extended
     path: bytes = b""
@@ -249,8 +287,8 @@ class _Connection(asyncio.Protocol):
         self.preface_seen = False
         self.headers = _Headers()
         self.streams: dict[int, _Stream] = {}
-        self.send_window = DEFAULT_WINDOW
-        self.recv_window = CONNECTION_WINDOW
+        self.send_window = Window(DEFAULT_WINDOW)
+        self.recv_window = Window(CONNECTION_WINDOW)
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = MIN_FRAME
         self.last_stream = 0
@@ -401,21 +439,21 @@ class _Connection(asyncio.Protocol):
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0 or sid > self.last_stream:
             raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"DATA on {'stream 0' if sid == 0 else 'an idle stream'}")
-        self.recv_window -= len(payload)
-        if self.recv_window < 0:
+        if not self.recv_window.take(len(payload)):
             raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "DATA beyond the connection's window")
         data = self._unpad(flags, payload)
         stream = self.streams.get(sid)
         if stream is None:  # answered or reset meanwhile: nothing will consume it
             self._credit(len(payload))
             return
-        if stream.state is not State.OPEN:
+        error = self._receive(stream, Received.DATA_END if flags & END_STREAM else Received.DATA)
+        if error is not None:
             self._credit(len(payload))
-            self._reset(stream, H2Error.STREAM_CLOSED)
+            self._reset(stream, error)
             return
-        stream.recv_window -= len(payload)
+        fits = stream.recv_window.take(len(payload))
         stream.held += len(payload)
-        if stream.recv_window < 0:
+        if not fits:
             self._reset(stream, H2Error.FLOW_CONTROL_ERROR)
             return
         if flags & END_STREAM and not stream.body:
@@ -433,7 +471,7 @@ class _Connection(asyncio.Protocol):
         stream.unacked += len(payload)
         if stream.unacked >= STREAM_WINDOW // 2:  # let a message grow (MAX_MESSAGE bounds it)
             self._write(frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", stream.unacked)))
-            stream.recv_window += stream.unacked
+            stream.recv_window.give(stream.unacked)
             stream.unacked = 0
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
@@ -469,17 +507,17 @@ class _Connection(asyncio.Protocol):
         self.block = bytearray()
         existing = self.streams.get(sid)
         if existing is not None:  # trailers after the request body: end of the request
-            if existing.state is not State.OPEN or not self.block_flags:
-                raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"a second header block on stream {sid}")
+            self._receive(existing, Received.HEADERS_END if self.block_flags else Received.HEADERS)
             self._dispatch(existing, bytes(existing.body))
             return
         if self.closing or len(self.streams) >= MAX_STREAMS:  # as advertised
             self._write(frame(RST_STREAM, 0, sid, struct.pack(">I", H2Error.REFUSED_STREAM)))
             return
-        stream = self.streams[sid] = _Stream(sid, send_window=self.peer_initial_window, path=path, metadata=metadata)
+        stream = self.streams[sid] = _Stream(sid, Window(self.peer_initial_window), path=path, metadata=metadata)
         if timeout is not None:
             stream.deadline = asyncio.get_running_loop().time() + timeout
         if self.block_flags:
+            self._receive(stream, Received.HEADERS_END)
             self._dispatch(stream, b"")
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
@@ -499,8 +537,7 @@ class _Connection(asyncio.Protocol):
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for stream in self.streams.values():
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
+                    if not stream.send_window.give(delta):
                         raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "a stream window beyond 2^31-1")
             elif ident == SETTINGS_MAX_FRAME_SIZE:
                 if not MIN_FRAME <= value <= MAX_FRAME_LIMIT:
@@ -528,8 +565,7 @@ class _Connection(asyncio.Protocol):
         if sid == 0:
             if increment == 0:
                 raise ConnectionFault(H2Error.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
-            self.send_window += increment
-            if self.send_window > MAX_WINDOW:
+            if not self.send_window.give(increment):
                 raise ConnectionFault(H2Error.FLOW_CONTROL_ERROR, "the connection window beyond 2^31-1")
             self._flush_blocked()
             return
@@ -541,8 +577,7 @@ class _Connection(asyncio.Protocol):
         if increment == 0:
             self._reset(stream, H2Error.PROTOCOL_ERROR)
             return
-        stream.send_window += increment
-        if stream.send_window > MAX_WINDOW:
+        if not stream.send_window.give(increment):
             self._reset(stream, H2Error.FLOW_CONTROL_ERROR)
             return
         self._flush(stream)
@@ -603,10 +638,22 @@ class _Connection(asyncio.Protocol):
 
     # --- flow control and stream ends ------------------------------------------------------------
 
+    @staticmethod
+    def _receive(stream: _Stream, what: Received) -> H2Error | None:
+        """Move `stream` on what the peer sent (TRANSITIONS); the stream error to reset it with,
+        or ConnectionFault when that ends the connection."""
+        state = TRANSITIONS.get((stream.state, what))
+        if state is not None:
+            stream.state = state
+            return None
+        if what in (Received.DATA, Received.DATA_END):
+            return H2Error.STREAM_CLOSED
+        raise ConnectionFault(H2Error.PROTOCOL_ERROR, f"{what.value} on stream {stream.sid}, {stream.state.value}")
+
     def _credit(self, n: int) -> None:
         """Give `n` bytes back to the peer's connection window: they were consumed or dropped."""
         if n:
-            self.recv_window += n
+            self.recv_window.give(n)
             self._write(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", n)))
 
     def _release(self, stream: _Stream) -> None:
@@ -635,7 +682,6 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, stream: _Stream, body: bytes) -> None:
         """The request (`body`, its DATA) is complete: parse it and run or queue its call."""
-        stream.state = State.HALF_CLOSED_REMOTE
         self._release(stream)
         route = self.server.routes.get(stream.path)
         if route is None:
@@ -708,7 +754,7 @@ class _Connection(asyncio.Protocol):
         """A unary answer as one write (headers, one DATA frame, trailers), when the windows and
         the peer's frame size take it at once; False (nothing sent) otherwise."""
         n = len(message) + 5
-        if self.paused or n > self.send_window or n > stream.send_window or n > self.peer_max_frame:
+        if self.paused or n > self.send_window.size or n > stream.send_window.size or n > self.peer_max_frame:
             return False
         sid = stream.sid
         self._write(
@@ -724,8 +770,8 @@ class _Connection(asyncio.Protocol):
                 )
             )
         )
-        self.send_window -= n
-        stream.send_window -= n
+        self.send_window.size -= n  # checked above: it fits
+        stream.send_window.size -= n
         self._drop(stream)
         self._close_if_idle()
         return True
@@ -758,20 +804,20 @@ class _Connection(asyncio.Protocol):
             return
         out = bytearray()
         while True:
-            open_window = min(self.send_window, stream.send_window) > 0 and not self.paused
+            open_window = min(self.send_window.size, stream.send_window.size) > 0 and not self.paused
             if not stream.outbox and (stream.more is None or not open_window or not self._next_message(stream)):
                 break
-            n = min(len(stream.outbox), self.send_window, stream.send_window, self.peer_max_frame)
+            n = min(len(stream.outbox), self.send_window.size, stream.send_window.size, self.peer_max_frame)
             if n <= 0:
                 break
             out += frame(DATA, 0, stream.sid, bytes(stream.outbox[:n]))
             del stream.outbox[:n]
-            self.send_window -= n
-            stream.send_window -= n
+            self.send_window.size -= n  # n is at most what both hold
+            stream.send_window.size -= n
         if not stream.outbox and stream.more is None:
             out += frame(HEADERS, END_HEADERS | END_STREAM, stream.sid, stream.trailers)
             self._drop(stream)
-        elif self.send_window <= 0 or self.paused:
+        elif self.send_window.size <= 0 or self.paused:
             self.blocked[stream.sid] = None  # resumed by a connection WINDOW_UPDATE or resume_writing
         self._write(bytes(out))
         self._close_if_idle()
@@ -779,7 +825,7 @@ class _Connection(asyncio.Protocol):
     def _flush_blocked(self) -> None:
         """Streams waiting for the connection window, oldest first, while it lasts: O(1) per
         WINDOW_UPDATE when nothing can move, whatever the number of streams."""
-        while self.blocked and self.send_window > 0 and not self.paused:
+        while self.blocked and self.send_window.size > 0 and not self.paused:
             sid = next(iter(self.blocked))
             del self.blocked[sid]
             stream = self.streams.get(sid)

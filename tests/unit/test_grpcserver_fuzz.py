@@ -113,7 +113,7 @@ def check_limits(p: Peer) -> None:
     assert p.server.queued <= g.MAX_QUEUED
     for stream in conn.streams.values():
         assert len(stream.body) <= g.MAX_MESSAGE + 5
-        assert stream.recv_window >= 0
+        assert stream.recv_window.size >= 0
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
