@@ -43,7 +43,9 @@ def supports_dtype(directory: Path) -> bool:
     Python's scandir hides d_type, so this reads directories through libc's readdir: `directory`
     itself when it has entries (a full disk must not stop a restart), else a probe made in it.
     """
-    if any(True for _ in os.scandir(directory)):
+    with os.scandir(directory) as entries:
+        has_entries = next(entries, None) is not None
+    if has_entries:
         return _dtype_known(directory)
     with tempfile.TemporaryDirectory(dir=directory, prefix="d_type-check-") as tmp:
         Path(tmp, "probe").touch()

@@ -126,18 +126,18 @@ class Snapshotter:
     def mounts_work(self, key: str) -> tuple[bool, bool]:
         """(walks host dirs, may ask containerd) for a Mounts of `key`, from what the store holds."""
         with self.store.read() as reader:
-            labels = reader.labels_of(key)
-        if labels is None:
+            info = reader.find(key)
+        if info is None:
             return False, False
         if self.resolver.held_for_pods(key):
-            return True, POD_LABEL not in labels
-        return bool(labels.get(EXTRA_LOWERS_LABEL)), False
+            return True, POD_LABEL not in info.labels
+        return bool(info.labels.get(EXTRA_LOWERS_LABEL)), False
 
     def walks_upper(self, key: str) -> bool:
         """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
         with self.store.read() as reader:
-            kind = reader.kind_of(key)
-        return kind == Kind.ACTIVE
+            info = reader.find(key)
+        return info is not None and info.kind == Kind.ACTIVE
 
     # --- creation -----------------------------------------------------------------------------
 
@@ -293,30 +293,23 @@ class Snapshotter:
         roots = [m for m in right if not m.target]
         dirs = layer_dirs(roots[0]) if len(roots) == 1 else None
         sid = self.layout.sid_of_upper(dirs[0]) if dirs and dirs[0] else None
-        if sid is None:
-            return None
-        with self.store.read() as reader:
-            if not reader.has_id(sid):
-                return None
-            snap = reader.snapshot_of(sid)
-            key = reader.key_of(sid)
-        if snap.kind != Kind.ACTIVE:
-            return None
-        parents = [self.layout.upper(p) for p in snap.parent_ids]
         bases = [m for m in left if not m.target]
         base = layer_dirs(bases[0]) if len(bases) == 1 else ((None, []) if not left else None)
-        if base is None or base[0] is not None:
+        if sid is None or base is None or base[0] is not None:
             return None
-        if base[1] != parents and (parents or not self._empty_view(base[1])):
-            return None
-        return Layers(os.fsencode(self.layout.upper(sid)), tuple(os.fsencode(d) for d in base[1])), key
-
-    def _empty_view(self, dirs: Sequence[str]) -> bool:
-        """Whether `dirs` is a parentless view of ours (the base a parentless snapshot is
-        compared with)."""
-        sid = self.layout.sid_of_upper(dirs[0]) if len(dirs) == 1 else None
+        # A parentless snapshot is compared with a parentless view of ours (an empty one).
+        view = self.layout.sid_of_upper(base[1][0]) if len(base[1]) == 1 else None
         with self.store.read() as reader:
-            return sid is not None and reader.has_id(sid) and not reader.snapshot_of(sid).parent_ids
+            info = reader.info_of(sid)
+            if info is None or info.kind != Kind.ACTIVE:
+                return None
+            parents = [self.layout.upper(p) for p in reader.snapshot_of(sid).parent_ids]
+            parentless_view = (
+                view is not None and reader.info_of(view) is not None and not reader.snapshot_of(view).parent_ids
+            )
+        if base[1] != parents and (parents or not parentless_view):
+            return None
+        return Layers(os.fsencode(self.layout.upper(sid)), tuple(os.fsencode(d) for d in base[1])), info.name
 
     def plain(self, key: str) -> Info | None:
         """The Info of `key` when its mounts follow from the store alone (no extra lowers asked
@@ -541,7 +534,8 @@ class Snapshotter:
         for gone in self.pins.release_all_but(mountable):
             log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
         with self.store.read() as reader:
-            labels = {sid: reader.labels(sid).get(EXTRA_LOWERS_LABEL, "") for sid in mountable}
+            infos = {sid: reader.info_of(sid) for sid in mountable}
+        labels = {sid: info.labels.get(EXTRA_LOWERS_LABEL, "") for sid, info in infos.items() if info is not None}
         self.pins.count(lambda sid: target_count(labels[sid], self.resolver.policy.lowers.named))
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):

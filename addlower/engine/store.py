@@ -143,8 +143,15 @@ class Reader:
         rec = self._get(key)
         return rec.id, rec.info, rec.usage
 
-    def key_of(self, sid: int) -> str:
-        return self._m.by_id[sid].info.name
+    def find(self, key: str) -> Info | None:
+        """The Info of `key`, or None (where a missing key is no error)."""
+        rec = self._m.by_key.get(key)
+        return rec.info if rec is not None else None
+
+    def info_of(self, sid: int) -> Info | None:
+        """The Info of snapshot id `sid`, or None."""
+        rec = self._m.by_id.get(sid)
+        return rec.info if rec is not None else None
 
     def snapshot_of(self, sid: int) -> Snapshot:
         """The snapshot with id `sid` (which must exist), any kind."""
@@ -171,17 +178,6 @@ class Reader:
         list as it is now (a change replaces that list, never edits it), so a List that is still
         being sent costs no copy of the store."""
         return ((r.id, r.info) for r in self._m.in_key_order())
-
-    def labels_of(self, key: str) -> Mapping[str, str] | None:
-        rec = self._m.by_key.get(key)
-        return rec.info.labels if rec is not None else None
-
-    def kind_of(self, key: str) -> Kind | None:
-        rec = self._m.by_key.get(key)
-        return rec.info.kind if rec is not None else None
-
-    def labels(self, sid: int) -> Mapping[str, str]:
-        return self._m.by_id[sid].info.labels
 
     def ids(self) -> set[int]:
         return set(self._m.by_id)
