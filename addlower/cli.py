@@ -101,15 +101,19 @@ def serve(config_path: Path | None, **flags: Any) -> None:
 
     reload_ = flags.pop("reload")
 
-    def read(reload: bool = False) -> Config:
-        """The file (or the defaults), flags on top: at start, and at each reload (`reload`)."""
-        config = replace(load_config(config_path, reload), **{k: v for k, v in flags.items() if v is not None})
+    def flagged(config: Config) -> Config:
+        """`config` with the flags on top, its paths absolute."""
+        config = replace(config, **{k: v for k, v in flags.items() if v is not None})
         return replace(
             config, root_dir=config.root_dir.absolute(), address=config.address.absolute() if config.address else None
         )
 
+    def read(reload: bool = False) -> Config:
+        """The file (or the defaults), flags on top: at start, and at each reload (`reload`)."""
+        return flagged(load_config(config_path, reload))
+
     if reload_:
-        sys.exit(_ask_reload(read, flags))
+        sys.exit(_ask_reload(read, lambda: flagged(Config())))
     try:
         config = read()
     except ConfigError as exc:
@@ -120,10 +124,10 @@ def serve(config_path: Path | None, **flags: Any) -> None:
     sys.exit(run(config, lambda: read(reload=True)))
 
 
-def _ask_reload(read: Callable[[], Config], flags: dict[str, Any]) -> int:
+def _ask_reload(read: Callable[[], Config], defaults: Callable[[], Config]) -> int:
     """--reload: the daemon re-reads its file; its answer, and 1 when it refused. The daemon is
-    $MAINPID's socket under systemd; by hand, this configuration's (the flags' and the defaults'
-    when the file is the broken one)."""
+    $MAINPID's socket under systemd; by hand, this configuration's (`defaults`, the flags on the
+    defaults, when the file is the broken one)."""
     from addlower.ops.client import listening_socket, reload
 
     pid = os.environ.get("MAINPID", "")
@@ -132,8 +136,7 @@ def _ask_reload(read: Callable[[], Config], flags: dict[str, Any]) -> int:
         try:
             socket = read().socket_path
         except ConfigError:
-            root, address = flags["root_dir"] or DEFAULT_ROOT, flags["address"]
-            socket = Path(address) if address else Path(root) / SOCKET_NAME
+            socket = defaults().socket_path
     ok, text = reload(socket)
     click.echo(text, err=not ok)
     return 0 if ok else 1
