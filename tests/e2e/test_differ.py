@@ -97,6 +97,19 @@ def node(tmp_path_factory: pytest.TempPathFactory, image: OciImage, binaries: Bi
         yield t
 
 
+def run_with_lowers(node: Target, image: OciImage, cid: str, binaries: Binaries) -> str:
+    """SCRIPT in container `cid` on our snapshotter, the host cache at / and, on 1.7+ (1.6 refuses
+    targets), the other one at /root/.m2; left behind for its diff. Its output."""
+    cache = Path(node.containerd.workdir).parent / "cache"
+    lowers = str(cache / "root")
+    if diff_proxy(binaries.version):
+        lowers += f":{cache / 'm2'}@/root/.m2"
+    options = ["--snapshotter-label", f"{LOWERS}={lowers}"]
+    return node.containerd.run(
+        image.ref, cid, "sh", "-c", SCRIPT, namespace=NS, snapshotter=PLUGIN_NAME, rm=False, options=options
+    ).stdout
+
+
 def diff(t: Target, snapshotter: str, key: str) -> bytes:
     """`ctr snapshots diff` of a container's snapshot: the layer, decompressed."""
     cmd = [
@@ -125,21 +138,7 @@ def names(layer: bytes) -> list[str]:
 def test_the_layer_is_the_containers_own_changes_and_equals_the_walking_differs(
     node: Target, image: OciImage, binaries: Binaries
 ):
-    cache = Path(node.containerd.workdir).parent / "cache"
-    lowers = str(cache / "root")
-    if diff_proxy(binaries.version):  # 1.7+: a lower at a container path too (1.6 refuses targets)
-        lowers += f":{cache / 'm2'}@/root/.m2"
-    out = node.containerd.run(
-        image.ref,
-        "ours",
-        "sh",
-        "-c",
-        SCRIPT,
-        namespace=NS,
-        snapshotter=PLUGIN_NAME,
-        rm=False,
-        options=["--snapshotter-label", f"{LOWERS}={lowers}"],
-    ).stdout
+    out = run_with_lowers(node, image, "ours", binaries)
     assert out == "credentials\n"  # the container saw the cache
     node.containerd.run(
         image.ref, "builtin", "sh", "-c", SCRIPT, namespace=NS, snapshotter=BUILTIN_SNAPSHOTTER, rm=False
@@ -177,19 +176,7 @@ def test_a_commit_through_containerds_diff_api_applies_as_the_containers_own_cha
     container's mounts) through containerd's Diff API, then the layer applied onto the parent in a
     fresh snapshot, which then holds the container's changes and nothing of its lowers."""
     ours = diff_proxy(binaries.version)  # 1.6: the walking differ, which takes the lowers in
-    cache = Path(node.containerd.workdir).parent / "cache"
-    lowers = f"{cache / 'root'}:{cache / 'm2'}@/root/.m2" if ours else str(cache / "root")
-    node.containerd.run(
-        image.ref,
-        "api",
-        "sh",
-        "-c",
-        SCRIPT,
-        namespace=NS,
-        snapshotter=PLUGIN_NAME,
-        rm=False,
-        options=["--snapshotter-label", f"{LOWERS}={lowers}"],
-    )
+    run_with_lowers(node, image, "api", binaries)
     metadata = [("containerd-namespace", NS)]
     with grpc.insecure_channel(f"unix://{node.containerd.address}") as channel:
         # What a client does: a lease, so containerd's GC leaves the snapshots and the blob alone.

@@ -6,7 +6,6 @@ and a restart counts what is pinned."""
 from __future__ import annotations
 
 import os
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -15,15 +14,9 @@ import pytest
 
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.ops.client import SnapshotsClient
-from tests.integration.test_observability import metric
+from tests.integration.test_observability import free_port, metric
 from tests.integration.test_reload import hup
 from tests.support.daemon import Daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> str:
