@@ -41,7 +41,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -300,19 +299,13 @@ def main() -> int:
     began = time.monotonic()
     notes: dict[str, set[str]] = {}
     table: list[int] = []
-    work = Path(tempfile.mkdtemp(prefix="cleanupbench-", dir="/tmp"))
-    try:
+    with perfbench.scratch("cleanupbench-") as work:
         if args.baseline:
             command, commit = export_baseline(args.baseline, work / "baseline")
             targets.insert(1, Target("base", command))
             env["base"] = f"{args.baseline} = {commit[:12]}"
         env["loadavg at start"] = perfbench.loadavg()
         samples = perfbench.run_rounds("cleanup", plan, lambda r: one_round(r, targets, plan, work, notes, table))
-    except BaseException:
-        log(f"failed; logs of the failed turn, if any, are in {work / 'failed-logs'}")
-        raise
-    else:
-        shutil.rmtree(work)
     env["loadavg at end"] = perfbench.loadavg()
     elapsed = time.monotonic() - began
     head = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {elapsed:.0f} s"

@@ -46,15 +46,12 @@ import argparse
 import dataclasses
 import gzip
 import io
-import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -429,13 +426,12 @@ def main() -> int:
     targets = (Target("ours", ours), Target("ours+lower", ours), Target("overlayfs", None))
     env = environment(binaries)
     began = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="differbench-", dir="/tmp"))
-    bench = Bench(targets, binaries, rounds, work)
     sizes = list(SIZES) if args.scale else [DEFAULT_SIZE]
     out: dict = {"environment": env, "rounds": rounds, "diffs_per_round": DIFFS, "script": SCRIPT, "sizes": {}}
     results: dict[str, tuple[Workload, Samples]] = {}
     text = [""]
-    try:
+    with perfbench.scratch("differbench-") as work:
+        bench = Bench(targets, binaries, rounds, work)
         for label in sizes:
             log(f"building the {label} image ...")
             workload = build_workload(label, work / "images")
@@ -452,18 +448,7 @@ def main() -> int:
             text += ["", render(samples, workload, bench, env)]
         if len(results) > 1:
             text += ["", render_scale(results, bench)]
-    except BaseException:
-        log(f"failed; logs of the failed round, if any, are in {work / 'failed-logs'}")
-        raise
-    else:
-        shutil.rmtree(work)
-    env["loadavg at end"] = perfbench.loadavg()
-    out["elapsed_s"] = time.monotonic() - began
-    text[0] = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {out['elapsed_s'] / 60:.1f} min"
-    print("\n".join(text))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return perfbench.finish(env, began, text, out, args.json)
 
 
 if __name__ == "__main__":

@@ -698,6 +698,31 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+@contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A run's work dir under /tmp: removed when the run succeeds, kept (with the failed turn's
+    logs in failed-logs/) when it fails."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield work
+    except BaseException:
+        log(f"failed; logs of the failed turn, if any, are in {work / 'failed-logs'}")
+        raise
+    shutil.rmtree(work)
+
+
+def finish(env: dict, began: float, text: list[str], out: dict, json_path: Path | None) -> int:
+    """Print the report (`text`, its first line the environment and the run's time) and write the
+    JSON (`out`) if asked; the exit code."""
+    env["loadavg at end"] = loadavg()
+    out["elapsed_s"] = time.monotonic() - began
+    text[0] = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {out['elapsed_s'] / 60:.1f} min"
+    print("\n".join(text))
+    if json_path:
+        json_path.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, a tenth of the calls (about 4 min)")
@@ -721,10 +746,9 @@ def main() -> int:
     go, go2 = Target("go", (str(args.go_bin.resolve()),)), Target("go'", (str(args.go_bin.resolve()),))
     env = environment()
     began = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="perfbench-", dir="/tmp"))
     out: dict = {"environment": env, "plan": asdict(plan)}
     text = [", ".join(f"{k} {v}" for k, v in env.items())]
-    try:
+    with scratch("perfbench-") as work:
         log(f"building bench/goclient into {work} ...")
         client = build_goclient(work / "goclient")
         if args.only in (None, "per-op"):
@@ -743,18 +767,7 @@ def main() -> int:
                 "summary": summary(samples, (("ours", "go"), ("ours", "overlayfs"), ("go", "go'"))),
             }
             text += ["", render_e2e(samples, plan, [t.name for t in targets], env, images.summary)]
-    except BaseException:
-        log(f"failed; logs of the failed turn, if any, are in {work / 'failed-logs'}")
-        raise
-    else:
-        shutil.rmtree(work)
-    env["loadavg at end"] = loadavg()
-    out["elapsed_s"] = time.monotonic() - began
-    text[0] = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {out['elapsed_s'] / 60:.1f} min"
-    print("\n".join(text))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return finish(env, began, text, out, args.json)
 
 
 if __name__ == "__main__":
