@@ -63,9 +63,11 @@ def _lstat(path: bytes) -> os.stat_result | None:
         return None
 
 
-def _xattr(path: bytes, name: str) -> bytes:
+def _xattr(where: bytes | int, name: str) -> bytes:
+    """The attribute `name` of the entry at path `where` (never through a final symlink) or of
+    the file open at fd `where`; empty when it has none."""
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return os.getxattr(where, name) if isinstance(where, int) else os.getxattr(where, name, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             return b""
@@ -77,10 +79,11 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_opaque(path: bytes) -> bool:
-    """overlayfs's mark of a dir that hides the layers below it (trusted., or user. with userxattr)."""
+def is_opaque(where: bytes | int) -> bool:
+    """overlayfs's mark of a dir (a path, or open at an fd) that hides the layers below it
+    (trusted., or user. with userxattr)."""
     for name in OPAQUE_XATTRS:
-        value = _xattr(path, name)
+        value = _xattr(where, name)
         if value:
             return value == b"y"
     return False
@@ -150,14 +153,40 @@ class _Parent:
         return shown
 
 
-def same_file(lower: tuple[bytes, os.stat_result], upper: tuple[bytes, os.stat_result]) -> bool:
+@dataclass(frozen=True)
+class At:
+    """An entry of the upper dir as the walk found it: its parent dir, open (an fd the walk holds
+    while it is there), its name and its lstat. The container may still write its upper dir (a
+    diff of a running container): everything read goes through the open dir, never a path it could
+    have swapped for a symlink to the host, and a file is read only if it is the inode listed."""
+
+    dirfd: int
+    name: bytes
+    st: os.stat_result
+
+    def xattr(self, attr: str) -> bytes:
+        return _xattr(b"/proc/self/fd/%d/%s" % (self.dirfd, self.name), attr)  # lgetxattr under the open dir
+
+    def readlink(self) -> bytes:
+        return os.readlink(self.name, dir_fd=self.dirfd)
+
+    def open(self) -> BinaryIO:
+        fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (self.st.st_dev, self.st.st_ino):
+            os.close(fd)
+            raise OSError(errno.EBUSY, f"{os.fsdecode(self.name)} changed while the layer was written")
+        return os.fdopen(fd, "rb")
+
+
+def same_file(lower: tuple[bytes, os.stat_result], upper: At) -> bool:
     """continuity's sameFile: whether the walking differ takes `upper` for unchanged."""
-    (lpath, a), (upath, b) = lower, upper
+    (lpath, a), b = lower, upper.st
     if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
         return True
     if (a.st_mode, a.st_uid, a.st_gid, a.st_rdev) != (b.st_mode, b.st_uid, b.st_gid, b.st_rdev):
         return False
-    if _xattr(lpath, CAPABILITY_XATTR) != _xattr(upath, CAPABILITY_XATTR):
+    if _xattr(lpath, CAPABILITY_XATTR) != upper.xattr(CAPABILITY_XATTR):
         return False
     if stat.S_ISDIR(a.st_mode):
         return True
@@ -167,12 +196,10 @@ def same_file(lower: tuple[bytes, os.stat_result], upper: tuple[bytes, os.stat_r
     if a_ns or b_ns:
         return a_ns == b_ns
     if stat.S_ISLNK(a.st_mode):
-        return os.readlink(lpath) == os.readlink(upath)
-    return a.st_size == 0 or _same_bytes(lpath, upath)
-
-
-def _same_bytes(a: bytes, b: bytes) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return os.readlink(lpath) == upper.readlink()
+    if a.st_size == 0:
+        return True
+    with open(lpath, "rb") as fa, upper.open() as fb:
         while True:
             ca, cb = fa.read(COPY_CHUNK), fb.read(COPY_CHUNK)
             if ca != cb:
@@ -181,19 +208,30 @@ def _same_bytes(a: bytes, b: bytes) -> bool:
                 return True
 
 
-def changes(layers: Layers) -> Iterator[tuple[Change, bytes, os.stat_result | None]]:
-    """(kind, path relative to the root, the upper entry's lstat; None for a deletion), in the
-    walking differ's order."""
+# A dir of the upper dir as the walk opens it: never through a symlink.
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+Dirs = dict[bytes, tuple[os.stat_result, bytes]]  # path -> (lstat, security.capability) of each dir walked
+
+
+def changes(layers: Layers, dirs: Dirs | None = None) -> Iterator[tuple[Change, bytes, At | None]]:
+    """(kind, path relative to the root, the upper entry; None for a deletion), in the walking
+    differ's order. Each dir walked into goes into `dirs`. An entry's At is valid until the walk
+    moves on."""
     parent = _Parent(layers.lowers)
-    yield from _changes_in(layers.upper, b"", parent)
+    top = os.open(layers.upper, _O_DIR)
+    try:
+        yield from _changes_in(top, b"", parent, {} if dirs is None else dirs)
+    finally:
+        os.close(top)
 
 
-def _changes_in(upper: bytes, rel: bytes, parent: _Parent) -> Iterator[tuple[Change, bytes, os.stat_result | None]]:
-    here = upper + b"/" + rel if rel else upper
-    with os.scandir(here) as entries:
-        present = {e.name: e.stat(follow_symlinks=False) for e in entries}
+def _changes_in(fd: int, rel: bytes, parent: _Parent, dirs: Dirs) -> Iterator[tuple[Change, bytes, At | None]]:
+    with os.scandir(fd) as entries:
+        present = {os.fsencode(e.name): e.stat(follow_symlinks=False) for e in entries}
     names = set(present)
-    if rel and is_opaque(here):  # it hides the parent's entries: each one it lacks is deleted
+    if rel and is_opaque(fd):  # it hides the parent's entries: each one it lacks is deleted
         names |= parent.names(rel)
     for name in sorted(names):
         path = rel + b"/" + name if rel else name
@@ -202,15 +240,24 @@ def _changes_in(upper: bytes, rel: bytes, parent: _Parent) -> Iterator[tuple[Cha
             if parent.lookup(path) is not None:
                 yield Change.DELETE, path, None
             continue
+        at = At(fd, name, st)
         lower = parent.lookup(path)
         if lower is None:
-            yield Change.ADD, path, st
-        elif not same_file(lower, (upper + b"/" + path, st)):
-            yield Change.MODIFY, path, st
+            yield Change.ADD, path, at
+        elif not same_file(lower, at):
+            yield Change.MODIFY, path, at
         elif not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            yield Change.UNMODIFIED, path, st
+            yield Change.UNMODIFIED, path, at
         if stat.S_ISDIR(st.st_mode):
-            yield from _changes_in(upper, path, parent)
+            sub = os.open(name, _O_DIR, dir_fd=fd)
+            try:
+                now = os.fstat(sub)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    raise OSError(errno.EBUSY, f"{os.fsdecode(path)} changed while the layer was written")
+                dirs[path] = st, _xattr(sub, CAPABILITY_XATTR)
+                yield from _changes_in(sub, path, parent, dirs)
+            finally:
+                os.close(sub)
 
 
 _TYPES = (
@@ -225,32 +272,37 @@ _TYPES = (
 
 @dataclass
 class ChangeWriter:
-    """containerd's archive.ChangeWriter over `source` (the upper dir): each change as tar entries,
-    parents first. `whiteout_time`: containerd 2.x writes 0, 1.7 the SOURCE_DATE_EPOCH or now;
-    `mtime_bound`: SOURCE_DATE_EPOCH, which no mtime may pass (nanoseconds)."""
+    """containerd's archive.ChangeWriter over the walk of the upper dir: each change as tar
+    entries, parents first (their lstat and capability as the walk recorded them in `dirs`, so
+    nothing is looked up again by path). `whiteout_time`: containerd 2.x writes 0, 1.7 the
+    SOURCE_DATE_EPOCH or now; `mtime_bound`: SOURCE_DATE_EPOCH, which no mtime may pass (ns)."""
 
     out: BinaryIO
-    source: bytes
+    dirs: Dirs
     whiteout_time: int = 0
     mtime_bound: int | None = None
     added_dirs: set[bytes] = field(default_factory=set)
     inode_source: dict[int, bytes] = field(default_factory=dict)
     inode_refs: dict[int, list[bytes]] = field(default_factory=dict)
 
-    def handle(self, kind: Change, path: bytes, st: os.stat_result | None) -> None:
+    def handle(self, kind: Change, path: bytes, at: At | None) -> None:
         if kind is Change.DELETE:
             parent, _, base = path.rpartition(b"/")
             name = (parent + b"/" if parent else b"") + WHITEOUT_PREFIX + base
             self._write(Header(name, gotar.REG, mtime=self.whiteout_time))
             return
-        assert st is not None
+        assert at is not None
+        link = at.readlink() if stat.S_ISLNK(at.st.st_mode) else b""
+        self._entry(kind, path, at.st, at.xattr(CAPABILITY_XATTR), link, at)
+
+    def _entry(
+        self, kind: Change, path: bytes, st: os.stat_result, capability: bytes, link: bytes, at: At | None
+    ) -> None:
         mode = st.st_mode
         if stat.S_ISSOCK(mode):
             return
-        full = self.source + b"/" + path
         typeflag = next(flag for test, flag in _TYPES if test(mode))
         mtime = st.st_mtime_ns if self.mtime_bound is None else min(st.st_mtime_ns, self.mtime_bound)
-        capability = _xattr(full, CAPABILITY_XATTR)
         header = Header(
             name=path + b"/" if typeflag == gotar.DIR else path,
             typeflag=typeflag,
@@ -259,7 +311,7 @@ class ChangeWriter:
             gid=st.st_gid,
             size=st.st_size if typeflag == gotar.REG else 0,
             mtime=mtime // 10**9,
-            linkname=os.readlink(full) if typeflag == gotar.SYMLINK else b"",
+            linkname=link,
             devmajor=os.major(st.st_rdev) if typeflag in (gotar.CHAR, gotar.BLOCKDEV) else 0,
             devminor=os.minor(st.st_rdev) if typeflag in (gotar.CHAR, gotar.BLOCKDEV) else 0,
             pax={f"SCHILY.xattr.{CAPABILITY_XATTR}": capability} if capability else {},
@@ -277,20 +329,20 @@ class ChangeWriter:
                 more = self.inode_refs.pop(st.st_ino, [])
         elif kind is Change.UNMODIFIED:
             return
-        self._write(header, full if header.typeflag == gotar.REG and header.size else None)
+        self._write(header, at if header.typeflag == gotar.REG and header.size else None)
         for name in more:
             self._write(replace(header, name=name, typeflag=gotar.LINK, linkname=header.name, size=0))
 
-    def _write(self, header: Header, data: bytes | None = None) -> None:
+    def _write(self, header: Header, data: At | None = None) -> None:
         self._include_parents(header)
         self.out.write(gotar.header(header))
         if data is not None:
             left = header.size
-            with open(data, "rb") as f:
+            with data.open() as f:  # the very inode the walk listed, or an error
                 while left:
                     chunk = f.read(min(COPY_CHUNK, left))
                     if not chunk:
-                        raise OSError(errno.EIO, f"short write copying file {data.decode(errors='replace')}")
+                        raise OSError(errno.EIO, f"short write copying file {header.name.decode(errors='replace')}")
                     self.out.write(chunk)
                     left -= len(chunk)
             self.out.write(gotar.padding(header.size))
@@ -300,7 +352,8 @@ class ChangeWriter:
         parent = name.rpartition(b"/")[0]
         if parent and parent not in self.added_dirs:
             self.added_dirs.add(parent)
-            self.handle(Change.MODIFY, parent, os.stat(self.source + b"/" + parent))
+            st, capability = self.dirs[parent]
+            self._entry(Change.MODIFY, parent, st, capability, b"", None)
         if header.typeflag == gotar.DIR:
             self.added_dirs.add(name)
 
@@ -349,9 +402,10 @@ def write_layer(
 ) -> Layer:
     """The layer of `layers` as `media_type` (one of MEDIA_TYPES) into `out`."""
     sink = _Digesting(out, MEDIA_TYPES[media_type])
-    writer = ChangeWriter(sink, layers.upper, whiteout_time, mtime_bound)  # type: ignore[arg-type]
-    for kind, path, st in changes(layers):
-        writer.handle(kind, path, st)
+    dirs: Dirs = {}
+    writer = ChangeWriter(sink, dirs, whiteout_time, mtime_bound)  # type: ignore[arg-type]
+    for kind, path, at in changes(layers, dirs):
+        writer.handle(kind, path, at)
     writer.close()
     sink.finish()
     return Layer(f"sha256:{sink.blob.hexdigest()}", sink.size, f"sha256:{sink.tar.hexdigest()}")

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from addlower.api import diff_pb2, diff_pb2_grpc, mount_pb2
-from addlower.engine.differ import LAYER_TAR, Layers, changes, write_layer
+from addlower.engine.differ import LAYER_TAR, ChangeWriter, Layers, changes, write_layer
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -126,3 +126,34 @@ def test_on_the_socket_what_is_not_ours_is_passed_on_and_a_bad_media_type_refuse
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         d.stop()
+
+
+def test_what_a_container_swaps_for_a_symlink_while_its_layer_is_written_never_brings_in_the_host(tmp_path: Path):
+    """A diff of a running container: it may swap a dir, or a file, of its upper dir for a symlink
+    to a host file between the walk's listing and the writer's read. The writer reads through the
+    dir the walk opened, and only the inode the walk listed: the layer gets the container's own
+    bytes or the diff fails; never the host's."""
+    base, up, host = tmp_path / "base", tmp_path / "up", tmp_path / "host"
+    tree(base, {"keep": "k"})
+    tree(up, {"a/f": "mine", "b": "mine too"})
+    tree(host, {"f": "host secret", "secret": "host secret"})
+    out, dirs = io.BytesIO(), {}
+    writer = ChangeWriter(out, dirs)
+    refused = []
+    for kind, path, at in changes(Layers(os.fsencode(up), (os.fsencode(base),)), dirs):
+        if path == b"a/f":  # the dir it is in becomes a symlink to a host dir with an f
+            os.rename(up / "a", up / "a-moved")
+            os.symlink(host, up / "a")
+        if path == b"b":  # the file itself becomes a symlink to a host file
+            os.rename(up / "b", up / "b-moved")
+            os.symlink(host / "secret", up / "b")
+            with pytest.raises(OSError) as err:
+                writer.handle(kind, path, at)
+            refused.append(err.value)
+            continue
+        writer.handle(kind, path, at)
+    writer.close()
+    assert refused  # b: read as it is now, a symlink: refused
+    with tarfile.open(fileobj=io.BytesIO(out.getvalue())) as tar:
+        assert tar.extractfile("a/f").read() == b"mine"  # type: ignore[union-attr]
+    assert b"host secret" not in out.getvalue()
