@@ -30,7 +30,7 @@ from addlower.api import snapshots_pb2 as pb  # noqa: E402
 from addlower.api import snapshots_pb2_grpc
 from addlower.dev.devcontainerd import SnapshotterProcess  # noqa: E402
 from addlower.ops.client import SnapshotsClient  # noqa: E402
-from addlower.server.grpcserver import CONTINUATION, DATA, END_STREAM, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame  # noqa: E402
+from addlower.server.http2 import CONTINUATION, DATA, END_STREAM, PING, RST_STREAM, SETTINGS, WINDOW_UPDATE, frame  # noqa: E402
 from tests.support.h2 import RawClient  # noqa: E402
 
 

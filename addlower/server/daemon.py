@@ -30,7 +30,8 @@ from addlower.engine.content import ContentStore
 from addlower.engine.snapshotter import Snapshotter
 from addlower.server.diffservice import DiffService
 from addlower.server.diffservice import routes as diff_routes
-from addlower.server.grpcserver import GrpcServer, Route
+from addlower.server.grpcserver import GrpcServer
+from addlower.server.rpc import Route
 from addlower.server.service import BLOCKING, KUBERNETES, METHODS, SnapshotsService, routes
 
 log = logging.getLogger("addlower")

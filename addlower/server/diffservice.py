@@ -30,7 +30,7 @@ from addlower.engine.content import (
 )
 from addlower.engine.differ import LAYER_GZIP, MEDIA_TYPES, write_layer
 from addlower.engine.snapshotter import Snapshotter
-from addlower.server.grpcserver import Route, call_metadata
+from addlower.server.rpc import Route, call_metadata
 
 log = logging.getLogger(__name__)
 

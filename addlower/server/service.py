@@ -26,7 +26,7 @@ from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
 from addlower.core.model import Info
 from addlower.core.mounts import Mount
 from addlower.engine.snapshotter import Snapshotter
-from addlower.server.grpcserver import Route
+from addlower.server.rpc import Route
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import pytest
 
 from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
-from addlower.server.grpcserver import CONTINUATION, DATA, END_STREAM, RST_STREAM, H2Error, frame
+from addlower.server.http2 import CONTINUATION, DATA, END_STREAM, RST_STREAM, H2Error, frame
 from tests.support.daemon import Daemon
 from tests.support.h2 import RawClient
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import hpack
 
-from addlower.server.grpcserver import END_HEADERS, GOAWAY, HEADERS, PREFACE, SETTINGS, frame
+from addlower.server.http2 import END_HEADERS, GOAWAY, HEADERS, PREFACE, SETTINGS, frame
 
 SERVICE = "/containerd.services.snapshots.v1.Snapshots/"
 

@@ -14,8 +14,11 @@ import hpack
 import pytest
 from google.protobuf import wrappers_pb2
 
+from addlower.core.codes import Code
 from addlower.server import grpcserver as g
-from addlower.server.grpcserver import H2Error, frame
+from addlower.server import http2 as h
+from addlower.server import rpc
+from addlower.server.http2 import H2Error, frame
 
 ECHO, SLOW, MANY, WHO = b"/t.T/Echo", b"/t.T/Slow", b"/t.T/Many", b"/t.T/Who"
 
@@ -69,21 +72,23 @@ class Peer:
                 yield b"m" * 1000
 
         routes = {
-            ECHO.decode(): g.Route(wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(value=r.value.upper())),
-            SLOW.decode(): g.Route(wrappers_pb2.StringValue, lambda r: r, pool="held"),
-            MANY.decode(): g.Route(wrappers_pb2.StringValue, many, streaming=True),
-            WHO.decode(): g.Route(
+            ECHO.decode(): rpc.Route(
+                wrappers_pb2.StringValue, lambda r: wrappers_pb2.StringValue(value=r.value.upper())
+            ),
+            SLOW.decode(): rpc.Route(wrappers_pb2.StringValue, lambda r: r, pool="held"),
+            MANY.decode(): rpc.Route(wrappers_pb2.StringValue, many, streaming=True),
+            WHO.decode(): rpc.Route(
                 wrappers_pb2.StringValue,
-                lambda r: wrappers_pb2.StringValue(value=repr(sorted(g.call_metadata().items()))),
+                lambda r: wrappers_pb2.StringValue(value=repr(sorted(rpc.call_metadata().items()))),
             ),
         }
-        self.server = g.GrpcServer(routes, {"held": self.pool}, lambda exc: (g.Code.UNKNOWN, str(exc)))
+        self.server = g.GrpcServer(routes, {"held": self.pool}, lambda exc: (Code.UNKNOWN, str(exc)))
         self.conn = g._Connection(self.server)
         self.transport = FakeTransport()
         self.conn.connection_made(self.transport)  # type: ignore[arg-type]
         self.encoder = hpack.Encoder()
         self.sent = 0
-        self.send(g.PREFACE + frame(g.SETTINGS, 0, 0))
+        self.send(h.PREFACE + frame(h.SETTINGS, 0, 0))
 
     def send(self, data: bytes) -> None:
         self.conn.data_received(data)
@@ -98,10 +103,10 @@ class Peer:
                 *extra,
             ]
         )
-        return frame(g.HEADERS, g.END_HEADERS | (g.END_STREAM if end_stream else 0), sid, block)
+        return frame(h.HEADERS, h.END_HEADERS | (h.END_STREAM if end_stream else 0), sid, block)
 
     def call(self, sid: int, path: bytes = ECHO, value: str = "hi", extra: tuple = ()) -> None:
-        self.send(self.headers(sid, path, extra=extra) + frame(g.DATA, g.END_STREAM, sid, message(value)))
+        self.send(self.headers(sid, path, extra=extra) + frame(h.DATA, h.END_STREAM, sid, message(value)))
 
     def frames(self) -> list[tuple[int, int, int, bytes]]:
         """Every frame the server wrote since the last call."""
@@ -114,13 +119,13 @@ class Peer:
         return out
 
     def goaway(self) -> H2Error | None:
-        codes = [struct.unpack(">II", p[:8])[1] for t, _, _, p in self.frames() if t == g.GOAWAY]
+        codes = [struct.unpack(">II", p[:8])[1] for t, _, _, p in self.frames() if t == h.GOAWAY]
         return H2Error(codes[-1]) if codes else None
 
     def status(self, frames: list, sid: int) -> int | None:
         """The grpc-status in the trailers of stream `sid`."""
         for t, flags, s, payload in frames:
-            if t == g.HEADERS and s == sid and flags & g.END_STREAM:
+            if t == h.HEADERS and s == sid and flags & h.END_STREAM:
                 return int(dict(hpack.Decoder().decode(payload, raw=True))[b"grpc-status"])
         return None
 
@@ -138,7 +143,7 @@ def test_a_call_is_answered():
         p.frames()
         p.call(1, value="hi")
         out = p.frames()
-        data = b"".join(payload for t, _, s, payload in out if t == g.DATA and s == 1)
+        data = b"".join(payload for t, _, s, payload in out if t == h.DATA and s == 1)
         assert wrappers_pb2.StringValue.FromString(data[5:]).value == "HI"
         assert p.status(out, 1) == 0
 
@@ -156,13 +161,13 @@ def test_a_handler_sees_containerds_namespace_and_lease_of_its_own_call_and_noth
         out = p.frames()
         answers = [
             wrappers_pb2.StringValue.FromString(
-                b"".join(payload for t, _, s, payload in out if t == g.DATA and s == sid)[5:]
+                b"".join(payload for t, _, s, payload in out if t == h.DATA and s == sid)[5:]
             ).value
             for sid in (1, 3, 5)
         ]
         both = "[('containerd-lease', 'l1'), ('containerd-namespace', 'ci')]"
         assert answers == [both, "[('containerd-namespace', 'other')]", both]
-        assert g.call_metadata() == {}  # only while a handler runs
+        assert rpc.call_metadata() == {}  # only while a handler runs
 
     run(test)
 
@@ -170,12 +175,12 @@ def test_a_handler_sees_containerds_namespace_and_lease_of_its_own_call_and_noth
 def test_endless_continuation_ends_the_connection_with_its_buffer_bounded():
     def test() -> None:
         p = Peer()
-        p.send(frame(g.HEADERS, 0, 1, b"\x00" * 1000))
+        p.send(frame(h.HEADERS, 0, 1, b"\x00" * 1000))
         for _ in range(200):  # 200 kB of header block, more than MAX_HEADER_BLOCK
             if p.transport.closed:
                 break
-            p.send(frame(g.CONTINUATION, 0, 1, b"\x00" * 1000))
-            assert len(p.conn.block) <= g.MAX_HEADER_BLOCK
+            p.send(frame(h.CONTINUATION, 0, 1, b"\x00" * 1000))
+            assert len(p.conn.h2.block) <= h.MAX_HEADER_BLOCK
         assert p.goaway() is H2Error.ENHANCE_YOUR_CALM and p.transport.closed
 
     run(test)
@@ -185,18 +190,18 @@ def test_data_is_not_acknowledged_until_consumed_and_a_peer_beyond_the_window_is
     def test() -> None:
         p = Peer()
         p.frames()
-        chunk = b"x" * g.MAX_FRAME
+        chunk = b"x" * h.MAX_FRAME
         sid = 1
         sent = 0
-        while sent + len(chunk) <= g.CONNECTION_WINDOW:  # many streams, none ever finished
-            if sent % g.MAX_MESSAGE == 0:
+        while sent + len(chunk) <= h.CONNECTION_WINDOW:  # many streams, none ever finished
+            if sent % rpc.MAX_MESSAGE == 0:
                 sid += 2
                 p.send(p.headers(sid))
-            p.send(frame(g.DATA, 0, sid, chunk))
+            p.send(frame(h.DATA, 0, sid, chunk))
             sent += len(chunk)
-        updates = [p_ for t, _, s, p_ in p.frames() if t == g.WINDOW_UPDATE and s == 0]
+        updates = [p_ for t, _, s, p_ in p.frames() if t == h.WINDOW_UPDATE and s == 0]
         assert updates == []  # nothing consumed, so nothing given back
-        p.send(frame(g.DATA, 0, sid, chunk))
+        p.send(frame(h.DATA, 0, sid, chunk))
         assert p.goaway() is H2Error.FLOW_CONTROL_ERROR
 
     run(test)
@@ -207,7 +212,7 @@ def test_consumed_requests_give_their_window_back():
         p = Peer()
         p.frames()
         p.call(1)
-        credited = sum(struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == g.WINDOW_UPDATE and s == 0)
+        credited = sum(struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == h.WINDOW_UPDATE and s == 0)
         assert credited == len(message("hi"))
 
     run(test)
@@ -217,10 +222,10 @@ def test_a_request_above_the_message_limit_is_resource_exhausted():
     def test() -> None:
         p = Peer()
         p.send(p.headers(1))
-        chunk = b"y" * g.MAX_FRAME
-        for _ in range(g.MAX_MESSAGE // g.MAX_FRAME + 2):
-            p.send(frame(g.DATA, 0, 1, chunk))
-        assert p.status(p.frames(), 1) == g.Code.RESOURCE_EXHAUSTED
+        chunk = b"y" * h.MAX_FRAME
+        for _ in range(rpc.MAX_MESSAGE // h.MAX_FRAME + 2):
+            p.send(frame(h.DATA, 0, 1, chunk))
+        assert p.status(p.frames(), 1) == Code.RESOURCE_EXHAUSTED
 
     run(test)
 
@@ -228,12 +233,12 @@ def test_a_request_above_the_message_limit_is_resource_exhausted():
 def test_streams_beyond_the_advertised_limit_are_refused():
     def test() -> None:
         p = Peer()
-        for i in range(g.MAX_STREAMS + 1):
+        for i in range(h.MAX_STREAMS + 1):
             p.send(p.headers(2 * i + 1))
         refused = [
-            s for t, _, s, x in p.frames() if t == g.RST_STREAM and struct.unpack(">I", x)[0] == H2Error.REFUSED_STREAM
+            s for t, _, s, x in p.frames() if t == h.RST_STREAM and struct.unpack(">I", x)[0] == H2Error.REFUSED_STREAM
         ]
-        assert refused == [2 * g.MAX_STREAMS + 1]
+        assert refused == [2 * h.MAX_STREAMS + 1]
 
     run(test)
 
@@ -244,9 +249,9 @@ def test_queued_work_is_bounded_and_a_reset_cancels_it():
         for i in range(g.MAX_QUEUED + 1):
             p.call(2 * i + 1, SLOW)
         out = p.frames()
-        assert p.status(out, 2 * g.MAX_QUEUED + 1) == g.Code.RESOURCE_EXHAUSTED
+        assert p.status(out, 2 * g.MAX_QUEUED + 1) == Code.RESOURCE_EXHAUSTED
         assert len(p.pool.futures) == g.MAX_QUEUED
-        p.send(frame(g.RST_STREAM, 0, 1, struct.pack(">I", H2Error.CANCEL)))
+        p.send(frame(h.RST_STREAM, 0, 1, struct.pack(">I", H2Error.CANCEL)))
         assert p.pool.futures[0].cancelled() and not p.pool.futures[1].cancelled()
 
     run(test)
@@ -257,7 +262,7 @@ def test_the_deadline_answers_and_drops_work_that_never_started():
         p = Peer()
         p.call(1, SLOW, extra=((b"grpc-timeout", b"20m"),))
         await asyncio.sleep(0.1)
-        assert p.status(p.frames(), 1) == g.Code.DEADLINE_EXCEEDED
+        assert p.status(p.frames(), 1) == Code.DEADLINE_EXCEEDED
         assert p.pool.futures[0].cancelled()
 
     asyncio.run(main())
@@ -267,7 +272,7 @@ def test_the_deadline_answers_and_drops_work_that_never_started():
     "value, seconds", [(b"1S", 1.0), (b"250m", 0.25), (b"2H", 7200.0), (b"5x", None), (b"123456789S", None)]
 )
 def test_grpc_timeout_values(value, seconds):
-    assert g.grpc_timeout(value) == seconds
+    assert rpc.grpc_timeout(value) == seconds
 
 
 def test_a_peer_that_does_not_read_is_not_read_either():
@@ -288,8 +293,8 @@ def test_a_streaming_answer_is_made_only_as_fast_as_the_peer_takes_it():
         p.call(1, MANY)
         assert len(pulled) < 70  # the 64 KiB initial windows hold about 65 messages of 1 kB
         p.send(
-            frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20))
-            + frame(g.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20))
+            frame(h.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 20))
+            + frame(h.WINDOW_UPDATE, 0, 1, struct.pack(">I", 1 << 20))
         )
         assert len(pulled) == 1000 and p.status(p.frames(), 1) == 0
 
@@ -301,12 +306,12 @@ def test_connection_window_updates_cost_a_stream_each_whatever_the_number_waitin
         p = Peer()
         for i in range(300):  # the first answers use up the connection window; the rest wait
             p.call(2 * i + 1, MANY)
-        assert len(p.conn.blocked) > 200
+        assert len(p.conn.h2.blocked) > 200
         flushed = []
-        real = p.conn._flush
-        p.conn._flush = lambda stream: (flushed.append(stream.sid), real(stream))  # type: ignore[method-assign]
+        real = p.conn.h2._flush
+        p.conn.h2._flush = lambda stream: (flushed.append(stream.sid), real(stream))  # type: ignore[method-assign]
         for _ in range(100):  # a byte at a time, as the attack did
-            p.send(frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
+            p.send(frame(h.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
         assert len(flushed) <= 101  # stream 1 (waiting on its own window too) leaves the queue once
 
     run(test)
@@ -315,24 +320,24 @@ def test_connection_window_updates_cost_a_stream_each_whatever_the_number_waitin
 @pytest.mark.parametrize(
     "payload, error",
     [
-        (frame(g.SETTINGS, 0, 0, b"\x00" * 5), H2Error.FRAME_SIZE_ERROR),
-        (frame(g.SETTINGS, g.ACK, 0, b"\x00" * 6), H2Error.FRAME_SIZE_ERROR),
-        (frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_MAX_FRAME_SIZE, 100)), H2Error.PROTOCOL_ERROR),
+        (frame(h.SETTINGS, 0, 0, b"\x00" * 5), H2Error.FRAME_SIZE_ERROR),
+        (frame(h.SETTINGS, h.ACK, 0, b"\x00" * 6), H2Error.FRAME_SIZE_ERROR),
+        (frame(h.SETTINGS, 0, 0, struct.pack(">HI", h.SETTINGS_MAX_FRAME_SIZE, 100)), H2Error.PROTOCOL_ERROR),
         (
-            frame(g.SETTINGS, 0, 0, struct.pack(">HI", g.SETTINGS_INITIAL_WINDOW_SIZE, 2**31)),
+            frame(h.SETTINGS, 0, 0, struct.pack(">HI", h.SETTINGS_INITIAL_WINDOW_SIZE, 2**31)),
             H2Error.FLOW_CONTROL_ERROR,
         ),
-        (frame(g.SETTINGS, 0, 1), H2Error.PROTOCOL_ERROR),
-        (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)), H2Error.FLOW_CONTROL_ERROR),
-        (frame(g.WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)), H2Error.PROTOCOL_ERROR),
-        (frame(g.WINDOW_UPDATE, 0, 0, b"\x00\x00\x01"), H2Error.FRAME_SIZE_ERROR),
-        (frame(g.PING, 0, 0, b"\x00" * 7), H2Error.FRAME_SIZE_ERROR),
-        (frame(g.PING, 0, 3, b"\x00" * 8), H2Error.PROTOCOL_ERROR),
-        (frame(g.DATA, 0, 9, b"x"), H2Error.PROTOCOL_ERROR),  # an idle stream
-        (frame(g.DATA, g.PADDED, 1, b"\x05ab"), H2Error.PROTOCOL_ERROR),
-        (frame(g.RST_STREAM, 0, 0, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
-        (frame(g.PUSH_PROMISE, 0, 1, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
-        (frame(g.HEADERS, g.END_HEADERS, 2, b""), H2Error.PROTOCOL_ERROR),  # even: a server's stream
+        (frame(h.SETTINGS, 0, 1), H2Error.PROTOCOL_ERROR),
+        (frame(h.WINDOW_UPDATE, 0, 0, struct.pack(">I", 2**31 - 1)), H2Error.FLOW_CONTROL_ERROR),
+        (frame(h.WINDOW_UPDATE, 0, 0, struct.pack(">I", 0)), H2Error.PROTOCOL_ERROR),
+        (frame(h.WINDOW_UPDATE, 0, 0, b"\x00\x00\x01"), H2Error.FRAME_SIZE_ERROR),
+        (frame(h.PING, 0, 0, b"\x00" * 7), H2Error.FRAME_SIZE_ERROR),
+        (frame(h.PING, 0, 3, b"\x00" * 8), H2Error.PROTOCOL_ERROR),
+        (frame(h.DATA, 0, 9, b"x"), H2Error.PROTOCOL_ERROR),  # an idle stream
+        (frame(h.DATA, h.PADDED, 1, b"\x05ab"), H2Error.PROTOCOL_ERROR),
+        (frame(h.RST_STREAM, 0, 0, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
+        (frame(h.PUSH_PROMISE, 0, 1, b"\x00" * 4), H2Error.PROTOCOL_ERROR),
+        (frame(h.HEADERS, h.END_HEADERS, 2, b""), H2Error.PROTOCOL_ERROR),  # even: a server's stream
         (b"\x00\x40\x01" + bytes(6), H2Error.FRAME_SIZE_ERROR),  # 16 kB + 1 frame
     ],
 )
@@ -352,8 +357,8 @@ def test_data_after_the_request_is_complete_resets_the_stream():
         p = Peer()
         p.call(1, SLOW)
         p.frames()
-        p.send(frame(g.DATA, 0, 1, b"late"))
-        resets = [struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == g.RST_STREAM and s == 1]
+        p.send(frame(h.DATA, 0, 1, b"late"))
+        resets = [struct.unpack(">I", x)[0] for t, _, s, x in p.frames() if t == h.RST_STREAM and s == 1]
         assert resets == [H2Error.STREAM_CLOSED] and not p.transport.closed
 
     run(test)
@@ -363,10 +368,10 @@ def test_a_connection_without_the_preface_is_closed_in_time(monkeypatch):
     monkeypatch.setattr(g, "PREFACE_TIMEOUT", 0.05)
 
     async def main() -> None:
-        conn = g._Connection(g.GrpcServer({}, {}, lambda exc: (g.Code.UNKNOWN, "")))
+        conn = g._Connection(g.GrpcServer({}, {}, lambda exc: (Code.UNKNOWN, "")))
         transport = FakeTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
-        conn.data_received(g.PREFACE[:5])
+        conn.data_received(h.PREFACE[:5])
         await asyncio.sleep(0.2)
         assert transport.closed
 
@@ -375,7 +380,7 @@ def test_a_connection_without_the_preface_is_closed_in_time(monkeypatch):
 
 def test_connections_beyond_the_limit_are_closed_at_once():
     def test() -> None:
-        server = g.GrpcServer({}, {}, lambda exc: (g.Code.UNKNOWN, ""))
+        server = g.GrpcServer({}, {}, lambda exc: (Code.UNKNOWN, ""))
         transports = [FakeTransport() for _ in range(g.MAX_CONNECTIONS + 1)]
         for t in transports:
             g._Connection(server).connection_made(t)  # type: ignore[arg-type]
@@ -398,7 +403,7 @@ def test_a_route_picks_where_a_call_runs_from_its_request_before_it_starts():
                 raise ValueError("cannot tell")  # picking fails: the loop, the handler answers
             return "held" if request.value == "slow" else None
 
-        p.server.routes[b"/t.T/Maybe"] = g.Route(wrappers_pb2.StringValue, handler, place=place)
+        p.server.routes[b"/t.T/Maybe"] = rpc.Route(wrappers_pb2.StringValue, handler, place=place)
         p.call(1, b"/t.T/Maybe", "quick")
         p.call(3, b"/t.T/Maybe", "slow")
         p.call(5, b"/t.T/Maybe", "boom")
@@ -416,10 +421,10 @@ def test_a_remembered_header_block_is_decoded_again_once_the_table_changed():
     first = enc.encode([(":path", "/a"), ("x", "1")])  # literals: both enter the table
     again = enc.encode([(":path", "/a"), ("x", "1")])  # indexed only: remembered
     other = enc.encode([(":path", "/b")])  # a literal: every index moves by one
-    headers, reference = g._Headers(), hpack.Decoder()
+    headers, reference = h._Headers(rpc.HEAD_FIELDS, rpc.RequestHead.of), hpack.Decoder()
     paths = []
     for block in (first, again, other, again):
         want = dict(reference.decode(block, raw=True)).get(b":path", b"")
-        paths.append(headers.decode(block)[0])
+        paths.append(headers.decode(block).path)
         assert paths[-1] == want
     assert paths == [b"/a", b"/a", b"/b", b"/b"] and len(again) == 2

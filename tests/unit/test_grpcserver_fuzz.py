@@ -13,19 +13,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from addlower.server import grpcserver as g
+from addlower.server import http2 as h
+from addlower.server import rpc
 from tests.unit.test_grpcserver import ECHO, MANY, SLOW, WHO, Peer, message, run
 
 FRAME_TYPES = [
-    g.DATA,
-    g.HEADERS,
-    g.PRIORITY,
-    g.RST_STREAM,
-    g.SETTINGS,
-    g.PUSH_PROMISE,
-    g.PING,
-    g.GOAWAY,
-    g.WINDOW_UPDATE,
-    g.CONTINUATION,
+    h.DATA,
+    h.HEADERS,
+    h.PRIORITY,
+    h.RST_STREAM,
+    h.SETTINGS,
+    h.PUSH_PROMISE,
+    h.PING,
+    h.GOAWAY,
+    h.WINDOW_UPDATE,
+    h.CONTINUATION,
     0xA,
     0xFF,
 ]
@@ -40,7 +42,7 @@ def payloads(draw: Any, encoder: hpack.Encoder) -> tuple[int, bytes]:
     kind = draw(st.integers(0, 3))
     if kind == 0:
         return ftype, draw(st.binary(max_size=64))
-    if ftype in (g.HEADERS, g.CONTINUATION):
+    if ftype in (h.HEADERS, h.CONTINUATION):
         headers = [
             (b":method", b"POST"),
             (b":scheme", b"http"),
@@ -52,15 +54,15 @@ def payloads(draw: Any, encoder: hpack.Encoder) -> tuple[int, bytes]:
         if draw(st.booleans()):
             headers.append((b"containerd-namespace", b"ns"))
         return ftype, encoder.encode(headers)
-    if ftype == g.DATA:
+    if ftype == h.DATA:
         return ftype, message(draw(st.text(max_size=20))) if kind == 1 else draw(st.binary(max_size=40))
-    if ftype == g.SETTINGS:
+    if ftype == h.SETTINGS:
         entries = draw(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2**32 - 1)), max_size=4))
         return ftype, b"".join(struct.pack(">HI", k, v) for k, v in entries)
-    if ftype in (g.WINDOW_UPDATE, g.RST_STREAM):
+    if ftype in (h.WINDOW_UPDATE, h.RST_STREAM):
         return ftype, struct.pack(">I", draw(st.integers(0, 2**32 - 1)))
-    if ftype in (g.PING, g.GOAWAY):
-        return ftype, draw(st.binary(min_size=8, max_size=8 if ftype == g.PING else 16))
+    if ftype in (h.PING, h.GOAWAY):
+        return ftype, draw(st.binary(min_size=8, max_size=8 if ftype == h.PING else 16))
     return ftype, draw(st.binary(max_size=16))
 
 
@@ -73,10 +75,10 @@ def sessions(draw: Any) -> tuple[bytes, list[int]]:
         ftype, payload = draw(payloads(encoder))
         flags = draw(
             st.sampled_from(
-                [0, g.END_STREAM, g.END_HEADERS, g.END_STREAM | g.END_HEADERS, g.PADDED, g.PRIORITY_FLAG, 0xFF]
+                [0, h.END_STREAM, h.END_HEADERS, h.END_STREAM | h.END_HEADERS, h.PADDED, h.PRIORITY_FLAG, 0xFF]
             )
         )
-        frames.append(g.frame(ftype, flags, draw(st.sampled_from(STREAMS)), payload))
+        frames.append(h.frame(ftype, flags, draw(st.sampled_from(STREAMS)), payload))
     data = b"".join(frames)
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=5)))
     return data, cuts
@@ -89,7 +91,7 @@ def parse_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
         assert len(data) >= 9, "a cut frame header"
         n = int.from_bytes(data[:3], "big")
         assert len(data) >= 9 + n, "a cut frame"
-        assert n <= g.MAX_FRAME
+        assert n <= h.MAX_FRAME
         frames.append((data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7FFFFFFF, data[9 : 9 + n]))
         data = data[9 + n :]
     return frames
@@ -107,12 +109,12 @@ def parse_sent(data: bytes) -> list[tuple[int, int, int, bytes]]:
 
 def check_limits(p: Peer) -> None:
     conn = p.conn
-    assert len(conn.streams) <= g.MAX_STREAMS
-    assert len(conn.buf) <= 9 + g.MAX_FRAME
-    assert len(conn.block) <= g.MAX_HEADER_BLOCK
+    assert len(conn.h2.streams) <= h.MAX_STREAMS
+    assert len(conn.h2.buf) <= 9 + h.MAX_FRAME
+    assert len(conn.h2.block) <= h.MAX_HEADER_BLOCK
     assert p.server.queued <= g.MAX_QUEUED
-    for stream in conn.streams.values():
-        assert len(stream.body) <= g.MAX_MESSAGE + 5
+    for stream in conn.h2.streams.values():
+        assert len(stream.body) <= rpc.MAX_MESSAGE + 5
         assert stream.recv_window.size >= 0
 
 
@@ -129,10 +131,10 @@ def test_any_frame_sequence_ends_in_answers_or_a_protocol_error_within_the_limit
             last = cut
             check_limits(p)
         frames = parse_frames(bytes(p.transport.data))
-        assert frames[0][0] == g.SETTINGS  # the server's preface
-        goaways = [f for f in frames if f[0] == g.GOAWAY]
+        assert frames[0][0] == h.SETTINGS  # the server's preface
+        goaways = [f for f in frames if f[0] == h.GOAWAY]
         assert len(goaways) <= 2  # at most a graceful one and the error
-        said_goodbye = any(f[0] == g.GOAWAY and len(f[3]) >= 8 and f[2] == 0 for f in parse_sent(data))
+        said_goodbye = any(f[0] == h.GOAWAY and len(f[3]) >= 8 and f[2] == 0 for f in parse_sent(data))
         if p.transport.closed:
             assert goaways or said_goodbye, "closed without saying why"
 

@@ -18,6 +18,32 @@ FORBIDDEN = {
 }
 
 
+# module -> top-level modules it must never import: the HTTP/2 and gRPC cores do no I/O
+# (bytes and events in and out, time from a clock they are given), so they are tested and fuzzed
+# without a loop or a socket.
+SANS_IO = {"asyncio", "socket", "threading", "concurrent", "selectors", "time", "uvloop", "os"}
+MODULE_FORBIDDEN = {
+    "server/http2.py": SANS_IO | {"addlower"},
+    "server/rpc.py": SANS_IO,
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The top-level modules a module imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(MODULE_FORBIDDEN))
+def test_the_protocol_cores_do_no_io(module):
+    assert imported_modules(PACKAGE / module) & MODULE_FORBIDDEN[module] == set()
+
+
 def imported_packages(path: Path) -> set[str]:
     """The addlower subpackages a module imports, at any depth of its code."""
     found = set()
