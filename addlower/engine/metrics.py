@@ -190,8 +190,8 @@ class StoreCollector:
         used, budget = self._view.host_mounts()
         yield core.GaugeMetricFamily(
             "addlower_host_mounts",
-            "Host mounts that extra lowers take: a pin per entry "
-            "and a mount per container path, of snapshots that have them.",
+            "Host mounts that extra lowers take: a pin per host dir in use (shared by the "
+            "snapshots using it) and a mount per container path.",
             value=used,
         )
         yield core.GaugeMetricFamily(

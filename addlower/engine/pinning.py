@@ -2,16 +2,27 @@
 so that the paths containerd hands the kernel cannot be changed by anyone who can write under an
 allowed root (a CI job filling a cache can swap a dir for a symlink at any instant).
 
-Opening walks from "/" one component at a time, each opened with O_NOFOLLOW relative to its
-parent's fd: a symlink anywhere in the path is refused, and whatever is renamed afterwards, the
-fd stays on the dir that was checked. Missing dirs are made with mkdirat under the parent's fd,
-only at or below the entry's create root (none for a named lower without create = true), and
-only once every entry has been walked: a refused label leaves nothing made. A dir made is a
-warning and a metric, since the container gets it empty. A pin is a read-only bind mount of the
-fd (through /proc/self/fd/N) at <root>/lowers/<snapshot id>/<n>; the root is 0700, so nobody
-else can touch the path. Pins go
-away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays into a
-pin meets a read-only mount.
+Opening resolves the path in one openat2(RESOLVE_NO_SYMLINKS) call: the kernel refuses a symlink
+in any component, and whatever is renamed afterwards, the fd stays on the dir that was resolved.
+When that fails (a missing dir, a symlink, an old kernel), the path is walked from "/" one
+component at a time, each opened with O_NOFOLLOW relative to its parent's fd, which gives the
+precise refusal and makes missing dirs: with mkdirat under the parent's fd, only at or below the
+entry's create root (none for a named lower without create = true), and only once every entry
+has been walked, so a refused label leaves nothing made. A dir made is a warning and a metric,
+since the container gets it empty.
+
+A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
+<root>/lowers/pins/<dev>-<ino>: one per host dir in use, shared by every snapshot that uses that
+very dir, so the node's mount table grows with the distinct dirs, not with containers times
+lowers. The name is the dir's identity, and the pin holds that inode, so its number cannot be
+reused while pinned: a dir swapped after a pin was made has another name and gets its own pin
+for new containers, and a pin whose mount shows the inode its name says still holds the checked
+dir. Which pins a snapshot uses is recorded as symlinks <root>/lowers/<snapshot id>/<n> naming
+them (read back at start-up; the kernel never follows them): a pin is made before a record names
+it, and goes after the last record naming it went, so a kill at any point leaves at worst a pin
+no record names, which start-up removes. The root is 0700, so nobody else can touch these paths.
+Pins go away by unmount and rmdir only: nothing here deletes a file, and a tree walk that strays
+into a pin meets a read-only mount.
 
 Must not know about the store, labels, policy or gRPC: callers hand it checked Lower entries.
 """
@@ -34,7 +45,8 @@ from addlower.engine import metrics
 
 log = logging.getLogger(__name__)
 
-PINS_DIR = "lowers"  # under the snapshotter's root
+PINS_DIR = "lowers"  # under the snapshotter's root: each snapshot's records, and SHARED_DIR
+SHARED_DIR = "pins"  # under PINS_DIR: the pins themselves
 DIR_MODE = 0o755  # of dirs created for missing lowers, as the original
 PIN_DIR_MODE = 0o700
 # An O_PATH fd of a directory, never through a symlink.
@@ -73,9 +85,37 @@ def _refusal(what: str, lower: Lower, exc: OSError) -> InvalidArgument:
     return InvalidArgument(f"{what} {lower.shown}: {exc.strerror.lower() if exc.strerror else exc}")
 
 
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+SYS_OPENAT2 = 437  # the same number on every architecture
+AT_FDCWD = -100
+RESOLVE_NO_SYMLINKS = 0x04
+_libc.syscall.restype = ctypes.c_long
+_openat2_works = [True]  # False once the kernel said ENOSYS (before 5.6)
+
+
+def _resolve(path: str) -> int | None:
+    """An O_PATH fd of `path` in one syscall that refuses a symlink in any component; None when
+    that fails for any reason (the walk then says why, or makes what is missing)."""
+    if not _openat2_works[0]:
+        return None
+    how = _OpenHow(_O_WALK, 0, RESOLVE_NO_SYMLINKS)
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    if ctypes.get_errno() == errno.ENOSYS:
+        _openat2_works[0] = False
+    return None
+
+
 def _open_one(lower: Lower, what: str, create: bool) -> int | None:
-    """An O_PATH fd of `lower.path`, walked without following symlinks. Missing dirs at or below
+    """An O_PATH fd of `lower.path`, resolved without following symlinks. Missing dirs at or below
     its create root are made when `create`; without it, the walk stops there and says None."""
+    found = _resolve(lower.path)
+    if found is not None:
+        return found
     fd = os.open("/", _O_WALK)
     current = ""
     try:
@@ -131,12 +171,11 @@ class Opened:
         self.fds.clear()
 
     @property
-    def host_mounts(self) -> int:
-        """The host mounts these lowers take once pinned and mounted: a pin each, and a mount per
-        container path (target) they go to."""
+    def targets(self) -> int:
+        """The host mounts these lowers take at container paths once mounted: one per target."""
         if not self.fds:
             return 0
-        return len(self.fds) + len({lower.target for lower in self.lowers if lower.target != ROOT_TARGET})
+        return len({lower.target for lower in self.lowers if lower.target != ROOT_TARGET})
 
     def __enter__(self) -> Opened:
         return self
@@ -146,40 +185,77 @@ class Opened:
 
 
 class Pins:
-    """The pins under <root>/lowers, one dir per snapshot that has extra lowers."""
+    """The pins under <root>/lowers/pins, shared by the snapshots whose records name them."""
 
     def __init__(self, root: str):
         self.dir = f"{root}/{PINS_DIR}"
-        os.makedirs(self.dir, mode=PIN_DIR_MODE, exist_ok=True)
+        self.shared = f"{self.dir}/{SHARED_DIR}"
+        os.makedirs(self.shared, mode=PIN_DIR_MODE, exist_ok=True)
         self._lock = threading.Lock()
-        # Snapshots that may have pins: most have none, and their Mounts calls skip the disk.
-        self._pinned: set[str] = set(os.listdir(self.dir))
-        # The node-wide budget: host mounts each pinned snapshot's lowers take, and their sum.
-        self._mounts: dict[str, int] = {}
-        self.host_mounts = 0
+        self._held: dict[int, tuple[str, ...]] = {}  # snapshot id -> the pins its records name, in order
+        self._users: dict[str, set[int]] = {}  # pin -> the snapshots whose records name it
+        self._targets: dict[int, int] = {}  # snapshot id -> its target mounts
+        self._recorded: set[int] = set()  # snapshots with a records dir (with or without pins)
 
-    def count(self, targets: Callable[[int], int]) -> None:
-        """Account for the pins found on disk at start-up: each snapshot's pins, plus its
-        `targets(id)` target mounts."""
+    @property
+    def host_mounts(self) -> int:
+        """The node's host mounts for extra lowers: a pin per host dir in use, a mount per target."""
+        return len(self._users) + sum(self._targets.values())
+
+    def path(self, pin: str) -> str:
+        return f"{self.shared}/{pin}"
+
+    def users(self, pin: str) -> int:
+        """How many snapshots use `pin` (a name under <root>/lowers/pins)."""
+        return len(self._users.get(pin, ()))
+
+    def recover(self, live: Callable[[int], bool], targets: Callable[[int], int]) -> list[str]:
+        """At start-up: read the records of the `live` snapshots back, with their `targets(id)`
+        target mounts, then release_all_but(live)."""
         with self._lock:
             for entry in os.listdir(self.dir):
-                if entry.isdigit():
-                    pins = sum(1 for pin in os.listdir(f"{self.dir}/{entry}") if pin.isdigit())
-                    self._account(entry, pins + targets(int(entry)) if pins else 0)
+                if entry.isdigit() and live(int(entry)):
+                    sid = int(entry)
+                    self._recorded.add(sid)
+                    held = self._read_records(sid)
+                    if held:
+                        self._hold(sid, held)
+                        self._targets[sid] = targets(sid)
+        return self.release_all_but(live)
 
-    def _account(self, sid: str, mounts: int) -> None:
-        self.host_mounts += mounts - self._mounts.pop(sid, 0)
-        if mounts:
-            self._mounts[sid] = mounts
+    def release_all_but(self, live: Callable[[int], bool]) -> list[str]:
+        """Drop the records of every snapshot not `live` (gone, or committed) and remove the pins
+        no record names; returns the ids whose records were dropped. Reads only the records: a
+        dir per snapshot with extra lowers."""
+        released = []
+        with self._lock:
+            for entry in os.listdir(self.dir):
+                if entry != SHARED_DIR and not (entry.isdigit() and live(int(entry))):
+                    self._drop_records(entry)
+                    if entry.isdigit():
+                        self._hold(int(entry), ())
+                        self._targets.pop(int(entry), None)
+                    released.append(entry)
+            for pin in os.listdir(self.shared):
+                if pin not in self._users:
+                    log.info("removing the pin %s, which no snapshot uses", pin)
+                    self._remove_pin(self.path(pin))
+        return released
 
-    def path(self, sid: int, n: int) -> str:
-        return f"{self.dir}/{sid}/{n}"
+    def _read_records(self, sid: int) -> tuple[str, ...]:
+        """The pins snapshot `sid`'s records name, in order; stops at the first gap."""
+        base, held = f"{self.dir}/{sid}", list[str]()
+        while True:
+            try:
+                held.append(os.readlink(f"{base}/{len(held)}"))
+            except OSError:  # missing, or a pin of the older layout (a dir): made again at Mounts
+                return tuple(held)
 
     @staticmethod
     def open(lowers: Sequence[Lower], what: str, key: str) -> Opened:
         """Open each entry of snapshot `key`, making missing dirs: the part that may take long (a
         slow filesystem under an allowed root), so callers do it outside their locks. Every entry
-        is walked before any dir is made, so a refusal leaves nothing made; an entry is walked
+        is resolved before any dir is made, so a refusal leaves nothing made; an entry is walked
         again only if it had dirs to make. Only a race with a writer between the two walks can
         leave an empty dir, inside the allowed root (removing it again could remove a dir the
         writer swapped in)."""
@@ -209,28 +285,41 @@ class Pins:
         return Opened(tuple(lowers), fds)
 
     def attach(self, sid: int, opened: Opened, what: str, budget: int) -> tuple[str, ...]:
-        """Pin the opened dirs for snapshot `sid` (quick: mounts of fds); the pins' paths in order.
-        With none, drops the pins `sid` had, if any. Refused when the node's host mounts for
-        lowers would exceed `budget`."""
-        if not opened.fds and str(sid) not in self._pinned:
+        """Pin the opened dirs for snapshot `sid`, sharing the pins other snapshots hold, and
+        record which it uses; the pins' paths in order. Pins it no longer uses go when nobody
+        else uses them. Refused when the node's host mounts for lowers would exceed `budget`."""
+        if not opened.fds and sid not in self._recorded:
             return ()
-        need = opened.host_mounts
+        identities = [os.fstat(fd) for fd in opened.fds]
+        wanted = tuple(f"{st.st_dev}-{st.st_ino}" for st in identities)
         with self._lock:
-            had = self._mounts.get(str(sid), 0)
-            others = self.host_mounts - had
-            if need > had and others + need > budget:
+            had = self._held.get(sid, ())
+            new = {pin for pin in wanted if pin not in self._users}
+            freed = {pin for pin in had if pin not in wanted and self._users[pin] == {sid}}
+            targets = opened.targets
+            now = self.host_mounts
+            after = now + len(new) - len(freed) + targets - self._targets.get(sid, 0)
+            if after > now and after > budget:
                 raise ResourceExhausted(
-                    f"lowers.max_host_mounts: this snapshot's extra lowers need {need} host mounts (a pin per "
-                    f"entry, a mount per target) and {others} of the node's budget of {budget} are in use; "
-                    "remove containers that use extra lowers, or raise the budget in the snapshotter's config"
+                    f"lowers.max_host_mounts: this snapshot's extra lowers need {len(new) + targets} more host "
+                    f"mounts (a pin per host dir not pinned yet, a mount per target) and {now} of the node's "
+                    f"budget of {budget} are in use; remove containers that use extra lowers, or raise the "
+                    "budget in the snapshotter's config"
                 )
             try:
-                paths = self._sync(sid, opened.fds)
+                for pin, fd, st in zip(wanted, opened.fds, identities, strict=True):
+                    self._make_pin(pin, fd, st)
+                self._record(sid, had, wanted)
             except OSError as exc:  # e.g. its writer removed the dir while it was pinned
+                for pin in new:  # made for this call only
+                    self._remove_pin(self.path(pin))
                 self._release(sid)
                 raise InvalidArgument(f"{what}: a dir changed while it was pinned ({exc.strerror})") from None
-            self._account(str(sid), need)
-            return paths
+            self._hold(sid, wanted)
+            self._targets[sid] = targets
+            if not wanted:
+                self._release(sid)
+            return tuple(self.path(pin) for pin in wanted)
 
     @staticmethod
     def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:
@@ -243,69 +332,92 @@ class Pins:
                 raise InvalidArgument(f"{what} {lower.shown}: the same dir as {seen[key]}, twice at {lower.target}")
             seen[key] = lower.shown
 
-    def _sync(self, sid: int, fds: Sequence[int]) -> tuple[str, ...]:
+    def _make_pin(self, pin: str, fd: int, wanted: os.stat_result) -> None:
+        """Mount the pin unless it holds that dir read-only already (a kill may have left it
+        missing, empty, or between the bind and the read-only remount)."""
+        path = self.path(pin)
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            os.mkdir(path, PIN_DIR_MODE)
+            current = None
+        if current is None or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino):
+            self._unmount_all(path)
+            _mount(f"/proc/self/fd/{fd}", path, MS_BIND)
+        elif os.statvfs(path).f_flag & os.ST_RDONLY:
+            return
+        # Read-only in place: a pin others use never shows its empty mountpoint meanwhile.
+        _mount(None, path, MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+    def _record(self, sid: int, had: tuple[str, ...], wanted: tuple[str, ...]) -> None:
+        """Make snapshot `sid`'s records name `wanted` (each replaced in one rename)."""
         base = f"{self.dir}/{sid}"
-        if not fds:
-            self._release(sid)
-            return ()
-        os.makedirs(base, mode=PIN_DIR_MODE, exist_ok=True)
-        self._pinned.add(str(sid))
-        paths = []
-        for n, fd in enumerate(fds):
-            pin = self.path(sid, n)
-            wanted = os.fstat(fd)
-            try:
-                current = os.stat(pin)
-            except FileNotFoundError:
-                os.mkdir(pin, PIN_DIR_MODE)
-                current = None
-            if (
-                current is None
-                or (current.st_dev, current.st_ino) != (wanted.st_dev, wanted.st_ino)
-                or not os.statvfs(pin).f_flag & os.ST_RDONLY
-            ):  # a kill between bind and remount
-                self._unmount_all(pin)
-                _mount(f"/proc/self/fd/{fd}", pin, MS_BIND)
-                _mount(None, pin, MS_REMOUNT | MS_BIND | MS_RDONLY)
-            paths.append(pin)
-        for entry in os.listdir(base):  # pins of entries the snapshot no longer has
-            if not entry.isdigit() or int(entry) >= len(fds):
-                self._remove_pin(f"{base}/{entry}")
-        return tuple(paths)
+        if sid not in self._recorded:
+            os.makedirs(base, mode=PIN_DIR_MODE, exist_ok=True)
+            self._recorded.add(sid)
+        for n, pin in enumerate(wanted):
+            if n < len(had) and had[n] == pin:
+                continue
+            record = f"{base}/{n}"
+            if os.path.isdir(record) and not os.path.islink(record):  # the older layout's pin
+                self._remove_pin(record)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{record}.new")
+            os.symlink(pin, f"{record}.new")
+            os.rename(f"{record}.new", record)
+        for entry in os.listdir(base):  # records of entries the snapshot no longer has
+            if not entry.isdigit() or int(entry) >= len(wanted):
+                self._remove_record(f"{base}/{entry}")
+
+    def _hold(self, sid: int, wanted: tuple[str, ...]) -> None:
+        """Count `sid` as a user of exactly `wanted`; pins nobody uses any more go."""
+        for pin in self._held.get(sid, ()):
+            users = self._users[pin]
+            users.discard(sid)
+            if not users and pin not in wanted:
+                del self._users[pin]
+                self._remove_pin(self.path(pin))
+        for pin in wanted:
+            self._users.setdefault(pin, set()).add(sid)
+        if wanted:
+            self._held[sid] = wanted
+        else:
+            self._held.pop(sid, None)
 
     def release(self, sid: int) -> None:
-        """Unmount and remove snapshot `sid`'s pins, if it has any."""
-        if str(sid) not in self._pinned:
+        """Drop snapshot `sid`'s records, and the pins nobody else uses, if it has any."""
+        if sid not in self._recorded:
             return
         with self._lock:
             self._release(sid)
 
-    def release_all_but(self, live: set[int]) -> list[str]:
-        """Release the pins of every snapshot not in `live`; returns the ids released."""
-        released = []
-        with self._lock:
-            for entry in os.listdir(self.dir):
-                if not (entry.isdigit() and int(entry) in live):
-                    self._release(entry)
-                    released.append(entry)
-        return released
+    def _release(self, sid: int) -> None:
+        self._drop_records(str(sid))
+        self._hold(sid, ())
+        self._targets.pop(sid, None)
 
-    def _release(self, sid: int | str) -> None:
+    def _drop_records(self, sid: str) -> None:
+        """Remove a records dir (records first: a pin outlives every record naming it)."""
         base = f"{self.dir}/{sid}"
-        try:
-            entries = os.listdir(base)
-        except FileNotFoundError:
-            self._pinned.discard(str(sid))
-            self._account(str(sid), 0)
-            return
-        for entry in entries:
-            self._remove_pin(f"{base}/{entry}")
-        self._account(str(sid), 0)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.listdir(base):
+                self._remove_record(f"{base}/{entry}")
         try:
             os.rmdir(base)
-            self._pinned.discard(str(sid))
+        except FileNotFoundError:
+            pass
         except OSError as exc:
             log.warning("could not remove %s: %s", base, exc)
+            return
+        if sid.isdigit():
+            self._recorded.discard(int(sid))
+
+    def _remove_record(self, record: str) -> None:
+        if os.path.islink(record) or not os.path.isdir(record):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(record)
+        else:
+            self._remove_pin(record)  # the older layout's pin
 
     def _remove_pin(self, pin: str) -> None:
         try:

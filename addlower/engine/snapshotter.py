@@ -448,14 +448,24 @@ class Snapshotter:
         snapshots that are gone; returns the names of the directories removed. One at a time: a
         second Cleanup waits for the first, then finds what is left."""
         with self._cleaning:
+            # A look without the store's lock (a Cleanup with nothing to do takes it only to
+            # release stale pins' records): only the entries of no snapshot are checked again,
+            # under it, and an entry made meanwhile waits for the next Cleanup.
+            entries = os.listdir(self.snapshots_dir)
+            with self.store.read() as reader:
+                ids = reader.ids()
+            candidates = [e for e in entries if not (e.isdigit() and int(e) in ids)]
             with self.store.exclusive() as reader:
-                live = {str(i) for i in reader.ids()} | self._removing  # a sync Remove deletes its own
                 doomed = [
-                    self._set_aside(e, in_place_when_full=True) for e in os.listdir(self.snapshots_dir) if e not in live
+                    self._set_aside(e, in_place_when_full=True)
+                    for e in candidates
+                    if e not in self._removing  # a sync Remove deletes its own
+                    and not (e.isdigit() and reader.has_id(int(e)))
+                    and os.path.lexists(self.snapshots_dir / e)  # a create's temp dir renamed meanwhile
                 ]
                 # Under the lock: creates pin inside their transaction. A committed snapshot's pins
                 # are left only by a kill between its Commit and their release.
-                self.pins.release_all_but(reader.mountable_ids())
+                self.pins.release_all_but(reader.is_mountable)
             # One read of the mount table, after the renames: nobody is handed a set-aside name to
             # mount on, and remove_tree stops at any mount made since.
             mounted = fsutil.mounts_inside(str(self.snapshots_dir), doomed) if doomed else {}
@@ -531,12 +541,12 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 tx.reserve_ids(highest)
             log.info("ids up to %d are taken by directories on disk: new snapshots start above", highest)
-        for gone in self.pins.release_all_but(mountable):
-            log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
         with self.store.read() as reader:
             infos = {sid: reader.info_of(sid) for sid in mountable}
         labels = {sid: info.labels.get(EXTRA_LOWERS_LABEL, "") for sid, info in infos.items() if info is not None}
-        self.pins.count(lambda sid: target_count(labels[sid], self.resolver.policy.lowers.named))
+        policy = self.resolver.policy.lowers.named
+        for gone in self.pins.recover(mountable.__contains__, lambda sid: target_count(labels.get(sid, ""), policy)):
+            log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
                 log.error(

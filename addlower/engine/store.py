@@ -186,6 +186,10 @@ class Reader:
         """The active and view snapshots': the only ones whose lowers stay pinned."""
         return {sid for sid, rec in self._m.by_id.items() if rec.info.kind in (Kind.ACTIVE, Kind.VIEW)}
 
+    def is_mountable(self, sid: int) -> bool:
+        rec = self._m.by_id.get(sid)
+        return rec is not None and rec.info.kind in (Kind.ACTIVE, Kind.VIEW)
+
     def has_id(self, sid: int) -> bool:
         return sid in self._m.by_id
 

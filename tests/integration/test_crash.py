@@ -171,20 +171,30 @@ def live_ids(root: Path) -> set[int]:
 
 
 def pin_problems(root: Path, live: set[int]) -> list[str]:
-    """Pin dirs under <root>/lowers, and bind mounts under it (/proc/self/mountinfo: the daemon
-    shares our mount namespace), that belong to no live snapshot."""
-    lowers = root / "lowers"
-    problems = [
-        f"pin dir lowers/{e} belongs to no live snapshot"
-        for e in (os.listdir(lowers) if lowers.is_dir() else [])
-        if not (e.isdigit() and int(e) in live)
-    ]
-    prefix = f"{lowers}/"
+    """Records under <root>/lowers of no live snapshot, records naming no pin, pins (and bind
+    mounts, in /proc/self/mountinfo: the daemon shares our mount namespace) that no record names,
+    and pins not read-only."""
+    lowers, shared = root / "lowers", root / "lowers" / "pins"
+    problems, named = [], set()
+    for e in os.listdir(lowers) if lowers.is_dir() else []:
+        if e == "pins":
+            continue
+        if not (e.isdigit() and int(e) in live):
+            problems.append(f"records lowers/{e} belong to no live snapshot")
+            continue
+        for record in os.listdir(lowers / e):
+            pin = os.readlink(lowers / e / record)
+            named.add(pin)
+            if not (shared / pin).is_dir():
+                problems.append(f"record lowers/{e}/{record} names {pin}, which is not there")
+    pins = set(os.listdir(shared)) if shared.is_dir() else set()
+    problems += [f"pin {p} is named by no record: leaked" for p in sorted(pins - named)]
+    writable = [p for p in sorted(pins & named) if not os.statvfs(shared / p).f_flag & os.ST_RDONLY]
+    problems += [f"pin {p} is writable" for p in writable]
+    prefix = f"{shared}/"
     for m in fsutil.mount_points():
-        if m.startswith(prefix):
-            sid = m[len(prefix) :].split("/")[0]
-            if not (sid.isdigit() and int(sid) in live):
-                problems.append(f"bind mount {m} is left for snapshot {sid}, which is gone")
+        if m.startswith(f"{lowers}/") and not (m.startswith(prefix) and m[len(prefix) :] in named):
+            problems.append(f"bind mount {m} is left, and no snapshot uses it")
     return problems
 
 

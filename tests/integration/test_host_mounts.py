@@ -1,7 +1,7 @@
 """lowers.max_host_mounts: the node-wide budget of host mounts that extra lowers take (a pin per
-entry, a mount per container path). Past it a Prepare, View or Mounts is refused with
-RESOURCE_EXHAUSTED naming the budget and the count, leaving nothing made; removing gives it back,
-and a restart counts what is pinned."""
+host dir in use, shared by every snapshot using it, and a mount per container path). Past it a
+Prepare, View or Mounts is refused with RESOURCE_EXHAUSTED naming the budget and the count,
+leaving nothing made; removing gives it back, and a restart counts what is pinned."""
 
 from __future__ import annotations
 
@@ -23,13 +23,17 @@ def scrape(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
-def test_the_budget_refuses_by_name_gives_back_on_remove_and_survives_a_restart(tmp_path: Path):
+def test_the_budget_counts_shared_pins_once_refuses_by_name_gives_back_on_remove_and_survives_a_restart(
+    tmp_path: Path,
+):
     cache = tmp_path / "cache"
-    for name in ("a", "b", "c"):
+    for name in "abcd":
         (cache / name).mkdir(parents=True)
-    a, b, c = (str(cache / n) for n in "abc")
+    a, b, c, d_ = (str(cache / n) for n in "abcd")
     port = free_port()
     config = tmp_path / "config.toml"
+    root = tmp_path / "root"
+    pins = root / "lowers" / "pins"
 
     def write(budget: int) -> None:
         config.write_text(
@@ -37,55 +41,59 @@ def test_the_budget_refuses_by_name_gives_back_on_remove_and_survives_a_restart(
             f'[lowers]\nallowed_roots = ["{cache}"]\nmax_host_mounts = {budget}\n'
         )
 
-    write(6)
-    root = tmp_path / "root"
+    def used() -> float:
+        return metric(scrape(port), "addlower_host_mounts")
+
+    def refusal(call, *args, **kwargs) -> str:
+        with pytest.raises(grpc.RpcError) as refused:
+            call(*args, **kwargs)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return refused.value.details() or ""
+
+    write(4)
     d = Daemon(root=root, args=["--config", str(config)]).start()
     try:
         with d.channel() as ch:
             cl = SnapshotsClient(ch)
             cl.prepare("two-at-root", labels={LOWERS: f"{a}:{b}"})  # 2 pins
-            cl.prepare("two-at-a-target", labels={LOWERS: f"{a}@/x:{b}@/x"})  # 2 pins + 1 mount at /x
-            assert metric(scrape(port), "addlower_host_mounts") == 5
-            assert metric(scrape(port), "addlower_host_mounts_budget") == 6
+            cl.prepare("two-at-a-target", labels={LOWERS: f"{a}@/x:{b}@/x"})  # the same 2 pins + 1 mount at /x
+            assert used() == 3 and len(os.listdir(pins)) == 2
+            assert metric(scrape(port), "addlower_host_mounts_budget") == 4
 
-            with pytest.raises(grpc.RpcError) as refused:
-                cl.prepare("one-at-a-target", labels={LOWERS: f"{c}@/y"})  # 1 pin + 1 mount: 7 > 6
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            said = refusal(cl.prepare, "one-at-a-target", labels={LOWERS: f"{c}@/y"})  # 1 pin + 1 mount: 5 > 4
             assert (
-                "lowers.max_host_mounts: this snapshot's extra lowers need 2 host mounts (a pin per entry, a "
-                "mount per target) and 5 of the node's budget of 6 are in use"
-            ) in refused.value.details()
-            with pytest.raises(grpc.RpcError) as refused:
-                cl.view("a-view", labels={LOWERS: f"{c}@/y"})
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            with pytest.raises(grpc.RpcError) as refused:
+                "lowers.max_host_mounts: this snapshot's extra lowers need 2 more host mounts (a pin per host dir "
+                "not pinned yet, a mount per target) and 3 of the node's budget of 4 are in use"
+            ) in said
+            refusal(cl.view, "a-view", labels={LOWERS: f"{c}@/y"})
+            with pytest.raises(grpc.RpcError) as missing:
                 cl.stat("one-at-a-target")
-            assert refused.value.code() == grpc.StatusCode.NOT_FOUND  # nothing half made
-            assert len(os.listdir(root / "lowers")) == 2  # the two snapshots' pins only
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing half made
+            assert sorted(os.listdir(root / "lowers")) == ["1", "2", "pins"] and len(os.listdir(pins)) == 2
 
-            cl.prepare("one-at-root", labels={LOWERS: c})  # exactly at the budget: 6
+            cl.prepare("one-at-root", labels={LOWERS: c})  # exactly at the budget: 4
             assert len(cl.mounts("two-at-a-target")) == 2  # a snapshot's own mounts never count twice
             cl.update("one-at-root", {LOWERS: f"{c}@/y"}, ["labels." + LOWERS])
-            with pytest.raises(grpc.RpcError) as refused:
-                cl.mounts("one-at-root")  # now 2 mounts where it had 1
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            refusal(cl.mounts, "one-at-root")  # now a mount at /y too: 5
 
-            cl.remove("two-at-root")  # gives back 2
-            assert metric(scrape(port), "addlower_host_mounts") == 4  # the refused Mounts released its pin
+            cl.remove("two-at-root")  # its pins stay: the other snapshot uses them
+            assert used() == 4 and len(os.listdir(pins)) == 3
+            cl.remove("two-at-a-target")  # the last user of a and b: their pins and its mount go
+            assert used() == 1 and len(os.listdir(pins)) == 1
             assert len(cl.mounts("one-at-root")) == 2
-            assert metric(scrape(port), "addlower_host_mounts") == 5
+            assert used() == 2
         d.stop()
         d = Daemon(root=root, args=["--config", str(config)]).start()  # counts what is pinned
-        assert metric(scrape(port), "addlower_host_mounts") == 5
+        assert used() == 2
         with d.channel() as ch:
             cl = SnapshotsClient(ch)
-            with pytest.raises(grpc.RpcError) as refused:
-                cl.prepare("late", labels={LOWERS: f"{a}:{b}"})
-            assert "5 of the node's budget of 6 are in use" in refused.value.details()
-            write(7)  # the budget is reloaded with the policy
+            cl.prepare("late", labels={LOWERS: f"{a}:{b}:{c}"})  # c is pinned already: 2 + 2 = 4
+            assert used() == 4 and len(os.listdir(pins)) == 3
+            assert "4 of the node's budget of 4 are in use" in refusal(cl.prepare, "later", labels={LOWERS: d_})
+            write(5)  # the budget is reloaded with the policy
             hup(d, "reloaded the config")
-            cl.prepare("late", labels={LOWERS: f"{a}:{b}"})  # 5 + 2 = 7
-            assert metric(scrape(port), "addlower_host_mounts_budget") == 7
+            cl.prepare("later", labels={LOWERS: d_})
+            assert metric(scrape(port), "addlower_host_mounts_budget") == 5 and used() == 5
     finally:
         assert d.stop() == 0
     assert "Traceback" not in d.log()

@@ -137,7 +137,8 @@ def test_pins_show_host_changes_and_cannot_be_written_through(daemon: Daemon, cl
     host.mkdir()
     [m] = client.prepare("c", labels={LOWERS: str(host)})
     lowerdir = next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
-    assert lowerdir == f"{daemon.root}/lowers/1/0"  # a path only root can reach, not the host path
+    st = os.stat(host)  # a path only root can reach, named for the dir it pins, not the host path
+    assert lowerdir == f"{daemon.root}/lowers/pins/{st.st_dev}-{st.st_ino}"
     assert stat.S_IMODE(os.stat(daemon.root).st_mode) == 0o700
     (host / "later").write_text("live\n")
     assert (Path(lowerdir) / "later").read_text() == "live\n"
@@ -145,6 +146,11 @@ def test_pins_show_host_changes_and_cannot_be_written_through(daemon: Daemon, cl
         (Path(lowerdir) / "x").write_text("no")
     client.remove("c")
     assert not Path(lowerdir).exists() and (host / "later").exists()
+
+
+def no_pins(root: Path) -> bool:
+    """No snapshot records a pin, and no pin is left."""
+    return os.listdir(root / "lowers") == ["pins"] and os.listdir(root / "lowers" / "pins") == []
 
 
 @pytest.mark.parametrize("sync", [False, True])
@@ -170,7 +176,7 @@ def test_removal_and_cleanup_never_delete_through_a_mount(tmp_path: Path, sync: 
         finally:  # wherever the removal renamed the dir to
             unmount_under(d.root / "snapshots")
         c.cleanup()  # unmounted: now it goes
-        assert os.listdir(d.root / "snapshots") == [] and os.listdir(d.root / "lowers") == []
+        assert os.listdir(d.root / "snapshots") == [] and no_pins(d.root)
     assert (host / "precious").read_text() == "keep\n"
 
 
@@ -202,7 +208,7 @@ def test_a_refused_entry_leaves_no_dir_made_for_an_earlier_one(tmp_path: Path):
     with serving(tmp_path / "root", allowing(tmp_path / "c.toml", allowed)) as (d, c):
         expect_code(Code.INVALID_ARGUMENT, c.prepare, "c", labels={LOWERS: f"{allowed}/new/deep:{allowed}/afile/x"})
         assert sorted(os.listdir(allowed)) == ["afile"]
-        assert os.listdir(d.root / "lowers") == []
+        assert no_pins(d.root)
 
 
 def test_the_default_policy_takes_the_cache_root_and_nothing_else(tmp_path: Path):
@@ -383,8 +389,8 @@ def test_the_same_dir_twice_at_one_place_is_refused_before_the_mount_would_fail(
 def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
     cache = tmp_path / "cache"
     cache.mkdir()
-    client.prepare("c", labels={LOWERS: str(cache)})
-    pin = daemon.root / "lowers" / "1" / "0"
+    [m] = client.prepare("c", labels={LOWERS: str(cache)})
+    pin = next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
     subprocess.run(["mount", "-o", "remount,bind,rw", str(pin)], check=True)
     assert not os.statvfs(pin).f_flag & os.ST_RDONLY
     client.mounts("c")
