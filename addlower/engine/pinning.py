@@ -243,8 +243,12 @@ class Pins:
         return released
 
     def _read_records(self, sid: int) -> tuple[str, ...]:
-        """The pins snapshot `sid`'s records name, in order; stops at the first gap."""
+        """The pins snapshot `sid`'s records name, in order; stops at the first gap. A record
+        half made by a kill (<n>.new) goes."""
         base, held = f"{self.dir}/{sid}", list[str]()
+        for entry in os.listdir(base):
+            if not entry.isdigit():
+                self._remove_record(f"{base}/{entry}")
         while True:
             try:
                 held.append(os.readlink(f"{base}/{len(held)}"))

@@ -4,7 +4,10 @@ through a real containerd. containerd 1.7+ mounts a snapshotter's extra mounts a
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -110,19 +113,31 @@ def test_targets_that_nest_are_refused_naming_both_and_nothing_is_left(node: Tar
     assert "nest" not in node.snapshots(NS)
 
 
-def test_past_the_host_mount_budget_a_container_is_refused_naming_it(node: Target, busybox_image: OciImage):
+def test_past_the_host_mount_budget_a_container_is_refused_naming_it_and_shared_dirs_count_once(
+    node: Target, busybox_image: OciImage
+):
     dirs = [host(node) / f"b{n}" for n in range(BUDGET + 1)]
     for d in dirs:
         d.mkdir(exist_ok=True)
     with pytest.raises(CtrError) as err:
         run(node, busybox_image, "over", ":".join(map(str, dirs)), "true")  # a pin each: 5 > 4
     assert (
-        f"lowers.max_host_mounts: this snapshot's extra lowers need {BUDGET + 1} host mounts (a pin per "
-        f"entry, a mount per target) and 0 of the node's budget of {BUDGET} are in use"
+        f"lowers.max_host_mounts: this snapshot's extra lowers need {BUDGET + 1} more host mounts (a pin per "
+        f"host dir not pinned yet, a mount per target) and 0 of the node's budget of {BUDGET} are in use"
     ) in err.value.stderr
     assert "over" not in node.snapshots(NS)
-    out = run(node, busybox_image, "within", ":".join(map(str, dirs[:BUDGET])), "echo ok")
-    assert out.split() == ["ok"]
+    within = ":".join(map(str, dirs[:BUDGET]))
+    with ThreadPoolExecutor(1) as pool:  # a container holding the whole budget, running
+        holder = pool.submit(run, node, busybox_image, "holder", within, "sleep 600")
+        deadline = time.monotonic() + 60
+        while "holder" not in node.ctr("tasks", "ls", namespace=NS).stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        try:  # the same dirs again: their pins are shared, so it fits
+            assert run(node, busybox_image, "within", within, "echo ok").split() == ["ok"]
+        finally:
+            node.ctr("tasks", "kill", "-s", "SIGKILL", "holder", namespace=NS)
+            with contextlib.suppress(CtrError):  # killed: ctr says so
+                holder.result(timeout=60)
 
 
 def test_removing_the_containers_and_the_image_leaves_no_dir_and_no_mount(
