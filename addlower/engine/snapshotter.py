@@ -541,12 +541,21 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 tx.reserve_ids(highest)
             log.info("ids up to %d are taken by directories on disk: new snapshots start above", highest)
-        with self.store.read() as reader:
-            infos = {sid: reader.info_of(sid) for sid in mountable}
-        labels = {sid: info.labels.get(EXTRA_LOWERS_LABEL, "") for sid, info in infos.items() if info is not None}
         policy = self.resolver.policy.lowers.named
-        for gone in self.pins.recover(mountable.__contains__, lambda sid: target_count(labels.get(sid, ""), policy)):
+
+        def targets(sid: int) -> int:  # asked only of snapshots with pins
+            with self.store.read() as reader:
+                info = reader.info_of(sid)
+            return target_count(info.labels.get(EXTRA_LOWERS_LABEL, "") if info else "", policy)
+
+        for gone in self.pins.recover(mountable.__contains__, targets):
             log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
+
+    def report_missing_dirs(self) -> None:
+        """Log every snapshot whose directory is gone (a power cut between a rename and the
+        journal's commit): a check of every snapshot, so the daemon runs it once it listens."""
+        with self.store.read() as reader:
+            live = reader.ids()
         for sid in sorted(live):
             if not os.path.isdir(self.layout.upper(sid)):
                 log.error(

@@ -200,3 +200,26 @@ def test_a_root_with_a_foreign_metadata_db_is_refused_clearly(tmp_path: Path):
     assert r.returncode == 1
     assert "file is not a database" in r.stderr and "Go original" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_snapshot_whose_dir_was_lost_is_reported_once_the_daemon_serves(tmp_path: Path):
+    """A power cut can lose a renamed dir while its row stays: start-up says which, by id and
+    path, after the socket listens (a stat per snapshot), and calls are answered meanwhile."""
+    root = tmp_path / "root"
+    d = Daemon(root=root).start()
+    with d.channel() as ch:
+        SnapshotsClient(ch).prepare("kept")
+        SnapshotsClient(ch).prepare("lost")
+    d.stop()
+    os.rename(root / "snapshots" / "2", tmp_path / "gone")
+    d = Daemon(root=root).start()
+    try:
+        with d.channel() as ch:
+            assert SnapshotsClient(ch).stat("lost").name == "lost"
+        deadline = time.monotonic() + 10
+        while "has no directory" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [line] = [entry for entry in d.log().splitlines() if "has no directory" in entry]
+        assert f"snapshot id 2 has no directory {root}/snapshots/2/fs" in line and "level=error" in line
+    finally:
+        assert d.stop() == 0
