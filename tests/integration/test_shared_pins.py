@@ -119,3 +119,42 @@ def test_a_swapped_dir_never_reaches_a_new_container_through_the_old_pin(tmp_pat
                 assert (running / "which").read_text() == "old\n"
     finally:
         assert d.stop() == 0
+
+
+def test_pins_of_the_older_layout_are_replaced_at_the_next_mounts_and_go_with_their_snapshot(tmp_path: Path):
+    """Before pins were shared, each snapshot had its own at lowers/<id>/<n>: an upgraded daemon
+    leaves them to containers that may still mount them, and replaces them as snapshots come back."""
+    host = tmp_path / "host"
+    cache = host / "cache"
+    cache.mkdir(parents=True)
+    (cache / "dep.jar").write_text("v1\n")
+    root = tmp_path / "root"
+    args = allowing(tmp_path / "c.toml", host)
+    d = Daemon(root=root, args=args).start()
+    with d.channel() as ch:
+        for key in ("a", "b"):
+            SnapshotsClient(ch).prepare(key, labels={LOWERS: str(cache)})
+    d.stop()  # the harness unmounts the pins: make the older layout by hand
+    for sid in ("1", "2"):
+        record = root / "lowers" / sid / "0"
+        record.unlink()
+        record.mkdir()
+        subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(record)], check=True)
+    for pin in os.listdir(root / "lowers" / "pins"):
+        (root / "lowers" / "pins" / pin).rmdir()
+    d = Daemon(root=root, args=args).start()
+    try:
+        assert len(pin_mounts(root)) == 2  # left alone at start-up
+        with d.channel() as ch:
+            client = SnapshotsClient(ch)
+            [pin] = lowerdirs(client.mounts("a"))
+            assert Path(pin).parent == root / "lowers" / "pins"
+            with mounted(client.mounts("a"), tmp_path / "rootfs") as rootfs:
+                assert (rootfs / "dep.jar").read_text() == "v1\n"
+            assert sorted(pin_mounts(root)) == sorted([pin, f"{root}/lowers/2/0"])
+            client.remove("b")  # its older pin goes with it
+            assert pin_mounts(root) == [pin] and pin_problems(root, {1}) == []
+            client.remove("a")
+            assert pin_mounts(root) == []
+    finally:
+        assert d.stop() == 0
