@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import grpc
 
@@ -172,7 +173,19 @@ def probe(socket_path: Path, timeout: float = 30.0) -> float:
     return time.perf_counter() - started
 
 
-def run_case(case: str, seconds: float, work: Path, env_path: str | None) -> dict[str, object]:
+class CaseResult(TypedDict):
+    """One case's figures: the daemon's RSS idle and at its peak, the slowest Stat during the
+    attack and one after it, and whether the daemon survived."""
+
+    case: str
+    idle_mb: float
+    peak_mb: float
+    worst_probe_s: float
+    probe_after_s: float
+    alive: bool
+
+
+def run_case(case: str, seconds: float, work: Path, env_path: str | None) -> CaseResult:
     root = work / case / "root"
     if env_path:
         os.environ["PYTHONPATH"] = env_path

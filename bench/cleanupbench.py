@@ -152,7 +152,12 @@ def turn(target: Target, fs: Path, plan: Plan) -> tuple[dict[str, float], str | 
         m["prepare_s"] = perfbench.timed(lambda: [client.prepare(k) for k in keys])
         if len(made := entries(snapshots_dir)) != plan.dirs:
             raise RuntimeError(f"{target.name}: {len(made)} dirs in {snapshots_dir} after {plan.dirs} Prepares")
-        m["remove_s"] = perfbench.timed(lambda: [client.remove(k) for k in keys])
+
+        def remove_all() -> None:
+            for k in keys:
+                client.remove(k)
+
+        m["remove_s"] = perfbench.timed(remove_all)
         left = entries(snapshots_dir)
         if len(left) != (0 if sync_remove else plan.dirs):
             raise RuntimeError(
@@ -226,8 +231,8 @@ def render(
     for metric, what in ROWS:
         by = samples.get(metric, {})
         lines.append(f"{what:<24}" + "".join(f"{Spread.of(by[n]).show(num) if n in by else '-':>24}" for n in names))
-    for name, what in sorted(notes.items()):
-        lines.append(f"  {name}: {', '.join(sorted(what))} (a known defect of the Go original)")
+    for name, defects in sorted(notes.items()):
+        lines.append(f"  {name}: {', '.join(sorted(defects))} (a known defect of the Go original)")
     pairs = [(a, b) for a, b in PAIRS if a in names and b in names]
     if pairs:
         lines += [
@@ -305,7 +310,9 @@ def main() -> int:
             targets.insert(1, Target("base", command))
             env["base"] = f"{args.baseline} = {commit[:12]}"
         env["loadavg at start"] = perfbench.loadavg()
-        samples = perfbench.run_rounds("cleanup", plan, lambda r: one_round(r, targets, plan, work, notes, table))
+        samples = perfbench.run_rounds(
+            "cleanup", plan.rounds, lambda r: one_round(r, targets, plan, work, notes, table)
+        )
     env["loadavg at end"] = perfbench.loadavg()
     elapsed = time.monotonic() - began
     head = ", ".join(f"{k} {v}" for k, v in env.items()) + f", took {elapsed:.0f} s"

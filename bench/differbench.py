@@ -43,7 +43,7 @@ Usage: python3 bench/differbench.py [--quick] [--scale] [--rounds N] [--containe
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import gzip
 import io
 import os
@@ -250,7 +250,7 @@ def diff_round(r: int, bench: Bench, workload: Workload) -> Figures:
             PrivateContainerd(fs / "ctrd", proxy_plugins={PLUGIN_NAME: daemon.socket}, binaries=bench.binaries)
         )
         for sn in {t.snapshotter for t in bench.targets}:
-            took = perfbench.timed(lambda sn=sn: ctrd.import_image(workload.image.path, NAMESPACE, sn))
+            took = perfbench.timed(functools.partial(ctrd.import_image, workload.image.path, NAMESPACE, sn))
             for t in bench.targets:
                 if t.snapshotter == sn and not has_lower(t):
                     figures[t.name]["import_s"] = took
@@ -291,9 +291,7 @@ def diff_round(r: int, bench: Bench, workload: Workload) -> Figures:
 
 
 def run_size(bench: Bench, workload: Workload) -> Samples:
-    # run_rounds reads only the plan's rounds.
-    plan = dataclasses.replace(perfbench.QUICK, rounds=bench.rounds)
-    return perfbench.run_rounds(f"{workload.label} files", plan, lambda r: diff_round(r, bench, workload))
+    return perfbench.run_rounds(f"{workload.label} files", bench.rounds, lambda r: diff_round(r, bench, workload))
 
 
 # --- report -----------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -294,7 +295,8 @@ def build_goclient(out: Path) -> Path:
     return out
 
 
-def goclient(binary: Path, *args: str) -> object:
+def goclient(binary: Path, *args: str) -> Any:
+    """Run bench/goclient; what it prints, parsed (its shape depends on the mode)."""
     proc = subprocess.run([str(binary), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"goclient {' '.join(args)} failed:\n{proc.stderr}")
@@ -534,14 +536,14 @@ def fs_name(part: str, r: int, target: Target) -> str:
     return f"{part}-r{r + 1}-{target.name.replace(chr(39), '2')}"
 
 
-def run_rounds(part: str, plan: Plan, one_round: Callable[[int], Figures]) -> Samples:
+def run_rounds(part: str, rounds: int, one_round: Callable[[int], Figures]) -> Samples:
     samples: Samples = {}
-    for r in range(plan.rounds):
+    for r in range(rounds):
         started = time.monotonic()
         for target, figures in one_round(r).items():
             for metric, value in figures.items():
                 samples.setdefault(metric, {}).setdefault(target, []).append(value)
-        log(f"{part} round {r + 1}/{plan.rounds}: {time.monotonic() - started:.0f} s")
+        log(f"{part} round {r + 1}/{rounds}: {time.monotonic() - started:.0f} s")
     return samples
 
 
@@ -752,15 +754,15 @@ def main() -> int:
         log(f"building bench/goclient into {work} ...")
         client = build_goclient(work / "goclient")
         if args.only in (None, "per-op"):
-            targets = (ours, go, go2)
-            samples = run_rounds("per-op", plan, lambda r: per_op_round(r, targets, plan, work, client))
+            targets: tuple[Target, ...] = (ours, go, go2)
+            samples = run_rounds("per-op", plan.rounds, lambda r: per_op_round(r, targets, plan, work, client))
             out["per_op"] = {"samples": samples, "summary": summary(samples, (("ours", "go"), ("go", "go'")))}
             text += ["", render_per_op(samples, plan, [t.name for t in targets])]
         if args.only in (None, "e2e"):
             log("building the images ...")
             images = build_images(work / "images")
             targets = (ours, go, go2, Target("overlayfs", None))
-            samples = run_rounds("e2e", plan, lambda r: e2e_round(r, targets, plan, work, images, client))
+            samples = run_rounds("e2e", plan.rounds, lambda r: e2e_round(r, targets, plan, work, images, client))
             out["e2e"] = {
                 "image": images.summary,
                 "samples": samples,

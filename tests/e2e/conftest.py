@@ -15,11 +15,12 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pluggy
 import pytest
 
 from addlower.core.config import PLUGIN_NAME
@@ -134,7 +135,7 @@ def _requirements() -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     """On failure, attach the tails of containerd's and the daemon's logs to the report."""
     outcome = yield
     report = outcome.get_result()

@@ -72,7 +72,7 @@ def refused_start(cri: CriClient, pod, image: OciImage, annotations: dict[str, s
     with pytest.raises(grpc.RpcError) as err:
         cri.start(cid)
     assert cri.container_state(cid) != "CONTAINER_RUNNING"
-    return err.value.details()
+    return err.value.details() or ""
 
 
 def test_annotated_pod_sees_the_host_dir_copy_on_write(cri_target: Target, cri: CriClient, busybox_image: OciImage):
@@ -96,6 +96,7 @@ def test_the_pod_is_found_where_this_containerd_keeps_it(
         app = start(cri, pod, "app", busybox_image)
         assert cri.exec_sync(app, CAT) == (0, "maven\n", "")
     where = "found in containerd's sandbox store" if binaries.version >= (2, 0) else "looked up as a container"
+    assert cri_target.daemon is not None
     assert f"pod sandbox {pod.id}: {where}" in cri_target.daemon.log()
 
 
@@ -173,7 +174,8 @@ def test_disallowed_request_fails_the_start_with_the_policy_error(
         cid = cri.create_container(pod.id, pod.config, "app", busybox_image.ref, ["sleep", "3600"])
         with pytest.raises(grpc.RpcError) as err:
             cri.start(cid)
-        assert f"pod annotation {ANNOTATION}.app" in err.value.details() and says in err.value.details()
+        details = err.value.details() or ""
+        assert f"pod annotation {ANNOTATION}.app" in details and says in details
         assert cri.container_state(cid) != "CONTAINER_RUNNING"
         info = json.loads(cri_target.snapshots_ctr("info", cid, namespace=CRI_NAMESPACE).stdout)
         assert LOWERS not in (info.get("Labels") or {})
@@ -222,7 +224,7 @@ def test_a_direct_cri_clients_label_is_held_to_the_pods_policy(
         if binaries.version < (1, 7):  # 1.6's CRI turns containerd.io/snapshot/* annotations into labels
             with pytest.raises(grpc.RpcError) as err:
                 cri.create_container(pod.id, pod.config, "a", busybox_image.ref, ["true"], demo)
-            assert "outside the allowed roots" in err.value.details()
+            assert "outside the allowed roots" in (err.value.details() or "")
             assert not Path("/tmp/overlayfs-custom-lower/direct").exists()
             # Another namespace's root: refused at the start, once the pod is known.
             says = refused_start(cri, pod, busybox_image, {LOWERS: str(work / "team-a" / "cache")})

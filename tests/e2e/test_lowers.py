@@ -137,6 +137,7 @@ def test_bad_label_fails_the_container_and_leaves_nothing(
 
 def ours_infos(t: Target, namespace: str) -> list[dict]:
     """What our daemon itself holds (not containerd's view): every snapshot's Info, as JSON."""
+    assert t.daemon is not None
     out = subprocess.run(
         ["addlower", "ls", "--root-dir", str(t.daemon.root), "--json"], check=True, capture_output=True, text=True
     ).stdout

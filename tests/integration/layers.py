@@ -16,6 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -156,12 +157,27 @@ def mount_snapshot(mounts: Sequence, target: Path) -> Iterator[Path]:
 # --- snapshot chains (testsuite/helpers.go) ----------------------------------------------------
 
 
-def expect_code(code: grpc.StatusCode, call: Callable, *args, **kwargs) -> grpc.RpcError:
-    """Run a client call that must fail with `code`; returns the error for further checks."""
+@dataclass(frozen=True)
+class Failure:
+    """How a call failed, read like grpc.RpcError's code() and details(); a status without a
+    message has details() == ""."""
+
+    status: grpc.StatusCode
+    message: str
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self.message
+
+
+def expect_code(code: grpc.StatusCode, call: Callable, *args, **kwargs) -> Failure:
+    """Run a client call that must fail with `code`; returns how it failed, for further checks."""
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
     assert info.value.code() == code, f"expected {code}, got {info.value.code()}: {info.value.details()}"
-    return info.value
+    return Failure(info.value.code(), info.value.details() or "")
 
 
 def create_snapshot(

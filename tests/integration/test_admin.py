@@ -16,6 +16,7 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -52,7 +53,8 @@ class Setup:
         assert result.exit_code == code, f"exit {result.exit_code}:\n{result.output}\n{result.exception!r}"
         return result
 
-    def json(self, *args: str) -> object:
+    def json(self, *args: str) -> Any:
+        """The command's --json output, parsed."""
         return json.loads(self.run(*args, "--json").stdout)
 
     def sizes(self) -> dict[str, int]:
@@ -96,6 +98,13 @@ def _row_of_container(rows: dict[str, list[str]]) -> list[str]:
     (name,) = [n for n in rows if n.startswith("defau")]
     assert "…" in name and name.endswith("cdef") and len(name) < len(CONTAINER)
     return rows[name]
+
+
+def _match(pattern: str, text: str) -> re.Match[str]:
+    """re.match, which must match."""
+    match = re.match(pattern, text)
+    assert match, f"{text!r} does not match {pattern!r}"
+    return match
 
 
 def _kib(size: int) -> str:
@@ -169,7 +178,8 @@ def test_ls_json_is_a_list_of_complete_objects(setup: Setup):
 
 def test_info_shows_fields_usage_and_labels(setup: Setup):
     lines = setup.run("info", CONTAINER).stdout.splitlines()
-    fields = dict(re.match(r"(\w+):\s*(.*)", line).groups() for line in lines if not line.startswith(" "))
+    matches = [_match(r"(\w+):\s*(.*)", line) for line in lines if not line.startswith(" ")]
+    fields = {m[1]: m[2] for m in matches}
     usage = setup.client.usage(CONTAINER)
     assert fields["name"] == CONTAINER
     assert (fields["kind"], fields["parent"]) == ("active", "top")
@@ -310,7 +320,7 @@ def _doctor(setup: Setup, containerd_config: Path, code: int, *args: str) -> dic
         code=code,
     ).stdout
     blocks = re.split(r"\n(?=\S)", stdout.strip())
-    return {re.match(r"(?:PASS|FAIL|WARN|INFO)  (.+?): ", block)[1]: block for block in blocks}
+    return {_match(r"(?:PASS|FAIL|WARN|INFO)  (.+?): ", block)[1]: block for block in blocks}
 
 
 def test_doctor_fails_with_a_hint_when_containerd_lacks_the_proxy_plugin(setup: Setup, tmp_path: Path):

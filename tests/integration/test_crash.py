@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
 import grpc
 import pytest
@@ -36,6 +37,8 @@ from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, allowing
 
 ROUNDS = 12
+
+T = TypeVar("T")
 
 
 def workload(client: SnapshotsClient, acked: set[str], stop: threading.Event, seed: int) -> None:
@@ -449,10 +452,10 @@ class Workload:
         self,
         op: str,
         touched: dict[str, Snap | None],
-        call: Callable[[], object],
+        call: Callable[[], T],
         tolerated: tuple[grpc.StatusCode, ...] = (),
         commit: tuple[str, str] | None = None,
-    ) -> object:
+    ) -> T | None:
         with self.model.lock:
             for key in touched:
                 self.model.known.setdefault(key, None)  # a new key: none until acknowledged
@@ -466,7 +469,7 @@ class Workload:
                 raise Killed from None
             with self.model.lock:  # answered: nothing changed
                 self.model.unsure.difference_update(touched)
-                self.model.commits_in_flight.discard(commit)  # type: ignore[arg-type]
+                self.model.commits_in_flight.discard(commit)
                 self.counts[f"{op} answered {exc.code().name}"] += 1
                 if exc.code() not in tolerated:
                     self.problems.append(
@@ -476,7 +479,7 @@ class Workload:
         with self.model.lock:
             self.model.known.update(touched)
             self.model.unsure.difference_update(touched)
-            self.model.commits_in_flight.discard(commit)  # type: ignore[arg-type]
+            self.model.commits_in_flight.discard(commit)
             self.counts[op] += 1
         return result
 
@@ -553,7 +556,7 @@ class Workload:
             mounts is not None
             and snap.labels.get(LOWERS)
             and not any("/lowers/" in o for m in mounts for o in m.options)
-        ):  # type: ignore[attr-defined]
+        ):
             with self.model.lock:
                 self.problems.append(f"mounts of {key} (lowers {snap.labels[LOWERS]}) have no pin: {mounts}")
 
@@ -565,6 +568,13 @@ class Workload:
 
     def cleanup(self, mine: list[tuple[str, Snap]]) -> None:
         self._call("cleanup", {}, self.client.cleanup)
+
+
+class Where(TypedDict):
+    """Where the kill loop is, for its failure messages."""
+
+    round: int
+    phase: str
 
 
 def rng_pick(rng: random.Random, weights: dict[str, int]) -> str:
@@ -590,8 +600,10 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
         (allowed / f"cache{i}" / f"file{i}").write_text(f"{i}\n")
         host.append(allowed / f"cache{i}")
     args = [*MODES[mode], *allowing(tmp_path / "config.toml", allowed)]
-    model, counts, problems = Model(), Counter(), []
-    at = {"round": 0, "phase": "first start"}
+    model = Model()
+    counts: Counter[str] = Counter()
+    problems: list[str] = []
+    at: Where = {"round": 0, "phase": "first start"}
     set_aside: set[int] = set()  # ids of the snapshot dirs start-up set aside: never to be live
 
     def where() -> str:
@@ -672,6 +684,7 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
                 threading.Thread(target=workload(client, killed, f"w{w}", f"r{round_}").run, daemon=True)
                 for w in range(WORKERS)
             ]
+            assert d.proc is not None
             try:
                 for w in workers:
                     w.start()
@@ -692,11 +705,11 @@ def test_kill_9_over_every_operation_with_restarts_between_the_kills(tmp_path: P
                 d = start(f"plain restart {k + 1}")
                 if rng.random() < 0.6:  # a few creates: they take the next ids
                     with d.channel() as ch:
-                        w = workload(
+                        creator = workload(
                             SnapshotsClient(ch), threading.Event(), f"w{rng.randrange(WORKERS)}", f"x{round_}.{k}"
                         )
                         for _ in range(rng.randint(1, 4)):
-                            w.step(("prepare", "prepare", "view", "mounts", "commit"))
+                            creator.step(("prepare", "prepare", "view", "mounts", "commit"))
                     assert not problems, f"{where()}: unexpected answers:\n" + "\n".join(problems[:20])
                 code = term(d)
                 assert code == 0, f"{where()}: SIGTERM: exit code {code}\n{log_tail(d)}"

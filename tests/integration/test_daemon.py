@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -50,7 +51,7 @@ def test_in_flight_call_finishes_after_sigterm(daemon: Daemon, client: Snapshots
         d.mkdir()
         for j in range(200):
             (d / str(j)).touch()
-    result: dict[str, object] = {}
+    result: dict[str, pb.UsageResponse] = {}
     started = threading.Event()
 
     def call() -> None:
@@ -61,6 +62,7 @@ def test_in_flight_call_finishes_after_sigterm(daemon: Daemon, client: Snapshots
     t.start()
     started.wait()
     time.sleep(0.1)  # let the call reach the daemon
+    assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGTERM)
     t.join(timeout=30)
     assert result["usage"].inodes == 1 + 200 + 200 * 200

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from addlower.api import diff_pb2, diff_pb2_grpc, mount_pb2
-from addlower.engine.differ import LAYER_TAR, ChangeWriter, Layers, changes, write_layer
+from addlower.engine.differ import LAYER_TAR, ChangeWriter, Dirs, Layers, changes, write_layer
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -137,7 +137,8 @@ def test_what_a_container_swaps_for_a_symlink_while_its_layer_is_written_never_b
     tree(base, {"keep": "k"})
     tree(up, {"a/f": "mine", "b": "mine too"})
     tree(host, {"f": "host secret", "secret": "host secret"})
-    out, dirs = io.BytesIO(), {}
+    out = io.BytesIO()
+    dirs: Dirs = {}
     writer = ChangeWriter(out, dirs)
     refused = []
     for kind, path, at in changes(Layers(os.fsencode(up), (os.fsencode(base),)), dirs):

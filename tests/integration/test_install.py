@@ -71,7 +71,9 @@ def test_systemd_accepts_the_installed_unit(node: Path):
 
 def test_the_installed_unit_is_hardened_without_a_mount_namespace(node: Path):
     text = analyze(node, "security", "--offline=true")
-    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", text.stdout).group(1))
+    exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", text.stdout)
+    assert exposure, text.stdout
+    score = float(exposure.group(1))
     assert score <= 4.5, text.stdout  # 9.6 UNSAFE before
     report = json.loads(analyze(node, "security", "--offline=true", "--json=short").stdout)
     checks = {c["name"]: c["set"] for c in report}
@@ -97,7 +99,9 @@ CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_SYS
 
 
 def directive(unit: str, name: str) -> str:
-    return re.search(rf"^{name}=(.*)$", unit, re.M).group(1)
+    match = re.search(rf"^{name}=(.*)$", unit, re.M)
+    assert match, f"no {name}= in the unit"
+    return match.group(1)
 
 
 def sandboxed() -> list[str]:
@@ -123,7 +127,9 @@ def test_the_daemon_works_within_the_units_privileges(tmp_path: Path, tmp_path_f
     where = tmp_path_factory.mktemp("sandboxed")
     daemon = Daemon(root=where / "root", args=allowing(where / "config.toml", tmp_path), command=sandboxed()).start()
     try:
-        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines())
+        assert daemon.proc is not None
+        lines = Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines()
+        status = {key: value for key, value in (line.split(":\t", 1) for line in lines)}
         granted = sum(1 << CAPABILITIES[c] for c in directive(render_unit(DAEMON), "CapabilityBoundingSet").split())
         assert (status["NoNewPrivs"], int(status["CapEff"], 16)) == ("1", granted)
         host = tmp_path / "cache"  # a lower only its owner may enter
@@ -200,7 +206,8 @@ def test_the_wheelhouse_serves_each_python_a_node_may_have(wheelhouse: Path, tmp
     )
     names = {i["metadata"]["name"].lower() for i in json.loads(report.read_text())["install"]}
     assert {"addlower", "grpcio", "protobuf", "google-re2", "click", "tomlkit"} <= names
-    assert python in wheel_pythons([p.name for p in wheelhouse.iterdir()])
+    pythons = wheel_pythons([p.name for p in wheelhouse.iterdir()])
+    assert pythons is not None and python in pythons
 
 
 def test_the_venv_the_installer_builds_runs_the_daemon(wheelhouse: Path, tmp_path: Path):

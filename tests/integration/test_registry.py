@@ -27,7 +27,9 @@ def _sha256(data: bytes) -> str:
 
 def _index_digest(layout_tar: Path) -> str:
     with tarfile.open(layout_tar) as tar:
-        index = json.load(tar.extractfile("index.json"))
+        member = tar.extractfile("index.json")
+        assert member is not None, f"{layout_tar}: index.json is not a regular file"
+        index = json.load(member)
     return index["manifests"][0]["digest"]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from addlower.api import mount_pb2
 from addlower.api import snapshots_pb2 as pb
 from addlower.ops.client import SnapshotsClient
 from tests.integration.layers import (
@@ -144,7 +145,7 @@ def test_mounts_for_every_case(daemon: Daemon, client: SnapshotsClient):
     c2 = new_id(root, lambda: client.prepare("c2-a", "c1"))
     client.commit("c2", "c2-a")
 
-    cases = {}
+    cases: dict[str, list[mount_pb2.Mount]] = {}
     sid = new_id(root, lambda: cases.__setitem__("a0", client.prepare("a0")))
     expected = {"a0": [("bind", fs(root, sid), "", ["rw", "rbind"])]}
     sid = new_id(root, lambda: cases.__setitem__("v0", client.view("v0")))

@@ -59,7 +59,7 @@ def test_error_messages_keep_non_ascii_text(client: SnapshotsClient):
     with pytest.raises(grpc.RpcError) as err:
         client.stat("schnapps-ü-日本")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "schnapps-ü-日本" in err.value.details()
+    assert "schnapps-ü-日本" in (err.value.details() or "")
 
 
 def test_unknown_method_is_unimplemented(daemon: Daemon):
@@ -89,7 +89,7 @@ def test_garbage_on_the_socket_does_not_hurt_the_daemon(daemon: Daemon, client: 
     s.close()  # a HEADERS frame with an undecodable header block
     client.prepare("still-fine")
     assert client.stat("still-fine").name == "still-fine"
-    assert daemon.proc.poll() is None
+    assert daemon.proc is not None and daemon.proc.poll() is None
 
 
 # --- abusive peers: the connection ends with the RFC 9113 error, the daemon serves on ---------------
@@ -142,6 +142,7 @@ def test_an_abusive_peer_is_cut_off_and_others_are_served(daemon: Daemon, client
     finally:
         raw.close()
     client.prepare("after")
+    assert daemon.proc is not None
     assert client.stat("after").name == "after" and daemon.proc.poll() is None
 
 

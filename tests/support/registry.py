@@ -185,7 +185,7 @@ def _member(tar: tarfile.TarFile, name: str) -> tarfile.TarInfo:
             return tar.getmember(candidate)
         except KeyError:
             pass
-    raise KeyError(f"{tar.name}: no {name}")
+    raise KeyError(f"{tar.name!s}: no {name}")
 
 
 def _free_port() -> int:

@@ -307,9 +307,14 @@ def test_connection_window_updates_cost_a_stream_each_whatever_the_number_waitin
         for i in range(300):  # the first answers use up the connection window; the rest wait
             p.call(2 * i + 1, MANY)
         assert len(p.conn.h2.blocked) > 200
-        flushed = []
+        flushed: list[int] = []
         real = p.conn.h2._flush
-        p.conn.h2._flush = lambda stream: (flushed.append(stream.sid), real(stream))  # type: ignore[method-assign]
+
+        def flush(stream: h._Stream) -> None:
+            flushed.append(stream.sid)
+            real(stream)
+
+        p.conn.h2._flush = flush  # type: ignore[method-assign]  # a spy on the instance: records each flush
         for _ in range(100):  # a byte at a time, as the attack did
             p.send(frame(h.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)))
         assert len(flushed) <= 101  # stream 1 (waiting on its own window too) leaves the queue once

@@ -23,7 +23,8 @@ def flows(draw: Any) -> tuple[bytes, list[int]]:
     """Mostly what a client does (requests opened in order, their data in pieces, resets, window
     updates), with stray frames between, split at any byte."""
     encoder = hpack.Encoder()
-    frames, opened = [], []
+    frames: list[bytes] = []
+    opened: list[int] = []
     for _ in range(draw(st.integers(1, 40))):
         kind = draw(st.sampled_from(["open", "data", "data", "data", "rst", "window", "stray"]))
         if kind == "open" or not opened:

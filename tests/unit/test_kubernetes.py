@@ -62,6 +62,7 @@ def test_app_container_from_cri_metadata_when_the_spec_says_nothing():
     c = app_container(
         {"io.cri-containerd.kind": "container"}, b"{}", {"io.cri-containerd.container.metadata": CONTAINER_META}
     )
+    assert c is not None
     assert (c.name, c.sandbox_id) == ("test", "sb2")
 
 

@@ -30,7 +30,7 @@ MODULE_FORBIDDEN = {
 
 def imported_modules(path: Path) -> set[str]:
     """The top-level modules a module imports, at any depth of its code."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(a.name.split(".")[0] for a in node.names)
@@ -46,7 +46,7 @@ def test_the_protocol_cores_do_no_io(module):
 
 def imported_packages(path: Path) -> set[str]:
     """The addlower subpackages a module imports, at any depth of its code."""
-    found = set()
+    found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = (
             [a.name for a in node.names]

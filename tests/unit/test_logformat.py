@@ -29,7 +29,7 @@ from tests.support.logfmt import parse
     ],
 )
 def test_values_read_back_as_written(fmt: str, hostile: str):
-    record = logging.LogRecord("addlower", logging.WARNING, __file__, 1, "refused %s", (hostile,), None, extra=None)
+    record = logging.LogRecord("addlower", logging.WARNING, __file__, 1, "refused %s", (hostile,), None)
     record.__dict__.update(fields(key=hostile, duration_s=0.25))
     line = FORMATTERS[fmt]().format(record)
     assert "\n" not in line and "\u2028" not in line and "\x85" not in line
