@@ -16,6 +16,17 @@
 // containerd.io/gc.root (so containerd's garbage collector keeps them), with -c goroutines, and
 // prints {"created", "seconds"}.
 //
+// Fill mode (-fill N): creates N committed snapshots (Prepare then Commit each, no parent), keys
+// from -prefix, with -c goroutines, and prints {"created", "seconds"}; for bench/scalebench.py.
+//
+// Phase mode (-phase prepare|mounts|remove|walk -n N), for bench/scalebench.py: one connection,
+// N calls one after the other, every call timed: Prepare of <prefix>-F ... <prefix>-(F+N-1) on
+// -parent with the -label key=value labels (repeatable), Mounts or Remove of those keys, or N
+// Walks of the whole store (each must count -expect-count snapshots, unless -1); F is -first. With
+// -expect-lowers K, every overlay mount returned must name exactly K lowerdirs. Prints one JSON
+// object: the calls, wall seconds, ops/s, every call's latency in order (latencies_us) and the
+// server's CPU time over the phase (as in bench mode). No warm-up: the first calls are the data.
+//
 // With -namespace the calls carry containerd's namespace header: -address may then be containerd's
 // own socket, -snapshotter naming the snapshotter behind it.
 package main
@@ -54,6 +65,37 @@ const (
 type options struct {
 	address, snapshotter, namespace, prefix, workdir, ops, conc string
 	pid, clkTck, populate                                       int
+	fill, n, first, expectLowers, expectCount                   int
+	phase, parent                                               string
+	labels                                                      labelFlag
+}
+
+// labelFlag collects repeated -label key=value flags.
+type labelFlag map[string]string
+
+func (l *labelFlag) String() string { return fmt.Sprint(map[string]string(*l)) }
+
+func (l *labelFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want key=value, got %q", s)
+	}
+	if *l == nil {
+		*l = labelFlag{}
+	}
+	(*l)[k] = v
+	return nil
+}
+
+// phaseResult is the output of phase mode.
+type phaseResult struct {
+	Phase       string    `json:"phase"`
+	N           int       `json:"n"`
+	Seconds     float64   `json:"seconds"`
+	OpsPerS     float64   `json:"ops_per_s"`
+	LatenciesUs []float64 `json:"latencies_us"`
+	ServerCPUS  float64   `json:"server_cpu_s"`
+	CPUSource   string    `json:"server_cpu_source"`
 }
 
 // bench holds one snapshotter client per connection; goroutine w of a phase uses sns[w].
@@ -113,7 +155,15 @@ func main() {
 	flag.StringVar(&o.conc, "c", "1,8", "comma-separated concurrencies, each op runs at each")
 	flag.IntVar(&o.pid, "pid", 0, "server pid whose CPU time is read (0: none)")
 	flag.IntVar(&o.clkTck, "clk-tck", 100, "clock ticks per second of /proc/PID/stat")
-	flag.IntVar(&o.populate, "populate", 0, "populate mode: create this many committed snapshots")
+	flag.IntVar(&o.populate, "populate", 0, "populate mode: create this many active gc.root snapshots")
+	flag.IntVar(&o.fill, "fill", 0, "fill mode: create this many committed snapshots")
+	flag.StringVar(&o.phase, "phase", "", "phase mode: prepare, mounts, remove or walk, -n calls in a row")
+	flag.IntVar(&o.n, "n", 1000, "phase mode: calls")
+	flag.IntVar(&o.first, "first", 0, "phase mode: the first call's key index (keys <prefix>-first ...)")
+	flag.StringVar(&o.parent, "parent", "", "phase mode: the parent of each Prepare")
+	flag.Var(&o.labels, "label", "phase mode: a key=value label of each Prepare (repeatable)")
+	flag.IntVar(&o.expectLowers, "expect-lowers", 0, "phase mode: lowerdirs each overlay mount must name (0: no check)")
+	flag.IntVar(&o.expectCount, "expect-count", -1, "phase mode: snapshots each walk must count (-1: no check)")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "goclient:", err)
@@ -145,6 +195,20 @@ func run(o options) error {
 		b.sns = append(b.sns, proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), o.snapshotter))
 	}
 	out := json.NewEncoder(os.Stdout)
+	if o.phase != "" {
+		r, err := b.runPhase()
+		if err != nil {
+			return err
+		}
+		return out.Encode(r)
+	}
+	if o.fill > 0 {
+		start := time.Now()
+		if err := b.fill(o.fill, maxConc, "fill"); err != nil {
+			return err
+		}
+		return out.Encode(map[string]interface{}{"created": o.fill, "seconds": time.Since(start).Seconds()})
+	}
 	if o.populate > 0 {
 		start := time.Now()
 		if err := b.populate(o.populate, maxConc); err != nil {
@@ -505,4 +569,75 @@ func intList(s string) ([]int, error) {
 		out = append(out, n)
 	}
 	return out, nil
+}
+
+// runPhase is phase mode: -n calls of one kind in a row on the first connection, each timed.
+func (b *bench) runPhase() (phaseResult, error) {
+	sn, o := b.sns[0], b.opt
+	var call func(i int) error
+	check := func(mounts []mount.Mount, err error) error {
+		if err != nil || o.expectLowers == 0 {
+			return err
+		}
+		for _, m := range mounts {
+			if m.Type != "overlay" {
+				continue
+			}
+			for _, opt := range m.Options {
+				if strings.HasPrefix(opt, "lowerdir=") {
+					d := strings.TrimPrefix(opt, "lowerdir=")
+					if got := len(strings.Split(d, ":")); got != o.expectLowers {
+						return fmt.Errorf("%d lowerdirs, expected %d: %s", got, o.expectLowers, opt)
+					}
+					return nil
+				}
+			}
+		}
+		return fmt.Errorf("no overlay mount with a lowerdir in %v", mounts)
+	}
+	switch o.phase {
+	case "prepare":
+		opts := []snapshots.Opt{}
+		if len(o.labels) > 0 {
+			opts = append(opts, snapshots.WithLabels(o.labels))
+		}
+		call = func(i int) error { return check(sn.Prepare(b.ctx, b.key(i), o.parent, opts...)) }
+	case "mounts":
+		call = func(i int) error { return check(sn.Mounts(b.ctx, b.key(i))) }
+	case "remove":
+		call = func(i int) error { return sn.Remove(b.ctx, b.key(i)) }
+	case "walk":
+		call = func(i int) error {
+			n, err := b.count(sn)
+			if err == nil && o.expectCount >= 0 && n != o.expectCount {
+				err = fmt.Errorf("walk counted %d snapshots, expected %d", n, o.expectCount)
+			}
+			return err
+		}
+	default:
+		return phaseResult{}, fmt.Errorf("bad -phase %q (prepare, mounts, remove, walk)", o.phase)
+	}
+	lat := make([]float64, 0, o.n)
+	cpu0, err := b.sampleCPU()
+	if err != nil {
+		return phaseResult{}, err
+	}
+	start := time.Now()
+	for i := 0; i < o.n; i++ {
+		t := time.Now()
+		if err := call(o.first + i); err != nil {
+			return phaseResult{}, fmt.Errorf("%s call %d of %d: %w", o.phase, i+1, o.n, err)
+		}
+		lat = append(lat, float64(time.Since(t).Nanoseconds())/1e3)
+	}
+	wall := time.Since(start)
+	cpu1, err := b.sampleCPU()
+	if err != nil {
+		return phaseResult{}, err
+	}
+	cpu, source := cpuBetween(cpu0, cpu1)
+	return phaseResult{
+		Phase: o.phase, N: o.n, Seconds: wall.Seconds(), OpsPerS: float64(o.n) / wall.Seconds(),
+		LatenciesUs: lat, ServerCPUS: cpu, CPUSource: source,
+	}, nil
 }
