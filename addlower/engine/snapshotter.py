@@ -28,13 +28,13 @@ from addlower.core.logformat import fields
 from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_count
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
-from addlower.engine import fsutil, metrics
+from addlower.engine import fsutil, metrics, wire
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.podlookup import PodLowers
 from addlower.engine.resolver import LABEL_SOURCE, Resolver, counted
-from addlower.engine.store import DB_NAME, MetaStore, Snapshot, disk_full, matching, stored_schema_version
+from addlower.engine.store import DB_NAME, MetaStore, Reader, Snapshot, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Snapshotter:
         self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
-        self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME), "open the metadata")
+        self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
         if not self.reserve.keep():
             log.warning(
@@ -300,13 +300,12 @@ class Snapshotter:
         # A parentless snapshot is compared with a parentless view of ours (an empty one).
         view = self.layout.sid_of_upper(base[1][0]) if len(base[1]) == 1 else None
         with self.store.read() as reader:
-            info = reader.info_of(sid)
-            if info is None or info.kind != Kind.ACTIVE:
-                return None
-            parents = [self.layout.upper(p) for p in reader.snapshot_of(sid).parent_ids]
-            parentless_view = (
-                view is not None and reader.info_of(view) is not None and not reader.snapshot_of(view).parent_ids
-            )
+            info, snap = reader.info_of(sid), reader.snapshot_of(sid)
+            seen = reader.snapshot_of(view) if view is not None else None
+        if info is None or snap is None or snap.kind != Kind.ACTIVE:
+            return None
+        parents = [self.layout.upper(p) for p in snap.parent_ids]
+        parentless_view = seen is not None and not seen.parent_ids
         if base[1] != parents and (parents or not parentless_view):
             return None
         return Layers(os.fsencode(self.layout.upper(sid)), tuple(os.fsencode(d) for d in base[1])), info.name
@@ -336,12 +335,18 @@ class Snapshotter:
             sid, info, stored = reader.get_info(key)
         return measured_usage(self.layout, sid, info, stored)  # outside the lock
 
-    def list(self, filters: Sequence[str]) -> Iterator[Info]:
-        """Snapshots matching the filters, by key: the store is read and the filters checked now,
-        the matching done as the caller iterates."""
+    def list(self, filters: Sequence[str]) -> Iterator[bytes]:
+        """The encoded Infos of the snapshots matching the filters, by key: the filters are
+        checked now, the store read as the caller iterates (without filters, its stored replies)."""
         with self.store.read() as reader:
-            rows = reader.walk()
-        return (self._decorate(sid, info) for sid, info in matching(rows, filters))
+            rows = (
+                ((sid, wire.encode(info)) for sid, info in matching(reader.walk(), filters))
+                if filters
+                else reader.walk_encoded()
+            )
+        if not self.config.upperdir_label:
+            return (encoded for _, encoded in rows)
+        return (wire.with_label(encoded, UPPERDIR_LABEL, self.layout.upper(sid)) for sid, encoded in rows)
 
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label when asked to: to every kind, as containerd's
@@ -490,11 +495,12 @@ class Snapshotter:
     def _refuse_lost_metadata(self) -> None:
         """Refuse a root whose snapshots/ holds directories while metadata.db is missing, empty or
         never initialised: taken for a fresh store, every directory would go at the next Cleanup."""
-        entries = os.listdir(self.snapshots_dir)
+        with os.scandir(self.snapshots_dir) as entries:
+            held = next(entries, None) is not None
         db = self.root / DB_NAME
-        if entries and stored_schema_version(db) == 0:
+        if held and stored_schema_version(db) == 0:
             raise LostMetadata(
-                f"{self.snapshots_dir} holds {len(entries)} snapshot directories but {db} is missing or empty: "
+                f"{self.snapshots_dir} holds snapshot directories but {db} is missing or empty: "
                 "the metadata was lost and starting would delete them. Nothing was changed. Restore "
                 f"{DB_NAME} from a backup, or move {self.root} aside and start on an empty root (then remove "
                 "the containers and images that used it and let containerd unpack them again)"
@@ -511,19 +517,37 @@ class Snapshotter:
         twice): then the rm-<id> is the garbage. Dirs of higher ids mean metadata.db is older than
         snapshots/ (restored from an old copy?): refuse, rather than delete them.
         """
-        with self.store.read() as reader:
-            last, live, mountable = reader.last_id(), reader.ids(), reader.mountable_ids()
-        entries = os.listdir(self.snapshots_dir)
-        ahead = sorted(int(e) for e in entries if e.isdigit() and int(e) > last + 1)
+        with self.store.read() as reader:  # holds no lock: each lookup below is one SELECT
+            self._recover(reader)
+
+    def _recover(self, reader: Reader) -> None:
+        """_set_aside_unrecorded's work, with the store's answers from `reader`."""
+        last = reader.last_id()
+        # One pass over the names (a store's worth of them), with no lookup for a snapshot's own
+        # dir: the rest is rare, and each asks the store alone.
+        ahead: list[str] = []
+        odd: list[str] = []
+        highest = last
+        for entry in os.listdir(self.snapshots_dir):
+            if entry.isdigit():
+                sid = int(entry)
+                if sid > last:
+                    highest = max(highest, sid)
+                    (ahead if sid > last + 1 else odd).append(entry)
+            else:
+                odd.append(entry)
+                found = _DIR_ID.fullmatch(entry)  # a set-aside dir's id is taken too
+                if found:
+                    highest = max(highest, int(found[1]))
         if ahead:
             raise LostMetadata(
-                f"{self.snapshots_dir} holds directories {ahead[:5]} of ids that {DB_NAME} never handed out "
-                f"(its last is {last}): it is older than the snapshots. Nothing was changed. Restore the "
+                f"{self.snapshots_dir} holds directories {sorted(map(int, ahead))[:5]} of ids that {DB_NAME} never "
+                f"handed out (its last is {last}): it is older than the snapshots. Nothing was changed. Restore the "
                 f"{DB_NAME} that belongs to them, or move {self.root} aside and start on an empty root"
             )
-        for entry in entries:
+        for entry in odd:
             named = entry.removeprefix(REMOVED_PREFIX)
-            if entry.startswith(REMOVED_PREFIX) and named.isdigit() and int(named) in live:
+            if entry.startswith(REMOVED_PREFIX) and named.isdigit() and reader.has_id(int(named)):
                 if os.path.lexists(self.layout.dir(named)):
                     log.warning(
                         "set aside %s as %s: snapshot %s's own directory is there",
@@ -534,9 +558,8 @@ class Snapshotter:
                 else:
                     os.rename(self.snapshots_dir / entry, self.snapshots_dir / named)
                     log.info("restored directory %s of live snapshot %s", entry, named)
-            elif entry.startswith(TEMP_PREFIX) or (entry.isdigit() and int(entry) > last):
+            elif entry.startswith(TEMP_PREFIX) or entry.isdigit():  # a digit here is last + 1
                 log.info("set aside unrecorded snapshot directory %s", self._set_aside(entry))
-        highest = max((int(m[1]) for m in map(_DIR_ID.fullmatch, entries) if m), default=0)
         if highest > last:
             with self.store.transaction() as tx:
                 tx.reserve_ids(highest)
@@ -544,12 +567,22 @@ class Snapshotter:
         policy = self.resolver.policy.lowers.named
 
         def targets(sid: int) -> int:  # asked only of snapshots with pins
-            with self.store.read() as reader:
-                info = reader.info_of(sid)
+            info = reader.info_of(sid)
             return target_count(info.labels.get(EXTRA_LOWERS_LABEL, "") if info else "", policy)
 
-        for gone in self.pins.recover(mountable.__contains__, targets):
+        for gone in self.pins.recover(reader.is_mountable, targets):
             log.info("released the pinned lowers of snapshot %s, which is gone or committed", gone)
+
+    def after_listening(self) -> None:
+        """Start-up's work over every snapshot, which the daemon runs once it listens (calls are
+        answered meanwhile, from the store): missing dirs reported, rows' replies kept."""
+        try:
+            self.report_missing_dirs()
+            filled = self.store.fill_replies()
+            if filled:
+                log.info("encoded the List replies of %d snapshots stored without one", filled)
+        except Exception:
+            log.exception("start-up's checks over every snapshot failed")
 
     def report_missing_dirs(self) -> None:
         """Log every snapshot whose directory is gone (a power cut between a rename and the

@@ -1,13 +1,13 @@
 """The metadata store: snapshots, their parents, labels and usage.
 
 SQLite at <root>/metadata.db is the record: one transaction per operation, durable (WAL with
-synchronous=FULL), ids from AUTOINCREMENT and never reused. Every committed row is mirrored in
-memory, and reads are served from the mirror only: Stat, Mounts and List are the hot paths (CRI
-stats every snapshot every 10 s), and this daemon is the database's only writer, so the mirror
-cannot drift. The mirror changes only after a COMMIT succeeds, published under its own lock, so
-readers never wait for a writer's SQL. The rules of containerd's snapshot storage (which errors,
-in which order) and the fields List filters see live here. This module must not touch snapshot
-directories or know about mounts or gRPC.
+synchronous=FULL), ids from AUTOINCREMENT and never reused. Reads query it, as containerd's
+storage reads its bolt file: opening the store reads no rows, so start-up and memory do not grow
+with the number of snapshots. The rows containerd asks about again and again (Stat, Mounts) are
+kept at hand, a bounded number, replaced by a writer once its COMMIT succeeded; readers use
+connections of their own and never wait for a writer's SQL. The rules of containerd's snapshot
+storage (which errors, in which order) and the fields List filters see live here. This module
+must not touch snapshot directories or know about mounts or gRPC.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import json
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from addlower.core.filters import parse_filters
@@ -28,8 +30,8 @@ from addlower.core.model import Info, Kind, Usage
 SCHEMA_VERSION = 1
 DB_NAME = "metadata.db"  # under the snapshotter root
 
-_SCHEMA = """
-CREATE TABLE snapshots (
+_SCHEMA = (
+    """CREATE TABLE snapshots (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     key         TEXT    NOT NULL UNIQUE,
     kind        INTEGER NOT NULL,
@@ -39,9 +41,21 @@ CREATE TABLE snapshots (
     size        INTEGER NOT NULL DEFAULT 0,
     inodes      INTEGER NOT NULL DEFAULT 0,
     labels      TEXT    NOT NULL DEFAULT '{}'
-);
-CREATE INDEX snapshots_parent ON snapshots(parent_id);
-"""
+)""",
+    "CREATE INDEX snapshots_parent ON snapshots(parent_id)",
+)
+# The row's Info as the service answers it (the store's `encode`), kept so that a List sends
+# stored bytes. Added to a store of schema 1 without changing its version, so an older daemon can
+# still open it: it ignores the column, and the trigger forgets a reply that a change made by such
+# a daemon (one that did not set the reply too) left stale; the store encodes a missing one itself.
+_REPLIES = (
+    "ALTER TABLE snapshots ADD COLUMN reply BLOB",
+    "CREATE TRIGGER snapshots_reply_stale AFTER UPDATE ON snapshots FOR EACH ROW"
+    " WHEN NEW.reply IS OLD.reply AND OLD.reply IS NOT NULL"
+    " BEGIN UPDATE snapshots SET reply = NULL WHERE id = NEW.id; END",
+)
+# Replies made per transaction when start-up encodes the rows that have none.
+FILL_BATCH = 500
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -67,7 +81,7 @@ def stored_schema_version(path: Path) -> int:
 
 @dataclass(frozen=True)
 class Record:
-    """One snapshot as the mirror holds it; replaced, never changed, when the row changes."""
+    """One snapshot's row; replaced, never changed, when the row changes."""
 
     id: int
     parent_id: int | None
@@ -85,126 +99,290 @@ class Snapshot:
     labels: Mapping[str, str]
 
 
-class _Mirror:
-    """The committed rows, indexed the ways the operations look them up."""
+# How many snapshots' rows (and parent chains) the store keeps at hand: the ones containerd asks
+# about again and again (CRI stats every container's snapshot every 10 s, and mounts it at every
+# start) are a node's running containers, well under this; a row not kept is one indexed SELECT.
+RECENT = 2048
+# A reader's own page cache (KiB): a List of the whole store reads every page once, and the
+# kernel's page cache has them anyway; SQLite's default (2 MiB per connection) would keep them all.
+READER_CACHE_KIB = 256
 
-    def __init__(self) -> None:
-        self.by_key: dict[str, Record] = {}
-        self.by_id: dict[int, Record] = {}
-        self.children: dict[int, int] = {}  # parent id -> number of children
-        self.last_id = 0
-        self._sorted: list[Record] | None = None
+_COLUMNS = "s.id, s.key, s.kind, s.parent_id, p.key, s.created_at, s.updated_at, s.labels, s.size, s.inodes"
+_ROWS = f"SELECT {_COLUMNS} FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
+_BY_KEY = _ROWS + " WHERE s.key = ?"
+_BY_ID = _ROWS + " WHERE s.id = ?"
+_IN_KEY_ORDER = _ROWS + " ORDER BY s.key"
+# Every row's reply by key; the columns of a row without one are read too, NULL for the rest.
+_REPLIES_IN_KEY_ORDER = (
+    "SELECT s.id, s.reply, "
+    + ", ".join(
+        f"CASE WHEN s.reply IS NULL THEN {column} END"
+        for column in (
+            "s.key",
+            "s.kind",
+            "s.parent_id",
+            "(SELECT p.key FROM snapshots p WHERE p.id = s.parent_id)",
+            "s.created_at",
+            "s.updated_at",
+            "s.labels",
+            "s.size",
+            "s.inodes",
+        )
+    )
+    + " FROM snapshots s ORDER BY s.key"
+)
+_CHAIN = (  # the parent ids of a snapshot, nearest first
+    "WITH RECURSIVE chain(id, depth) AS ("
+    " SELECT parent_id, 1 FROM snapshots WHERE id = ? AND parent_id IS NOT NULL"
+    " UNION ALL SELECT s.parent_id, c.depth + 1 FROM snapshots s JOIN chain c ON s.id = c.id"
+    " WHERE s.parent_id IS NOT NULL"
+    ") SELECT id FROM chain ORDER BY depth"
+)
+_MOUNTABLE = f"kind IN ({int(Kind.ACTIVE)}, {int(Kind.VIEW)})"
 
-    def put(self, rec: Record) -> None:
-        old = self.by_id.get(rec.id)
-        if old is not None:
-            del self.by_key[old.info.name]
-        if rec.parent_id is not None and (old is None or old.parent_id != rec.parent_id):
-            self.children[rec.parent_id] = self.children.get(rec.parent_id, 0) + 1
-        self.by_key[rec.info.name] = rec
-        self.by_id[rec.id] = rec
-        self.last_id = max(self.last_id, rec.id)
-        self._sorted = None
 
-    def drop(self, rec: Record) -> None:
-        del self.by_key[rec.info.name]
-        del self.by_id[rec.id]
-        if rec.parent_id is not None:
-            left = self.children[rec.parent_id] - 1
-            if left:
-                self.children[rec.parent_id] = left
-            else:
-                del self.children[rec.parent_id]
-        self._sorted = None
-
-    def in_key_order(self) -> list[Record]:
-        if self._sorted is None:
-            self._sorted = sorted(self.by_key.values(), key=lambda r: r.info.name)
-        return self._sorted
+Encode = Callable[[Info], bytes]
 
 
 def _now() -> int:
     return time.time_ns()
 
 
-class Reader:
-    """Lookups over the committed state; what MetaStore.read() and .transaction() hand out."""
+def _record(row: tuple[Any, ...]) -> Record:
+    sid, key, kind, parent_id, parent, created, updated, labels, size, inodes = row
+    info = Info(key, parent or "", Kind(kind), created, updated, json.loads(labels))
+    return Record(sid, parent_id, info, Usage(size, inodes))
 
-    def __init__(self, mirror: _Mirror):
-        self._m = mirror
 
-    def _get(self, key: str, what: str = "snapshot") -> Record:
-        rec = self._m.by_key.get(key)
+class _Queries:
+    """The store's SELECTs, on whatever connection `_conn` lends (a reader's, or the writer's
+    inside its transaction, which then sees its own changes)."""
+
+    def _conn(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+        with self._conn() as db:
+            return db.execute(sql, args).fetchone()
+
+    def _row(self, sql: str, arg: str | int) -> Record | None:
+        row = self._one(sql, (arg,))
+        return _record(row) if row is not None else None
+
+    def _chain(self, sid: int) -> tuple[int, ...]:
+        with self._conn() as db:
+            return tuple(r[0] for r in db.execute(_CHAIN, (sid,)))
+
+    def _ids(self, where: str = "") -> set[int]:
+        with self._conn() as db:
+            return {r[0] for r in db.execute("SELECT id FROM snapshots" + where)}
+
+    def info_of(self, sid: int) -> Info | None:
+        """The Info of snapshot id `sid`, or None."""
+        rec = self._row(_BY_ID, sid)
+        return rec.info if rec is not None else None
+
+    def snapshot_of(self, sid: int) -> Snapshot | None:
+        """The snapshot with id `sid`, any kind, or None."""
+        rec = self._row(_BY_ID, sid)
+        return Snapshot(sid, rec.info.kind, self._chain(sid), rec.info.labels) if rec is not None else None
+
+    def ids(self) -> set[int]:
+        return self._ids()
+
+    def mountable_ids(self) -> set[int]:
+        """The active and view snapshots': the only ones whose lowers stay pinned."""
+        return self._ids(" WHERE " + _MOUNTABLE)
+
+    def is_mountable(self, sid: int) -> bool:
+        return self._one(f"SELECT 1 FROM snapshots WHERE id = ? AND {_MOUNTABLE}", (sid,)) is not None
+
+    def has_id(self, sid: int) -> bool:
+        return self._one("SELECT 1 FROM snapshots WHERE id = ?", (sid,)) is not None
+
+    def last_id(self) -> int:
+        """The highest id ever handed out (committed), live or removed (AUTOINCREMENT's record)."""
+        row = self._one("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'", ())
+        return row[0] if row else 0
+
+
+class _Recent:
+    """The rows read or written lately, by key, and parent chains by id: at most RECENT of each,
+    the least recently used going first. Every entry is a committed row: a writer replaces what it
+    changed once its COMMIT succeeded, and a reader's fill is dropped when any change was published
+    after the reader looked (`version`), so a row read before a COMMIT never lands after it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.version = 0
+        self.rows: OrderedDict[str, Record] = OrderedDict()
+        self.chains: OrderedDict[int, tuple[int, ...]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[Record | None, int]:
+        with self.lock:
+            rec = self.rows.get(key)
+            if rec is not None:
+                self.rows.move_to_end(key)
+            return rec, self.version
+
+    def chain(self, sid: int) -> tuple[tuple[int, ...] | None, int]:
+        with self.lock:
+            chain = self.chains.get(sid)
+            if chain is not None:
+                self.chains.move_to_end(sid)
+            return chain, self.version
+
+    def fill(self, seen: int, rec: Record | None = None, chain: tuple[int, ...] | None = None) -> None:
+        with self.lock:
+            if seen == self.version:
+                if rec is not None:
+                    _bounded_put(self.rows, rec.info.name, rec)
+                if chain is not None and rec is not None:
+                    _bounded_put(self.chains, rec.id, chain)
+
+    def publish(self, changes: Sequence[_Change]) -> None:
+        with self.lock:
+            self.version += 1
+            for change in changes:
+                self.rows.pop(change.key, None)
+                self.chains.pop(change.sid, None)
+                if change.now is not None:
+                    _bounded_put(self.rows, change.now.info.name, change.now)
+                if change.chain is not None:
+                    _bounded_put(self.chains, change.sid, change.chain)
+
+
+def _bounded_put(entries: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    entries[key] = value
+    entries.move_to_end(key)
+    if len(entries) > RECENT:
+        entries.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """A row a transaction changed: `key` and `sid` are forgotten, `now` (its new row, under its
+    own key) and `chain` (its parent ids) kept, once the COMMIT succeeded."""
+
+    key: str
+    sid: int
+    now: Record | None = None
+    chain: tuple[int, ...] | None = None
+
+
+class _Pool:
+    """Reader connections, one per concurrent reader (SQLite's WAL lets them read while the writer
+    writes), opened as needed and kept."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]):
+        self._connect = connect
+        self._idle: list[sqlite3.Connection] = []
+        self.closed = False
+
+    @contextmanager
+    def lend(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = self._idle.pop()
+        except IndexError:
+            db = self._connect()
+        try:
+            yield db
+        finally:
+            if self.closed:
+                db.close()
+            else:
+                self._idle.append(db)
+
+    def close(self) -> None:
+        self.closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+class Reader(_Queries):
+    """Lookups over the committed state; what MetaStore.read() and .exclusive() hand out. Each
+    lookup is one statement, so it sees one committed state; rows asked for by key come from the
+    recent ones when they are there."""
+
+    def __init__(self, pool: _Pool, recent: _Recent, encode: Encode):
+        self._pool = pool
+        self._recent = recent
+        self._encode = encode
+
+    def _conn(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._pool.lend()
+
+    def _by_key(self, key: str) -> Record | None:
+        rec, seen = self._recent.get(key)
         if rec is None:
-            raise NotFound(f"{what} {key!r} does not exist")
+            rec = self._row(_BY_KEY, key)
+            if rec is not None:
+                self._recent.fill(seen, rec)
         return rec
 
     def get_info(self, key: str) -> tuple[int, Info, Usage]:
-        rec = self._get(key)
+        rec = self._by_key(key)
+        if rec is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
         return rec.id, rec.info, rec.usage
 
     def find(self, key: str) -> Info | None:
         """The Info of `key`, or None (where a missing key is no error)."""
-        rec = self._m.by_key.get(key)
+        rec = self._by_key(key)
         return rec.info if rec is not None else None
-
-    def info_of(self, sid: int) -> Info | None:
-        """The Info of snapshot id `sid`, or None."""
-        rec = self._m.by_id.get(sid)
-        return rec.info if rec is not None else None
-
-    def snapshot_of(self, sid: int) -> Snapshot:
-        """The snapshot with id `sid` (which must exist), any kind."""
-        rec = self._m.by_id[sid]
-        return Snapshot(rec.id, rec.info.kind, self._parent_ids(rec.parent_id), rec.info.labels)
 
     def get_snapshot(self, key: str) -> Snapshot:
         """The snapshot behind an active or view key (mountable kinds only)."""
-        rec = self._get(key)
+        rec = self._by_key(key)
+        if rec is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
         kind = rec.info.kind
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise FailedPrecondition(f"snapshot {key!r} is {kind.label}, not active or view")
-        return Snapshot(rec.id, kind, self._parent_ids(rec.parent_id), rec.info.labels)
-
-    def _parent_ids(self, parent_id: int | None) -> tuple[int, ...]:
-        chain = []
-        while parent_id is not None:
-            chain.append(parent_id)
-            parent_id = self._m.by_id[parent_id].parent_id
-        return tuple(chain)
+        chain, seen = self._recent.chain(rec.id)
+        if chain is None:
+            chain = self._chain(rec.id)
+            self._recent.fill(seen, rec, chain)
+        return Snapshot(rec.id, kind, chain, rec.info.labels)
 
     def walk(self) -> Iterator[tuple[int, Info]]:
-        """Every snapshot, by key, as containerd's storage walks them: over the mirror's sorted
-        list as it is now (a change replaces that list, never edits it), so a List that is still
-        being sent costs no copy of the store."""
-        return ((r.id, r.info) for r in self._m.in_key_order())
+        """Every snapshot, by key, as containerd's storage walks them: one statement on a
+        connection of its own for as long as the caller iterates, so a List being sent sees one
+        committed state and costs no copy of the store."""
+        with self._pool.lend() as db:
+            for row in db.execute(_IN_KEY_ORDER):
+                rec = _record(row)
+                yield rec.id, rec.info
 
-    def ids(self) -> set[int]:
-        return set(self._m.by_id)
-
-    def mountable_ids(self) -> set[int]:
-        """The active and view snapshots': the only ones whose lowers stay pinned."""
-        return {sid for sid, rec in self._m.by_id.items() if rec.info.kind in (Kind.ACTIVE, Kind.VIEW)}
-
-    def is_mountable(self, sid: int) -> bool:
-        rec = self._m.by_id.get(sid)
-        return rec is not None and rec.info.kind in (Kind.ACTIVE, Kind.VIEW)
-
-    def has_id(self, sid: int) -> bool:
-        return sid in self._m.by_id
-
-    def last_id(self) -> int:
-        """The highest id ever handed out (committed), live or removed."""
-        return self._m.last_id
+    def walk_encoded(self) -> Iterator[tuple[int, bytes]]:
+        """walk()'s snapshots as their ids and encoded Infos: the stored replies, and the few rows
+        without one encoded now."""
+        with self._pool.lend() as db:
+            for sid, reply, *row in db.execute(_REPLIES_IN_KEY_ORDER):
+                yield sid, reply if reply is not None else self._encode(_record((sid, *row)).info)
 
 
-class Tx(Reader):
-    """One write transaction: SQL now, mirror changes queued until COMMIT succeeds."""
+class Tx(_Queries):
+    """One write transaction: SQL on the writer's connection (reads see this transaction's own
+    changes); what it changed is published to the recent rows once the COMMIT succeeded."""
 
-    def __init__(self, mirror: _Mirror, conn: sqlite3.Connection):
-        super().__init__(mirror)
+    def __init__(self, conn: sqlite3.Connection, encode: Encode):
         self._db = conn
-        self.pending: list[Callable[[], None]] = []
+        self._encode = encode
+        self.changes: list[_Change] = []
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        yield self._db
+
+    def _get(self, key: str, what: str = "snapshot") -> Record:
+        rec = self._row(_BY_KEY, key)
+        if rec is None:
+            raise NotFound(f"{what} {key!r} does not exist")
+        return rec
+
+    def _taken(self, key: str) -> bool:
+        return self._one("SELECT 1 FROM snapshots WHERE key = ?", (key,)) is not None
 
     def create(self, kind: Kind, key: str, parent: str, labels: Mapping[str, str]) -> Snapshot:
         if not key:
@@ -215,26 +393,27 @@ class Tx(Reader):
             if prec.info.kind != Kind.COMMITTED:
                 raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
             parent_id = prec.id
-        if key in self._m.by_key:
+        if self._taken(key):
             raise AlreadyExists(f"snapshot {key!r} already exists")
         now = _now()
         info = Info(key, parent, kind, now, now, dict(labels))
         cur = self._db.execute(
-            "INSERT INTO snapshots(key, kind, parent_id, created_at, updated_at, labels) VALUES (?, ?, ?, ?, ?, ?)",
-            (key, int(kind), parent_id, now, now, json.dumps(info.labels)),
+            "INSERT INTO snapshots(key, kind, parent_id, created_at, updated_at, labels, reply)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, int(kind), parent_id, now, now, json.dumps(info.labels), self._encode(info)),
         )
         sid = cur.lastrowid
         assert sid is not None
-        rec = Record(sid, parent_id, info)
-        self.pending.append(lambda: self._m.put(rec))
-        return Snapshot(sid, kind, self._parent_ids(parent_id), info.labels)
+        chain = (parent_id, *self._chain(parent_id)) if parent_id is not None else ()
+        self.changes.append(_Change(key, sid, Record(sid, parent_id, info), chain))
+        return Snapshot(sid, kind, chain, info.labels)
 
     def commit_active(self, key: str, name: str, usage: Usage, labels: Mapping[str, str], parent: str = "") -> int:
         """Commit as containerd's storage does, `parent` included (2.2's parallel unpack): an active
         made without a parent is rebased onto it; one with another parent is refused."""
         if not name:
             raise InvalidArgument("commit name must not be empty")
-        if name in self._m.by_key:
+        if self._taken(name):
             raise AlreadyExists(f"snapshot {name!r} already exists")
         rec = self._get(key)
         if rec.info.kind != Kind.ACTIVE:
@@ -262,30 +441,39 @@ class Tx(Reader):
         )
         self._db.execute(
             "UPDATE snapshots SET key = ?, kind = ?, parent_id = ?, created_at = ?, updated_at = ?, labels = ?,"
-            " size = ?, inodes = ? WHERE id = ?",
-            (name, int(Kind.COMMITTED), parent_id, now, now, json.dumps(info.labels), usage.size, usage.inodes, rec.id),
+            " size = ?, inodes = ?, reply = ? WHERE id = ?",
+            (
+                name,
+                int(Kind.COMMITTED),
+                parent_id,
+                now,
+                now,
+                json.dumps(info.labels),
+                usage.size,
+                usage.inodes,
+                self._encode(info),
+                rec.id,
+            ),
         )
-        new = replace(rec, parent_id=parent_id, info=info, usage=usage)
-        self.pending.append(lambda: self._m.put(new))
+        self.changes.append(_Change(key, rec.id, replace(rec, parent_id=parent_id, info=info, usage=usage)))
         return rec.id
 
     def remove(self, key: str) -> tuple[int, Kind]:
         rec = self._get(key)
-        if rec.id in self._m.children:
+        if self._one("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (rec.id,)) is not None:
             raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
-        self.pending.append(lambda: self._m.drop(rec))
+        self.changes.append(_Change(key, rec.id))
         return rec.id, rec.info.kind
 
     def reserve_ids(self, upto: int) -> None:
         """Never hand out ids up to `upto` (again): start-up found dirs of them that no row accounts
         for (a create killed between its dir's rename and its COMMIT)."""
-        if upto <= self._m.last_id:
+        if upto <= self.last_id():
             return
         done = self._db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'snapshots'", (upto,))
         if done.rowcount == 0:  # no row was ever inserted
             self._db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('snapshots', ?)", (upto,))
-        self.pending.append(lambda: setattr(self._m, "last_id", max(self._m.last_id, upto)))
 
     def update_info(self, name: str, labels: Mapping[str, str], fieldpaths: Sequence[str]) -> tuple[int, Info]:
         """Apply a field-masked label update, as containerd's storage does."""
@@ -307,23 +495,35 @@ class Tx(Reader):
                     raise InvalidArgument(f"cannot update field {path!r} of snapshot {name!r}")
         info = replace(rec.info, labels=new_labels, updated_at=_now())
         self._db.execute(
-            "UPDATE snapshots SET labels = ?, updated_at = ? WHERE id = ?",
-            (json.dumps(new_labels), info.updated_at, rec.id),
+            "UPDATE snapshots SET labels = ?, updated_at = ?, reply = ? WHERE id = ?",
+            (json.dumps(new_labels), info.updated_at, self._encode(info), rec.id),
         )
-        new = replace(rec, info=info)
-        self.pending.append(lambda: self._m.put(new))
+        self.changes.append(_Change(name, rec.id, replace(rec, info=info)))
         return rec.id, info
+
+    def fill_replies(self, after: int) -> list[int]:
+        """Encode up to FILL_BATCH rows without a reply, of ids above `after`; returns their ids."""
+        rows = self._db.execute(
+            _ROWS + " WHERE s.id > ? AND s.reply IS NULL ORDER BY s.id LIMIT ?", (after, FILL_BATCH)
+        ).fetchall()
+        for rec in map(_record, rows):
+            self._db.execute("UPDATE snapshots SET reply = ? WHERE id = ?", (self._encode(rec.info), rec.id))
+        return [row[0] for row in rows]
 
 
 class MetaStore:
     """The SQLite database at <root>/metadata.db, used by one daemon at a time."""
 
-    def __init__(self, path: Path, readonly: bool = False):
-        """`readonly` is for tools reading beside (or instead of) the daemon: the file is opened
+    def __init__(self, path: Path, encode: Encode, readonly: bool = False):
+        """`encode` makes the reply kept with each row (the service's wire form of its Info).
+        `readonly` is for tools reading beside (or instead of) the daemon: the file is opened
         with mode=ro, never migrated or written, and (WAL) such a reader never blocks the daemon."""
         self.path = path
+        self._encode = encode
+        self._readonly = readonly
         self._lock = threading.Lock()  # writers: one SQL transaction at a time
-        self._mirror_lock = threading.Lock()  # readers, and publishing a committed change
+        self._recent = _Recent()
+        self._pool = _Pool(self._reader)
         try:
             self._open(readonly)
         except sqlite3.DatabaseError as exc:
@@ -335,52 +535,69 @@ class MetaStore:
             ) from None
 
     def _open(self, readonly: bool) -> None:
-        path = self.path
         if readonly:
-            self._db = sqlite3.connect(
-                f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-            )
+            self._db = self._reader()
         else:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute("PRAGMA foreign_keys = ON")
         self._migrate(readonly)
-        self._mirror = self._load()
+
+    def _reader(self) -> sqlite3.Connection:
+        """A connection that only reads: with mode=ro for tools (it creates nothing), and a small
+        page cache of its own."""
+        if self._readonly:
+            db = sqlite3.connect(
+                f"{self.path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute(f"PRAGMA cache_size = -{READER_CACHE_KIB}")
+        db.execute("PRAGMA query_only = ON")
+        return db
 
     def _migrate(self, readonly: bool) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
+            if not readonly:
+                self._keep_replies()
             return
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"{self.path}: schema version {version} is newer than this daemon's {SCHEMA_VERSION}")
         if readonly:
             raise RuntimeError(f"{self.path}: schema version {version}, not {SCHEMA_VERSION}: start the daemon once")
         self._db.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA.split(";"):
-            if statement.strip():
-                self._db.execute(statement)
+        for statement in _SCHEMA:
+            self._db.execute(statement)
         self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.execute("COMMIT")
+        self._keep_replies()
 
-    def _load(self) -> _Mirror:
-        mirror = _Mirror()
-        rows = self._db.execute(
-            "SELECT s.id, s.key, s.kind, s.parent_id, p.key, s.created_at, s.updated_at, s.labels, s.size, s.inodes"
-            " FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY s.id"
-        )
-        for sid, key, kind, parent_id, parent, created, updated, labels, size, inodes in rows:
-            info = Info(key, parent or "", Kind(kind), created, updated, json.loads(labels))
-            mirror.put(Record(sid, parent_id, info, Usage(size, inodes)))
-        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'snapshots'").fetchone()
-        mirror.last_id = max(mirror.last_id, seq[0] if seq else 0)
-        return mirror
+    def _keep_replies(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
+        if "reply" not in columns:
+            self._db.execute("BEGIN IMMEDIATE")
+            for statement in _REPLIES:
+                self._db.execute(statement)
+            self._db.execute("COMMIT")
+
+    def fill_replies(self) -> int:
+        """Encode the replies that rows lack (made before replies were kept, or changed by an
+        older daemon since): a batch per transaction, so calls wait little; returns how many."""
+        done, after = 0, 0
+        while True:
+            with self.transaction() as tx:
+                batch = tx.fill_replies(after)
+            if not batch:
+                return done
+            done, after = done + len(batch), batch[-1]
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """Hold the store's lock for one transaction; commit on success, roll back on error."""
         with self._lock:
-            tx = Tx(self._mirror, self._db)
+            tx = Tx(self._db, self._encode)
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield tx
@@ -389,39 +606,45 @@ class MetaStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
-            with self._mirror_lock:  # published whole: a reader sees it all or none of it
-                for change in tx.pending:
-                    change()
+            self._recent.publish(tx.changes)
 
     @contextmanager
     def read(self) -> Iterator[Reader]:
-        """Consistent reads of the committed state. Readers do not wait for a writer's SQL (as
-        bolt's readers do not in containerd), only for the instant its change is published."""
-        with self._mirror_lock:
-            yield Reader(self._mirror)
+        """Reads of the committed state. Readers do not wait for a writer (as bolt's readers do
+        not in containerd): each reads the last COMMIT before its statement."""
+        yield Reader(self._pool, self._recent, self._encode)
 
     @contextmanager
     def exclusive(self) -> Iterator[Reader]:
         """Reads with every writer kept out, for work on disk that must not meet a create (a new
         snapshot's temp dir is made inside its transaction)."""
         with self._lock:
-            yield Reader(self._mirror)
+            yield Reader(self._pool, self._recent, self._encode)
 
     def counts_by_kind(self) -> dict[str, int]:
         counts = {kind.label: 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
-        with self._mirror_lock:
-            for rec in self._mirror.by_id.values():
-                counts[rec.info.kind.label] += 1
+        with self._pool.lend() as db:
+            for kind, count in db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"):
+                counts[Kind(kind).label] = count
         return counts
 
     def active_labels(self, label: str) -> list[str]:
         """The value of `label` on each active snapshot that has it."""
-        with self._mirror_lock:
-            infos = [rec.info for rec in self._mirror.by_id.values()]
-        return [info.labels[label] for info in infos if info.kind == Kind.ACTIVE and label in info.labels]
+        found = []
+        with self._pool.lend() as db:  # the label's name, as JSON writes it, narrows the rows
+            rows = db.execute(
+                "SELECT labels FROM snapshots WHERE kind = ? AND instr(labels, ?) > 0",
+                (int(Kind.ACTIVE), json.dumps(label)),
+            )
+            for (labels,) in rows:
+                value = json.loads(labels).get(label)
+                if value is not None:
+                    found.append(value)
+        return found
 
     def close(self) -> None:
         with self._lock:
+            self._pool.close()
             self._db.close()
 
 

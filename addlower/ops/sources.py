@@ -31,6 +31,7 @@ from addlower.core.config import (
 from addlower.core.errors import NotFound, SnapshotError
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout
+from addlower.engine import wire
 from addlower.engine.snapshotter import measured_usage
 from addlower.engine.store import DB_NAME, MetaStore, Reader, matching
 from addlower.ops.client import SnapshotsClient
@@ -233,7 +234,7 @@ def read_only_store(db: Path) -> Iterator[Reader]:
     if not db.is_file():
         raise click.ClickException(f"no metadata at {db}")
     try:
-        store = MetaStore(db, readonly=True)
+        store = MetaStore(db, wire.encode, readonly=True)
     except (sqlite3.Error, RuntimeError) as exc:
         raise click.ClickException(f"cannot read {db}: {exc}") from None
     try:

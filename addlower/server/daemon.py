@@ -186,7 +186,7 @@ class Daemon:
             raise StartupError(f"cannot listen on {path}: {exc}") from exc
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        self.pools[BLOCKING].submit(self.snapshotter.report_missing_dirs)  # a stat per snapshot: not before listening
+        self.pools[BLOCKING].submit(self.snapshotter.after_listening)  # a stat per snapshot: not before listening
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._hup)

@@ -3,9 +3,10 @@
 A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
 protobuf, and the error -> status code mapping (the codes themselves live in addlower.core.errors).
 Which calls may block (tree walks and deletions) and in which thread pool they run is stated per
-method in METHODS and decided in pools(). Stat and List answer with bytes already serialized (each
-Info's is kept as long as the Info lives; the transport sends bytes as they are): CRI stats every
-snapshot every 10 s. It must not hold snapshot logic or know how bytes reach the socket.
+method in METHODS and decided in pools(). Stat and List answer with bytes already serialized (a
+Stat's kept as long as its Info lives, a List's kept by the store with each row; the transport
+sends bytes as they are): CRI stats every snapshot every 10 s. It must not hold snapshot logic or
+know how bytes reach the socket.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 
 from addlower.api import mount_pb2
 from addlower.api import snapshots_pb2 as pb
@@ -25,6 +26,7 @@ from addlower.core.codes import Code
 from addlower.core.errors import ResourceExhausted, SnapshotError, status_code
 from addlower.core.model import Info
 from addlower.core.mounts import Mount
+from addlower.engine import wire
 from addlower.engine.snapshotter import Snapshotter
 from addlower.server.rpc import Route
 
@@ -34,30 +36,6 @@ SERVICE = "containerd.services.snapshots.v1.Snapshots"
 
 # containerd's own service sends List results in batches of this many.
 LIST_BATCH = 100
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
-def info_to_pb(info: Info) -> pb.Info:
-    return pb.Info(
-        name=info.name,
-        parent=info.parent,
-        kind=info.kind.name,  # containerd's enum has the same names (and numbers)
-        created_at=_timestamp(info.created_at),
-        updated_at=_timestamp(info.updated_at),
-        labels=info.labels,
-    )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class InfoCache:
@@ -70,8 +48,7 @@ class InfoCache:
     def field(self, info: Info) -> bytes:
         data = self._fields.get(info)
         if data is None:
-            body = info_to_pb(info).SerializeToString()
-            data = self._fields[info] = b"\x0a" + _varint(len(body)) + body
+            data = self._fields[info] = wire.info_field(wire.encode(info))
         return data
 
 
@@ -131,13 +108,13 @@ class SnapshotsService:
     def Update(self, request: pb.UpdateSnapshotRequest) -> pb.UpdateSnapshotResponse:
         paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
         info = self.sn.update(request.info.name, dict(request.info.labels), paths)
-        return pb.UpdateSnapshotResponse(info=info_to_pb(info))
+        return pb.UpdateSnapshotResponse(info=wire.info_to_pb(info))
 
     def List(self, request: pb.ListSnapshotsRequest) -> Iterator[bytes]:
         """Serialized ListSnapshotsResponses of up to LIST_BATCH infos each, made one batch at a
         time as the transport asks for the next (a bad filter is refused at once)."""
         infos = self.sn.list(list(request.filters))
-        return iter(lambda: b"".join(self.infos.field(i) for i in itertools.islice(infos, LIST_BATCH)), b"")
+        return iter(lambda: b"".join(map(wire.info_field, itertools.islice(infos, LIST_BATCH))), b"")
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         usage = self.sn.usage(request.key)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import grpc
 import pytest
 
 from addlower.api import snapshots_pb2 as pb
+from addlower.engine import store
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon
 
@@ -223,5 +226,42 @@ def test_a_snapshot_whose_dir_was_lost_is_reported_once_the_daemon_serves(tmp_pa
             time.sleep(0.05)
         [line] = [entry for entry in d.log().splitlines() if "has no directory" in entry]
         assert f"snapshot id 2 has no directory {root}/snapshots/2/fs" in line and "level=error" in line
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_large_store_of_an_older_daemon_is_answered_at_once_and_its_list_replies_filled(tmp_path: Path):
+    """20,000 committed snapshots written as a daemon that kept no List replies left them (schema 1
+    without the reply column): the daemon opens them without reading them, answers a Stat and a
+    List at once, right, and encodes the missing replies once it listens."""
+    root = tmp_path / "root"
+    (root / "snapshots").mkdir(parents=True)
+    n = 20_000
+    with sqlite3.connect(root / "metadata.db") as older:
+        older.execute("PRAGMA journal_mode = WAL")
+        for statement in store._SCHEMA:
+            older.execute(statement)
+        older.execute("PRAGMA user_version = 1")
+        older.executemany(
+            "INSERT INTO snapshots(key, kind, parent_id, created_at, updated_at, labels) VALUES (?, 3, ?, 1, 2, ?)",
+            ((f"layer-{i:05d}", i - 1 if i % 10 else None, json.dumps({"n": str(i)})) for i in range(1, n + 1)),
+        )
+    for i in range(1, n + 1):
+        (root / "snapshots" / str(i) / "fs").mkdir(parents=True)
+    d = Daemon(root=root).start()
+    try:
+        with d.channel() as ch:
+            client = SnapshotsClient(ch)
+            info = client.stat(f"layer-{n - 1:05d}")
+            assert (info.parent, dict(info.labels)) == (f"layer-{n - 2:05d}", {"n": str(n - 1)})
+            listed = client.list()
+        assert [i.name for i in listed] == [f"layer-{i:05d}" for i in range(1, n + 1)]
+        assert all(dict(i.labels) == {"n": str(k)} for k, i in enumerate(listed, 1))
+        deadline = time.monotonic() + 60
+        while "encoded the List replies" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"encoded the List replies of {n} snapshots stored without one" in d.log()
+        with d.channel() as ch:
+            assert [i.name for i in SnapshotsClient(ch).list()] == [i.name for i in listed]
     finally:
         assert d.stop() == 0
