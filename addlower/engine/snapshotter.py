@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
@@ -101,7 +102,7 @@ class Snapshotter:
         self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
-        self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode), "open the metadata")
+        self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode_field), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
         if not self.reserve.keep():
             log.warning(
@@ -336,17 +337,18 @@ class Snapshotter:
         return measured_usage(self.layout, sid, info, stored)  # outside the lock
 
     def list(self, filters: Sequence[str]) -> Iterator[bytes]:
-        """The encoded Infos of the snapshots matching the filters, by key: the filters are
-        checked now, the store read as the caller iterates (without filters, its stored replies)."""
+        """The snapshots matching the filters, by key, each as an Info field of a reply
+        (wire.encode_field): the filters are checked now, the store read as the caller iterates
+        (without filters, its stored replies)."""
         with self.store.read() as reader:
             rows = (
-                ((sid, wire.encode(info)) for sid, info in matching(reader.walk(), filters))
+                ((sid, wire.encode_field(info)) for sid, info in matching(reader.walk(), filters))
                 if filters
                 else reader.walk_encoded()
             )
         if not self.config.upperdir_label:
-            return (encoded for _, encoded in rows)
-        return (wire.with_label(encoded, UPPERDIR_LABEL, self.layout.upper(sid)) for sid, encoded in rows)
+            return map(itemgetter(1), rows)
+        return (wire.with_label(field, UPPERDIR_LABEL, self.layout.upper(sid)) for sid, field in rows)
 
     def _decorate(self, sid: int, info: Info) -> Info:
         """Add the never-stored upperdir label when asked to: to every kind, as containerd's

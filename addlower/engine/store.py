@@ -112,25 +112,7 @@ _ROWS = f"SELECT {_COLUMNS} FROM snapshots s LEFT JOIN snapshots p ON p.id = s.p
 _BY_KEY = _ROWS + " WHERE s.key = ?"
 _BY_ID = _ROWS + " WHERE s.id = ?"
 _IN_KEY_ORDER = _ROWS + " ORDER BY s.key"
-# Every row's reply by key; the columns of a row without one are read too, NULL for the rest.
-_REPLIES_IN_KEY_ORDER = (
-    "SELECT s.id, s.reply, "
-    + ", ".join(
-        f"CASE WHEN s.reply IS NULL THEN {column} END"
-        for column in (
-            "s.key",
-            "s.kind",
-            "s.parent_id",
-            "(SELECT p.key FROM snapshots p WHERE p.id = s.parent_id)",
-            "s.created_at",
-            "s.updated_at",
-            "s.labels",
-            "s.size",
-            "s.inodes",
-        )
-    )
-    + " FROM snapshots s ORDER BY s.key"
-)
+_REPLIES_IN_KEY_ORDER = "SELECT id, reply FROM snapshots ORDER BY key"
 _CHAIN = (  # the parent ids of a snapshot, nearest first
     "WITH RECURSIVE chain(id, depth) AS ("
     " SELECT parent_id, 1 FROM snapshots WHERE id = ? AND parent_id IS NOT NULL"
@@ -355,11 +337,13 @@ class Reader(_Queries):
                 yield rec.id, rec.info
 
     def walk_encoded(self) -> Iterator[tuple[int, bytes]]:
-        """walk()'s snapshots as their ids and encoded Infos: the stored replies, and the few rows
-        without one encoded now."""
+        """walk()'s snapshots as their ids and stored replies; the few rows without one are
+        encoded now, read on the same connection (so from the same committed state)."""
         with self._pool.lend() as db:
-            for sid, reply, *row in db.execute(_REPLIES_IN_KEY_ORDER):
-                yield sid, reply if reply is not None else self._encode(_record((sid, *row)).info)
+            for sid, reply in db.execute(_REPLIES_IN_KEY_ORDER):
+                if reply is None:
+                    reply = self._encode(_record(db.execute(_BY_ID, (sid,)).fetchone()).info)
+                yield sid, reply
 
 
 class Tx(_Queries):

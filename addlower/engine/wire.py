@@ -47,14 +47,22 @@ def _delimited(tag: bytes, body: bytes) -> bytes:
     return tag + _varint(len(body)) + body
 
 
-def with_label(encoded: bytes, key: str, value: str) -> bytes:
-    """A serialized Info with one more label: a map entry appended (protobuf merges fields in any
-    order), for a label that is never stored."""
-    entry = _delimited(b"\x0a", key.encode()) + _delimited(b"\x12", value.encode())
-    return encoded + _delimited(_LABEL_ENTRY, entry)
-
-
 def info_field(encoded: bytes) -> bytes:
     """A serialized Info as field 1 of a reply: a StatSnapshotResponse, or one Info of a
     ListSnapshotsResponse (whose infos are that field, repeated)."""
     return _delimited(_INFO_FIELD, encoded)
+
+
+def encode_field(info: Info) -> bytes:
+    """An Info as field 1 of a reply: what the store keeps with each row, and a List sends."""
+    return info_field(encode(info))
+
+
+def with_label(field: bytes, key: str, value: str) -> bytes:
+    """An Info field (info_field's) with one more label: a map entry appended to the Info
+    (protobuf merges fields in any order), for a label that is never stored."""
+    start = 2
+    while field[start - 1] & 0x80:  # past the tag and the length's varint
+        start += 1
+    entry = _delimited(b"\x0a", key.encode()) + _delimited(b"\x12", value.encode())
+    return info_field(field[start:] + _delimited(_LABEL_ENTRY, entry))

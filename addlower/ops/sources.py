@@ -234,7 +234,7 @@ def read_only_store(db: Path) -> Iterator[Reader]:
     if not db.is_file():
         raise click.ClickException(f"no metadata at {db}")
     try:
-        store = MetaStore(db, wire.encode, readonly=True)
+        store = MetaStore(db, wire.encode_field, readonly=True)
     except (sqlite3.Error, RuntimeError) as exc:
         raise click.ClickException(f"cannot read {db}: {exc}") from None
     try:

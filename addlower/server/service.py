@@ -48,7 +48,7 @@ class InfoCache:
     def field(self, info: Info) -> bytes:
         data = self._fields.get(info)
         if data is None:
-            data = self._fields[info] = wire.info_field(wire.encode(info))
+            data = self._fields[info] = wire.encode_field(info)
         return data
 
 
@@ -114,7 +114,7 @@ class SnapshotsService:
         """Serialized ListSnapshotsResponses of up to LIST_BATCH infos each, made one batch at a
         time as the transport asks for the next (a bad filter is refused at once)."""
         infos = self.sn.list(list(request.filters))
-        return iter(lambda: b"".join(map(wire.info_field, itertools.islice(infos, LIST_BATCH))), b"")
+        return iter(lambda: b"".join(itertools.islice(infos, LIST_BATCH)), b"")
 
     def Usage(self, request: pb.UsageRequest) -> pb.UsageResponse:
         usage = self.sn.usage(request.key)

@@ -19,7 +19,7 @@ from addlower.engine.store import MetaStore
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = MetaStore(tmp_path / "metadata.db", wire.encode)
+    s = MetaStore(tmp_path / "metadata.db", wire.encode_field)
     yield s
     s.close()
 
@@ -27,7 +27,7 @@ def store(tmp_path: Path):
 def listed(s: MetaStore) -> dict[str, dict[str, str]]:
     with s.read() as reader:
         rows = list(reader.walk_encoded())
-    return {i.name: dict(i.labels) for i in (pb.Info.FromString(encoded) for _, encoded in rows)}
+    return {i.name: dict(i.labels) for i in pb.ListSnapshotsResponse.FromString(b"".join(f for _, f in rows)).info}
 
 
 def test_a_row_read_before_a_commit_is_not_kept_after_it(store: MetaStore):
@@ -85,7 +85,7 @@ def test_a_store_made_before_replies_were_kept_is_read_then_filled(tmp_path: Pat
                 "INSERT INTO snapshots(key, kind, created_at, updated_at, labels) VALUES (?, 3, 1, 1, ?)",
                 (f"s{i}", json.dumps({"i": str(i)})),
             )
-    s = MetaStore(db, wire.encode)
+    s = MetaStore(db, wire.encode_field)
     try:
         assert listed(s) == {f"s{i}": {"i": str(i)} for i in range(3)}
         assert s.fill_replies() == 3 and s.fill_replies() == 0

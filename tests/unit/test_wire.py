@@ -1,4 +1,5 @@
-"""The wire form of an Info: what Stat and List send, and a label added to stored bytes."""
+"""The wire form of an Info: what Stat and List send, and a label added to stored bytes (whose
+length prefix grows from one byte to several as labels grow)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ infos = st.builds(
 
 @given(infos, texts, texts)
 def test_a_label_appended_to_the_encoded_info_is_one_more_label(info: Info, key: str, value: str):
-    decoded = pb.Info.FromString(wire.with_label(wire.encode(info), key, value))
+    decoded = pb.StatSnapshotResponse.FromString(wire.with_label(wire.encode_field(info), key, value)).info
     assert dict(decoded.labels) == {**info.labels, key: value}
     assert (decoded.name, decoded.parent, decoded.kind) == (info.name, info.parent, int(info.kind))
     assert decoded.created_at.ToNanoseconds() == info.created_at
@@ -31,7 +32,7 @@ def test_a_label_appended_to_the_encoded_info_is_one_more_label(info: Info, key:
 
 @given(st.lists(infos, max_size=4))
 def test_info_fields_joined_are_a_list_reply_and_one_is_a_stat_reply(items: list[Info]):
-    fields = [wire.info_field(wire.encode(i)) for i in items]
+    fields = [wire.encode_field(i) for i in items]
     listed = pb.ListSnapshotsResponse.FromString(b"".join(fields))
     assert [i.name for i in listed.info] == [i.name for i in items]
     for info, field in zip(items, fields, strict=True):
