@@ -588,17 +588,23 @@ class Snapshotter:
 
     def report_missing_dirs(self) -> None:
         """Log every snapshot whose directory is gone (a power cut between a rename and the
-        journal's commit): a check of every snapshot, so the daemon runs it once it listens."""
-        with self.store.read() as reader:
-            live = reader.ids()
-        for sid in sorted(live):
-            if not os.path.isdir(self.layout.upper(sid)):
-                log.error(
-                    "snapshot id %d has no directory %s (lost in a power cut?); remove it "
-                    "with ctr snapshots rm and pull its image again",
-                    sid,
-                    self.layout.upper(sid),
-                )
+        journal's commit): a check of every snapshot, so the daemon runs it once it listens, over
+        the ids a page at a time (a store's worth of them is never in memory)."""
+        after = 0
+        while True:
+            with self.store.read() as reader:
+                page = reader.ids_after(after, 1000)
+            if not page:
+                return
+            for sid in page:
+                if not os.path.isdir(self.layout.upper(sid)):
+                    log.error(
+                        "snapshot id %d has no directory %s (lost in a power cut?); remove it "
+                        "with ctr snapshots rm and pull its image again",
+                        sid,
+                        self.layout.upper(sid),
+                    )
+            after = page[-1]
 
     def _set_aside(self, entry: str, again: bool = False, in_place_when_full: bool = False) -> str:
         """Rename snapshots/<entry> to a name no snapshot can take and start-up never restores;

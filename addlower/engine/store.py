@@ -155,10 +155,6 @@ class _Queries:
         with self._conn() as db:
             return tuple(r[0] for r in db.execute(_CHAIN, (sid,)))
 
-    def _ids(self, where: str = "") -> set[int]:
-        with self._conn() as db:
-            return {r[0] for r in db.execute("SELECT id FROM snapshots" + where)}
-
     def info_of(self, sid: int) -> Info | None:
         """The Info of snapshot id `sid`, or None."""
         rec = self._row(_BY_ID, sid)
@@ -170,11 +166,15 @@ class _Queries:
         return Snapshot(sid, rec.info.kind, self._chain(sid), rec.info.labels) if rec is not None else None
 
     def ids(self) -> set[int]:
-        return self._ids()
+        with self._conn() as db:
+            return {r[0] for r in db.execute("SELECT id FROM snapshots")}
 
-    def mountable_ids(self) -> set[int]:
-        """The active and view snapshots': the only ones whose lowers stay pinned."""
-        return self._ids(" WHERE " + _MOUNTABLE)
+    def ids_after(self, after: int, limit: int) -> list[int]:
+        """Up to `limit` ids above `after`, in order: a store's worth of ids a page at a time."""
+        with self._conn() as db:
+            return [
+                r[0] for r in db.execute("SELECT id FROM snapshots WHERE id > ? ORDER BY id LIMIT ?", (after, limit))
+            ]
 
     def is_mountable(self, sid: int) -> bool:
         return self._one(f"SELECT 1 FROM snapshots WHERE id = ? AND {_MOUNTABLE}", (sid,)) is not None
