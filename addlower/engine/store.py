@@ -214,13 +214,18 @@ class _Recent:
                 self.chains.move_to_end(sid)
             return chain, self.version
 
-    def fill(self, seen: int, rec: Record | None = None, chain: tuple[int, ...] | None = None) -> None:
+    def keep_row(self, seen: int, rec: Record) -> None:
+        """Keep a row read after `seen` (the version get() returned before the read)."""
+        self._keep(seen, self.rows, rec.info.name, rec)
+
+    def keep_chain(self, seen: int, sid: int, chain: tuple[int, ...]) -> None:
+        """Keep a parent chain read after `seen` (the version chain() returned before the read)."""
+        self._keep(seen, self.chains, sid, chain)
+
+    def _keep(self, seen: int, entries: OrderedDict[Any, Any], key: Any, value: Any) -> None:
         with self.lock:
             if seen == self.version:
-                if rec is not None:
-                    _bounded_put(self.rows, rec.info.name, rec)
-                if chain is not None and rec is not None:
-                    _bounded_put(self.chains, rec.id, chain)
+                _bounded_put(entries, key, value)
 
     def publish(self, changes: Sequence[_Change]) -> None:
         with self.lock:
@@ -299,7 +304,7 @@ class Reader(_Queries):
         if rec is None:
             rec = self._row(_BY_KEY, key)
             if rec is not None:
-                self._recent.fill(seen, rec)
+                self._recent.keep_row(seen, rec)
         return rec
 
     def get_info(self, key: str) -> tuple[int, Info, Usage]:
@@ -324,7 +329,7 @@ class Reader(_Queries):
         chain, seen = self._recent.chain(rec.id)
         if chain is None:
             chain = self._chain(rec.id)
-            self._recent.fill(seen, rec, chain)
+            self._recent.keep_chain(seen, rec.id, chain)
         return Snapshot(rec.id, kind, chain, rec.info.labels)
 
     def walk(self) -> Iterator[tuple[int, Info]]:

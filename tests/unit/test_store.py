@@ -40,7 +40,32 @@ def test_a_row_read_before_a_commit_is_not_kept_after_it(store: MetaStore):
         old = reader._row(store_module._BY_KEY, "k")
     with store.transaction() as tx:
         tx.update_info("k", {"v": "2"}, [])
-    store._recent.fill(seen, old)
+    store._recent.keep_row(seen, old)
+    with store.read() as reader:
+        assert reader.find("k").labels == {"v": "2"}  # type: ignore[union-attr]
+
+
+def test_a_row_read_before_a_commit_is_not_kept_with_its_parent_chain(store: MetaStore, monkeypatch):
+    """A Mounts' lookup reads the row, then the parent chain: a change published in between may
+    not be undone by keeping the chain (the chain is kept alone, with its own look at the version)."""
+    with store.transaction() as tx:
+        tx.create(Kind.COMMITTED, "base", "", {})
+        tx.create(Kind.ACTIVE, "k", "base", {"v": "1"})
+    store._recent.rows.clear()
+    store._recent.chains.clear()
+    read_row = store_module.Reader._row
+
+    def row_then_a_commit(reader, sql, arg):
+        rec = read_row(reader, sql, arg)
+        if arg == "k":
+            with store.transaction() as tx:
+                tx.update_info("k", {"v": "2"}, [])
+        return rec
+
+    monkeypatch.setattr(store_module.Reader, "_row", row_then_a_commit)
+    with store.read() as reader:
+        assert reader.get_snapshot("k").parent_ids == (1,)
+    monkeypatch.undo()
     with store.read() as reader:
         assert reader.find("k").labels == {"v": "2"}  # type: ignore[union-attr]
 
