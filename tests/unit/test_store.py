@@ -38,6 +38,7 @@ def test_a_row_read_before_a_commit_is_not_kept_after_it(store: MetaStore):
     _, seen = store._recent.get("k")
     with store.read() as reader:
         old = reader._row(store_module._BY_KEY, "k")
+    assert old is not None
     with store.transaction() as tx:
         tx.update_info("k", {"v": "2"}, [])
     store._recent.keep_row(seen, old)
