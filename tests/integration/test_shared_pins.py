@@ -29,6 +29,14 @@ def pin_mounts(root: Path) -> list[str]:
     return [m for m in fsutil.mount_points() if m.startswith(f"{root}/lowers/")]
 
 
+def a_cache(tmp_path: Path, name: str, text: str) -> tuple[Path, list[str]]:
+    """host/cache holding one file `name`, and daemon arguments allowing host."""
+    cache = tmp_path / "host" / "cache"
+    cache.mkdir(parents=True)
+    (cache / name).write_text(text)
+    return cache, allowing(tmp_path / "c.toml", cache.parent)
+
+
 def test_containers_sharing_dirs_share_their_pins(tmp_path: Path):
     caches = [tmp_path / "host" / name for name in ("m2", "npm", "pip")]
     for cache in caches:
@@ -53,12 +61,8 @@ def test_containers_sharing_dirs_share_their_pins(tmp_path: Path):
 
 
 def test_shared_pins_survive_a_kill_and_go_with_their_last_user(tmp_path: Path):
-    host = tmp_path / "host"
-    cache = host / "cache"
-    cache.mkdir(parents=True)
-    (cache / "dep.jar").write_text("v1\n")
-    root = tmp_path / "root"
-    args = allowing(tmp_path / "c.toml", host)
+    cache, args = a_cache(tmp_path, "dep.jar", "v1\n")
+    host, root = cache.parent, tmp_path / "root"
     d = Daemon(root=root, args=args).start()
     with d.channel() as ch:
         client = SnapshotsClient(ch)
@@ -92,12 +96,9 @@ def test_shared_pins_survive_a_kill_and_go_with_their_last_user(tmp_path: Path):
 
 
 def test_a_swapped_dir_never_reaches_a_new_container_through_the_old_pin(tmp_path: Path):
-    host = tmp_path / "host"
-    cache = host / "cache"
-    cache.mkdir(parents=True)
-    (cache / "which").write_text("old\n")
-    root = tmp_path / "root"
-    d = Daemon(root=root, args=allowing(tmp_path / "c.toml", host)).start()
+    cache, args = a_cache(tmp_path, "which", "old\n")
+    host, root = cache.parent, tmp_path / "root"
+    d = Daemon(root=root, args=args).start()
     try:
         with d.channel() as ch:
             client = SnapshotsClient(ch)
@@ -124,12 +125,8 @@ def test_a_swapped_dir_never_reaches_a_new_container_through_the_old_pin(tmp_pat
 def test_pins_of_the_older_layout_are_replaced_at_the_next_mounts_and_go_with_their_snapshot(tmp_path: Path):
     """Before pins were shared, each snapshot had its own at lowers/<id>/<n>: an upgraded daemon
     leaves them to containers that may still mount them, and replaces them as snapshots come back."""
-    host = tmp_path / "host"
-    cache = host / "cache"
-    cache.mkdir(parents=True)
-    (cache / "dep.jar").write_text("v1\n")
+    cache, args = a_cache(tmp_path, "dep.jar", "v1\n")
     root = tmp_path / "root"
-    args = allowing(tmp_path / "c.toml", host)
     d = Daemon(root=root, args=args).start()
     with d.channel() as ch:
         for key in ("a", "b"):
