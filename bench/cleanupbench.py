@@ -246,13 +246,6 @@ def render(
     return "\n".join(lines)
 
 
-def build_go(go_bin: Path) -> None:
-    """The Go original, with the peers' build script (Debian's Go packages, offline)."""
-    script = perfbench.GO_BUILD.split()[-1]
-    log(f"building the Go original into {go_bin} ({perfbench.GO_BUILD}) ...")
-    subprocess.run(["bash", script, "", str(go_bin)], check=True)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1000 extra mounts (about 10 s)")
@@ -268,13 +261,7 @@ def main() -> int:
     parser.add_argument(
         "--ours-sync", action="store_true", help="also ours with --async-remove=false (the Removes delete, like go's)"
     )
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
-    parser.add_argument(
-        "--go-bin",
-        type=Path,
-        default=perfbench.GO_BIN,
-        help=f"the original Go program (default {perfbench.GO_BIN}; built with {perfbench.GO_BUILD} if missing)",
-    )
+    perfbench.add_output_args(parser, f"built with {perfbench.GO_BUILD} if missing")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, mkfs)")
@@ -298,7 +285,7 @@ def main() -> int:
         targets.append(Target("ours-sync", (sys.executable, "-m", "addlower.cli", SYNC_REMOVE)))
     if not args.no_go:
         if not args.go_bin.exists():
-            build_go(args.go_bin)
+            perfbench.build_go(args.go_bin)
         go = (str(args.go_bin.resolve()), SYNC_REMOVE)
         targets += [Target("go", go), Target("go'", go)]
     began = time.monotonic()

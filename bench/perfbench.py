@@ -725,15 +725,27 @@ def finish(env: dict, began: float, text: list[str], out: dict, json_path: Path 
     return 0
 
 
+def add_output_args(parser: argparse.ArgumentParser, build_note: str) -> None:
+    """--json and --go-bin, as every bench against the Go original takes them."""
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
+    parser.add_argument(
+        "--go-bin", type=Path, default=GO_BIN, help=f"the original Go program (default {GO_BIN}; {build_note})"
+    )
+
+
+def build_go(go_bin: Path) -> None:
+    """The Go original, with the peers' build script (Debian's Go packages, offline)."""
+    script = GO_BUILD.split()[-1]
+    log(f"building the Go original into {go_bin} ({GO_BUILD}) ...")
+    subprocess.run(["bash", script, "", str(go_bin)], check=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds, a tenth of the calls (about 4 min)")
     parser.add_argument("--only", choices=("per-op", "e2e"), help="run one part only")
     parser.add_argument("--rounds", type=int, help="rounds (default 5, --quick 2)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
-    parser.add_argument(
-        "--go-bin", type=Path, default=GO_BIN, help=f"the original Go program (default {GO_BIN}; build: {GO_BUILD})"
-    )
+    add_output_args(parser, f"build: {GO_BUILD}")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, mkfs, containerd)")

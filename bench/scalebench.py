@@ -575,12 +575,6 @@ def render_startup(samples: Samples, plan: Plan, names: Sequence[str], fills: di
 # --- the run ------------------------------------------------------------------------------------
 
 
-def build_go(go_bin: Path) -> None:
-    script = perfbench.GO_BUILD.split()[-1]
-    log(f"building the Go original into {go_bin} ({perfbench.GO_BUILD}) ...")
-    subprocess.run(["bash", script, "", str(go_bin)], check=True)
-
-
 def environment() -> dict[str, str]:
     return {
         "python": platform.python_version(),
@@ -597,13 +591,7 @@ def main() -> int:
     parser.add_argument("--only", choices=("pins", "startup"), help="run one part only")
     parser.add_argument("--rounds", type=int, help="rounds (default 9, --quick 2)")
     parser.add_argument("--containers", type=int, help="part 1's containers (default 1000, --quick 300)")
-    parser.add_argument("--json", type=Path, metavar="OUT", help="also write samples and summaries as JSON")
-    parser.add_argument(
-        "--go-bin",
-        type=Path,
-        default=perfbench.GO_BIN,
-        help=f"the original Go program (default {perfbench.GO_BIN}; built with {perfbench.GO_BUILD} if missing)",
-    )
+    perfbench.add_output_args(parser, f"built with {perfbench.GO_BUILD} if missing")
     args = parser.parse_args()
     if os.geteuid() != 0:
         parser.error("needs root (mount, mkfs)")
@@ -613,7 +601,7 @@ def main() -> int:
     if plan.rounds < 1 or plan.containers < 10:
         parser.error("need rounds >= 1, containers >= 10")
     if not args.go_bin.exists():
-        build_go(args.go_bin)
+        perfbench.build_go(args.go_bin)
     # SIGTERM unwinds like Ctrl-C: daemons stopped, pins and filesystems unmounted.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     # The daemon (python -m addlower.cli) must be this checkout's, whatever else is installed.
