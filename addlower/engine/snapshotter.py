@@ -301,12 +301,13 @@ class Snapshotter:
         # A parentless snapshot is compared with a parentless view of ours (an empty one).
         view = self.layout.sid_of_upper(base[1][0]) if len(base[1]) == 1 else None
         with self.store.read() as reader:
-            info, snap = reader.info_of(sid), reader.snapshot_of(sid)
-            seen = reader.snapshot_of(view) if view is not None else None
-        if info is None or snap is None or snap.kind != Kind.ACTIVE:
+            found = reader.with_parents(sid)
+            seen = reader.with_parents(view) if view is not None else None
+        if found is None or found[0].kind != Kind.ACTIVE:
             return None
-        parents = [self.layout.upper(p) for p in snap.parent_ids]
-        parentless_view = seen is not None and not seen.parent_ids
+        info, parent_ids = found
+        parents = [self.layout.upper(p) for p in parent_ids]
+        parentless_view = seen is not None and not seen[1]
         if base[1] != parents and (parents or not parentless_view):
             return None
         return Layers(os.fsencode(self.layout.upper(sid)), tuple(os.fsencode(d) for d in base[1])), info.name

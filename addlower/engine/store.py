@@ -160,10 +160,10 @@ class _Queries:
         rec = self._row(_BY_ID, sid)
         return rec.info if rec is not None else None
 
-    def snapshot_of(self, sid: int) -> Snapshot | None:
-        """The snapshot with id `sid`, any kind, or None."""
+    def with_parents(self, sid: int) -> tuple[Info, tuple[int, ...]] | None:
+        """The Info of snapshot id `sid`, any kind, and its parent ids (nearest first), or None."""
         rec = self._row(_BY_ID, sid)
-        return Snapshot(sid, rec.info.kind, self._chain(sid), rec.info.labels) if rec is not None else None
+        return (rec.info, self._chain(sid)) if rec is not None else None
 
     def ids(self) -> set[int]:
         with self._conn() as db:
