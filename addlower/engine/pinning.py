@@ -96,13 +96,16 @@ _libc.syscall.restype = ctypes.c_long
 _openat2_works = [True]  # False once the kernel said ENOSYS (before 5.6)
 
 
+_HOW = _OpenHow(_O_WALK, 0, RESOLVE_NO_SYMLINKS)  # read only, shared by every thread
+_HOW_REF, _HOW_SIZE = ctypes.byref(_HOW), ctypes.sizeof(_HOW)
+
+
 def _resolve(path: str) -> int | None:
     """An O_PATH fd of `path` in one syscall that refuses a symlink in any component; None when
     that fails for any reason (the walk then says why, or makes what is missing)."""
     if not _openat2_works[0]:
         return None
-    how = _OpenHow(_O_WALK, 0, RESOLVE_NO_SYMLINKS)
-    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), ctypes.byref(how), ctypes.sizeof(how))
+    fd = _libc.syscall(SYS_OPENAT2, AT_FDCWD, path.encode(), _HOW_REF, _HOW_SIZE)
     if fd >= 0:
         return int(fd)
     if ctypes.get_errno() == errno.ENOSYS:
@@ -160,10 +163,11 @@ def probe(lower: Lower, what: str) -> bool:
 
 @dataclass
 class Opened:
-    """The fds of a request's entries, in order; closed when done with."""
+    """The fds of a request's entries, in order, and what each is (its fstat); closed when done with."""
 
     lowers: tuple[Lower, ...]
     fds: list[int] = field(default_factory=list)
+    identities: list[os.stat_result] = field(default_factory=list)
 
     def close(self) -> None:
         for fd in self.fds:
@@ -196,6 +200,8 @@ class Pins:
         self._users: dict[str, set[int]] = {}  # pin -> the snapshots whose records name it
         self._targets: dict[int, int] = {}  # snapshot id -> its target mounts
         self._recorded: set[int] = set()  # snapshots with a records dir (with or without pins)
+        self._checked: set[str] = set()  # pins in use that this process mounted or saw mounted
+        self._made_for: dict[int, tuple[Lower, ...]] = {}  # snapshot id -> the entries its pins were opened for
 
     @property
     def host_mounts(self) -> int:
@@ -280,13 +286,14 @@ class Pins:
                         extra=fields(key=key, entry=lower.shown),
                     )
             fds = [fd for fd in found if fd is not None]
-            Pins._refuse_repeats(lowers, fds, what)
+            identities = [os.fstat(fd) for fd in fds]
+            Pins._refuse_repeats(lowers, identities, what)
         except BaseException:
             for fd in found:
                 if fd is not None:
                     os.close(fd)
             raise
-        return Opened(tuple(lowers), fds)
+        return Opened(tuple(lowers), fds, identities)
 
     def attach(self, sid: int, opened: Opened, what: str, budget: int) -> tuple[str, ...]:
         """Pin the opened dirs for snapshot `sid`, sharing the pins other snapshots hold, and
@@ -294,13 +301,17 @@ class Pins:
         else uses them. Refused when the node's host mounts for lowers would exceed `budget`."""
         if not opened.fds and sid not in self._recorded:
             return ()
-        identities = [os.fstat(fd) for fd in opened.fds]
+        identities = opened.identities
         wanted = tuple(f"{st.st_dev}-{st.st_ino}" for st in identities)
+        targets = opened.targets
         with self._lock:
             had = self._held.get(sid, ())
+            if had == wanted and self._targets.get(sid) == targets and self._checked.issuperset(wanted):
+                # The dirs its records name, in pins this process mounted: nothing to make or record.
+                self._made_for[sid] = opened.lowers
+                return tuple(self.path(pin) for pin in wanted)
             new = {pin for pin in wanted if pin not in self._users}
             freed = {pin for pin in had if pin not in wanted and self._users[pin] == {sid}}
-            targets = opened.targets
             now = self.host_mounts
             after = now + len(new) - len(freed) + targets - self._targets.get(sid, 0)
             if after > now and after > budget:
@@ -323,14 +334,24 @@ class Pins:
             self._targets[sid] = targets
             if not wanted:
                 self._release(sid)
+            else:
+                self._made_for[sid] = opened.lowers
             return tuple(self.path(pin) for pin in wanted)
 
+    def reusable(self, sid: int, lowers: tuple[Lower, ...]) -> tuple[str, ...] | None:
+        """The paths of snapshot `sid`'s pins when this process made or checked them for exactly
+        `lowers` (so they hold the dirs those entries named then); else None."""
+        with self._lock:
+            held = self._held.get(sid)
+            if held is None or self._made_for.get(sid) != lowers or not self._checked.issuperset(held):
+                return None
+            return tuple(self.path(pin) for pin in held)
+
     @staticmethod
-    def _refuse_repeats(lowers: Sequence[Lower], fds: Sequence[int], what: str) -> None:
+    def _refuse_repeats(lowers: Sequence[Lower], identities: Sequence[os.stat_result], what: str) -> None:
         """The same dir twice under one target: overlayfs would refuse the mount (ELOOP)."""
         seen: dict[tuple[str, int, int], str] = {}
-        for lower, fd in zip(lowers, fds, strict=True):
-            st = os.fstat(fd)
+        for lower, st in zip(lowers, identities, strict=True):
             key = (lower.target, st.st_dev, st.st_ino)
             if key in seen:
                 raise InvalidArgument(f"{what} {lower.shown}: the same dir as {seen[key]}, twice at {lower.target}")
@@ -349,9 +370,11 @@ class Pins:
             self._unmount_all(path)
             _mount(f"/proc/self/fd/{fd}", path, MS_BIND)
         elif os.statvfs(path).f_flag & os.ST_RDONLY:
+            self._checked.add(pin)
             return
         # Read-only in place: a pin others use never shows its empty mountpoint meanwhile.
         _mount(None, path, MS_REMOUNT | MS_BIND | MS_RDONLY)
+        self._checked.add(pin)
 
     def _record(self, sid: int, had: tuple[str, ...], wanted: tuple[str, ...]) -> None:
         """Make snapshot `sid`'s records name `wanted` (each replaced in one rename)."""
@@ -380,6 +403,7 @@ class Pins:
             users.discard(sid)
             if not users and pin not in wanted:
                 del self._users[pin]
+                self._checked.discard(pin)
                 self._remove_pin(self.path(pin))
         for pin in wanted:
             self._users.setdefault(pin, set()).add(sid)
@@ -387,6 +411,7 @@ class Pins:
             self._held[sid] = wanted
         else:
             self._held.pop(sid, None)
+            self._made_for.pop(sid, None)
 
     def release(self, sid: int) -> None:
         """Drop snapshot `sid`'s records, and the pins nobody else uses, if it has any."""

@@ -29,6 +29,10 @@ LABEL_SOURCE = f"label {EXTRA_LOWERS_LABEL}"
 
 T = TypeVar("T")
 
+# Accepted label values a policy keeps parsed: a container's every Mounts checks the same value
+# again, and parsing it costs more than the rest of the call. Beyond this, it starts over.
+MAX_PARSED = 1024
+
 
 @dataclass(frozen=True)
 class Request:
@@ -48,6 +52,9 @@ class Policy:
 
     lowers: LowerPolicy  # containerd clients' labels
     kubernetes: KubernetesConfig  # pods' roots, by namespace
+    # (whose policy: False for the label users', else (True, a pods' namespace or None), value,
+    # source) -> its entries; kept with the policy, so a reload drops them with it.
+    _parsed: dict[tuple[object, str, str], tuple[Lower, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, root: str, config: Config) -> Policy:
@@ -55,6 +62,26 @@ class Policy:
 
     def for_pods(self, namespace: str | None) -> LowerPolicy:
         return self.kubernetes.policy(self.lowers.root, self.lowers.named, namespace)
+
+    def parse(self, value: str, source: str) -> tuple[Lower, ...]:
+        """The entries of `value` that the label users' policy allows (parse_lowers, remembered)."""
+        return self._remembered(False, value, source, lambda: self.lowers)
+
+    def parse_for_pods(self, namespace: str | None, value: str, source: str) -> tuple[Lower, ...]:
+        """The entries of `value` that pods of `namespace` may use (None: some pod may)."""
+        return self._remembered((True, namespace), value, source, lambda: self.for_pods(namespace))
+
+    def _remembered(
+        self, whose: object, value: str, source: str, policy: Callable[[], LowerPolicy]
+    ) -> tuple[Lower, ...]:
+        key = (whose, value, source)
+        lowers = self._parsed.get(key)
+        if lowers is None:
+            lowers = parse_lowers(value, policy(), source)  # a refusal raises, and is not kept
+            if len(self._parsed) >= MAX_PARSED:
+                self._parsed.clear()
+            self._parsed[key] = lowers
+        return lowers
 
 
 def counted(source: str, check: Callable[[], T], **context: str) -> T:
@@ -93,46 +120,69 @@ class Resolver:
     def _created(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
         value = labels.get(EXTRA_LOWERS_LABEL, "")
         if not self.held_for_pods(key):
-            return parse_lowers(value, self.policy.lowers, LABEL_SOURCE)
+            return self.policy.parse(value, LABEL_SOURCE)
         if value and kind != Kind.ACTIVE:
             raise InvalidArgument(
                 f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
                 "have extra lowers; only pods' containers can"
             )
-        parse_lowers(value, self.policy.for_pods(None), LABEL_SOURCE)  # fails early what no pod may use
+        self.policy.parse_for_pods(None, value, LABEL_SOURCE)  # fails early what no pod may use
         return ()
 
     def check_update(self, key: str, labels: Mapping[str, str]) -> None:
         """A new lowers value in a label update, checked now (against the pods' policy in the CRI
         namespace); it is pinned at the next Mounts."""
         if EXTRA_LOWERS_LABEL in labels:
-            policy = self.policy.for_pods(None) if self.held_for_pods(key) else self.policy.lowers
-            counted("label", lambda: parse_lowers(labels[EXTRA_LOWERS_LABEL], policy, LABEL_SOURCE), key=key)
+            value, policy = labels[EXTRA_LOWERS_LABEL], self.policy
+            if self.held_for_pods(key):
+                counted("label", lambda: policy.parse_for_pods(None, value, LABEL_SOURCE), key=key)
+            else:
+                counted("label", lambda: policy.parse(value, LABEL_SOURCE), key=key)
 
     def for_mounts(self, key: str, labels: Mapping[str, str]) -> Request:
         """The lowers a Mounts of `key` (whose labels are `labels`) gets, checked again."""
-        if self.held_for_pods(key):
+        stored = self._stored(key, labels)
+        if stored is None:
             return self._pod_lowers(key, labels)
-        value = labels.get(EXTRA_LOWERS_LABEL, "")
-        return Request(counted("label", lambda: parse_lowers(value, self.policy.lowers, LABEL_SOURCE), key=key))
+        source, who, parse = stored
+        return Request(counted("label", parse, key=key, **who), source, pod=who)
+
+    def allowed_quietly(self, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...] | None:
+        """The entries for_mounts answers when it needs no lookup and refuses nothing (else None,
+        with nothing counted or logged: the call itself will be)."""
+        stored = self._stored(key, labels)
+        if stored is None:
+            return None
+        try:
+            return stored[2]()
+        except InvalidArgument:
+            return None
+
+    def _stored(
+        self, key: str, labels: Mapping[str, str]
+    ) -> tuple[str, dict[str, str], Callable[[], tuple[Lower, ...]]] | None:
+        """How the label's lowers are checked when the labels hold all it takes (a containerd
+        client's, or a pod's container whose pod is recorded): (source, the pod's fields, the
+        check); None when the pod is still to be found."""
+        value, policy = labels.get(EXTRA_LOWERS_LABEL, ""), self.policy
+        if not self.held_for_pods(key):
+            return LABEL_SOURCE, {}, lambda: policy.parse(value, LABEL_SOURCE)
+        recorded = labels.get(POD_LABEL)
+        if recorded is None:
+            return None
+        source = f"pod {recorded}: {LABEL_SOURCE}"
+        namespace, _, pod = recorded.partition("/")
+        return source, {"namespace": namespace, "pod": pod}, lambda: policy.parse_for_pods(namespace, value, source)
 
     def _pod_lowers(self, key: str, labels: Mapping[str, str]) -> Request:
-        """A CRI-namespace snapshot's lowers: held to its pod's namespace, found through containerd
-        until POD_LABEL records it; none while no pod is known."""
+        """A CRI-namespace snapshot's lowers, its pod not recorded yet: held to its pod's
+        namespace, found through containerd; none while no pod is known."""
         assert self.pods is not None
         label = labels.get(EXTRA_LOWERS_LABEL)
-        recorded = labels.get(POD_LABEL)
-        if recorded is not None:
-            source = f"pod {recorded}: {LABEL_SOURCE}"
-            namespace, _, pod = recorded.partition("/")
-            policy = self.policy.for_pods(namespace)
-            who = {"namespace": namespace, "pod": pod}
-            lowers = counted("label", lambda: parse_lowers(label or "", policy, source), key=key, **who)
-            return Request(lowers, source, pod=who)
         found = self.pods.find(key)
         if found is Lookup.NOT_A_POD:  # a containerd client's own container: the label's policy
-            own = self.policy.lowers
-            return Request(counted("label", lambda: parse_lowers(label or "", own, LABEL_SOURCE), key=key))
+            own = self.policy
+            return Request(counted("label", lambda: own.parse(label or "", LABEL_SOURCE), key=key))
         if isinstance(found, Lookup):
             return Request()
         if label is not None:

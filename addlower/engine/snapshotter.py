@@ -72,6 +72,14 @@ def live_usage(layout: Layout, sid: int) -> Usage:
     return Usage(usage.size + extra.size, usage.inodes + extra.inodes)
 
 
+class _Planned(threading.local):
+    """The mounts mounts_work computed for a Mounts it placed on the loop, for that call alone:
+    the loop runs the call right after placing it, so what was decided is what runs."""
+
+    key: str | None = None
+    mounts: list[Mount] = []  # noqa: RUF012 (replaced, never changed in place)
+
+
 class Snapshotter:
     """containerd's overlayfs snapshotter semantics over a root directory."""
 
@@ -100,6 +108,7 @@ class Snapshotter:
         self.overlay_options = fsutil.overlay_options(config.mount_options)
         self._cleaning = threading.Lock()
         self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
+        self._planned = _Planned()
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode_field), "open the metadata")
@@ -125,14 +134,37 @@ class Snapshotter:
         return bool(labels.get(EXTRA_LOWERS_LABEL)) and not self.resolver.held_for_pods(key)
 
     def mounts_work(self, key: str) -> tuple[bool, bool]:
-        """(walks host dirs, may ask containerd) for a Mounts of `key`, from what the store holds."""
+        """(walks host dirs, may ask containerd) for a Mounts of `key`, from what the store holds.
+        A snapshot whose pins were made, by this process, for exactly the entries the policy
+        allows it now walks nothing: its mounts are computed here and the call, placed on the
+        loop by this answer, returns them (planned for the calling thread alone)."""
+        self._planned.key = None
         with self.store.read() as reader:
             info = reader.find(key)
-        if info is None:
-            return False, False
-        if self.resolver.held_for_pods(key):
-            return True, POD_LABEL not in info.labels
-        return bool(info.labels.get(EXTRA_LOWERS_LABEL)), False
+            if info is None:
+                return False, False
+            if self.resolver.held_for_pods(key) and POD_LABEL not in info.labels:
+                return True, True
+            if not info.labels.get(EXTRA_LOWERS_LABEL):
+                return self.resolver.held_for_pods(key), False
+            if info.kind not in (Kind.ACTIVE, Kind.VIEW):
+                return True, False  # the call says why not
+            snap = reader.get_snapshot(key)
+        mounts = self._reused_mounts(key, snap)
+        if mounts is None:
+            return True, False
+        self._planned.key, self._planned.mounts = key, mounts
+        return False, False
+
+    def _reused_mounts(self, key: str, snap: Snapshot) -> list[Mount] | None:
+        """The mounts of `snap` through the pins it holds, when they were made for exactly the
+        entries its label asks for and the policy still allows them; else None. Race-free
+        without touching a host path: a pin is a mount under the daemon's 0700 root that holds
+        the very dir an earlier openat2(RESOLVE_NO_SYMLINKS) of that entry found (so it cannot
+        be swapped), and a dir swapped at the entry's path later is for new containers only."""
+        lowers = self.resolver.allowed_quietly(key, snap.labels)
+        pins = self.pins.reusable(snap.id, lowers) if lowers else None
+        return self._compute(snap, lowers, pins) if lowers and pins is not None else None
 
     def walks_upper(self, key: str) -> bool:
         """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
@@ -223,30 +255,37 @@ class Snapshotter:
 
     def _mounts(self, snap: Snapshot, opened: Opened, source: str) -> list[Mount]:
         """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer has."""
-        lowers = opened.lowers
         pins = self.pins.attach(snap.id, opened, f"{source}: entry", self.config.max_host_mounts)
         try:
-            at_root = [pin for pin, lower in zip(pins, lowers, strict=True) if lower.target == ROOT_TARGET]
-            targets: dict[str, list[str]] = {}
-            for pin, lower in zip(pins, lowers, strict=True):
-                if lower.target != ROOT_TARGET:
-                    targets.setdefault(lower.target, []).append(pin)
-            self._make_target_dirs(snap, targets)
-            mounts = compute_mounts(
-                self.layout,
-                snap.kind,
-                snap.id,
-                snap.parent_ids,
-                self.overlay_options,
-                at_root,
-                list(targets.items()),
-                self.config.parallel_unpack,
-            )
-            if pins:
-                check_mount_limits(mounts, source)
+            return self._compute(snap, opened.lowers, pins, source)
         except BaseException:
             self.pins.release(snap.id)
             raise
+
+    def _compute(
+        self, snap: Snapshot, lowers: Sequence[Lower], pins: Sequence[str], source: str | None = None
+    ) -> list[Mount]:
+        """The mounts of `snap` with `lowers` at `pins`; with a `source`, the target dirs are made
+        and the kernel's limits checked (both hold for pins reused as they were made)."""
+        at_root = [pin for pin, lower in zip(pins, lowers, strict=True) if lower.target == ROOT_TARGET]
+        targets: dict[str, list[str]] = {}
+        for pin, lower in zip(pins, lowers, strict=True):
+            if lower.target != ROOT_TARGET:
+                targets.setdefault(lower.target, []).append(pin)
+        if source is not None:
+            self._make_target_dirs(snap, targets)
+        mounts = compute_mounts(
+            self.layout,
+            snap.kind,
+            snap.id,
+            snap.parent_ids,
+            self.overlay_options,
+            at_root,
+            list(targets.items()),
+            self.config.parallel_unpack,
+        )
+        if pins and source is not None:
+            check_mount_limits(mounts, source)
         return mounts
 
     def _make_target_dirs(self, snap: Snapshot, targets: Mapping[str, Sequence[str]]) -> None:
@@ -264,6 +303,9 @@ class Snapshotter:
     def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active or view snapshot. Checks its lowers again each time (the policy
         or the host may have changed) and, for a pod's container, records what it got."""
+        planned, self._planned.key = self._planned.key, None
+        if planned == key:  # this thread's mounts_work computed them just now
+            return self._planned.mounts
         with self.store.read() as reader:
             snap = reader.get_snapshot(key)
         request = self.resolver.for_mounts(key, snap.labels)

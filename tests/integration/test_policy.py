@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import struct
@@ -387,15 +388,28 @@ def test_the_same_dir_twice_at_one_place_is_refused_before_the_mount_would_fail(
     assert "the same dir as" in err.details()
 
 
-def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(daemon: Daemon, client: SnapshotsClient, tmp_path: Path):
-    cache = tmp_path / "cache"
+def test_a_pin_left_writable_by_a_kill_is_made_read_only_again(tmp_path: Path):
+    """A kill between a pin's bind mount and its read-only remount: the next daemon checks the
+    pins it finds before it hands them out again."""
+    cache, root = tmp_path / "cache", tmp_path / "root"
     cache.mkdir()
-    [m] = client.prepare("c", labels={LOWERS: str(cache)})
+    args = allowing(tmp_path / "c.toml", cache)
+    d = Daemon(root=root, args=args).start()
+    with d.channel() as ch:
+        [m] = SnapshotsClient(ch).prepare("c", labels={LOWERS: str(cache)})
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)  # not d.kill(): the harness would unmount the pins
+    d.proc.wait()
     pin = next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
     subprocess.run(["mount", "-o", "remount,bind,rw", str(pin)], check=True)
     assert not os.statvfs(pin).f_flag & os.ST_RDONLY
-    client.mounts("c")
-    assert os.statvfs(pin).f_flag & os.ST_RDONLY
+    d = Daemon(root=root, args=args).start()
+    try:
+        with d.channel() as ch:
+            SnapshotsClient(ch).mounts("c")
+        assert os.statvfs(pin).f_flag & os.ST_RDONLY
+    finally:
+        d.kill()
 
 
 class HungFuse:
