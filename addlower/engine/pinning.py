@@ -16,7 +16,8 @@ A pin is a read-only bind mount of the fd (through /proc/self/fd/N) at
 very dir, so the node's mount table grows with the distinct dirs, not with containers times
 lowers. The name is the dir's identity, and the pin holds that inode, so its number cannot be
 reused while pinned: a dir swapped after a pin was made has another name and gets its own pin
-for new containers, and a pin whose mount shows the inode its name says still holds the checked
+for new containers (a snapshot keeps the pins it was given while its entries and the policy stay),
+and a pin whose mount shows the inode its name says still holds the checked
 dir. Which pins a snapshot uses is recorded as symlinks <root>/lowers/<snapshot id>/<n> naming
 them (read back at start-up; the kernel never follows them): a pin is made before a record names
 it, and goes after the last record naming it went, so a kill at any point leaves at worst a pin
