@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from addlower.core.caches import CachePolicy, policy_of
 from addlower.core.errors import InvalidArgument
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS, NAMESPACE, ROOT_TARGET, LowerPolicy, NamedLower
 from addlower.core.pods import KubernetesConfig
@@ -151,22 +152,43 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_typed(f"{key}[{i}]", item, str) for i, item in enumerate(_typed(key, value, list)))
 
 
+_CACHE_KEYS = ("promote", "promote_namespaces", "max_generations", "max_bytes", "seed")
+
+
 def _named_lower(key: str, value: Any) -> NamedLower:
-    """A named lower: a path, or a table {path = "...", namespaces = [...], target = "...", create = true}."""
+    """A named lower: a path, or a table {path = "...", namespaces = [...], target = "...",
+    create = true}; or a managed cache, {cache = true, target = "...", promote = ..., ...}."""
     if isinstance(value, str):
         return NamedLower(value)
     table = _typed(key, value, dict)
+    cache = _typed(f"{key}.cache", table.get("cache", False), bool)
     for k in table:
-        if k not in ("path", "namespaces", "target", "create"):
-            raise ConfigError(f"{key}.{k}: unknown key")
-    if "path" not in table:
-        raise ConfigError(f"{key}: a table needs a path")
+        if k not in ("path", "namespaces", "target", "create", "cache", *(_CACHE_KEYS if cache else ())):
+            hint = " (a key of caches: cache = true)" if k in _CACHE_KEYS else ""
+            raise ConfigError(f"{key}.{k}: unknown key{hint}")
     namespaces = _strings(f"{key}.namespaces", table["namespaces"]) if "namespaces" in table else None
     for ns in namespaces or ():
         _check_namespace(f"{key}.namespaces", ns)
     target = _typed(f"{key}.target", table.get("target", ROOT_TARGET), str)
+    if cache:
+        return NamedLower("", namespaces, target, cache=_cache(key, table))
+    if "path" not in table:
+        raise ConfigError(f"{key}: a table needs a path (or cache = true)")
     create = _typed(f"{key}.create", table.get("create", False), bool)
     return NamedLower(_typed(f"{key}.path", table["path"], str), namespaces, target, create)
+
+
+def _cache(key: str, table: Mapping[str, Any]) -> CachePolicy:
+    for k in ("path", "create"):
+        if k in table:
+            raise ConfigError(f"{key}.{k}: a cache's contents live under the snapshotter's root (seed copies a dir in)")
+    promoters = _strings(f"{key}.promote_namespaces", table.get("promote_namespaces", []))
+    for ns in promoters:
+        _check_namespace(f"{key}.promote_namespaces", ns)
+    try:
+        return policy_of(key, table, promoters)
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_namespace(key: str, namespace: str) -> None:

@@ -17,6 +17,7 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from addlower.core.caches import CachePolicy
 from addlower.core.errors import InvalidArgument
 from addlower.core.mounts import Mount
 
@@ -80,14 +81,16 @@ class NamedLower:
     unless `create` says the admin wants it made: a cache that is not there would otherwise give
     containers an empty dir and nobody would know."""
 
-    path: str
+    path: str  # "" for a cache: its contents live under the snapshotter's root
     namespaces: tuple[str, ...] | None = None
     target: str = ROOT_TARGET  # where the name alone puts it in the container
     create: bool = False
+    cache: CachePolicy | None = None  # a managed cache (addlower.core.caches), not a host dir
 
     def entry(self, name: str, target: str | None = None) -> Lower:
         """This named lower as one entry, at `target` (None: its own)."""
-        return Lower(self.path, self.path if self.create else None, self.target if target is None else target, name)
+        create = self.path if self.create else None
+        return Lower(self.path, create, self.target if target is None else target, name, self.cache is not None)
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,13 @@ class Lower:
     create_root: str | None
     target: str = ROOT_TARGET
     name: str | None = None
+    cache: bool = False  # the named lower is a managed cache: its generations, no host dir
 
     @property
     def shown(self) -> str:
         """The entry as messages name it: a named lower by its name and its dir."""
+        if self.cache:
+            return f"cache {self.name!r}"
         return repr(self.path) if self.name is None else f"named lower {self.name!r} ({self.path})"
 
     def may_create(self, missing: str) -> bool:
@@ -138,7 +144,12 @@ class LowerPolicy:
         for name, lower in self.named.items():
             if not NAME.fullmatch(name):
                 raise InvalidArgument(f"named lower {name!r}: a name is letters, digits, '.', '_' or '-'")
-            check_host_dir(lower.path, f"named lower {name!r}", self.root)
+            if lower.cache is None:
+                check_host_dir(lower.path, f"named lower {name!r}", self.root)
+            elif lower.target == ROOT_TARGET:
+                raise InvalidArgument(f"cache {name!r}: a cache needs a target, the container path it is at")
+            elif lower.cache.seed is not None:
+                check_host_dir(lower.cache.seed, f"cache {name!r}: seed", self.root)
             if lower.target != ROOT_TARGET:
                 check_target(lower.target, f"named lower {name!r}: target")
 

@@ -8,11 +8,15 @@ store or gRPC; callers hand it the snapshot's kind, its parent chain and the opt
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from addlower.core.errors import FailedPrecondition
 from addlower.core.model import Kind
+
+# A managed cache's upper is mounted so that what a job leaves is plain files, dirs, whiteouts and
+# opaque dirs, which any later overlay reads the same way: no redirects, no metacopy-only files.
+CACHE_UPPER_OPTIONS = ("redirect_dir=off", "metacopy=off")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,7 @@ def compute_mounts(
     extra_lowers: Sequence[str] = (),
     targets: Sequence[tuple[str, Sequence[str]]] = (),
     parallel_unpack: bool = False,
+    cache_targets: Collection[str] = (),
 ) -> list[Mount]:
     """The mounts for snapshot `sid` whose parents are `parent_ids`, nearest first.
 
@@ -133,7 +138,8 @@ def compute_mounts(
     before workdir/upperdir/lowerdir in the order containerd uses. `extra_lowers` (host dirs,
     topmost first) go between the snapshot's own dir and its parents: under an active snapshot's
     upper dir or a parentless view's own dir, above every image layer. `targets` are (container
-    path, host dirs topmost first): each becomes one more mount with that `target`, which
+    path, host dirs topmost first): each becomes one more mount with that `target` (those in
+    `cache_targets` hold a managed cache), which
     containerd 1.7+ mounts inside the rootfs, after it; the rootfs then gets the mountpoints lower
     at its bottom. `parallel_unpack`: a parentless active is an overlay over Layout.empty, not a
     bind, so that containerd's diff applier writes a layer's whiteouts and opaque dirs into it
@@ -158,17 +164,20 @@ def compute_mounts(
     opts.append("lowerdir=" + ":".join(lowers))
     return [
         Mount("overlay", "overlay", tuple(opts)),
-        *(target_mount(layout, kind, sid, target, dirs, options) for target, dirs in targets),
+        *(target_mount(layout, kind, sid, target, dirs, options, target in cache_targets) for target, dirs in targets),
     ]
 
 
 def target_mount(
-    layout: Layout, kind: Kind, sid: int, target: str, dirs: Sequence[str], options: Sequence[str]
+    layout: Layout, kind: Kind, sid: int, target: str, dirs: Sequence[str], options: Sequence[str], cache: bool = False
 ) -> Mount:
     """The mount of host `dirs` at container path `target`: copy-on-write into the snapshot's own
-    dirs for an active snapshot, read-only for a view."""
+    dirs for an active snapshot, read-only for a view. A managed cache's upper may become a
+    generation: it is never volatile, and holds no redirects or metacopy-only files."""
     if kind == Kind.ACTIVE:
         base = layout.target_dir(sid, target)
+        if cache:
+            options = [*(o for o in options if o != "volatile"), *CACHE_UPPER_OPTIONS]
         opts = [*options, f"workdir={base}/work", f"upperdir={base}/fs", "lowerdir=" + ":".join(dirs)]
         return Mount("overlay", "overlay", tuple(opts), target)
     if len(dirs) == 1:  # overlayfs wants two lowers without an upper

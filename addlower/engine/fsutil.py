@@ -213,6 +213,17 @@ def mounts_inside(top: str, names: Iterable[str]) -> dict[str, list[str]]:
     return inside
 
 
+def upper_in_use(upper: str) -> bool:
+    """Whether an overlay mounted anywhere in this mount namespace writes to `upper` (its super
+    options in the mount table name it)."""
+    wanted = f"upperdir={upper}"
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            if " - overlay " in line and any(opt == wanted for opt in line.rsplit(" ", 1)[-1].strip().split(",")):
+                return True
+    return False
+
+
 def remove_tree(path: Path) -> None:
     """Remove a directory tree; a tree that is already gone is fine (Cleanup retries the rest).
 

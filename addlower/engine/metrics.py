@@ -86,7 +86,14 @@ LOWERS_CREATED = Tally(
     "entry",
     ("path", "named"),
 )
-TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS)
+CACHE_PROMOTIONS = Tally(
+    "addlower_cache_promotions",
+    "Jobs' writes to managed caches at their Remove, by result: promoted (a new generation), "
+    "empty (nothing written) or refused (logged with the reason).",
+    "result",
+    ("promoted", "empty", "refused"),
+)
+TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS, CACHE_PROMOTIONS)
 
 
 class CallStats:

@@ -176,11 +176,16 @@ class Opened:
         self.fds.clear()
 
     @property
+    def host(self) -> tuple[Lower, ...]:
+        """The entries that are host dirs (each has an fd), not managed caches."""
+        return tuple(lower for lower in self.lowers if not lower.cache)
+
+    @property
     def targets(self) -> int:
         """The host mounts these lowers take at container paths once mounted: one per target."""
         if not self.fds:
             return 0
-        return len({lower.target for lower in self.lowers if lower.target != ROOT_TARGET})
+        return len({lower.target for lower in self.host if lower.target != ROOT_TARGET})
 
     def __enter__(self) -> Opened:
         return self
@@ -270,11 +275,12 @@ class Pins:
         again only if it had dirs to make. Only a race with a writer between the two walks can
         leave an empty dir, inside the allowed root (removing it again could remove a dir the
         writer swapped in)."""
-        found: list[int | None] = []  # per entry, its fd, or None while dirs of it are missing
+        found: list[int | None] = []  # per host entry, its fd, or None while dirs of it are missing
+        host = [lower for lower in lowers if not lower.cache]  # a cache has no host dir
         try:
-            for lower in lowers:  # first, without making anything
+            for lower in host:  # first, without making anything
                 found.append(_open_one(lower, what, create=False))
-            for i, lower in enumerate(lowers):  # then, only where needed, making what is missing
+            for i, lower in enumerate(host):  # then, only where needed, making what is missing
                 if found[i] is None:
                     found[i] = _open_one(lower, what, create=True)
                     assert found[i] is not None  # a walk that may make dirs reaches the end or raises
@@ -288,7 +294,7 @@ class Pins:
                     )
             fds = [fd for fd in found if fd is not None]
             identities = [os.fstat(fd) for fd in fds]
-            Pins._refuse_repeats(lowers, identities, what)
+            Pins._refuse_repeats(host, identities, what)
         except BaseException:
             for fd in found:
                 if fd is not None:

@@ -9,6 +9,7 @@ about gRPC; errors are raised as addlower.core.errors types.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import logging
 import os
@@ -22,6 +23,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
+from addlower.core.caches import CachePolicy
 from addlower.core.config import Config, reloaded
 from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
@@ -30,12 +32,13 @@ from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
 from addlower.engine import fsutil, metrics, wire
+from addlower.engine.caches import Caches, Refused
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.podlookup import PodLowers
 from addlower.engine.resolver import LABEL_SOURCE, Resolver, counted
-from addlower.engine.store import DB_NAME, MetaStore, Reader, Snapshot, disk_full, matching, stored_schema_version
+from addlower.engine.store import DB_NAME, MetaStore, Reader, Snapshot, Tx, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class Snapshotter:
         # (its -wal and -shm files) and start-up record what it sets aside.
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode_field), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
+        self.caches = Caches(str(root), self.store)
+        self.caches.recover()
         if not self.reserve.keep():
             log.warning(
                 "the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused until it has",
@@ -164,7 +169,26 @@ class Snapshotter:
         be swapped), and a dir swapped at the entry's path later is for new containers only."""
         lowers = self.resolver.allowed_quietly(key, snap.labels)
         pins = self.pins.reusable(snap.id, lowers) if lowers else None
-        return self._compute(snap, lowers, pins) if lowers and pins is not None else None
+        if not lowers or pins is None:
+            return None
+        chains = {}
+        with self.store.read() as reader:
+            for lower in lowers:
+                if lower.cache:
+                    gens = reader.cache_use(snap.id, lower.name or "")
+                    if gens is None:
+                        return None
+                    chains[lower.name or ""] = [self.caches.generation(lower.name or "", g) for g in reversed(gens)]
+        return self._compute(snap, lowers, pins, chains)
+
+    def remove_walks(self, key: str) -> bool:
+        """Whether a Remove of `key` walks a tree: a synchronous remove deletes its dir, and a job's
+        writes to a cache are checked before they are promoted."""
+        if not self.config.async_remove:
+            return True
+        with self.store.read() as reader:
+            sid, info, _ = reader.get_info(key)
+            return info.kind == Kind.ACTIVE and bool(reader.cache_uses(sid))
 
     def walks_upper(self, key: str) -> bool:
         """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
@@ -214,7 +238,7 @@ class Snapshotter:
                 os.rename(tree, final)
                 tree = final
                 # In place: the mounts may need dirs inside it (a target's mountpoint and upper).
-                mounts = counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE), key=key)
+                mounts = counted("label", lambda: self._mounts(snap, opened, LABEL_SOURCE, tx), key=key)
                 # No fsync of snapshots/ here (nor in containerd): a kill cannot separate the
                 # rename from the row; only a power cut within the journal's commit interval can,
                 # and start-up reports a row whose directory is missing.
@@ -251,27 +275,51 @@ class Snapshotter:
         containerd honours targets (a call to it), and walking the host dirs (a slow filesystem)."""
         if any(lower.target != ROOT_TARGET for lower in lowers):
             self.targets.check(source)
+        for lower in lowers:  # a first use copies its seed in
+            policy = self._cache_policy(lower)
+            if policy is not None:
+                self.caches.seed(lower.name or "", policy)
         return self.pins.open(lowers, f"{source}: entry", key)
 
-    def _mounts(self, snap: Snapshot, opened: Opened, source: str) -> list[Mount]:
-        """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer has."""
+    def _cache_policy(self, lower: Lower) -> CachePolicy | None:
+        named = self.config.named_lowers.get(lower.name or "") if lower.cache else None
+        return named.cache if named is not None else None
+
+    def _mounts(self, snap: Snapshot, opened: Opened, source: str, tx: Tx | None = None) -> list[Mount]:
+        """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer
+        has. A cache's chain is the one recorded with the snapshot, or its current one, recorded
+        in `tx` (or a transaction of its own)."""
         pins = self.pins.attach(snap.id, opened, f"{source}: entry", self.config.max_host_mounts)
         try:
-            return self._compute(snap, opened.lowers, pins, source)
+            caches = [lower for lower in opened.lowers if lower.cache]
+            chains: dict[str, list[str]] = {}
+            if caches:
+                with contextlib.ExitStack() as stack:
+                    tx = tx or stack.enter_context(self.store.transaction())
+                    for lower in caches:
+                        chains[lower.name or ""] = self.caches.chain(tx, snap.id, lower.name or "", lower.target)
+            return self._compute(snap, opened.lowers, pins, chains, source)
         except BaseException:
             self.pins.release(snap.id)
             raise
 
     def _compute(
-        self, snap: Snapshot, lowers: Sequence[Lower], pins: Sequence[str], source: str | None = None
+        self,
+        snap: Snapshot,
+        lowers: Sequence[Lower],
+        pins: Sequence[str],
+        chains: Mapping[str, Sequence[str]],
+        source: str | None = None,
     ) -> list[Mount]:
-        """The mounts of `snap` with `lowers` at `pins`; with a `source`, the target dirs are made
-        and the kernel's limits checked (both hold for pins reused as they were made)."""
-        at_root = [pin for pin, lower in zip(pins, lowers, strict=True) if lower.target == ROOT_TARGET]
+        """The mounts of `snap` with `lowers`: host dirs at `pins` (in order), caches' generations
+        from `chains` (by name, newest first); with a `source`, the target dirs are made and the
+        kernel's limits checked (both hold for pins reused as they were made)."""
+        at_root: list[str] = []
         targets: dict[str, list[str]] = {}
-        for pin, lower in zip(pins, lowers, strict=True):
-            if lower.target != ROOT_TARGET:
-                targets.setdefault(lower.target, []).append(pin)
+        host = iter(pins)
+        for lower in lowers:
+            dirs = (chains[lower.name or ""] or [self.layout.empty]) if lower.cache else [next(host)]
+            (at_root if lower.target == ROOT_TARGET else targets.setdefault(lower.target, [])).extend(dirs)
         if source is not None:
             self._make_target_dirs(snap, targets)
         mounts = compute_mounts(
@@ -283,8 +331,9 @@ class Snapshotter:
             at_root,
             list(targets.items()),
             self.config.parallel_unpack,
+            {lower.target for lower in lowers if lower.cache},
         )
-        if pins and source is not None:
+        if lowers and source is not None:
             check_mount_limits(mounts, source)
         return mounts
 
@@ -465,14 +514,54 @@ class Snapshotter:
         )
 
     def _remove(self, key: str) -> None:
+        promoted: builtins.list[tuple[str, str]] = []  # (upper, generation) renamed in the transaction
+        try:
+            self._remove_promoting(key, promoted)
+        except BaseException:
+            for upper, generation in promoted:  # rolled back: the upper is the snapshot's again
+                os.rename(generation, upper)
+            raise
+        for _, generation in promoted:
+            log.info("promoted a job's writes", extra=fields(key=key, generation=generation))
+
+    def _promote(self, tx: Tx, key: str, promoted: builtins.list[tuple[str, str]]) -> None:
+        """Make the writes of `key`'s container to each cache it uses that it may grow the
+        cache's next generation, in `tx` (its Remove's): its uppers are mounted no more. A
+        refusal is logged and counted; the Remove goes on."""
+        sid, info = tx.info(key)
+        if info.kind != Kind.ACTIVE:
+            return
+        pod = info.labels.get(POD_LABEL)
+        namespace = pod.partition("/")[0] if pod is not None else None
+        for name, target in tx.cache_uses(sid):
+            named = self.config.named_lowers.get(name)
+            policy = named.cache if named is not None else None
+            if policy is None or not policy.may_promote(namespace, None):
+                continue
+            upper = f"{self.layout.target_dir(sid, target)}/fs"
+            try:
+                if fsutil.upper_in_use(upper):
+                    raise Refused("its upper dir is still mounted")
+                gen = self.caches.promote(tx, name, upper, key, policy)
+            except Refused as exc:
+                metrics.CACHE_PROMOTIONS.inc("refused")
+                log.warning("did not promote a job's writes to cache %s: %s", name, exc, extra=fields(key=key))
+                continue
+            metrics.CACHE_PROMOTIONS.inc("promoted" if gen is not None else "empty")
+            if gen is not None:
+                promoted.append((upper, self.caches.generation(name, gen)))
+
+    def _remove_promoting(self, key: str, promoted: builtins.list[tuple[str, str]]) -> None:
         if self.config.async_remove:
             with self.store.transaction() as tx:
+                self._promote(tx, key, promoted)
                 sid, _ = tx.remove(key)
             self.pins.release(sid)
             return
         moved: tuple[Path, Path] | None = None
         try:
             with self.store.transaction() as tx:
+                self._promote(tx, key, promoted)
                 sid, _ = tx.remove(key)
                 current, removed = Path(self.layout.dir(sid)), self.snapshots_dir / f"{REMOVED_PREFIX}{sid}"
                 if os.path.lexists(removed):  # a create's leftover of the same id, from before ids were reserved

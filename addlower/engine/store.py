@@ -54,6 +54,27 @@ _REPLIES = (
     " WHEN NEW.reply IS OLD.reply AND OLD.reply IS NOT NULL"
     " BEGIN UPDATE snapshots SET reply = NULL WHERE id = NEW.id; END",
 )
+# Managed caches: each one's generations, and the chain each snapshot got (gens: oldest first,
+# comma-separated), gone with its snapshot. Added to schema 1 as the replies were: an older
+# daemon ignores them.
+_CACHES = (
+    """CREATE TABLE IF NOT EXISTS cache_generations (
+    cache       TEXT    NOT NULL,
+    gen         INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,   -- nanoseconds since the epoch, UTC
+    source      TEXT    NOT NULL,   -- "seed", or the key of the snapshot whose writes it holds
+    bytes       INTEGER NOT NULL,
+    entries     INTEGER NOT NULL,
+    PRIMARY KEY (cache, gen)
+)""",
+    """CREATE TABLE IF NOT EXISTS cache_uses (
+    snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+    cache       TEXT    NOT NULL,
+    target      TEXT    NOT NULL,
+    gens        TEXT    NOT NULL,
+    PRIMARY KEY (snapshot_id, cache)
+)""",
+)
 # Replies made per transaction when start-up encodes the rows that have none.
 FILL_BATCH = 500
 
@@ -181,6 +202,44 @@ class _Queries:
 
     def has_id(self, sid: int) -> bool:
         return self._one("SELECT 1 FROM snapshots WHERE id = ?", (sid,)) is not None
+
+    # --- managed caches ---
+
+    def cache_chain(self, name: str) -> list[int]:
+        """Cache `name`'s generations, oldest first."""
+        with self._conn() as db:
+            return [r[0] for r in db.execute("SELECT gen FROM cache_generations WHERE cache = ? ORDER BY gen", (name,))]
+
+    def cache_use(self, sid: int, name: str) -> list[int] | None:
+        """The generations snapshot `sid` got of cache `name` (oldest first), or None."""
+        row = self._one("SELECT gens FROM cache_uses WHERE snapshot_id = ? AND cache = ?", (sid, name))
+        return None if row is None else [int(g) for g in row[0].split(",") if g]
+
+    def cache_uses(self, sid: int) -> list[tuple[str, str]]:
+        """(cache, target) of each cache snapshot `sid` uses."""
+        with self._conn() as db:
+            return list(db.execute("SELECT cache, target FROM cache_uses WHERE snapshot_id = ?", (sid,)))
+
+    def cache_bytes(self, name: str) -> int:
+        row = self._one("SELECT COALESCE(SUM(bytes), 0) FROM cache_generations WHERE cache = ?", (name,))
+        return int(row[0])
+
+    def cache_generations(self) -> set[tuple[str, int]]:
+        with self._conn() as db:
+            return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations")}
+
+    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int]]:
+        """(cache, gen, created_at, source, bytes, entries) of every generation, or of one cache's."""
+        sql = "SELECT cache, gen, created_at, source, bytes, entries FROM cache_generations"
+        with self._conn() as db:
+            if name is None:
+                return list(db.execute(sql + " ORDER BY cache, gen"))
+            return list(db.execute(sql + " WHERE cache = ? ORDER BY gen", (name,)))
+
+    def cache_users(self) -> dict[str, int]:
+        """Cache -> how many snapshots use it."""
+        with self._conn() as db:
+            return dict(db.execute("SELECT cache, COUNT(*) FROM cache_uses GROUP BY cache"))
 
     def last_id(self) -> int:
         """The highest id ever handed out (committed), live or removed (AUTOINCREMENT's record)."""
@@ -370,6 +429,11 @@ class Tx(_Queries):
             raise NotFound(f"{what} {key!r} does not exist")
         return rec
 
+    def info(self, key: str) -> tuple[int, Info]:
+        """The id and Info of `key`, as this transaction sees them."""
+        rec = self._get(key)
+        return rec.id, rec.info
+
     def _taken(self, key: str) -> bool:
         return self._one("SELECT 1 FROM snapshots WHERE key = ?", (key,)) is not None
 
@@ -454,6 +518,22 @@ class Tx(_Queries):
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         self.changes.append(_Change(key, rec.id))
         return rec.id, rec.info.kind
+
+    def use_cache(self, sid: int, name: str, target: str, gens: list[int]) -> None:
+        self._db.execute(
+            "INSERT INTO cache_uses (snapshot_id, cache, target, gens) VALUES (?, ?, ?, ?)",
+            (sid, name, target, ",".join(map(str, gens))),
+        )
+
+    def next_generation(self, name: str) -> int:
+        row = self._one("SELECT COALESCE(MAX(gen), 0) FROM cache_generations WHERE cache = ?", (name,))
+        return int(row[0]) + 1
+
+    def add_generation(self, name: str, gen: int, source: str, size: int, entries: int) -> None:
+        self._db.execute(
+            "INSERT INTO cache_generations (cache, gen, created_at, source, bytes, entries) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, gen, time.time_ns(), source, size, entries),
+        )
 
     def reserve_ids(self, upto: int) -> None:
         """Never hand out ids up to `upto` (again): start-up found dirs of them that no row accounts
@@ -565,9 +645,11 @@ class MetaStore:
 
     def _keep_replies(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
-        if "reply" not in columns:
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        added = [*(_REPLIES if "reply" not in columns else ()), *(_CACHES if "cache_uses" not in tables else ())]
+        if added:
             self._db.execute("BEGIN IMMEDIATE")
-            for statement in _REPLIES:
+            for statement in added:
                 self._db.execute(statement)
             self._db.execute("COMMIT")
 

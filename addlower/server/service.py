@@ -3,7 +3,7 @@
 A thin layer: protobuf requests to plain values, calls on the Snapshotter, plain values back to
 protobuf, and the error -> status code mapping (the codes themselves live in addlower.core.errors).
 Which calls may block (tree walks and deletions) and in which thread pool they run is stated per
-method in METHODS and decided in pools(). Stat and List answer with bytes already serialized (a
+method in METHODS (a pool, or a method deciding from the request). Stat and List answer with bytes already serialized (a
 Stat's kept as long as its Info lives, a List's kept by the store with each row; the transport
 sends bytes as they are): CRI stats every snapshot every 10 s. It must not hold snapshot logic or
 know how bytes reach the socket.
@@ -134,6 +134,11 @@ class SnapshotsService:
         walks, asks = self.sn.mounts_work(request.key)
         return KUBERNETES if asks else BLOCKING if walks else None
 
+    def removing(self, request: pb.RemoveSnapshotRequest) -> str | None:
+        """Remove: in the blocking pool when it walks a tree (a synchronous remove deletes the
+        dir; a job's writes to a cache are checked as they are promoted), else on the loop."""
+        return BLOCKING if self.sn.remove_walks(request.key) else None
+
     def counting(self, request: pb.UsageRequest) -> str | None:
         """Usage: an active snapshot's tree is counted in the blocking pool; the rest is stored."""
         return BLOCKING if self.sn.walks_upper(request.key) else None
@@ -169,7 +174,7 @@ METHODS: dict[str, Method] = {
     "View": Method(pb.ViewSnapshotRequest, place="creating"),
     "Mounts": Method(pb.MountsRequest, place="mounting"),
     "Commit": Method(pb.CommitSnapshotRequest, BLOCKING),  # counts the upper dir's blocks and inodes
-    "Remove": Method(pb.RemoveSnapshotRequest, BLOCKING),  # on the loop with async remove (pools())
+    "Remove": Method(pb.RemoveSnapshotRequest, place="removing"),
     "Stat": Method(pb.StatSnapshotRequest),
     "Update": Method(pb.UpdateSnapshotRequest, describe=lambda r: r.info.name),
     # On the loop, lazily: each batch is framed only once flow control lets it go out.
@@ -179,22 +184,13 @@ METHODS: dict[str, Method] = {
 }
 
 
-def pools(service: SnapshotsService) -> dict[str, str | None]:
-    """Where each method runs, the configuration's say included: the one place that decides."""
-    where = {name: m.pool for name, m in METHODS.items()}
-    if service.sn.config.async_remove:
-        where["Remove"] = None  # a rename in the store, no tree to delete
-    return where
-
-
 def routes(service: SnapshotsService) -> dict[str, Route]:
-    where = pools(service)
     return {
         f"/{SERVICE}/{name}": Route(
             request=m.request,
             handler=getattr(service, name),
             streaming=m.streams,
-            pool=where[name],
+            pool=m.pool,
             describe=m.describe,
             place=getattr(service, m.place) if m.place else None,
         )

@@ -1,0 +1,128 @@
+"""Managed caches through the daemon's socket, mounted for real: a job's writes become the next
+generation when its snapshot is removed (promote = "always"); a running job keeps the chain it
+got; deletions stay deleted; what must not be promoted is not, and a kill during a promotion
+leaves a whole generation or none."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.mounts import Mount
+from addlower.dev.mounting import mounted
+from addlower.ops.client import SnapshotsClient
+from tests.support.daemon import Daemon, config_args
+
+TARGET = "/root/.m2"
+
+
+def cache_config(tmp_path: Path, promote: str = "always", extra: str = "") -> list[str]:
+    seed = tmp_path / "seed"
+    seed.mkdir(exist_ok=True)
+    (seed / "seeded.jar").write_text("from the seed\n")
+    (seed / "old").mkdir(exist_ok=True)
+    (seed / "old" / "a.jar").write_text("old a\n")
+    toml = (
+        'mount_targets = "on"\n'
+        "[lowers.named.m2]\n"
+        f'cache = true\ntarget = "{TARGET}"\npromote = "{promote}"\nseed = "{seed}"\n{extra}'
+    )
+    return config_args(tmp_path / "config.toml", toml)
+
+
+def at_target(mounts: list[Mount]) -> list[Mount]:
+    found = [m for m in mounts if m.target == TARGET]
+    assert len(found) == 1, mounts
+    return found
+
+
+def lowerdirs(m: Mount) -> list[str]:
+    return next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=").split(":")
+
+
+@contextmanager
+def serving(tmp_path: Path, args: list[str]) -> Iterator[tuple[Daemon, SnapshotsClient]]:
+    d = Daemon(root=tmp_path / "root", args=args).start()
+    try:
+        with d.channel() as ch:
+            yield d, SnapshotsClient(ch)
+    finally:
+        d.kill()
+
+
+def job(c: SnapshotsClient, key: str) -> list[Mount]:
+    """A job's container: its mount at the cache's target."""
+    return at_target(c.prepare(key, labels={LOWERS: "m2"}))
+
+
+def test_a_jobs_writes_become_the_next_jobs_cache_and_a_running_job_keeps_its_view(tmp_path: Path):
+    with serving(tmp_path, cache_config(tmp_path)) as (d, c):
+        first = job(c, "job1")
+        assert lowerdirs(first[0]) == [f"{d.root}/caches/m2/1"]  # the seed, copied in
+        assert "redirect_dir=off" in first[0].options and "metacopy=off" in first[0].options
+        running = job(c, "running")  # made before job1 ends
+        with mounted(first, tmp_path / "job1") as m:
+            assert (m / "seeded.jar").read_text() == "from the seed\n"
+            (m / "new.jar").write_text("downloaded by job1\n")
+            (m / "seeded.jar").unlink()  # a deletion: a whiteout in the upper
+            subprocess.run(["rm", "-rf", str(m / "old")], check=True)
+            (m / "old").mkdir()  # a replaced dir: opaque
+            (m / "old" / "b.jar").write_text("new b\n")
+        c.remove("job1")
+        assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
+
+        second = job(c, "job2")
+        assert lowerdirs(second[0]) == [f"{d.root}/caches/m2/2", f"{d.root}/caches/m2/1"]
+        with mounted(second, tmp_path / "job2") as m:
+            assert (m / "new.jar").read_text() == "downloaded by job1\n"
+            assert not (m / "seeded.jar").exists()
+            assert sorted(os.listdir(m / "old")) == ["b.jar"]
+        with mounted(c.mounts("running")[1:], tmp_path / "running") as m:  # its chain, as it got it
+            assert (m / "seeded.jar").exists() and not (m / "new.jar").exists()
+
+        c.remove("job2")  # wrote nothing: no generation
+        assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
+    assert 'msg="promoted a job\'s writes" key=job1' in d.log()
+
+
+def test_a_cache_that_does_not_promote_keeps_no_writes(tmp_path: Path):
+    with serving(tmp_path, cache_config(tmp_path, promote="never")) as (d, c):
+        with mounted(job(c, "job1"), tmp_path / "job1") as m:
+            (m / "new.jar").write_text("x\n")
+        c.remove("job1")
+        assert os.listdir(d.root / "caches" / "m2") == ["1"]
+
+
+def test_an_upper_holding_a_redirect_or_still_mounted_is_not_promoted(tmp_path: Path):
+    with serving(tmp_path, cache_config(tmp_path)) as (d, c):
+        [redirect] = job(c, "redirect")
+        upper = next(o for o in redirect.options if o.startswith("upperdir=")).removeprefix("upperdir=")
+        (Path(upper) / "moved").mkdir()
+        os.setxattr(Path(upper) / "moved", "trusted.overlay.redirect", b"/old")
+        c.remove("redirect")
+        with mounted(job(c, "mounted"), tmp_path / "mounted") as m:
+            (m / "new.jar").write_text("x\n")
+            c.remove("mounted")  # its upper is still in use: never a lower while written
+        assert os.listdir(d.root / "caches" / "m2") == ["1"]
+    log = d.log()
+    assert "moved carries the overlay xattr trusted.overlay.redirect" in log
+    assert "its upper dir is still mounted" in log
+
+
+def test_generations_survive_a_restart_and_a_stray_one_goes(tmp_path: Path):
+    args = cache_config(tmp_path)
+    with serving(tmp_path, args) as (d, c):
+        with mounted(job(c, "job1"), tmp_path / "job1") as m:
+            (m / "new.jar").write_text("kept\n")
+        c.remove("job1")
+    stray = tmp_path / "root" / "caches" / "m2" / "3"  # a kill after a promotion's rename, before its COMMIT
+    stray.mkdir()
+    (stray / "half.jar").write_text("never seen\n")
+    with serving(tmp_path, args) as (d, c):
+        assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
+        with mounted(job(c, "job2"), tmp_path / "job2") as m:
+            assert (m / "new.jar").read_text() == "kept\n"
