@@ -65,6 +65,7 @@ def test_a_jobs_writes_become_the_next_jobs_cache_and_a_running_job_keeps_its_vi
         assert lowerdirs(first[0]) == [f"{d.root}/caches/m2/1"]  # the seed, copied in
         assert "redirect_dir=off" in first[0].options and "metacopy=off" in first[0].options
         running = job(c, "running")  # made before job1 ends
+        assert lowerdirs(running[0]) == lowerdirs(first[0])
         with mounted(first, tmp_path / "job1") as m:
             assert (m / "seeded.jar").read_text() == "from the seed\n"
             (m / "new.jar").write_text("downloaded by job1\n")
@@ -81,7 +82,7 @@ def test_a_jobs_writes_become_the_next_jobs_cache_and_a_running_job_keeps_its_vi
             assert (m / "new.jar").read_text() == "downloaded by job1\n"
             assert not (m / "seeded.jar").exists()
             assert sorted(os.listdir(m / "old")) == ["b.jar"]
-        with mounted(c.mounts("running")[1:], tmp_path / "running") as m:  # its chain, as it got it
+        with mounted(at_target(c.mounts("running")), tmp_path / "running") as m:  # its chain, as it got it
             assert (m / "seeded.jar").exists() and not (m / "new.jar").exists()
 
         c.remove("job2")  # wrote nothing: no generation
