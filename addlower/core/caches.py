@@ -20,6 +20,7 @@ from addlower.core.errors import InvalidArgument
 # at most this): each is a lower layer of every container using the cache.
 MAX_GENERATIONS = 64
 DEFAULT_MAX_GENERATIONS = 8
+SEED_SOURCE = "seed"  # a generation's source when it was copied from the cache's seed
 # The overlay xattrs a promoted upper must not hold (besides opaque, which later overlays honour).
 FORBIDDEN_XATTRS = frozenset(
     f"{namespace}.overlay.{name}" for namespace in ("trusted", "user") for name in ("redirect", "metacopy")

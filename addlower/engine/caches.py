@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from addlower.core.caches import FORBIDDEN_XATTRS, CachePolicy
+from addlower.core.caches import FORBIDDEN_XATTRS, SEED_SOURCE, CachePolicy
 from addlower.engine import fsutil
 from addlower.engine.store import MetaStore, Tx
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CACHES_DIR = "caches"  # under the snapshotter's root
 TEMP_PREFIX = ".new-"  # a generation being made: never a lower, deleted at start-up
-SEED_SOURCE = "seed"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import click
 from addlower.core.keys import resolve_key
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.core.model import Usage
+from addlower.ops.caches import cache
 from addlower.ops.doctor import doctor
 from addlower.ops.render import (
     Column,
@@ -170,4 +171,4 @@ def cleanup(inv: Invocation) -> None:
     )
 
 
-COMMANDS: list[click.Command] = [ls, info, tree, du, cleanup, doctor]
+COMMANDS: list[click.Command] = [ls, info, tree, du, cleanup, doctor, cache]

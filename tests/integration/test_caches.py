@@ -5,14 +5,18 @@ leaves a whole generation or none."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from click.testing import CliRunner
+
+from addlower.cli import admin
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
-from addlower.core.mounts import Mount
 from addlower.dev.mounting import mounted
 from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, config_args
@@ -34,13 +38,13 @@ def cache_config(tmp_path: Path, promote: str = "always", extra: str = "") -> li
     return config_args(tmp_path / "config.toml", toml)
 
 
-def at_target(mounts: list[Mount]) -> list[Mount]:
+def at_target(mounts: Sequence[Any]) -> list[Any]:
     found = [m for m in mounts if m.target == TARGET]
     assert len(found) == 1, mounts
     return found
 
 
-def lowerdirs(m: Mount) -> list[str]:
+def lowerdirs(m: Any) -> list[str]:
     return next(o for o in m.options if o.startswith("lowerdir=")).removeprefix("lowerdir=").split(":")
 
 
@@ -54,7 +58,7 @@ def serving(tmp_path: Path, args: list[str]) -> Iterator[tuple[Daemon, Snapshots
         d.kill()
 
 
-def job(c: SnapshotsClient, key: str) -> list[Mount]:
+def job(c: SnapshotsClient, key: str) -> list[Any]:
     """A job's container: its mount at the cache's target."""
     return at_target(c.prepare(key, labels={LOWERS: "m2"}))
 
@@ -87,6 +91,14 @@ def test_a_jobs_writes_become_the_next_jobs_cache_and_a_running_job_keeps_its_vi
 
         c.remove("job2")  # wrote nothing: no generation
         assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
+
+        config = ["--config", str(tmp_path / "config.toml"), "--root-dir", str(d.root), "--json"]
+        shown = CliRunner().invoke(admin, ["cache", "ls", *config])
+        assert shown.exit_code == 0, shown.output
+        [m2] = json.loads(shown.output)
+        assert (m2["cache"], m2["target"], m2["generations"], m2["containers"]) == ("m2", TARGET, 2, 1)
+        logged = CliRunner().invoke(admin, ["cache", "log", "m2", *config])
+        assert [(g["generation"], g["source"]) for g in json.loads(logged.output)] == [(1, "seed"), (2, "job1")]
     assert 'msg="promoted a job\'s writes" key=job1' in d.log()
 
 

@@ -1,0 +1,74 @@
+"""Managed caches' pure rules: their config tables, who may promote, sizes."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from addlower.core.caches import CachePolicy, Promote, parse_size
+from addlower.core.config import ConfigError, parse_config
+from addlower.core.errors import InvalidArgument
+
+
+def test_a_cache_table_as_the_issue_writes_it():
+    config = parse_config(
+        tomllib.loads(
+            '[lowers.named.maven]\ncache = true\ntarget = "/root/.m2"\npromote = "on-success"\n'
+            'promote_namespaces = ["ci"]\nmax_generations = 8\nmax_bytes = "20GiB"\nseed = "/var/cache/ci/m2"\n'
+        )
+    )
+    maven = config.named_lowers["maven"]
+    assert maven.target == "/root/.m2" and maven.path == ""
+    assert maven.cache == CachePolicy(Promote.ON_SUCCESS, ("ci",), 8, 20 * 1024**3, "/var/cache/ci/m2")
+    assert maven.entry("maven").cache and maven.entry("maven").shown == "cache 'maven'"
+
+
+@pytest.mark.parametrize(
+    ("table", "says"),
+    [
+        ("cache = true\n", "a cache needs a target"),
+        ('cache = true\ntarget = "/m2"\npath = "/var/cache/m2"\n', "path: a cache's contents live under"),
+        ('path = "/var/cache/m2"\npromote = "always"\n', "promote: unknown key (a key of caches: cache = true)"),
+        ('cache = true\ntarget = "/m2"\npromote = "sometimes"\n', "one of never, on-success, always"),
+        ('cache = true\ntarget = "/m2"\nmax_bytes = "lots"\n', "max_bytes: a size in bytes"),
+        ('cache = true\ntarget = "/m2"\nmax_generations = 0\n', "max_generations: a number from 1 to 64"),
+        ('cache = true\ntarget = "/m2"\nseed = "/etc/ssl"\n', "seed '/etc/ssl': overlaps the system dir /etc"),
+        ('cache = true\ntarget = "/proc/x"\n', "not under /proc"),
+        ('cache = true\ntarget = "/m2"\npromote_namespaces = ["Bad_NS"]\n', "is not a Kubernetes namespace name"),
+    ],
+)
+def test_a_bad_cache_table_is_refused_naming_the_key(table: str, says: str):
+    with pytest.raises(ConfigError, match=None) as refused:
+        parse_config(tomllib.loads("[lowers.named.m2]\n" + table))
+    assert says in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1, 1), ("512", 512), ("20GiB", 20 * 1024**3), ("500M", 500 * 1000**2), ("1T", 10**12), ("3 KiB", 3072)],
+)
+def test_sizes(value: object, size: int):
+    assert parse_size("max_bytes", value) == size
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "1.5G", "GiB", "10 parsecs", None])
+def test_bad_sizes(value: object):
+    with pytest.raises(InvalidArgument, match="max_bytes"):
+        parse_size("max_bytes", value)
+
+
+@pytest.mark.parametrize(
+    ("promote", "namespace", "status", "promotes"),
+    [
+        (Promote.NEVER, None, 0, False),
+        (Promote.ALWAYS, None, None, True),  # a label user, root-equivalent already
+        (Promote.ALWAYS, "ci", 1, True),
+        (Promote.ALWAYS, "pr", 0, False),  # a namespace not allowed never promotes
+        (Promote.ON_SUCCESS, "ci", 0, True),
+        (Promote.ON_SUCCESS, "ci", 1, False),
+        (Promote.ON_SUCCESS, None, None, False),  # an exit not seen is no success
+    ],
+)
+def test_who_may_promote(promote: Promote, namespace: str | None, status: int | None, promotes: bool):
+    assert CachePolicy(promote, ("ci",)).may_promote(namespace, status) is promotes
