@@ -133,6 +133,14 @@ class Caches:
             tx.use_cache(sid, name, target, gens)
         return [self.generation(name, g) for g in reversed(gens)]
 
+    def park(self, name: str, upper: str, sid: int) -> str:
+        """Move a removed snapshot's upper aside while its job's exit status is awaited (a temp
+        name: start-up deletes it, as an exit not seen is no success)."""
+        os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
+        parked = f"{self.dir}/{name}/{TEMP_PREFIX}exit-{sid}"
+        os.rename(upper, parked)
+        return parked
+
     def promote(self, tx: Tx, name: str, upper: str, source: str, policy: CachePolicy) -> int | None:
         """Make `upper` (no longer mounted) the next generation of cache `name`, in `tx`: the
         generation's number, or None when it holds nothing. Raises Refused."""

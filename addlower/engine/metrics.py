@@ -89,9 +89,10 @@ LOWERS_CREATED = Tally(
 CACHE_PROMOTIONS = Tally(
     "addlower_cache_promotions",
     "Jobs' writes to managed caches at their Remove, by result: promoted (a new generation), "
-    "empty (nothing written) or refused (logged with the reason).",
+    "empty (nothing written), refused (logged with the reason), failed (the job's exit status "
+    "was not 0) or unseen (promote = on-success, and its exit was not seen).",
     "result",
-    ("promoted", "empty", "refused"),
+    ("promoted", "empty", "refused", "failed", "unseen"),
 )
 TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS, CACHE_PROMOTIONS)
 

@@ -18,14 +18,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
-from addlower.core.caches import CachePolicy
+from addlower.core.caches import CachePolicy, Promote
 from addlower.core.config import Config, reloaded
 from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from addlower.core.keys import split_key
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.core.logformat import fields
 from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_count
@@ -35,12 +36,17 @@ from addlower.engine import fsutil, metrics, wire
 from addlower.engine.caches import Caches, Refused
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
+from addlower.engine.exits import TaskExits
 from addlower.engine.pinning import Opened, Pins
 from addlower.engine.podlookup import PodLowers
 from addlower.engine.resolver import LABEL_SOURCE, Resolver, counted
 from addlower.engine.store import DB_NAME, MetaStore, Reader, Snapshot, Tx, disk_full, matching, stored_schema_version
 
 log = logging.getLogger(__name__)
+
+# Seconds a removed job's writes to a cache that promotes on success wait for its exit to be seen
+# (ctr run --rm removes the snapshot as the task's exit event goes out); then they are deleted.
+EXIT_WAIT = 10.0
 
 TEMP_PREFIX = "new-"
 REMOVED_PREFIX = "rm-"
@@ -73,6 +79,69 @@ def live_usage(layout: Layout, sid: int) -> Usage:
         return usage
     extra = fsutil.disk_usage(targets)
     return Usage(usage.size + extra.size, usage.inodes + extra.inodes)
+
+
+@dataclass(frozen=True)
+class Awaited:
+    """A removed snapshot's writes to a cache, parked until its job's exit is seen."""
+
+    key: str
+    cache: str
+    namespace: str | None  # its pod's, for the policy
+    parked: str
+
+    @property
+    def container(self) -> tuple[str, str] | None:
+        """(containerd namespace, container id) of the job, from the key."""
+        return split_key(self.key)
+
+
+@dataclass(frozen=True)
+class Moved:
+    """An upper renamed in a Remove's transaction: into a generation, or parked (awaits)."""
+
+    cache: str
+    upper: str
+    to: str
+    awaits: Awaited | None = None
+
+
+class _Awaiting:
+    """Parked writes by job, each settled once: by its exit, or with None after EXIT_WAIT."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_job: dict[tuple[str, str], list[Awaited]] = {}
+
+    def add(self, awaits: Awaited, settle: Callable[[Awaited, int | None], None]) -> None:
+        job = awaits.container
+        if job is None:  # not a containerd key: its exit can never be seen
+            settle(awaits, None)
+            return
+        with self._lock:
+            self._by_job.setdefault(job, []).append(awaits)
+        timer = threading.Timer(EXIT_WAIT, lambda: self._expire(awaits, settle))
+        timer.daemon = True
+        timer.start()
+
+    def drop(self, awaits: Awaited) -> None:
+        job = awaits.container
+        with self._lock:
+            if job is not None and awaits in self._by_job.get(job, []):
+                self._by_job[job].remove(awaits)
+
+    def take(self, namespace: str, container: str) -> builtins.list[Awaited]:
+        with self._lock:
+            return self._by_job.pop((namespace, container), [])
+
+    def _expire(self, awaits: Awaited, settle: Callable[[Awaited, int | None], None]) -> None:
+        job = awaits.container
+        with self._lock:
+            waiting = self._by_job.get(job, []) if job is not None else []
+            if awaits not in waiting:
+                return  # settled by its exit
+            waiting.remove(awaits)
+        settle(awaits, None)
 
 
 class _Planned(threading.local):
@@ -112,12 +181,15 @@ class Snapshotter:
         self._cleaning = threading.Lock()
         self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
         self._planned = _Planned()
+        self._awaiting = _Awaiting()
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode_field), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
         self.caches = Caches(str(root), self.store)
         self.caches.recover()
+        self.exits: TaskExits | None = None
+        self._follow_exits(config)
         if not self.reserve.keep():
             log.warning(
                 "the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused until it has",
@@ -126,7 +198,18 @@ class Snapshotter:
             )
 
     def close(self) -> None:
+        if self.exits is not None:
+            self.exits.stop()
         self.store.close()
+
+    def _follow_exits(self, config: Config) -> None:
+        """Subscribe to containerd's task exits once a cache promotes on success (started when
+        the daemon listens, or at once after a reload)."""
+        wanted = any(
+            n.cache is not None and n.cache.promote is Promote.ON_SUCCESS for n in config.named_lowers.values()
+        )
+        if wanted and self.exits is None:
+            self.exits = TaskExits(config.kubernetes.containerd_address, self.record_exit)
 
     # --- creation -----------------------------------------------------------------------------
 
@@ -263,6 +346,10 @@ class Snapshotter:
         applied, later = reloaded(self.config, config)
         self.resolver.reload(applied)
         self.config = applied
+        if self.exits is None:
+            self._follow_exits(applied)
+            if self.exits is not None:
+                self.exits.start()
         return later
 
     @staticmethod
@@ -514,34 +601,56 @@ class Snapshotter:
         )
 
     def _remove(self, key: str) -> None:
-        promoted: builtins.list[tuple[str, str]] = []  # (upper, generation) renamed in the transaction
+        moved: builtins.list[Moved] = []  # uppers renamed in the Remove's transaction
         try:
-            self._remove_promoting(key, promoted)
+            self._remove_promoting(key, moved)
         except BaseException:
-            for upper, generation in promoted:  # rolled back: the upper is the snapshot's again
-                os.rename(generation, upper)
+            for m in moved:  # rolled back: the upper is the snapshot's again
+                if m.awaits is not None:
+                    self._awaiting.drop(m.awaits)
+                os.rename(m.to, m.upper)
             raise
-        for _, generation in promoted:
-            log.info("promoted a job's writes", extra=fields(key=key, generation=generation))
+        for m in moved:
+            if m.awaits is None:
+                log.info("promoted a job's writes", extra=fields(key=key, cache=m.cache, generation=m.to))
+            else:
+                log.info(
+                    "awaiting the exit of a job whose writes may be promoted", extra=fields(key=key, cache=m.cache)
+                )
 
-    def _promote(self, tx: Tx, key: str, promoted: builtins.list[tuple[str, str]]) -> None:
+    def _promote(self, tx: Tx, key: str, moved: builtins.list[Moved]) -> None:
         """Make the writes of `key`'s container to each cache it uses that it may grow the
-        cache's next generation, in `tx` (its Remove's): its uppers are mounted no more. A
-        refusal is logged and counted; the Remove goes on."""
+        cache's next generation, in `tx` (its Remove's): its uppers are mounted no more. One whose
+        job's exit is still to be seen is parked for it (settled by record_exit). A refusal is
+        logged and counted; the Remove goes on."""
         sid, info = tx.info(key)
         if info.kind != Kind.ACTIVE:
             return
         pod = info.labels.get(POD_LABEL)
         namespace = pod.partition("/")[0] if pod is not None else None
-        for name, target in tx.cache_uses(sid):
-            named = self.config.named_lowers.get(name)
-            policy = named.cache if named is not None else None
-            if policy is None or not policy.may_promote(namespace, None):
+        for name, target, status in tx.cache_uses(sid):
+            policy = self._cache_policy_named(name)
+            if policy is None or not policy.may_promote(namespace, 0):
                 continue
             upper = f"{self.layout.target_dir(sid, target)}/fs"
             try:
                 if fsutil.upper_in_use(upper):
                     raise Refused("its upper dir is still mounted")
+                if status is None and policy.promote is Promote.ON_SUCCESS:
+                    if not (os.path.isdir(upper) and os.listdir(upper)):
+                        metrics.CACHE_PROMOTIONS.inc("empty")
+                        continue
+                    awaits = Awaited(key, name, namespace, self.caches.park(name, upper, sid))
+                    moved.append(Moved(name, upper, awaits.parked, awaits))
+                    self._awaiting.add(awaits, self._settle)
+                    continue
+                if not policy.may_promote(namespace, status):
+                    metrics.CACHE_PROMOTIONS.inc("failed")
+                    log.info(
+                        "not promoting the writes of a job that failed",
+                        extra=fields(key=key, cache=name, exit_status=status),
+                    )
+                    continue
                 gen = self.caches.promote(tx, name, upper, key, policy)
             except Refused as exc:
                 metrics.CACHE_PROMOTIONS.inc("refused")
@@ -549,19 +658,63 @@ class Snapshotter:
                 continue
             metrics.CACHE_PROMOTIONS.inc("promoted" if gen is not None else "empty")
             if gen is not None:
-                promoted.append((upper, self.caches.generation(name, gen)))
+                moved.append(Moved(name, upper, self.caches.generation(name, gen)))
 
-    def _remove_promoting(self, key: str, promoted: builtins.list[tuple[str, str]]) -> None:
+    def _cache_policy_named(self, name: str) -> CachePolicy | None:
+        named = self.config.named_lowers.get(name)
+        return named.cache if named is not None else None
+
+    def record_exit(self, namespace: str, container: str, status: int) -> None:
+        """containerd said container `container` of `namespace` exited with `status`: kept with
+        the snapshots using caches whose key is its (containerd's `<namespace>/<n>/<id>`), and a
+        removed one's parked writes settled. In a transaction, so a Remove parking them meanwhile
+        has registered them before this looks."""
+        with self.store.transaction() as tx:
+            sids = [
+                sid
+                for sid, key in tx.cache_users_named(namespace, container)
+                if split_key(key) == (namespace, container)
+            ]
+            if sids:
+                tx.set_exit(sids, status)
+            settled = self._awaiting.take(namespace, container)
+        for awaits in settled:
+            self._settle(awaits, status)
+
+    def _settle(self, awaits: Awaited, status: int | None) -> None:
+        """A parked upper whose job's exit is known (`status`; None: not seen in time): the next
+        generation, or deleted."""
+        policy = self._cache_policy_named(awaits.cache)
+        if status is None or policy is None or not policy.may_promote(awaits.namespace, status):
+            why = "its exit was not seen in time" if status is None else f"it exited with status {status}"
+            metrics.CACHE_PROMOTIONS.inc("unseen" if status is None else "failed")
+            log.info("not promoting a job's writes: %s", why, extra=fields(key=awaits.key, cache=awaits.cache))
+            fsutil.remove_tree(Path(awaits.parked))
+            return
+        try:
+            with self.store.transaction() as tx:
+                gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy)
+        except Refused as exc:
+            metrics.CACHE_PROMOTIONS.inc("refused")
+            log.warning(
+                "did not promote a job's writes to cache %s: %s", awaits.cache, exc, extra=fields(key=awaits.key)
+            )
+            fsutil.remove_tree(Path(awaits.parked))
+            return
+        metrics.CACHE_PROMOTIONS.inc("promoted")
+        log.info("promoted a job's writes", extra=fields(key=awaits.key, cache=awaits.cache, generation=gen))
+
+    def _remove_promoting(self, key: str, uppers: builtins.list[Moved]) -> None:
         if self.config.async_remove:
             with self.store.transaction() as tx:
-                self._promote(tx, key, promoted)
+                self._promote(tx, key, uppers)
                 sid, _ = tx.remove(key)
             self.pins.release(sid)
             return
         moved: tuple[Path, Path] | None = None
         try:
             with self.store.transaction() as tx:
-                self._promote(tx, key, promoted)
+                self._promote(tx, key, uppers)
                 sid, _ = tx.remove(key)
                 current, removed = Path(self.layout.dir(sid)), self.snapshots_dir / f"{REMOVED_PREFIX}{sid}"
                 if os.path.lexists(removed):  # a create's leftover of the same id, from before ids were reserved
@@ -710,6 +863,8 @@ class Snapshotter:
     def after_listening(self) -> None:
         """Start-up's work over every snapshot, which the daemon runs once it listens (calls are
         answered meanwhile, from the store): missing dirs reported, rows' replies kept."""
+        if self.exits is not None:
+            self.exits.start()
         try:
             self.report_missing_dirs()
             filled = self.store.fill_replies()

@@ -13,6 +13,7 @@ must not touch snapshot directories or know about mounts or gRPC.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -72,6 +73,7 @@ _CACHES = (
     cache       TEXT    NOT NULL,
     target      TEXT    NOT NULL,
     gens        TEXT    NOT NULL,
+    exit_status INTEGER,            -- of its container's task, once containerd said it exited
     PRIMARY KEY (snapshot_id, cache)
 )""",
 )
@@ -215,10 +217,21 @@ class _Queries:
         row = self._one("SELECT gens FROM cache_uses WHERE snapshot_id = ? AND cache = ?", (sid, name))
         return None if row is None else [int(g) for g in row[0].split(",") if g]
 
-    def cache_uses(self, sid: int) -> list[tuple[str, str]]:
-        """(cache, target) of each cache snapshot `sid` uses."""
+    def cache_uses(self, sid: int) -> list[tuple[str, str, int | None]]:
+        """(cache, target, its task's exit status or None) of each cache snapshot `sid` uses."""
         with self._conn() as db:
-            return list(db.execute("SELECT cache, target FROM cache_uses WHERE snapshot_id = ?", (sid,)))
+            return list(db.execute("SELECT cache, target, exit_status FROM cache_uses WHERE snapshot_id = ?", (sid,)))
+
+    def cache_users_named(self, namespace: str, name: str) -> list[tuple[int, str]]:
+        """(id, key) of the snapshots using a cache whose key is `<namespace>/<anything>/<name>`
+        (a superset of containerd's `<namespace>/<n>/<name>`: the caller checks the middle)."""
+        escaped = [re.sub(r"([\\%_])", r"\\\1", part) for part in (namespace, name)]
+        sql = (
+            "SELECT DISTINCT s.id, s.key FROM cache_uses u JOIN snapshots s ON s.id = u.snapshot_id"
+            " WHERE s.key LIKE ? ESCAPE '\\'"
+        )
+        with self._conn() as db:
+            return list(db.execute(sql, (f"{escaped[0]}/%/{escaped[1]}",)))
 
     def cache_bytes(self, name: str) -> int:
         row = self._one("SELECT COALESCE(SUM(bytes), 0) FROM cache_generations WHERE cache = ?", (name,))
@@ -524,6 +537,9 @@ class Tx(_Queries):
             "INSERT INTO cache_uses (snapshot_id, cache, target, gens) VALUES (?, ?, ?, ?)",
             (sid, name, target, ",".join(map(str, gens))),
         )
+
+    def set_exit(self, sids: Sequence[int], status: int) -> None:
+        self._db.executemany("UPDATE cache_uses SET exit_status = ? WHERE snapshot_id = ?", [(status, i) for i in sids])
 
     def next_generation(self, name: str) -> int:
         row = self._one("SELECT COALESCE(MAX(gen), 0) FROM cache_generations WHERE cache = ?", (name,))
