@@ -21,6 +21,7 @@ from addlower.core.errors import InvalidArgument
 MAX_GENERATIONS = 64
 DEFAULT_MAX_GENERATIONS = 8
 SEED_SOURCE = "seed"  # a generation's source when it was copied from the cache's seed
+SQUASH_SOURCE = "squash of"  # ... when it holds a squashed chain ("squash of 1-9")
 # The overlay xattrs a promoted upper must not hold (besides opaque, which later overlays honour).
 FORBIDDEN_XATTRS = frozenset(
     f"{namespace}.overlay.{name}" for namespace in ("trusted", "user") for name in ("redirect", "metacopy")
@@ -72,11 +73,6 @@ def parse_size(key: str, value: object) -> int:
     if size <= 0:
         raise InvalidArgument(f"{key}: must be positive, not {value!r}")
     return size
-
-
-def chain_dirs(generations: Sequence[str]) -> list[str]:
-    """The lowerdirs of a chain given oldest first: the newest on top."""
-    return list(reversed(generations))
 
 
 def promote_of(key: str, value: object) -> Promote:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from addlower.core.caches import FORBIDDEN_XATTRS, SEED_SOURCE, CachePolicy
+from addlower.core.caches import FORBIDDEN_XATTRS, SEED_SOURCE, SQUASH_SOURCE, CachePolicy
+from addlower.core.logformat import fields
 from addlower.engine import fsutil
 from addlower.engine.store import MetaStore, Tx
 
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 CACHES_DIR = "caches"  # under the snapshotter's root
 TEMP_PREFIX = ".new-"  # a generation being made: never a lower, deleted at start-up
+MOUNT_PREFIX = ".mnt-"  # where a squash mounts the chain it copies out: unmounted at start-up
+# A chain grows past its max_generations until the squash catches up; this many times that, a
+# promotion is refused.
+SQUASH_SLACK = 2
 
 
 @dataclass(frozen=True)
@@ -65,30 +70,42 @@ def measure(upper: str) -> Tree:
 
 
 class Caches:
-    """The generations of every cache under `root`, recorded in `store`."""
+    """The generations of every cache under `root`, recorded in `store`; `options` are the
+    overlay options a squash mounts a chain with."""
 
-    def __init__(self, root: str, store: MetaStore):
+    def __init__(self, root: str, store: MetaStore, options: Sequence[str]):
         self.dir = f"{root}/{CACHES_DIR}"
         self.store = store
+        self.options = tuple(options)
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._seeding = threading.Lock()
+        self._squashing: dict[str, set[int]] = {}  # cache -> the generations a squash is reading
+        self._lock = threading.Lock()
 
     def generation(self, name: str, gen: int) -> str:
         return f"{self.dir}/{name}/{gen}"
 
+    def dirs(self, name: str, gens: Sequence[int]) -> list[str]:
+        """The lowerdirs of a chain given bottom first: the newest on top."""
+        return [self.generation(name, g) for g in reversed(gens)]
+
     def recover(self) -> list[str]:
-        """At start-up: delete what no row accounts for (a promotion or seed cut short by a kill).
+        """At start-up: unmount and delete what a kill left (a squash's mount, a generation being
+        made, writes parked for an exit) and the dirs of generations no chain or snapshot keeps.
         Returns what went."""
         gone = []
         with self.store.read() as reader:
-            known = reader.cache_generations()
+            kept = reader.cache_generations()
         for name in os.listdir(self.dir):
             base = f"{self.dir}/{name}"
-            for entry in os.listdir(base):
-                if entry.isdigit() and (name, int(entry)) in known:
+            for entry in sorted(os.listdir(base)):
+                if entry.isdigit() and (name, int(entry)) in kept:
                     continue
-                log.warning("removing %s/%s, a generation no record accounts for", base, entry)
-                fsutil.remove_tree(Path(f"{base}/{entry}"))
+                path = f"{base}/{entry}"
+                if entry.startswith(MOUNT_PREFIX):
+                    fsutil.unmount(path)
+                log.warning("removing %s, which no generation of cache %s accounts for", path, name)
+                fsutil.remove_tree(Path(path))
                 gone.append(f"{name}/{entry}")
         return gone
 
@@ -98,31 +115,23 @@ class Caches:
             return
         with self._seeding:
             with self.store.read() as reader:
-                if reader.cache_chain(name):
+                if reader.cache_log(name):
                     return
-            os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
-            temp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=f"{self.dir}/{name}")
+            temp = self._temp(name, "seed")
             fd = os.open(policy.seed, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:  # the dir opened, not a path that could be swapped meanwhile; links copied as links
-                subprocess.run(
-                    ["cp", "-a", "--reflink=auto", "--no-dereference", f"/proc/self/fd/{fd}/.", temp],
-                    check=True,
-                    capture_output=True,
-                    pass_fds=(fd,),
-                )
-            except subprocess.CalledProcessError as exc:
-                shutil.rmtree(temp, ignore_errors=True)
-                raise RuntimeError(
-                    f"cache {name!r}: copying its seed {policy.seed} failed: {exc.stderr.decode()}"
-                ) from None
+                _copy_tree(f"/proc/self/fd/{fd}", temp, fd)
+            except RuntimeError as exc:
+                fsutil.remove_tree(Path(temp))
+                raise RuntimeError(f"cache {name!r}: copying its seed {policy.seed} failed: {exc}") from None
             finally:
                 os.close(fd)
-            os.chmod(temp, 0o755)
             tree = measure(temp)
             with self.store.transaction() as tx:
                 os.rename(temp, self.generation(name, 1))
                 tx.add_generation(name, 1, SEED_SOURCE, tree.bytes, tree.entries)
-            log.info("seeded cache %s from %s", name, policy.seed, extra={"bytes": tree.bytes})
+                tx.set_chain(name, [1])
+            log.info("seeded cache %s from %s", name, policy.seed, extra=fields(cache=name, bytes=tree.bytes))
 
     def chain(self, tx: Tx, sid: int, name: str, target: str) -> list[str]:
         """The generations snapshot `sid` sees of cache `name`, newest first: the ones recorded
@@ -131,7 +140,7 @@ class Caches:
         if gens is None:
             gens = tx.cache_chain(name)
             tx.use_cache(sid, name, target, gens)
-        return [self.generation(name, g) for g in reversed(gens)]
+        return self.dirs(name, gens)
 
     def park(self, name: str, upper: str, sid: int) -> str:
         """Move a removed snapshot's upper aside while its job's exit status is awaited (a temp
@@ -142,14 +151,14 @@ class Caches:
         return parked
 
     def promote(self, tx: Tx, name: str, upper: str, source: str, policy: CachePolicy) -> int | None:
-        """Make `upper` (no longer mounted) the next generation of cache `name`, in `tx`: the
-        generation's number, or None when it holds nothing. Raises Refused."""
+        """Make `upper` (no longer mounted) the next generation of cache `name`, on top of its
+        chain, in `tx`: the generation's number, or None when it holds nothing. Raises Refused."""
         if not os.path.isdir(upper) or not os.listdir(upper):
             return None
         tree = measure(upper)
         chain = tx.cache_chain(name)
-        if len(chain) >= policy.max_generations:
-            raise Refused(f"it has {len(chain)} generations, its max_generations")
+        if len(chain) >= policy.max_generations * SQUASH_SLACK:
+            raise Refused(f"its chain has {len(chain)} generations and its squash has not caught up")
         if policy.max_bytes is not None:
             held = tx.cache_bytes(name)
             if held + tree.bytes > policy.max_bytes:
@@ -158,4 +167,83 @@ class Caches:
         os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
         os.rename(upper, self.generation(name, gen))
         tx.add_generation(name, gen, source, tree.bytes, tree.entries)
+        tx.set_chain(name, [*chain, gen])
         return gen
+
+    def squash(self, name: str) -> int | None:
+        """Copy out a read-only overlay of cache `name`'s chain into one generation with the same
+        visible tree (the kernel resolves whiteouts and opaque dirs), and make it the chain's
+        bottom in place of the generations it holds; generations promoted meanwhile stay on top.
+        None when there was nothing to squash (or the chain changed under it: a rollback)."""
+        with self.store.read() as reader:
+            chain = reader.cache_chain(name)
+        if len(chain) < 2:
+            return None
+        with self._lock:
+            if name in self._squashing:
+                return None
+            self._squashing[name] = set(chain)
+        temp = mount = None
+        try:
+            temp, mount = self._temp(name, "squash"), self._temp(name, "", prefix=MOUNT_PREFIX)
+            lowers = ":".join(self.dirs(name, chain))
+            fsutil.mount_overlay(mount, [*self.options, "ro", f"lowerdir={lowers}"])
+            try:
+                _copy_tree(mount, temp)
+            finally:
+                fsutil.unmount(mount)
+            os.rmdir(mount)
+            mount = None
+            tree = measure(temp)
+            with self.store.transaction() as tx:
+                current = tx.cache_chain(name)
+                if current[: len(chain)] != chain:
+                    log.info("cache %s changed while it was squashed: not applied", name, extra=fields(cache=name))
+                    return None
+                gen = tx.next_generation(name)
+                os.rename(temp, self.generation(name, gen))
+                temp = None
+                tx.add_generation(name, gen, f"{SQUASH_SOURCE} {chain[0]}-{chain[-1]}", tree.bytes, tree.entries)
+                tx.set_chain(name, [gen, *current[len(chain) :]])
+            return gen
+        finally:
+            with self._lock:
+                self._squashing.pop(name, None)
+            if mount is not None:
+                fsutil.unmount(mount)
+                with contextlib.suppress(OSError):
+                    os.rmdir(mount)
+            if temp is not None:
+                fsutil.remove_tree(Path(temp))
+
+    def collect(self) -> list[str]:
+        """Delete the generations no chain has and no snapshot got (nor a squash reads): their
+        rows are marked in one transaction, then their dirs go (start-up finishes a kill's)."""
+        with self.store.transaction() as tx:
+            keep = {(c, g) for c, gens in tx.cache_chains().items() for g in gens} | tx.cache_gens_in_use()
+            with self._lock:
+                keep |= {(c, g) for c, gens in self._squashing.items() for g in gens}
+            doomed = sorted(tx.cache_generations() - keep)
+            tx.remove_generations(doomed)
+        for name, gen in doomed:
+            fsutil.remove_tree(Path(self.generation(name, gen)))
+        return [f"{name}/{gen}" for name, gen in doomed]
+
+    def _temp(self, name: str, what: str, prefix: str = TEMP_PREFIX) -> str:
+        os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix=f"{prefix}{what}-", dir=f"{self.dir}/{name}")
+        os.chmod(temp, 0o755)
+        return temp
+
+
+def _copy_tree(source: str, into: str, fd: int | None = None) -> None:
+    """Copy the contents of dir `source` into dir `into`, as they are: owners, modes, times,
+    xattrs, links as links, special files (cp -a, reflinked where the filesystem can)."""
+    done = subprocess.run(
+        ["cp", "-a", "--reflink=auto", "--no-dereference", f"{source}/.", into],
+        capture_output=True,
+        text=True,
+        pass_fds=(fd,) if fd is not None else (),
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip())

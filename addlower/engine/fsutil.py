@@ -17,7 +17,7 @@ import re
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +213,23 @@ def mounts_inside(top: str, names: Iterable[str]) -> dict[str, list[str]]:
     return inside
 
 
+_MS_RDONLY = 0x1
+_MNT_DETACH = 0x2
+
+
+def mount_overlay(target: str, options: Sequence[str]) -> None:
+    """Mount a read-only overlay with `options` (lowerdir= included) at `target`."""
+    data = ",".join(options).encode()
+    if _libc.mount(b"overlay", target.encode(), b"overlay", _MS_RDONLY, data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount overlay: {os.strerror(err)}", target)
+
+
+def unmount(target: str) -> None:
+    """Detach whatever is mounted at `target`; nothing mounted there is fine."""
+    _libc.umount2(target.encode(), _MNT_DETACH)
+
+
 def upper_in_use(upper: str) -> bool:
     """Whether an overlay mounted anywhere in this mount namespace writes to `upper` (its super
     options in the mount table name it)."""
@@ -249,6 +266,8 @@ def remove_tree(path: Path) -> None:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_char_p]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _STATX_MNT_ID = 0x1000
 _AT_EMPTY_PATH = 0x1000
 _AT_SYMLINK_NOFOLLOW = 0x100

@@ -39,24 +39,47 @@ OTHER_LOWERS = "(other)"
 
 
 class Tally:
-    """A counter by one label, with a sample for each expected value from the start (so rate()
-    and alerts see the first event)."""
+    """A counter by one or more labels, with a sample for each expected value from the start (so
+    rate() and alerts see the first event)."""
 
-    def __init__(self, name: str, help_text: str, label: str, expected: Iterable[str]):
-        self.name, self.help, self.label = name, help_text, label
-        self._counts = dict.fromkeys(expected, 0)
+    def __init__(self, name: str, help_text: str, label: str | tuple[str, ...], expected: Iterable[Any] = ()):
+        self.name, self.help = name, help_text
+        self.labels = (label,) if isinstance(label, str) else label
+        self._counts = {(v,) if isinstance(v, str) else tuple(v): 0 for v in expected}
         self._lock = threading.Lock()
 
-    def inc(self, value: str) -> None:
+    def inc(self, *values: str) -> None:
         with self._lock:
-            self._counts[value] = self._counts.get(value, 0) + 1
+            self._counts[values] = self._counts.get(values, 0) + 1
 
     def family(self, core: Any) -> Any:
         with self._lock:
             counts = dict(self._counts)
-        family = core.CounterMetricFamily(self.name, self.help, labels=[self.label])
-        for value, n in sorted(counts.items()):
-            family.add_metric([value], n)
+        family = core.CounterMetricFamily(self.name, self.help, labels=list(self.labels))
+        for values, n in sorted(counts.items()):
+            family.add_metric(list(values), n)
+        return family
+
+
+class Seconds:
+    """How long something took, by one label: a count and a sum (a Prometheus summary)."""
+
+    def __init__(self, name: str, help_text: str, label: str):
+        self.name, self.help, self.label = name, help_text, label
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, value: str, seconds: float) -> None:
+        with self._lock:
+            count, total = self._seen.get(value, (0, 0.0))
+            self._seen[value] = (count + 1, total + seconds)
+
+    def family(self, core: Any) -> Any:
+        with self._lock:
+            seen = dict(self._seen)
+        family = core.SummaryMetricFamily(self.name, self.help, labels=[self.label])
+        for value, (count, total) in sorted(seen.items()):
+            family.add_metric([value], count_value=count, sum_value=total)
         return family
 
 
@@ -88,13 +111,20 @@ LOWERS_CREATED = Tally(
 )
 CACHE_PROMOTIONS = Tally(
     "addlower_cache_promotions",
-    "Jobs' writes to managed caches at their Remove, by result: promoted (a new generation), "
-    "empty (nothing written), refused (logged with the reason), failed (the job's exit status "
-    "was not 0) or unseen (promote = on-success, and its exit was not seen).",
-    "result",
-    ("promoted", "empty", "refused", "failed", "unseen"),
+    "Jobs' writes to managed caches at their Remove, by cache and result: promoted (a new "
+    "generation), empty (nothing written), refused (logged with the reason), failed (the job's "
+    "exit status was not 0) or unseen (promote = on-success, and its exit was not seen).",
+    ("cache", "result"),
 )
-TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS, CACHE_PROMOTIONS)
+CACHE_SQUASHES = Tally(
+    "addlower_cache_squashes",
+    "Squashes of managed caches' chains, by cache and result (squashed, or failed: logged).",
+    ("cache", "result"),
+)
+CACHE_SQUASH_SECONDS = Seconds(
+    "addlower_cache_squash_seconds", "Time to squash a managed cache's chain into one generation.", "cache"
+)
+TALLIES = (LOWERS_RESOLVED, LOWERS_REFUSED, LOWERS_CREATED, CONFIG_RELOADS, CACHE_PROMOTIONS, CACHE_SQUASHES)
 
 
 class CallStats:
@@ -152,6 +182,7 @@ class StoreView:
     db: Path
     root: Path  # the snapshotter's root: its filesystem's free room
     host_mounts: Callable[[], tuple[int, int]]  # pins and target mounts of extra lowers, and their budget
+    caches: Callable[[], list[tuple[str, int, int, int]]] = list  # (cache, generations, bytes, containers)
 
 
 def lower_users(values: Iterable[str]) -> dict[str, int]:
@@ -177,6 +208,22 @@ class StoreCollector:
 
         for tally in TALLIES:
             yield tally.family(core)
+        yield CACHE_SQUASH_SECONDS.family(core)
+        gauges = {
+            "generations": core.GaugeMetricFamily(
+                "addlower_cache_generations", "Generations in each managed cache's chain.", labels=["cache"]
+            ),
+            "bytes": core.GaugeMetricFamily(
+                "addlower_cache_bytes", "Bytes of regular files in each managed cache's chain.", labels=["cache"]
+            ),
+            "containers": core.GaugeMetricFamily(
+                "addlower_cache_containers", "Snapshots (containers) using each managed cache.", labels=["cache"]
+            ),
+        }
+        for name, generations, size, containers in self._view.caches():
+            for gauge, value in zip(gauges.values(), (generations, size, containers), strict=True):
+                gauge.add_metric([name], value)
+        yield from gauges.values()
         build = core.InfoMetricFamily("addlower_build", "The running daemon's version.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield build

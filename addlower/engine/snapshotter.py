@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from operator import itemgetter
 from pathlib import Path
@@ -182,11 +183,12 @@ class Snapshotter:
         self._removing: set[str] = set()  # rm-<id> dirs a synchronous Remove is deleting
         self._planned = _Planned()
         self._awaiting = _Awaiting()
+        self._squasher = ThreadPoolExecutor(1, thread_name_prefix="squash")  # one squash at a time
         # A full disk must not keep the daemon from starting: the reserve's room lets SQLite open
         # (its -wal and -shm files) and start-up record what it sets aside.
         self.store = self._with_reserve(lambda: MetaStore(root / DB_NAME, wire.encode_field), "open the metadata")
         self._with_reserve(self._set_aside_unrecorded, "start")
-        self.caches = Caches(str(root), self.store)
+        self.caches = Caches(str(root), self.store, self.overlay_options)
         self.caches.recover()
         self.exits: TaskExits | None = None
         self._follow_exits(config)
@@ -261,7 +263,7 @@ class Snapshotter:
                     gens = reader.cache_use(snap.id, lower.name or "")
                     if gens is None:
                         return None
-                    chains[lower.name or ""] = [self.caches.generation(lower.name or "", g) for g in reversed(gens)]
+                    chains[lower.name or ""] = self.caches.dirs(lower.name or "", gens)
         return self._compute(snap, lowers, pins, chains)
 
     def remove_walks(self, key: str) -> bool:
@@ -613,6 +615,7 @@ class Snapshotter:
         for m in moved:
             if m.awaits is None:
                 log.info("promoted a job's writes", extra=fields(key=key, cache=m.cache, generation=m.to))
+                self._squash_when_long(m.cache)
             else:
                 log.info(
                     "awaiting the exit of a job whose writes may be promoted", extra=fields(key=key, cache=m.cache)
@@ -638,14 +641,14 @@ class Snapshotter:
                     raise Refused("its upper dir is still mounted")
                 if status is None and policy.promote is Promote.ON_SUCCESS:
                     if not (os.path.isdir(upper) and os.listdir(upper)):
-                        metrics.CACHE_PROMOTIONS.inc("empty")
+                        metrics.CACHE_PROMOTIONS.inc(name, "empty")
                         continue
                     awaits = Awaited(key, name, namespace, self.caches.park(name, upper, sid))
                     moved.append(Moved(name, upper, awaits.parked, awaits))
                     self._awaiting.add(awaits, self._settle)
                     continue
                 if not policy.may_promote(namespace, status):
-                    metrics.CACHE_PROMOTIONS.inc("failed")
+                    metrics.CACHE_PROMOTIONS.inc(name, "failed")
                     log.info(
                         "not promoting the writes of a job that failed",
                         extra=fields(key=key, cache=name, exit_status=status),
@@ -653,10 +656,10 @@ class Snapshotter:
                     continue
                 gen = self.caches.promote(tx, name, upper, key, policy)
             except Refused as exc:
-                metrics.CACHE_PROMOTIONS.inc("refused")
+                metrics.CACHE_PROMOTIONS.inc(name, "refused")
                 log.warning("did not promote a job's writes to cache %s: %s", name, exc, extra=fields(key=key))
                 continue
-            metrics.CACHE_PROMOTIONS.inc("promoted" if gen is not None else "empty")
+            metrics.CACHE_PROMOTIONS.inc(name, "promoted" if gen is not None else "empty")
             if gen is not None:
                 moved.append(Moved(name, upper, self.caches.generation(name, gen)))
 
@@ -687,7 +690,7 @@ class Snapshotter:
         policy = self._cache_policy_named(awaits.cache)
         if status is None or policy is None or not policy.may_promote(awaits.namespace, status):
             why = "its exit was not seen in time" if status is None else f"it exited with status {status}"
-            metrics.CACHE_PROMOTIONS.inc("unseen" if status is None else "failed")
+            metrics.CACHE_PROMOTIONS.inc(awaits.cache, "unseen" if status is None else "failed")
             log.info("not promoting a job's writes: %s", why, extra=fields(key=awaits.key, cache=awaits.cache))
             fsutil.remove_tree(Path(awaits.parked))
             return
@@ -695,14 +698,39 @@ class Snapshotter:
             with self.store.transaction() as tx:
                 gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy)
         except Refused as exc:
-            metrics.CACHE_PROMOTIONS.inc("refused")
+            metrics.CACHE_PROMOTIONS.inc(awaits.cache, "refused")
             log.warning(
                 "did not promote a job's writes to cache %s: %s", awaits.cache, exc, extra=fields(key=awaits.key)
             )
             fsutil.remove_tree(Path(awaits.parked))
             return
-        metrics.CACHE_PROMOTIONS.inc("promoted")
+        metrics.CACHE_PROMOTIONS.inc(awaits.cache, "promoted")
         log.info("promoted a job's writes", extra=fields(key=awaits.key, cache=awaits.cache, generation=gen))
+        self._squash_when_long(awaits.cache)
+
+    def _squash_when_long(self, name: str) -> None:
+        """Squash cache `name` in the background once its chain is longer than its max_generations."""
+        policy = self._cache_policy_named(name)
+        with self.store.read() as reader:
+            long = policy is not None and len(reader.cache_chain(name)) > policy.max_generations
+        if long:
+            self._squasher.submit(self.squash, name)
+
+    def squash(self, name: str) -> int | None:
+        """Squash cache `name`'s chain into one generation now; its number, or None (nothing to do)."""
+        started = time.monotonic()
+        try:
+            gen = self.caches.squash(name)
+        except Exception:
+            metrics.CACHE_SQUASHES.inc(name, "failed")
+            log.exception("squashing cache %s failed", name)
+            raise
+        if gen is not None:
+            seconds = time.monotonic() - started
+            metrics.CACHE_SQUASHES.inc(name, "squashed")
+            metrics.CACHE_SQUASH_SECONDS.observe(name, seconds)
+            log.info("squashed a cache", extra=fields(cache=name, generation=gen, duration_s=round(seconds, 3)))
+        return gen
 
     def _remove_promoting(self, key: str, uppers: builtins.list[Moved]) -> None:
         if self.config.async_remove:
@@ -775,6 +803,9 @@ class Snapshotter:
                     removed.append(name)
                 except Exception as exc:  # left for the next Cleanup, and for the operator to look at
                     log.error("cleanup could not remove %s: %s", path, exc)
+            for gone in self.caches.collect():  # generations no chain has and no container got
+                log.info("removed generation %s, which no container uses", gone)
+                removed.append(f"caches/{gone}")
         if removed and not self.reserve.kept:
             self.reserve.keep()
         return removed

@@ -61,12 +61,19 @@ _REPLIES = (
 _CACHES = (
     """CREATE TABLE IF NOT EXISTS cache_generations (
     cache       TEXT    NOT NULL,
-    gen         INTEGER NOT NULL,
+    gen         INTEGER NOT NULL,   -- never handed out twice per cache
     created_at  INTEGER NOT NULL,   -- nanoseconds since the epoch, UTC
-    source      TEXT    NOT NULL,   -- "seed", or the key of the snapshot whose writes it holds
+    source      TEXT    NOT NULL,   -- "seed", "squash of A-B", or the key of the snapshot whose writes it holds
     bytes       INTEGER NOT NULL,
     entries     INTEGER NOT NULL,
+    removed_at  INTEGER,            -- its dir deleted (or being deleted): no chain or container used it
     PRIMARY KEY (cache, gen)
+)""",
+    """CREATE TABLE IF NOT EXISTS cache_chains (
+    cache       TEXT    NOT NULL,
+    pos         INTEGER NOT NULL,   -- 0 at the bottom
+    gen         INTEGER NOT NULL,
+    PRIMARY KEY (cache, pos)
 )""",
     """CREATE TABLE IF NOT EXISTS cache_uses (
     snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
@@ -208,9 +215,24 @@ class _Queries:
     # --- managed caches ---
 
     def cache_chain(self, name: str) -> list[int]:
-        """Cache `name`'s generations, oldest first."""
+        """Cache `name`'s chain, the generations new containers get: bottom first."""
         with self._conn() as db:
-            return [r[0] for r in db.execute("SELECT gen FROM cache_generations WHERE cache = ? ORDER BY gen", (name,))]
+            return [r[0] for r in db.execute("SELECT gen FROM cache_chains WHERE cache = ? ORDER BY pos", (name,))]
+
+    def cache_chains(self) -> dict[str, list[int]]:
+        chains: dict[str, list[int]] = {}
+        with self._conn() as db:
+            for cache, gen in db.execute("SELECT cache, gen FROM cache_chains ORDER BY cache, pos"):
+                chains.setdefault(cache, []).append(gen)
+        return chains
+
+    def cache_gens_in_use(self) -> set[tuple[str, int]]:
+        """(cache, gen) of every generation some snapshot got."""
+        used: set[tuple[str, int]] = set()
+        with self._conn() as db:
+            for cache, gens in db.execute("SELECT cache, gens FROM cache_uses"):
+                used.update((cache, int(g)) for g in gens.split(",") if g)
+        return used
 
     def cache_use(self, sid: int, name: str) -> list[int] | None:
         """The generations snapshot `sid` got of cache `name` (oldest first), or None."""
@@ -234,16 +256,23 @@ class _Queries:
             return list(db.execute(sql, (f"{escaped[0]}/%/{escaped[1]}",)))
 
     def cache_bytes(self, name: str) -> int:
-        row = self._one("SELECT COALESCE(SUM(bytes), 0) FROM cache_generations WHERE cache = ?", (name,))
+        """What cache `name`'s chain holds."""
+        row = self._one(
+            "SELECT COALESCE(SUM(g.bytes), 0) FROM cache_chains c JOIN cache_generations g"
+            " ON g.cache = c.cache AND g.gen = c.gen WHERE c.cache = ?",
+            (name,),
+        )
         return int(row[0])
 
     def cache_generations(self) -> set[tuple[str, int]]:
+        """(cache, gen) of every generation whose dir is kept (not removed)."""
         with self._conn() as db:
-            return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations")}
+            return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations WHERE removed_at IS NULL")}
 
-    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int]]:
-        """(cache, gen, created_at, source, bytes, entries) of every generation, or of one cache's."""
-        sql = "SELECT cache, gen, created_at, source, bytes, entries FROM cache_generations"
+    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int, int | None]]:
+        """(cache, gen, created_at, source, bytes, entries, removed_at) of every generation, or of
+        one cache's."""
+        sql = "SELECT cache, gen, created_at, source, bytes, entries, removed_at FROM cache_generations"
         with self._conn() as db:
             if name is None:
                 return list(db.execute(sql + " ORDER BY cache, gen"))
@@ -551,6 +580,19 @@ class Tx(_Queries):
             (name, gen, time.time_ns(), source, size, entries),
         )
 
+    def set_chain(self, name: str, gens: Sequence[int]) -> None:
+        """Make `gens` (bottom first) cache `name`'s chain."""
+        self._db.execute("DELETE FROM cache_chains WHERE cache = ?", (name,))
+        self._db.executemany(
+            "INSERT INTO cache_chains (cache, pos, gen) VALUES (?, ?, ?)", [(name, i, g) for i, g in enumerate(gens)]
+        )
+
+    def remove_generations(self, doomed: Iterable[tuple[str, int]]) -> None:
+        self._db.executemany(
+            "UPDATE cache_generations SET removed_at = ? WHERE cache = ? AND gen = ?",
+            [(time.time_ns(), c, g) for c, g in doomed],
+        )
+
     def reserve_ids(self, upto: int) -> None:
         """Never hand out ids up to `upto` (again): start-up found dirs of them that no row accounts
         for (a create killed between its dir's rename and its COMMIT)."""
@@ -714,6 +756,18 @@ class MetaStore:
             for kind, count in db.execute("SELECT kind, COUNT(*) FROM snapshots GROUP BY kind"):
                 counts[Kind(kind).label] = count
         return counts
+
+    def cache_figures(self) -> list[tuple[str, int, int, int]]:
+        """(cache, generations in its chain, their bytes, snapshots using it) of each cache."""
+        with self._pool.lend() as db:
+            return list(
+                db.execute(
+                    "SELECT c.cache, COUNT(*), SUM(g.bytes),"
+                    " (SELECT COUNT(*) FROM cache_uses u WHERE u.cache = c.cache)"
+                    " FROM cache_chains c JOIN cache_generations g ON g.cache = c.cache AND g.gen = c.gen"
+                    " GROUP BY c.cache ORDER BY c.cache"
+                )
+            )
 
     def active_labels(self, label: str) -> list[str]:
         """The value of `label` on each active snapshot that has it."""

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import click
 
-from addlower.core.caches import SEED_SOURCE
+from addlower.core.caches import SEED_SOURCE, SQUASH_SOURCE
 from addlower.ops.render import Column, age_text, human_size, iso_time, print_json, render_table
 from addlower.ops.sources import Invocation, admin_command, read_only_store
 
@@ -27,6 +27,7 @@ LOG_COLUMNS = (
     Column("CREATED"),
     Column("SIZE", right=True),
     Column("ENTRIES", right=True),
+    Column("STATE"),
     Column("FROM", flexible=True),
 )
 
@@ -50,10 +51,11 @@ def cache_ls(inv: Invocation) -> None:
     with read_only_store(inv.target().db) as reader:
         log = reader.cache_log()
         users = reader.cache_users()
+        chains = reader.cache_chains()
     rows = []
     for name in sorted({*caches, *(g[0] for g in log)}):
-        gens = [g for g in log if g[0] == name]
-        promoted = [g[2] for g in gens if g[3] != SEED_SOURCE]
+        gens = [g for g in log if g[0] == name and g[1] in chains.get(name, ())]
+        promoted = [g[2] for g in log if g[0] == name and g[3] != SEED_SOURCE and not g[3].startswith(SQUASH_SOURCE)]
         named = caches.get(name)
         policy = named.cache if named is not None else None
         rows.append(
@@ -85,25 +87,34 @@ def cache_ls(inv: Invocation) -> None:
     click.echo("\n".join(render_table(LS_COLUMNS, table, None)))
 
 
+@dataclass(frozen=True)
+class GenerationRow:
+    generation: int
+    created: str
+    source: str  # "seed", "squash of A-B", or the snapshot key whose writes it holds
+    bytes: int
+    entries: int
+    state: str  # "chain" (new containers get it), "kept" (containers got it), "removed"
+
+
 @admin_command("log")
 @click.argument("name")
 def cache_log(inv: Invocation, name: str) -> None:
-    """Show a cache's generations, oldest first: when, from which container, size."""
+    """Show a cache's generations, oldest first: when, from which container, size, and whether
+    new containers get it (chain), only containers that got it earlier (kept), or it is gone."""
     with read_only_store(inv.target().db) as reader:
         gens = reader.cache_log(name)
+        chain = set(reader.cache_chain(name))
     if not gens:
         raise click.ClickException(f"cache {name!r} has no generations")
     rows = [
-        {"generation": g, "created": iso_time(t), "source": src, "bytes": b, "entries": n}
-        for _, g, t, src, b, n in gens
+        GenerationRow(g, iso_time(t), src, b, n, "removed" if gone else "chain" if g in chain else "kept")
+        for _, g, t, src, b, n, gone in gens
     ]
     if inv.as_json:
-        print_json(rows)
+        print_json([asdict(r) for r in rows])
         return
-    table = [
-        [str(r["generation"]), str(r["created"]), human_size(int(str(r["bytes"]))), str(r["entries"]), str(r["source"])]
-        for r in rows
-    ]
+    table = [[str(r.generation), r.created, human_size(r.bytes), str(r.entries), r.state, r.source] for r in rows]
     click.echo("\n".join(render_table(LOG_COLUMNS, table, None)))
 
 

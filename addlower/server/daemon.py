@@ -125,6 +125,7 @@ class Daemon:
                         store.path,
                         config.root_dir,
                         lambda: (sn.pins.host_mounts, sn.config.max_host_mounts),
+                        store.cache_figures,
                     ),
                 )
             except OSError as exc:

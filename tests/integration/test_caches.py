@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -139,3 +141,87 @@ def test_generations_survive_a_restart_and_a_stray_one_goes(tmp_path: Path):
         assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
         with mounted(job(c, "job2"), tmp_path / "job2") as m:
             assert (m / "new.jar").read_text() == "kept\n"
+
+
+def tree_of(top: Path) -> dict[str, tuple]:
+    """Every entry under `top` as a user would compare it: type, mode, owner, and contents or
+    link target."""
+    seen: dict[str, tuple] = {}
+    for path in sorted(top.rglob("*")):
+        st = path.lstat()
+        rel = str(path.relative_to(top))
+        if path.is_symlink():
+            seen[rel] = ("link", os.readlink(path), st.st_uid, st.st_gid)
+        elif path.is_dir():
+            seen[rel] = ("dir", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+        else:
+            seen[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, path.read_bytes())
+    return seen
+
+
+def wait_for(check: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_long_chain_is_squashed_to_the_same_tree_and_old_generations_go_once_unused(tmp_path: Path):
+    args = cache_config(tmp_path, extra="max_generations = 4\n")
+    with serving(tmp_path, args) as (d, c):
+        writes = [
+            "mkdir -p lib && echo a > lib/a.jar && echo k > lib/keep.jar && chmod 600 lib/keep.jar "
+            "&& chown 1234:5678 lib/keep.jar && rm seeded.jar",
+            "ln -s lib/a.jar link && rm -rf old && mkdir old && echo b > old/b.jar && mkdir -p empty",
+            "echo c > lib/c.jar && rm lib/a.jar && echo again > lib/a.jar",  # deleted, then made again
+            "echo d > lib/d.jar",  # the fifth generation: past max_generations, the chain is squashed
+        ]
+        for n, script in enumerate(writes, 1):
+            if n == len(writes):
+                before = job(c, "before")  # a chain of four: the seed and three jobs' writes
+            with mounted(job(c, f"job{n}"), tmp_path / f"job{n}") as m:
+                subprocess.run(["sh", "-c", script], cwd=m, check=True)
+            c.remove(f"job{n}")
+        assert len(lowerdirs(before[0])) == 4
+        chain = d.root / "caches" / "m2"
+        log = ["--root-dir", str(d.root), "--config", str(tmp_path / "config.toml"), "--json"]
+
+        def generations() -> list[dict]:
+            shown = CliRunner().invoke(admin, ["cache", "log", "m2", *log])
+            assert shown.exit_code == 0, shown.output
+            return json.loads(shown.output)
+
+        wait_for(lambda: [g["state"] for g in generations()].count("chain") == 1, "the squash")
+        after = job(c, "after")
+        assert lowerdirs(after[0]) == [f"{chain}/6"] and generations()[-1]["source"] == "squash of 1-5"
+        with mounted(before, tmp_path / "before") as old, mounted(after, tmp_path / "after") as new:
+            squashed = tree_of(new)
+            assert squashed.pop("lib/d.jar")[-1] == b"d\n"
+            assert squashed == tree_of(old)  # contents, modes, owners, links, deletions
+            assert squashed["lib/a.jar"] == ("file", 0o644, 0, 0, b"again\n") and "seeded.jar" not in squashed
+            assert squashed["lib/keep.jar"] == ("file", 0o600, 1234, 5678, b"k\n")
+            assert squashed["link"] == ("link", "lib/a.jar", 0, 0)
+            assert [k for k in squashed if k.startswith("old/")] == ["old/b.jar"]  # the replaced dir
+        c.cleanup()  # "before" still has the first four; the fifth is in the squash alone
+        assert sorted(os.listdir(chain), key=int) == ["1", "2", "3", "4", "6"]
+        c.remove("before")
+        c.cleanup()
+        assert os.listdir(chain) == ["6"]
+        assert [g["state"] for g in generations()] == ["removed"] * 5 + ["chain"]
+
+
+def test_what_a_kill_leaves_of_a_squash_goes_at_start_up_and_the_chain_stays(tmp_path: Path):
+    args = cache_config(tmp_path)
+    with serving(tmp_path, args) as (d, c):
+        c.prepare("job", labels={LOWERS: "m2"})  # the seed is copied in
+    caches = tmp_path / "root" / "caches" / "m2"
+    mount, temp = caches / ".mnt-squash-x", caches / ".new-squash-y"
+    mount.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(caches / "1"), str(mount)], check=True)
+    temp.mkdir()
+    (temp / "half.jar").write_text("half\n")
+    with serving(tmp_path, args) as (d, c):
+        assert os.listdir(caches) == ["1"]
+        assert (caches / "1" / "seeded.jar").read_text() == "from the seed\n"  # nothing deleted through the mount
+        assert lowerdirs(job(c, "next")[0]) == [str(caches / "1")]
