@@ -19,7 +19,7 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,33 +40,64 @@ SQUASH_SLACK = 2
 
 @dataclass(frozen=True)
 class Tree:
-    """What a promoted upper holds: regular files' bytes, and entries (files, dirs, links, whiteouts)."""
+    """What a job's writes to a cache did, seen against the chain below them: regular files'
+    bytes, and entries added, changed (there below too) and deleted (whiteouts)."""
 
-    bytes: int
-    entries: int
+    bytes: int = 0
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
 
 
 class Refused(Exception):
     """A job's upper that must not become a generation; the message says why."""
 
 
-def measure(upper: str) -> Tree:
-    """Walk `upper` without following links: its size, and a refusal of overlay xattrs that
-    would make it read differently under a later overlay (redirects, metacopy-only files)."""
-    size = entries = 0
+ADDED, CHANGED, DELETED, REPLACED = "A", "C", "D", "R"  # as `docker diff` says it, and R: a replaced dir
+_OPAQUE = ("trusted.overlay.opaque", "user.overlay.opaque")
+
+
+def changes(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(kind, path relative to `upper`, its lstat) of each change in an overlay upper dir over
+    `lowers`, walked without following links; a dir is a change when it is new or replaces the
+    one below (opaque), not when it only holds changes. Refuses (Refused) overlay xattrs that
+    would make the upper read differently under a later overlay: redirects, metacopy-only files."""
     for top, dirs, files in os.walk(upper):
-        for name in dirs + files:
+        for name in sorted(dirs + files):
             path = os.path.join(top, name)
+            rel = os.path.relpath(path, upper)
             st = os.lstat(path)
-            entries += 1
-            if stat.S_ISREG(st.st_mode):
-                size += st.st_size
-            with contextlib.suppress(OSError):  # a symlink or a special file carries none we check
-                held = os.listxattr(path, follow_symlinks=False)
-                bad = next((x for x in held if x in FORBIDDEN_XATTRS), None)
-                if bad is not None:
-                    raise Refused(f"{os.path.relpath(path, upper)} carries the overlay xattr {bad}")
-    return Tree(size, entries)
+            held = _xattrs(path)
+            bad = next((x for x in held if x in FORBIDDEN_XATTRS), None)
+            if bad is not None:
+                raise Refused(f"{rel} carries the overlay xattr {bad}")
+            below = any(os.path.lexists(os.path.join(lower, rel)) for lower in lowers)
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                yield DELETED, rel, st
+            elif stat.S_ISDIR(st.st_mode):
+                if any(x in held for x in _OPAQUE) and below:
+                    yield REPLACED, rel, st
+                elif not below:
+                    yield ADDED, rel, st
+            else:
+                yield (CHANGED if below else ADDED), rel, st
+
+
+def _xattrs(path: str) -> list[str]:
+    try:
+        return os.listxattr(path, follow_symlinks=False)
+    except OSError:  # a filesystem or file type without them
+        return []
+
+
+def measure(upper: str, lowers: Sequence[str] = ()) -> Tree:
+    """What `upper` does over `lowers` (see changes)."""
+    size, counts = 0, {ADDED: 0, CHANGED: 0, DELETED: 0, REPLACED: 0}
+    for kind, _, st in changes(upper, lowers):
+        counts[kind] += 1
+        if stat.S_ISREG(st.st_mode):
+            size += st.st_size
+    return Tree(size, counts[ADDED], counts[CHANGED] + counts[REPLACED], counts[DELETED])
 
 
 class Caches:
@@ -129,7 +160,7 @@ class Caches:
             tree = measure(temp)
             with self.store.transaction() as tx:
                 os.rename(temp, self.generation(name, 1))
-                tx.add_generation(name, 1, SEED_SOURCE, tree.bytes, tree.entries)
+                tx.add_generation(name, 1, SEED_SOURCE, tree)
                 tx.set_chain(name, [1])
             log.info("seeded cache %s from %s", name, policy.seed, extra=fields(cache=name, bytes=tree.bytes))
 
@@ -155,8 +186,8 @@ class Caches:
         chain, in `tx`: the generation's number, or None when it holds nothing. Raises Refused."""
         if not os.path.isdir(upper) or not os.listdir(upper):
             return None
-        tree = measure(upper)
         chain = tx.cache_chain(name)
+        tree = measure(upper, self.dirs(name, chain))
         if len(chain) >= policy.max_generations * SQUASH_SLACK:
             raise Refused(f"its chain has {len(chain)} generations and its squash has not caught up")
         if policy.max_bytes is not None:
@@ -166,7 +197,7 @@ class Caches:
         gen = tx.next_generation(name)
         os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
         os.rename(upper, self.generation(name, gen))
-        tx.add_generation(name, gen, source, tree.bytes, tree.entries)
+        tx.add_generation(name, gen, source, tree)
         tx.set_chain(name, [*chain, gen])
         return gen
 
@@ -203,7 +234,7 @@ class Caches:
                 gen = tx.next_generation(name)
                 os.rename(temp, self.generation(name, gen))
                 temp = None
-                tx.add_generation(name, gen, f"{SQUASH_SOURCE} {chain[0]}-{chain[-1]}", tree.bytes, tree.entries)
+                tx.add_generation(name, gen, f"{SQUASH_SOURCE} {chain[0]}-{chain[-1]}", tree)
                 tx.set_chain(name, [gen, *current[len(chain) :]])
             return gen
         finally:

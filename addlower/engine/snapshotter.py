@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from addlower.core.caches import CachePolicy, Promote
 from addlower.core.config import Config, reloaded
-from addlower.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from addlower.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.keys import split_key
 from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, UPPERDIR_LABEL, validate_labels
 from addlower.core.logformat import fields
@@ -708,6 +708,65 @@ class Snapshotter:
         log.info("promoted a job's writes", extra=fields(key=awaits.key, cache=awaits.cache, generation=gen))
         self._squash_when_long(awaits.cache)
 
+    # --- the operator's hand on caches (addlower cache ...) -----------------------------------
+
+    def rollback(self, name: str, gen: int) -> str:
+        """Make cache `name`'s chain end at generation `gen` (0: drop its newest) for containers
+        created from now on; running ones keep theirs, and Cleanup deletes what nobody uses."""
+        with self.store.transaction() as tx:
+            chain = tx.cache_chain(name)
+            if not chain and not tx.cache_log(name):
+                raise NotFound(f"cache {name!r} has no generations")
+            if gen and gen not in chain:
+                raise InvalidArgument(f"generation {gen} is not in the chain of cache {name!r}: {chain}")
+            kept = chain[: chain.index(gen) + 1] if gen else chain[:-1]
+            tx.set_chain(name, kept)
+        log.warning("rolled a cache back", extra=fields(cache=name, chain=",".join(map(str, kept)) or "-"))
+        return f"cache {name}: chain {chain} -> {kept}"
+
+    def promote_writes(self, key: str) -> str:
+        """An operator's hand: the writes of `key`'s container (stopped: its uppers mounted no
+        more) to each cache it uses become generations now, whatever the caches' promote says
+        (their budgets and checks hold); its uppers start empty again."""
+        moved: builtins.list[Moved] = []
+        done = []
+        try:
+            with self.store.transaction() as tx:
+                sid, info = tx.info(key)
+                uses = tx.cache_uses(sid) if info.kind == Kind.ACTIVE else []
+                if not uses:
+                    raise FailedPrecondition(f"snapshot {key!r} is no container using a cache")
+                for name, target, _ in uses:
+                    policy = self._cache_policy_named(name)
+                    if policy is None:
+                        raise FailedPrecondition(f"cache {name!r} is no longer configured")
+                    upper = f"{self.layout.target_dir(sid, target)}/fs"
+                    if fsutil.upper_in_use(upper):
+                        raise FailedPrecondition(
+                            f"{key!r}: its writes to cache {name!r} are still mounted; stop it first"
+                        )
+                    try:
+                        gen = self.caches.promote(tx, name, upper, key, policy)
+                    except Refused as exc:
+                        raise FailedPrecondition(f"cache {name!r}: {exc}") from None
+                    if gen is None:
+                        done.append(f"cache {name}: nothing written")
+                        continue
+                    moved.append(Moved(name, upper, self.caches.generation(name, gen)))
+                    os.mkdir(upper, 0o755)
+                    done.append(f"cache {name}: generation {gen}")
+        except BaseException:
+            for m in moved:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(m.upper)
+                os.rename(m.to, m.upper)
+            raise
+        for m in moved:
+            metrics.CACHE_PROMOTIONS.inc(m.cache, "promoted")
+            log.info("promoted a job's writes by hand", extra=fields(key=key, cache=m.cache, generation=m.to))
+            self._squash_when_long(m.cache)
+        return "\n".join(done)
+
     def _squash_when_long(self, name: str) -> None:
         """Squash cache `name` in the background once its chain is longer than its max_generations."""
         policy = self._cache_policy_named(name)
@@ -718,6 +777,8 @@ class Snapshotter:
 
     def squash(self, name: str) -> int | None:
         """Squash cache `name`'s chain into one generation now; its number, or None (nothing to do)."""
+        if self._cache_policy_named(name) is None:
+            raise NotFound(f"cache {name!r} is not configured")
         started = time.monotonic()
         try:
             gen = self.caches.squash(name)

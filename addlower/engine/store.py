@@ -64,8 +64,10 @@ _CACHES = (
     gen         INTEGER NOT NULL,   -- never handed out twice per cache
     created_at  INTEGER NOT NULL,   -- nanoseconds since the epoch, UTC
     source      TEXT    NOT NULL,   -- "seed", "squash of A-B", or the key of the snapshot whose writes it holds
-    bytes       INTEGER NOT NULL,
-    entries     INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL,   -- of its regular files
+    added       INTEGER NOT NULL,   -- entries new to the chain below it
+    changed     INTEGER NOT NULL,   -- entries there below too (files rewritten, dirs replaced)
+    deleted     INTEGER NOT NULL,   -- whiteouts
     removed_at  INTEGER,            -- its dir deleted (or being deleted): no chain or container used it
     PRIMARY KEY (cache, gen)
 )""",
@@ -269,10 +271,10 @@ class _Queries:
         with self._conn() as db:
             return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations WHERE removed_at IS NULL")}
 
-    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int, int | None]]:
-        """(cache, gen, created_at, source, bytes, entries, removed_at) of every generation, or of
-        one cache's."""
-        sql = "SELECT cache, gen, created_at, source, bytes, entries, removed_at FROM cache_generations"
+    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int, int, int, int | None]]:
+        """(cache, gen, created_at, source, bytes, added, changed, deleted, removed_at) of every
+        generation, or of one cache's."""
+        sql = "SELECT cache, gen, created_at, source, bytes, added, changed, deleted, removed_at FROM cache_generations"
         with self._conn() as db:
             if name is None:
                 return list(db.execute(sql + " ORDER BY cache, gen"))
@@ -574,10 +576,12 @@ class Tx(_Queries):
         row = self._one("SELECT COALESCE(MAX(gen), 0) FROM cache_generations WHERE cache = ?", (name,))
         return int(row[0]) + 1
 
-    def add_generation(self, name: str, gen: int, source: str, size: int, entries: int) -> None:
+    def add_generation(self, name: str, gen: int, source: str, tree: Any) -> None:
+        """Record generation `gen` of cache `name`; `tree` has bytes, added, changed, deleted."""
         self._db.execute(
-            "INSERT INTO cache_generations (cache, gen, created_at, source, bytes, entries) VALUES (?, ?, ?, ?, ?, ?)",
-            (name, gen, time.time_ns(), source, size, entries),
+            "INSERT INTO cache_generations (cache, gen, created_at, source, bytes, added, changed, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, gen, time.time_ns(), source, tree.bytes, tree.added, tree.changed, tree.deleted),
         )
 
     def set_chain(self, name: str, gens: Sequence[int]) -> None:

@@ -1,15 +1,25 @@
-"""`addlower cache`: the managed caches as the store records them (ls, log), read-only, so they
-work while the daemon runs and when it is down. Must not write the store or a cache's dirs, and
-must not import the daemon or its server.
+"""`addlower cache`: the managed caches as the store records them (ls, log, diff: read-only, so
+they work while the daemon runs and when it is down), and an operator's hand on them (squash,
+rollback, promote: asked of the running daemon, which alone writes the store and the caches'
+dirs). Must not write either itself, and must not import the daemon or its server.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import click
+import grpc
 
+from addlower.api import admin_pb2
 from addlower.core.caches import SEED_SOURCE, SQUASH_SOURCE
+from addlower.core.errors import SnapshotError
+from addlower.core.keys import resolve_key
+from addlower.engine.caches import CACHES_DIR, Refused, changes
+from addlower.engine.store import Reader
+from addlower.ops import client
 from addlower.ops.render import Column, age_text, human_size, iso_time, print_json, render_table
 from addlower.ops.sources import Invocation, admin_command, read_only_store
 
@@ -26,7 +36,7 @@ LOG_COLUMNS = (
     Column("GEN", right=True),
     Column("CREATED"),
     Column("SIZE", right=True),
-    Column("ENTRIES", right=True),
+    Column("ADDED ~CHANGED -DELETED", right=True),
     Column("STATE"),
     Column("FROM", flexible=True),
 )
@@ -93,7 +103,9 @@ class GenerationRow:
     created: str
     source: str  # "seed", "squash of A-B", or the snapshot key whose writes it holds
     bytes: int
-    entries: int
+    added: int
+    changed: int
+    deleted: int
     state: str  # "chain" (new containers get it), "kept" (containers got it), "removed"
 
 
@@ -108,14 +120,121 @@ def cache_log(inv: Invocation, name: str) -> None:
     if not gens:
         raise click.ClickException(f"cache {name!r} has no generations")
     rows = [
-        GenerationRow(g, iso_time(t), src, b, n, "removed" if gone else "chain" if g in chain else "kept")
-        for _, g, t, src, b, n, gone in gens
+        GenerationRow(g, iso_time(t), src, b, a, c, d, "removed" if gone else "chain" if g in chain else "kept")
+        for _, g, t, src, b, a, c, d, gone in gens
     ]
     if inv.as_json:
         print_json([asdict(r) for r in rows])
         return
-    table = [[str(r.generation), r.created, human_size(r.bytes), str(r.entries), r.state, r.source] for r in rows]
+    table = [
+        [str(r.generation), r.created, human_size(r.bytes), f"+{r.added} ~{r.changed} -{r.deleted}", r.state, r.source]
+        for r in rows
+    ]
     click.echo("\n".join(render_table(LOG_COLUMNS, table, None)))
 
 
-cache = click.Group("cache", commands={"ls": cache_ls, "log": cache_log}, help="Managed caches: their generations.")
+def _ask(inv: Invocation, method: str, request: Any) -> None:
+    """An Admin call to the running daemon (it alone writes the store); its answer printed."""
+    try:
+        click.echo(client.admin(inv.target().socket, method, request))
+    except grpc.RpcError as exc:
+        raise click.ClickException(f"{exc.code().name}: {exc.details()}") from None
+
+
+def _key(reader: Reader, container: str, namespace: str | None) -> str:
+    return resolve_key(container, [info.name for _, info in reader.walk()], namespace)
+
+
+namespace_option = click.option(
+    "--namespace", "-n", default=None, help="containerd namespace of CONTAINER, when it is containerd's name."
+)
+
+
+@admin_command("squash")
+@click.argument("name")
+def cache_squash(inv: Invocation, name: str) -> None:
+    """Squash a cache's chain into one generation now (containers created afterwards get it)."""
+    _ask(inv, "SquashCache", admin_pb2.CacheRequest(cache=name))
+
+
+@admin_command("rollback")
+@click.argument("name")
+@click.argument("generation", type=int, required=False, default=0)
+def cache_rollback(inv: Invocation, name: str, generation: int) -> None:
+    """End a cache's chain at GENERATION (default: drop its newest) for containers created
+    afterwards; running ones keep theirs."""
+    _ask(inv, "RollbackCache", admin_pb2.CacheRequest(cache=name, generation=generation))
+
+
+@admin_command("promote")
+@click.argument("container")
+@namespace_option
+def cache_promote(inv: Invocation, container: str, namespace: str | None) -> None:
+    """Make a stopped container's writes to its caches their next generations now, whatever the
+    caches' promote says. CONTAINER is a snapshot key or containerd's name for it."""
+    with read_only_store(inv.target().db) as reader:
+        key = _key(reader, container, namespace)
+    _ask(inv, "PromoteWrites", admin_pb2.PromoteRequest(key=key))
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    cache: str
+    kind: str  # A added, C changed, D deleted, R a dir replaced
+    path: str  # in the container
+
+
+@admin_command("diff")
+@click.argument("container")
+@namespace_option
+def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
+    """What a container changed in its caches (A added, C changed, D deleted, R a dir replaced):
+    its writes while it lives, the generations they became once it was removed."""
+    target = inv.target()
+    rows = []
+    with read_only_store(target.db) as reader:
+        try:
+            key = _key(reader, container, namespace)
+        except SnapshotError:
+            key = None
+        if key is not None:
+            sid = reader.get_info(key)[0]
+            for name, at, _ in reader.cache_uses(sid):
+                lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(reader.cache_use(sid, name) or [])]
+                upper = f"{target.layout.target_dir(sid, at)}/fs"
+                rows += [ChangeRow(name, kind, f"{at}/{rel}") for kind, rel, _ in _changes(upper, lowers)]
+        else:  # removed: the generations its writes became
+            made = [g for g in reader.cache_log() if g[3] == container or g[3].endswith(f"/{container}")]
+            if not made:
+                raise click.ClickException(f"no container {container!r}, and no generation holds its writes")
+            for name, gen, *_ in made:
+                below = [g for _, g, *rest in reader.cache_log(name) if g < gen and rest[-1] is None]
+                lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(below)]
+                generation = f"{target.root}/{CACHES_DIR}/{name}/{gen}"
+                rows += [ChangeRow(name, kind, rel) for kind, rel, _ in _changes(generation, lowers)]
+    if inv.as_json:
+        print_json([asdict(r) for r in rows])
+        return
+    for r in rows:
+        click.echo(f"{r.kind} {r.path}  ({r.cache})")
+
+
+def _changes(upper: str, lowers: list[str]) -> list[tuple[str, str, object]]:
+    try:
+        return list(changes(upper, lowers)) if os.path.isdir(upper) else []
+    except Refused as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+cache = click.Group(
+    "cache",
+    commands={
+        "ls": cache_ls,
+        "log": cache_log,
+        "diff": cache_diff,
+        "promote": cache_promote,
+        "rollback": cache_rollback,
+        "squash": cache_squash,
+    },
+    help="Managed caches: their generations, and an operator's hand on them.",
+)

@@ -11,14 +11,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2, field_mask_pb2, wrappers_pb2
 
-from addlower.api import mount_pb2, snapshots_pb2_grpc
+from addlower.api import admin_pb2, mount_pb2, snapshots_pb2_grpc
 from addlower.api import snapshots_pb2 as pb
 from addlower.core.config import ADMIN_SERVICE, PLUGIN_NAME
 
+ADMIN_TIMEOUT = 3600.0  # a squash copies a whole cache
 RELOAD_TIMEOUT = 30.0  # the daemon waits up to config.SETTLE_SECONDS for a file still being written
 
 
@@ -96,6 +98,18 @@ def reload(socket: Path) -> tuple[bool, str]:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
                 return False, f"no daemon answers on {socket}: {exc.details()}"
             return False, exc.details() or str(exc.code())
+
+
+def admin(socket: Path, method: str, request: Any, timeout: float = ADMIN_TIMEOUT) -> str:
+    """Call addlower.v1.Admin/`method` (a CacheReply) on the daemon at `socket`: its message.
+    Errors stay grpc.RpcError."""
+    with grpc.insecure_channel(f"unix://{socket}") as channel:
+        call = channel.unary_unary(
+            f"/{ADMIN_SERVICE}/{method}",
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=admin_pb2.CacheReply.FromString,
+        )
+        return call(request, timeout=timeout).message
 
 
 _LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags

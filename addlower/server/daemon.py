@@ -21,6 +21,7 @@ import uvloop
 from google.protobuf import empty_pb2, wrappers_pb2
 
 from addlower import __version__
+from addlower.api import admin_pb2
 from addlower.core.config import ADMIN_SERVICE, Config, ConfigError
 from addlower.core.errors import FailedPrecondition, SnapshotError
 from addlower.core.labels import EXTRA_LOWERS_LABEL
@@ -41,6 +42,7 @@ STOP_GRACE_SECONDS = 30.0
 BLOCKING_WORKERS = 16
 KUBERNETES_WORKERS = 4  # Mounts calls waiting for containerd's answer about a pod
 RELOAD = "reload"  # one thread for reloads: one at a time, and never a blocking-pool thread
+ADMIN_METHODS = ("Reload", "SquashCache", "RollbackCache", "PromoteWrites")
 
 
 def _named(config: Config) -> str:
@@ -106,9 +108,19 @@ class Daemon:
         }
         self._hup_pending = False
         differ = DiffService(self.snapshotter, ContentStore(config.kubernetes.containerd_address))
-        calls = metrics.CallStats([*METHODS, self.Reload.__name__, differ.Diff.__name__, differ.Apply.__name__])
+        calls = metrics.CallStats([*METHODS, *ADMIN_METHODS, differ.Diff.__name__, differ.Apply.__name__])
         service = SnapshotsService(self.snapshotter)
-        admin = {f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD)}
+        admin = {
+            f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD),
+            **{
+                f"/{ADMIN_SERVICE}/{handler.__name__}": Route(request=request, handler=handler, pool=BLOCKING)
+                for handler, request in (
+                    (self.SquashCache, admin_pb2.CacheRequest),
+                    (self.RollbackCache, admin_pb2.CacheRequest),
+                    (self.PromoteWrites, admin_pb2.PromoteRequest),
+                )
+            },
+        }
         self.server = GrpcServer(
             {**routes(service), **diff_routes(differ, BLOCKING), **admin}, self.pools, service.map_error, calls.observe
         )
@@ -163,6 +175,24 @@ class Daemon:
     def Reload(self, request: empty_pb2.Empty) -> wrappers_pb2.StringValue:
         """addlower.v1.Admin/Reload, what `--reload` (systemd's ExecReload) calls."""
         return wrappers_pb2.StringValue(value=self.reload())
+
+    def SquashCache(self, request: admin_pb2.CacheRequest) -> admin_pb2.CacheReply:
+        """`addlower cache squash NAME`."""
+        gen = self.snapshotter.squash(request.cache)
+        said = (
+            f"cache {request.cache}: squashed into generation {gen}"
+            if gen
+            else f"cache {request.cache}: nothing to squash"
+        )
+        return admin_pb2.CacheReply(message=said)
+
+    def RollbackCache(self, request: admin_pb2.CacheRequest) -> admin_pb2.CacheReply:
+        """`addlower cache rollback NAME [GEN]`."""
+        return admin_pb2.CacheReply(message=self.snapshotter.rollback(request.cache, request.generation))
+
+    def PromoteWrites(self, request: admin_pb2.PromoteRequest) -> admin_pb2.CacheReply:
+        """`addlower cache promote CONTAINER`."""
+        return admin_pb2.CacheReply(message=self.snapshotter.promote_writes(request.key))
 
     def _hup(self) -> None:
         """SIGHUP (on the loop): a reload in the RELOAD pool, its refusal in the log and the

@@ -225,3 +225,50 @@ def test_what_a_kill_leaves_of_a_squash_goes_at_start_up_and_the_chain_stays(tmp
         assert os.listdir(caches) == ["1"]
         assert (caches / "1" / "seeded.jar").read_text() == "from the seed\n"  # nothing deleted through the mount
         assert lowerdirs(job(c, "next")[0]) == [str(caches / "1")]
+
+
+def test_an_operator_diffs_promotes_squashes_and_rolls_back_by_hand(tmp_path: Path):
+    args = cache_config(tmp_path)  # promote = "always"
+    with serving(tmp_path, args) as (d, c):
+        cli = ["--root-dir", str(d.root), "--config", str(tmp_path / "config.toml")]
+
+        def cache(*argv: str) -> str:
+            done = CliRunner().invoke(admin, ["cache", *argv, *cli])
+            assert done.exit_code == 0, done.output
+            return done.output
+
+        with mounted(job(c, "stopped"), tmp_path / "stopped") as m:
+            (m / "new.jar").write_text("new\n")
+            (m / "seeded.jar").write_text("rewritten\n")
+            (m / "old" / "a.jar").unlink()
+            refused = CliRunner().invoke(admin, ["cache", "promote", "stopped", *cli])
+            assert refused.exit_code != 0 and "still mounted; stop it first" in refused.output
+        assert cache("diff", "stopped").splitlines() == [  # a live container: its upper over its chain
+            f"A {TARGET}/new.jar  (m2)",
+            f"C {TARGET}/seeded.jar  (m2)",
+            f"D {TARGET}/old/a.jar  (m2)",
+        ]
+        assert "cache m2: generation 2" in cache("promote", "stopped")
+        c.remove("stopped")  # promoted by hand already: its upper starts empty, nothing more
+        assert sorted(os.listdir(d.root / "caches" / "m2")) == ["1", "2"]
+        assert cache("diff", "stopped").splitlines() == [  # removed: the generation it became
+            "A new.jar  (m2)",
+            "C seeded.jar  (m2)",
+            "D old/a.jar  (m2)",
+        ]
+        [g2] = [g for g in json.loads(cache("log", "m2", "--json")) if g["generation"] == 2]
+        assert (g2["added"], g2["changed"], g2["deleted"], g2["bytes"]) == (1, 1, 1, len("new\nrewritten\n"))
+
+        assert "squashed into generation 3" in cache("squash", "m2")
+        assert "nothing to squash" in cache("squash", "m2")
+        with mounted(job(c, "squashed"), tmp_path / "squashed") as m:
+            assert (m / "seeded.jar").read_text() == "rewritten\n" and not (m / "old" / "a.jar").exists()
+        assert "chain [3] -> []" in cache("rollback", "m2")
+        with mounted(job(c, "empty"), tmp_path / "empty") as m:
+            assert os.listdir(m) == []
+        missing = CliRunner().invoke(admin, ["cache", "rollback", "m2", "7", *cli])
+        assert (
+            missing.exit_code != 0 and "INVALID_ARGUMENT: generation 7 is not in the chain of cache 'm2': []" in missing.output
+        )
+        unknown = CliRunner().invoke(admin, ["cache", "squash", "npm", *cli])
+        assert unknown.exit_code != 0 and "NOT_FOUND: cache 'npm' is not configured" in unknown.output
