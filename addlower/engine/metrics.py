@@ -113,7 +113,8 @@ CACHE_PROMOTIONS = Tally(
     "addlower_cache_promotions",
     "Jobs' writes to managed caches at their Remove, by cache and result: promoted (a new "
     "generation), empty (nothing written), refused (logged with the reason), failed (the job's "
-    "exit status was not 0) or unseen (promote = on-success, and its exit was not seen).",
+    "exit status was not 0), unseen (promote = on-success, and its exit was not seen) or denied "
+    "(its pod's namespace is not in promote_namespaces).",
     ("cache", "result"),
 )
 CACHE_SQUASHES = Tally(

@@ -633,7 +633,14 @@ class Snapshotter:
         namespace = pod.partition("/")[0] if pod is not None else None
         for name, target, status in tx.cache_uses(sid):
             policy = self._cache_policy_named(name)
-            if policy is None or not policy.may_promote(namespace, 0):
+            if policy is None or policy.promote is Promote.NEVER:
+                continue
+            if not policy.may_promote(namespace, 0):  # a pod of a namespace that may not
+                metrics.CACHE_PROMOTIONS.inc(name, "denied")
+                log.info(
+                    "not promoting a job's writes: its namespace may not promote to this cache",
+                    extra=fields(key=key, cache=name, namespace=namespace or "-"),
+                )
                 continue
             upper = f"{self.layout.target_dir(sid, target)}/fs"
             try:

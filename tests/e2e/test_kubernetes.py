@@ -4,6 +4,8 @@ finds the pod through containerd's Containers API at container start."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def cri_target(
         f'[lowers.named]\nmaven = "{work / "maven"}"\nnpm = "{work / "npm"}"\n'
         f'teamb = {{ path = "{work / "teamb"}", namespaces = ["team-b"] }}\n'
         f'm2 = {{ path = "{work / "maven"}", target = "/root/.m2" }}\n'
+        'ci-m2 = { cache = true, target = "/root/.m2", promote = "on-success", promote_namespaces = ["ci"] }\n'
         f'[kubernetes]\nenabled = true\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
         f'allowed_roots = ["{work / "allowed"}"]\n'
         f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
@@ -286,3 +289,44 @@ def test_only_pods_of_the_runtime_class_use_the_snapshotter(
             assert (cached in ours()) == scoped
     finally:
         cri.close()
+
+
+def run_job(cri: CriClient, t: Target, namespace: str, name: str, image: OciImage, script: str) -> str:
+    """A CI job as a pod with the cache `ci-m2`: its container runs `script` to its end and is
+    removed; returns what the daemon said of its writes to the cache once it said it (containerd
+    removes the snapshot in its own time)."""
+    with cri.pod(name, namespace=namespace, annotations={ANNOTATION: "ci-m2"}) as pod:
+        cid = cri.create_container(pod.id, pod.config, "job", image.ref, ["sh", "-c", script])
+        cri.start(cid)
+        deadline = time.monotonic() + 60
+        while cri.container_state(cid) != "CONTAINER_EXITED":
+            assert time.monotonic() < deadline, f"job {name} never ended"
+            time.sleep(0.1)
+        cri.remove(cid)
+    assert t.daemon is not None
+    said = re.compile(rf'msg="((?:promoted|not promoting)[^"]*)".*key={CRI_NAMESPACE}/\d+/{cid}\b')
+    deadline = time.monotonic() + 60
+    while not (found := said.search(t.daemon.log())):
+        assert time.monotonic() < deadline, f"the daemon never said what became of job {name}'s writes"
+        time.sleep(0.1)
+    return found[1]
+
+
+def test_a_cache_grows_from_trusted_namespaces_jobs_only(
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
+    if binaries.version < (1, 7):
+        with cri.pod("cache-16", namespace="ci", annotations={ANNOTATION: "ci-m2"}) as pod:
+            assert "a target needs containerd >= 1.7" in refused_start(cri, pod, busybox_image)
+        return
+    said = run_job(cri, cri_target, "ci", "build-1", busybox_image, "echo built > /root/.m2/built.jar")
+    assert said == "promoted a job's writes"
+    said = run_job(
+        cri, cri_target, "pr", "pr-1", busybox_image, "cat /root/.m2/built.jar; echo evil > /root/.m2/evil.jar"
+    )
+    assert said == "not promoting a job's writes: its namespace may not promote to this cache"
+    said = run_job(cri, cri_target, "ci", "build-2", busybox_image, "ls /root/.m2; echo x > /root/.m2/x; exit 3")
+    assert said.startswith("not promoting")  # a failed job
+    with cri.pod("check", namespace="ci", annotations={ANNOTATION: "ci-m2"}) as pod:
+        app = start(cri, pod, "app", busybox_image)
+        assert cri.exec_sync(app, ["ls", "/root/.m2"]) == (0, "built.jar\n", "")
