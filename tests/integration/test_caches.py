@@ -5,16 +5,21 @@ leaves a whole generation or none."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 from click.testing import CliRunner
 
 from addlower.cli import admin
@@ -271,3 +276,70 @@ def test_an_operator_diffs_promotes_squashes_and_rolls_back_by_hand(tmp_path: Pa
         assert "INVALID_ARGUMENT: generation 7 is not in the chain of cache 'm2': []" in missing.output
         unknown = CliRunner().invoke(admin, ["cache", "squash", "npm", *cli])
         assert unknown.exit_code != 0 and "NOT_FOUND: cache 'npm' is not configured" in unknown.output
+
+
+@pytest.mark.parametrize("during", ["promotion", "squash"])
+def test_a_kill_during_a_promotion_or_a_squash_leaves_a_consistent_cache(tmp_path: Path, during: str):
+    """kill -9 while the daemon walks a big upper to promote it, or copies a chain out to squash
+    it: the next daemon has a whole chain (from before or after), the job's writes are either a
+    generation or still its own, and nothing half made is left."""
+    args = cache_config(tmp_path)
+    root, caches = tmp_path / "root", tmp_path / "root" / "caches" / "m2"
+    d = Daemon(root=root, args=args).start()
+    with d.channel() as ch:
+        c = SnapshotsClient(ch)
+        for n in (1, 2):
+            with mounted(job(c, f"job{n}"), tmp_path / f"job{n}") as m:
+                many_files(m / f"job{n}", 20_000)
+            if during == "squash" or n == 1:
+                c.remove(f"job{n}")
+    cli = ["--root-dir", str(root), "--config", str(tmp_path / "config.toml")]
+    if during == "squash":
+        started = threading.Thread(
+            target=CliRunner().invoke, args=(admin, ["cache", "squash", "m2", *cli]), daemon=True
+        )
+    else:
+        started = threading.Thread(target=remove_quietly, args=(d, "job2"), daemon=True)
+    started.start()
+    if during == "squash":  # until it copies the chain out
+        wait_for(lambda: any(e.startswith(".new-squash") for e in os.listdir(caches)), "the squash to start")
+    else:  # while it walks the upper
+        time.sleep(0.05)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    d = Daemon(root=root, args=args).start()
+    try:
+        with d.channel() as ch:
+            c = SnapshotsClient(ch)
+            assert all(e.isdigit() for e in os.listdir(caches)), os.listdir(caches)  # nothing half made
+            try:
+                c.stat("job2")
+                promoted = False
+            except grpc.RpcError:
+                promoted = True
+            with mounted(job(c, "after"), tmp_path / "after") as m:
+                seen = sorted(os.listdir(m))
+                assert seen == sorted(["job1", *(["job2"] if promoted else []), "old", "seeded.jar"])
+                assert sum(len(os.listdir(m / "job1" / sub)) for sub in os.listdir(m / "job1")) == 20_000
+            if not promoted:  # the Remove never committed: the job's writes are still its own
+                c.remove("job2")
+                with mounted(job(c, "last"), tmp_path / "last") as m:
+                    assert sum(len(os.listdir(m / "job2" / sub)) for sub in os.listdir(m / "job2")) == 20_000
+    finally:
+        d.kill()
+
+
+def remove_quietly(d: Daemon, key: str) -> None:
+    """Remove `key` on a channel of its own; the daemon may be killed meanwhile."""
+    with contextlib.suppress(grpc.RpcError), d.channel() as ch:
+        SnapshotsClient(ch).remove(key)
+
+
+def many_files(top: Path, n: int) -> None:
+    """`n` small files under `top`, a thousand per dir."""
+    for i in range(n):
+        sub = top / f"d{i // 1000}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True)
+        (sub / f"f{i % 1000}").write_text("x")
