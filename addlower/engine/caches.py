@@ -62,7 +62,9 @@ def changes(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.st
     `lowers`, walked without following links; a dir is a change when it is new or replaces the
     one below (opaque), not when it only holds changes. Refuses (Refused) overlay xattrs that
     would make the upper read differently under a later overlay: redirects, metacopy-only files."""
+    new_dirs = {upper}  # dirs with nothing below them: what is inside is added, unlooked-for
     for top, dirs, files in os.walk(upper):
+        fresh = top in new_dirs and top != upper
         for name in sorted(dirs + files):
             path = os.path.join(top, name)
             rel = os.path.relpath(path, upper)
@@ -71,13 +73,15 @@ def changes(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.st
             bad = next((x for x in held if x in FORBIDDEN_XATTRS), None)
             if bad is not None:
                 raise Refused(f"{rel} carries the overlay xattr {bad}")
-            below = any(os.path.lexists(os.path.join(lower, rel)) for lower in lowers)
+            below = not fresh and any(os.path.lexists(os.path.join(lower, rel)) for lower in lowers)
             if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
                 yield DELETED, rel, st
             elif stat.S_ISDIR(st.st_mode):
                 if any(x in held for x in _OPAQUE) and below:
+                    new_dirs.add(path)  # what it held below is hidden: its entries are added
                     yield REPLACED, rel, st
                 elif not below:
+                    new_dirs.add(path)
                     yield ADDED, rel, st
             else:
                 yield (CHANGED if below else ADDED), rel, st
