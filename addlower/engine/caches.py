@@ -62,12 +62,13 @@ def changes(upper: str, lowers: Sequence[str]) -> Iterator[tuple[str, str, os.st
     `lowers`, walked without following links; a dir is a change when it is new or replaces the
     one below (opaque), not when it only holds changes. Refuses (Refused) overlay xattrs that
     would make the upper read differently under a later overlay: redirects, metacopy-only files."""
-    new_dirs = {upper}  # dirs with nothing below them: what is inside is added, unlooked-for
+    new_dirs = set()  # dirs with nothing below them: what is inside is added, unlooked-for
+    skip = len(upper.rstrip("/")) + 1
     for top, dirs, files in os.walk(upper):
-        fresh = top in new_dirs and top != upper
+        fresh = top in new_dirs
         for name in sorted(dirs + files):
-            path = os.path.join(top, name)
-            rel = os.path.relpath(path, upper)
+            path = f"{top}/{name}"
+            rel = path[skip:]
             st = os.lstat(path)
             held = _xattrs(path)
             bad = next((x for x in held if x in FORBIDDEN_XATTRS), None)

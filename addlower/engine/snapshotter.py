@@ -657,8 +657,9 @@ class Snapshotter:
                 if not policy.may_promote(namespace, status):
                     metrics.CACHE_PROMOTIONS.inc(name, "failed")
                     log.info(
-                        "not promoting the writes of a job that failed",
-                        extra=fields(key=key, cache=name, exit_status=status),
+                        "not promoting a job's writes: it exited with status %s",
+                        status,
+                        extra=fields(key=key, cache=name),
                     )
                     continue
                 gen = self.caches.promote(tx, name, upper, key, policy)

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.e2e
 
 NS = "ci"
 SETTLE_SECONDS = 30  # a removed job's writes wait at most EXIT_WAIT (10 s) for its exit
+LS_AND_WRITE = "ls /root/.m2/repository; echo mine > /root/.m2/repository/running.jar"
 
 
 @pytest.fixture
@@ -81,6 +82,16 @@ def test_a_successful_job_warms_the_cache_for_the_next_and_a_failed_one_does_not
         refused = job(node, busybox_image, "job1", "true")
         assert refused.returncode != 0 and "a target needs containerd >= 1.7" in refused.stderr
         return
+    node.containerd.run(  # a job that runs while the others come and go
+        busybox_image.ref,
+        "running",
+        "sleep",
+        "3600",
+        rm=False,
+        namespace=NS,
+        snapshotter=PLUGIN_NAME,
+        options=["-d", "--snapshotter-label", f"{LOWERS}=m2"],
+    )
     first = job(
         node,
         busybox_image,
@@ -94,9 +105,20 @@ def test_a_successful_job_warms_the_cache_for_the_next_and_a_failed_one_does_not
         node, busybox_image, "job2", "ls /root/.m2/repository; echo two > /root/.m2/repository/two.jar; exit 1"
     )
     assert (failed.returncode, failed.stdout.split()) == (1, ["one.jar"])  # job1's writes, its deletion kept
-    assert "exited with status 1" in settled(node, "job2") or "job that failed" in settled(node, "job2")
+    assert "it exited with status 1" in settled(node, "job2")
     third = job(node, busybox_image, "job3", "ls /root/.m2/repository")
     assert (third.returncode, third.stdout.split()) == (0, ["one.jar"])  # nothing of the failed job2
+    # The running job never saw job1's promotion; an exec's exit (0) is not its container's, and
+    # its container, killed (137), is no success either.
+    seen = node.ctr("tasks", "exec", "--exec-id", "ls", "running", "sh", "-c", LS_AND_WRITE, namespace=NS)
+    assert seen.stdout.split() == ["seeded.jar"]
+    node.ctr("tasks", "kill", "-s", "SIGKILL", "running", namespace=NS)
+    node.ctr("tasks", "delete", "-f", "running", namespace=NS)
+    node.ctr("containers", "rm", "running", namespace=NS)
+    node.containerd.collect_garbage(NS)
+    assert "it exited with status 137" in settled(node, "running")
+    last = job(node, busybox_image, "job4", "ls /root/.m2/repository")
+    assert last.stdout.split() == ["one.jar"]
     assert node.daemon is not None
     gens = sorted(p.name for p in (node.daemon.root / "caches" / "m2").iterdir())
-    assert gens == ["1", "2"], node.daemon.log()[-2000:]  # the seed, job1's; job3 wrote nothing
+    assert gens == ["1", "2"], node.daemon.log()[-2000:]  # the seed, job1's; job3 and job4 wrote nothing
