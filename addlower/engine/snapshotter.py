@@ -253,8 +253,10 @@ class Snapshotter:
         the very dir an earlier openat2(RESOLVE_NO_SYMLINKS) of that entry found (so it cannot
         be swapped), and a dir swapped at the entry's path later is for new containers only."""
         lowers = self.resolver.allowed_quietly(key, snap.labels)
-        pins = self.pins.reusable(snap.id, lowers) if lowers else None
-        if not lowers or pins is None:
+        if not lowers:
+            return None
+        pins = self.pins.reusable(snap.id, lowers) if any(not lower.cache for lower in lowers) else ()
+        if pins is None:
             return None
         chains = {}
         with self.store.read() as reader:

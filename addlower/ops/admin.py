@@ -28,6 +28,7 @@ from addlower.ops.render import (
     kind_text,
     print_json,
     render_table,
+    shown,
     size_text,
     snapshot_json,
     tree_json,
@@ -102,8 +103,8 @@ def info(inv: Invocation, name: str, namespace: str | None) -> None:
         ("inodes", str(usage.inodes) if usage is not None else "?"),
         ("labels", "" if snapshot.labels else "-"),
     ]
-    lines = [f"{name + ':':<9}{value}".rstrip() for name, value in fields]
-    lines += [f"  {k}={v}" for k, v in sorted(snapshot.labels.items())]
+    lines = [f"{name + ':':<9}{shown(value)}".rstrip() for name, value in fields]
+    lines += [shown(f"  {k}={v}") for k, v in sorted(snapshot.labels.items())]
     click.echo("\n".join(lines))
 
 

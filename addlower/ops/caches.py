@@ -20,7 +20,7 @@ from addlower.core.keys import resolve_key
 from addlower.engine.caches import CACHES_DIR, Refused, changes
 from addlower.engine.store import Reader
 from addlower.ops import client
-from addlower.ops.render import Column, age_text, human_size, iso_time, print_json, render_table
+from addlower.ops.render import Column, age_text, human_size, iso_time, print_json, render_table, shown
 from addlower.ops.sources import Invocation, admin_command, read_only_store
 
 LS_COLUMNS = (
@@ -216,7 +216,7 @@ def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
         print_json([asdict(r) for r in rows])
         return
     for r in rows:
-        click.echo(f"{r.kind} {r.path}  ({r.cache})")
+        click.echo(shown(f"{r.kind} {r.path}  ({r.cache})"))
 
 
 def _changes(upper: str, lowers: list[str]) -> list[tuple[str, str, object]]:

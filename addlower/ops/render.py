@@ -91,9 +91,16 @@ class Column:
     right: bool = False
 
 
+def shown(text: str) -> str:
+    """`text` safe for a terminal: keys, labels and paths are a container creator's to choose,
+    so control and other unprintable characters are shown escaped, never sent as they are."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], width: int | None) -> list[str]:
-    """Rows under headers, fitting `width` (None: any) by shrinking the widest flexible column first."""
-    table = [[c.header for c in columns], *rows]
+    """Rows under headers (every cell shown()), fitting `width` (None: any) by shrinking the
+    widest flexible column first."""
+    table = [[c.header for c in columns], *([shown(cell) for cell in row] for row in rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     excess = 0 if width is None else sum(widths) + len(GAP) * (len(columns) - 1) - width
     while excess > 0:
@@ -152,12 +159,13 @@ def build_forest(infos: Sequence[Info]) -> list[Node]:
 
 def _tree_line(prefix: str, info: Info, width: int | None) -> str:
     suffix = "" if info.kind == Kind.COMMITTED else f" ({kind_text(info)})"
+    name = shown(info.name)
     if width is None:
-        return prefix + info.name + suffix
+        return prefix + name + suffix
     most = width // 2  # deeper indentation is cut on the left, keeping the innermost levels whole
     if len(prefix) > most:
         prefix = "…" + prefix[len(prefix) - (most - 1) // INDENT * INDENT :]
-    return prefix + ellipsize(info.name, max(width - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
+    return prefix + ellipsize(name, max(width - len(prefix) - len(suffix), MIN_FLEXIBLE)) + suffix
 
 
 def draw_tree(node: Node, width: int | None, prefix: str = "", continuation: str = "") -> list[str]:

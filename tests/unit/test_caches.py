@@ -72,3 +72,10 @@ def test_bad_sizes(value: object):
 )
 def test_who_may_promote(promote: Promote, namespace: str | None, status: int | None, promotes: bool):
     assert CachePolicy(promote, ("ci",)).may_promote(namespace, status) is promotes
+
+
+def test_what_a_container_creator_named_reaches_the_operators_terminal_escaped():
+    from addlower.ops.render import Column, render_table
+
+    [_, row] = render_table([Column("KEY"), Column("FROM")], [["ns/1/\x1b[2Jjob", "a\u202eb\nc"]], None)
+    assert row == "ns/1/\\x1b[2Jjob  a\\u202eb\\nc"
