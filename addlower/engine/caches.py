@@ -186,9 +186,12 @@ class Caches:
         os.rename(upper, parked)
         return parked
 
-    def promote(self, tx: Tx, name: str, upper: str, source: str, policy: CachePolicy) -> int | None:
+    def promote(
+        self, tx: Tx, name: str, upper: str, source: str, policy: CachePolicy, pod: str | None = None
+    ) -> int | None:
         """Make `upper` (no longer mounted) the next generation of cache `name`, on top of its
-        chain, in `tx`: the generation's number, or None when it holds nothing. Raises Refused."""
+        chain, in `tx`, recorded as the writes of snapshot `source` (of `pod`): the generation's
+        number, or None when it holds nothing. Raises Refused."""
         if not os.path.isdir(upper) or not os.listdir(upper):
             return None
         chain = tx.cache_chain(name)
@@ -202,7 +205,7 @@ class Caches:
         gen = tx.next_generation(name)
         os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
         os.rename(upper, self.generation(name, gen))
-        tx.add_generation(name, gen, source, tree)
+        tx.add_generation(name, gen, source, tree, pod)
         tx.set_chain(name, [*chain, gen])
         return gen
 

@@ -88,8 +88,12 @@ class Awaited:
 
     key: str
     cache: str
-    namespace: str | None  # its pod's, for the policy
+    pod: str | None  # namespace/name of its pod, for the policy and the record
     parked: str
+
+    @property
+    def namespace(self) -> str | None:
+        return self.pod.partition("/")[0] if self.pod is not None else None
 
     @property
     def container(self) -> tuple[str, str] | None:
@@ -652,7 +656,7 @@ class Snapshotter:
                     if not (os.path.isdir(upper) and os.listdir(upper)):
                         metrics.CACHE_PROMOTIONS.inc(name, "empty")
                         continue
-                    awaits = Awaited(key, name, namespace, self.caches.park(name, upper, sid))
+                    awaits = Awaited(key, name, pod, self.caches.park(name, upper, sid))
                     moved.append(Moved(name, upper, awaits.parked, awaits))
                     self._awaiting.add(awaits, self._settle)
                     continue
@@ -664,7 +668,7 @@ class Snapshotter:
                         extra=fields(key=key, cache=name),
                     )
                     continue
-                gen = self.caches.promote(tx, name, upper, key, policy)
+                gen = self.caches.promote(tx, name, upper, key, policy, pod)
             except Refused as exc:
                 metrics.CACHE_PROMOTIONS.inc(name, "refused")
                 log.warning("did not promote a job's writes to cache %s: %s", name, exc, extra=fields(key=key))
@@ -706,7 +710,7 @@ class Snapshotter:
             return
         try:
             with self.store.transaction() as tx:
-                gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy)
+                gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy, awaits.pod)
         except Refused as exc:
             metrics.CACHE_PROMOTIONS.inc(awaits.cache, "refused")
             log.warning(
@@ -756,7 +760,7 @@ class Snapshotter:
                             f"{key!r}: its writes to cache {name!r} are still mounted; stop it first"
                         )
                     try:
-                        gen = self.caches.promote(tx, name, upper, key, policy)
+                        gen = self.caches.promote(tx, name, upper, key, policy, info.labels.get(POD_LABEL))
                     except Refused as exc:
                         raise FailedPrecondition(f"cache {name!r}: {exc}") from None
                     if gen is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from addlower.core.filters import parse_filters
@@ -64,6 +64,7 @@ _CACHES = (
     gen         INTEGER NOT NULL,   -- never handed out twice per cache
     created_at  INTEGER NOT NULL,   -- nanoseconds since the epoch, UTC
     source      TEXT    NOT NULL,   -- "seed", "squash of A-B", or the key of the snapshot whose writes it holds
+    pod         TEXT,               -- that snapshot's pod (namespace/name), for a pod's container
     bytes       INTEGER NOT NULL,   -- of its regular files
     added       INTEGER NOT NULL,   -- entries new to the chain below it
     changed     INTEGER NOT NULL,   -- entries there below too (files rewritten, dirs replaced)
@@ -88,6 +89,21 @@ _CACHES = (
 )
 # Replies made per transaction when start-up encodes the rows that have none.
 FILL_BATCH = 500
+
+
+class Generation(NamedTuple):
+    """A managed cache's generation as the store records it (cache_generations' columns)."""
+
+    cache: str
+    gen: int
+    created_at: int  # ns since the epoch
+    source: str
+    pod: str | None
+    bytes: int
+    added: int
+    changed: int
+    deleted: int
+    removed_at: int | None
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -271,14 +287,13 @@ class _Queries:
         with self._conn() as db:
             return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations WHERE removed_at IS NULL")}
 
-    def cache_log(self, name: str | None = None) -> list[tuple[str, int, int, str, int, int, int, int, int | None]]:
-        """(cache, gen, created_at, source, bytes, added, changed, deleted, removed_at) of every
-        generation, or of one cache's."""
-        sql = "SELECT cache, gen, created_at, source, bytes, added, changed, deleted, removed_at FROM cache_generations"
+    def cache_log(self, name: str | None = None) -> list[Generation]:
+        """Every generation, or one cache's, oldest first."""
+        sql = f"SELECT {', '.join(Generation._fields)} FROM cache_generations"
         with self._conn() as db:
             if name is None:
-                return list(db.execute(sql + " ORDER BY cache, gen"))
-            return list(db.execute(sql + " WHERE cache = ? ORDER BY gen", (name,)))
+                return [Generation(*row) for row in db.execute(sql + " ORDER BY cache, gen")]
+            return [Generation(*row) for row in db.execute(sql + " WHERE cache = ? ORDER BY gen", (name,))]
 
     def cache_users(self) -> dict[str, int]:
         """Cache -> how many snapshots use it."""
@@ -576,12 +591,12 @@ class Tx(_Queries):
         row = self._one("SELECT COALESCE(MAX(gen), 0) FROM cache_generations WHERE cache = ?", (name,))
         return int(row[0]) + 1
 
-    def add_generation(self, name: str, gen: int, source: str, tree: Any) -> None:
+    def add_generation(self, name: str, gen: int, source: str, tree: Any, pod: str | None = None) -> None:
         """Record generation `gen` of cache `name`; `tree` has bytes, added, changed, deleted."""
         self._db.execute(
-            "INSERT INTO cache_generations (cache, gen, created_at, source, bytes, added, changed, deleted)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, gen, time.time_ns(), source, tree.bytes, tree.added, tree.changed, tree.deleted),
+            "INSERT INTO cache_generations (cache, gen, created_at, source, pod, bytes, added, changed, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, gen, time.time_ns(), source, pod, tree.bytes, tree.added, tree.changed, tree.deleted),
         )
 
     def set_chain(self, name: str, gens: Sequence[int]) -> None:

@@ -63,9 +63,13 @@ def cache_ls(inv: Invocation) -> None:
         users = reader.cache_users()
         chains = reader.cache_chains()
     rows = []
-    for name in sorted({*caches, *(g[0] for g in log)}):
-        gens = [g for g in log if g[0] == name and g[1] in chains.get(name, ())]
-        promoted = [g[2] for g in log if g[0] == name and g[3] != SEED_SOURCE and not g[3].startswith(SQUASH_SOURCE)]
+    for name in sorted({*caches, *(g.cache for g in log)}):
+        gens = [g for g in log if g.cache == name and g.gen in chains.get(name, ())]
+        promoted = [
+            g.created_at
+            for g in log
+            if g.cache == name and g.source != SEED_SOURCE and not g.source.startswith(SQUASH_SOURCE)
+        ]
         named = caches.get(name)
         policy = named.cache if named is not None else None
         rows.append(
@@ -74,7 +78,7 @@ def cache_ls(inv: Invocation) -> None:
                 named.target if named is not None else None,
                 policy.promote.value if policy is not None else None,
                 len(gens),
-                sum(g[4] for g in gens),
+                sum(g.bytes for g in gens),
                 users.get(name, 0),
                 promoted[-1] if promoted else None,
             )
@@ -102,6 +106,7 @@ class GenerationRow:
     generation: int
     created: str
     source: str  # "seed", "squash of A-B", or the snapshot key whose writes it holds
+    pod: str | None  # that snapshot's pod, namespace/name
     bytes: int
     added: int
     changed: int
@@ -120,14 +125,31 @@ def cache_log(inv: Invocation, name: str) -> None:
     if not gens:
         raise click.ClickException(f"cache {name!r} has no generations")
     rows = [
-        GenerationRow(g, iso_time(t), src, b, a, c, d, "removed" if gone else "chain" if g in chain else "kept")
-        for _, g, t, src, b, a, c, d, gone in gens
+        GenerationRow(
+            g.gen,
+            iso_time(g.created_at),
+            g.source,
+            g.pod,
+            g.bytes,
+            g.added,
+            g.changed,
+            g.deleted,
+            "removed" if g.removed_at else "chain" if g.gen in chain else "kept",
+        )
+        for g in gens
     ]
     if inv.as_json:
         print_json([asdict(r) for r in rows])
         return
     table = [
-        [str(r.generation), r.created, human_size(r.bytes), f"+{r.added} ~{r.changed} -{r.deleted}", r.state, r.source]
+        [
+            str(r.generation),
+            r.created,
+            human_size(r.bytes),
+            f"+{r.added} ~{r.changed} -{r.deleted}",
+            r.state,
+            r.source + (f" (pod {r.pod})" if r.pod else ""),
+        ]
         for r in rows
     ]
     click.echo("\n".join(render_table(LOG_COLUMNS, table, None)))
@@ -204,11 +226,12 @@ def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
                 upper = f"{target.layout.target_dir(sid, at)}/fs"
                 rows += [ChangeRow(name, kind, f"{at}/{rel}") for kind, rel, _ in _changes(upper, lowers)]
         else:  # removed: the generations its writes became
-            made = [g for g in reader.cache_log() if g[3] == container or g[3].endswith(f"/{container}")]
+            made = [g for g in reader.cache_log() if g.source == container or g.source.endswith(f"/{container}")]
             if not made:
                 raise click.ClickException(f"no container {container!r}, and no generation holds its writes")
-            for name, gen, *_ in made:
-                below = [g for _, g, *rest in reader.cache_log(name) if g < gen and rest[-1] is None]
+            for g in made:
+                name, gen = g.cache, g.gen
+                below = [b.gen for b in reader.cache_log(name) if b.gen < gen and b.removed_at is None]
                 lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(below)]
                 generation = f"{target.root}/{CACHES_DIR}/{name}/{gen}"
                 rows += [ChangeRow(name, kind, rel) for kind, rel, _ in _changes(generation, lowers)]

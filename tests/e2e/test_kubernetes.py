@@ -11,7 +11,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
+from addlower.cli import admin
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.core.labels import POD_LABEL
@@ -321,6 +323,10 @@ def test_a_cache_grows_from_trusted_namespaces_jobs_only(
         return
     said = run_job(cri, cri_target, "ci", "build-1", busybox_image, "echo built > /root/.m2/built.jar")
     assert said == "promoted a job's writes"
+    assert cri_target.daemon is not None
+    config = ["--root-dir", str(cri_target.daemon.root), "--config", str(work_dir(cri_target) / "config.toml")]
+    [generation] = json.loads(CliRunner().invoke(admin, ["cache", "log", "ci-m2", "--json", *config]).output)
+    assert (generation["pod"], generation["added"], generation["state"]) == ("ci/build-1", 1, "chain")
     said = run_job(
         cri, cri_target, "pr", "pr-1", busybox_image, "cat /root/.m2/built.jar; echo evil > /root/.m2/evil.jar"
     )

@@ -343,3 +343,29 @@ def many_files(top: Path, n: int) -> None:
         if i % 1000 == 0:
             sub.mkdir(parents=True)
         (sub / f"f{i % 1000}").write_text("x")
+
+
+def test_two_jobs_that_end_together_both_count_stacked_in_the_order_they_end(tmp_path: Path):
+    with serving(tmp_path, cache_config(tmp_path)) as (d, c):
+        for key in ("a", "b"):
+            with mounted(job(c, key), tmp_path / key) as m:
+                (m / f"{key}.jar").write_text(f"{key}\n")
+                (m / "both.jar").write_text(f"{key}\n")
+        ended = [threading.Thread(target=remove_quietly, args=(d, key)) for key in ("a", "b")]
+        for t in ended:
+            t.start()
+        for t in ended:
+            t.join()
+        log = json.loads(
+            CliRunner()
+            .invoke(
+                admin,
+                ["cache", "log", "m2", "--json", "--root-dir", str(d.root), "--config", str(tmp_path / "config.toml")],
+            )
+            .output
+        )
+        order = [g["source"] for g in log[1:]]
+        assert sorted(order) == ["a", "b"] and [g["state"] for g in log] == ["chain"] * 3
+        with mounted(job(c, "next"), tmp_path / "next") as m:
+            assert (m / "a.jar").exists() and (m / "b.jar").exists()
+            assert (m / "both.jar").read_text() == f"{order[-1]}\n"  # the one that ended last is on top
