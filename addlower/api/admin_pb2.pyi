@@ -13,10 +13,12 @@ class CacheRequest(_message.Message):
     def __init__(self, cache: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "to_default")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    TO_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    to_default: bool
+    def __init__(self, key: _Optional[str] = ..., to_default: _Optional[bool] = ...) -> None: ...
 
 class CacheReply(_message.Message):
     __slots__ = ("message",)

@@ -152,7 +152,16 @@ def _strings(key: str, value: Any) -> tuple[str, ...]:
     return tuple(_typed(f"{key}[{i}]", item, str) for i, item in enumerate(_typed(key, value, list)))
 
 
-_CACHE_KEYS = ("promote", "promote_namespaces", "max_generations", "max_bytes", "seed")
+_CACHE_KEYS = (
+    "promote",
+    "promote_namespaces",
+    "max_generations",
+    "max_bytes",
+    "seed",
+    "scopes",
+    "scope_ttl",
+    "max_scopes",
+)
 
 
 def _named_lower(key: str, value: Any) -> NamedLower:
@@ -185,6 +194,8 @@ def _cache(key: str, table: Mapping[str, Any]) -> CachePolicy:
     promoters = _strings(f"{key}.promote_namespaces", table.get("promote_namespaces", []))
     for ns in promoters:
         _check_namespace(f"{key}.promote_namespaces", ns)
+    for ns in _typed(f"{key}.scopes", table.get("scopes", {}), dict):
+        _check_namespace(f"{key}.scopes", ns)
     try:
         return policy_of(key, table, promoters)
     except InvalidArgument as exc:

@@ -23,6 +23,10 @@ EXTRA_LOWERS_LABEL = "containerd.io/snapshot/overlay-custom-add-lower.paths"
 # recorded by the snapshotter when it found the pod, never accepted from a client.
 POD_LABEL = "containerd.io/snapshot/overlay-custom-add-lower.pod"
 
+# The scope of the managed caches among its extra lowers: one name for all of them, or
+# `cache=scope` pairs separated by commas (what the snapshotter records for a pod's container).
+SCOPE_LABEL = "containerd.io/snapshot/overlay-custom-add-lower.scope"
+
 
 def validate_labels(labels: Mapping[str, str]) -> None:
     """Refuse any label whose key and value exceed containerd's size limit, naming the key."""

@@ -15,7 +15,7 @@ import posixpath
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from addlower.core.caches import CachePolicy
 from addlower.core.errors import InvalidArgument
@@ -104,12 +104,13 @@ class Lower:
     target: str = ROOT_TARGET
     name: str | None = None
     cache: bool = False  # the named lower is a managed cache: its generations, no host dir
+    scope: str | None = None  # a cache's scope: its own generations stacked on the cache's default chain
 
     @property
     def shown(self) -> str:
         """The entry as messages name it: a named lower by its name and its dir."""
         if self.cache:
-            return f"cache {self.name!r}"
+            return f"cache {self.name!r}" + (f" scope {self.scope!r}" if self.scope else "")
         return repr(self.path) if self.name is None else f"named lower {self.name!r} ({self.path})"
 
     def may_create(self, missing: str) -> bool:
@@ -264,6 +265,25 @@ def parse_lowers(value: str, policy: LowerPolicy, source: str) -> tuple[Lower, .
         dirs.append(Lower(entry, root, target if at else ROOT_TARGET))
     refuse_nested_targets(dirs, source)
     return tuple(dirs)
+
+
+def with_scopes(
+    lowers: tuple[Lower, ...], asked: Mapping[str | None, str], namespace: str | None, named: Mapping[str, NamedLower]
+) -> tuple[Lower, ...]:
+    """`lowers` with each cache's scope from `asked` (by cache name, or None for every cache),
+    each checked against the cache's scopes for pods of `namespace` (None: a containerd
+    client's own container)."""
+    if not asked:
+        return lowers
+    scoped = []
+    for lower in lowers:
+        scope = asked.get(lower.name, asked.get(None)) if lower.cache and lower.name else None
+        policy = named[lower.name].cache if scope and lower.name and lower.name in named else None
+        if scope and policy is not None and lower.name is not None:
+            policy.check_scope(lower.name, namespace, scope)
+            lower = replace(lower, scope=scope)
+        scoped.append(lower)
+    return tuple(scoped)
 
 
 def target_count(value: str, named: Mapping[str, NamedLower]) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 from addlower.core.errors import InvalidArgument
 from addlower.core.keys import split_key
-from addlower.core.lowers import Lower, LowerPolicy, NamedLower, parse_lowers
+from addlower.core.lowers import Lower, LowerPolicy, NamedLower, parse_lowers, with_scopes
 
 KIND_LABEL = "io.cri-containerd.kind"  # "sandbox" or "container"
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
@@ -27,6 +27,7 @@ CONTAINER_METADATA = "io.cri-containerd.container.metadata"
 SANDBOX_METADATA = "io.cri-containerd.sandbox.metadata"  # on the pause container's record
 STORE_METADATA = "metadata"  # the same JSON, on containerd 2.x's sandbox Store entry
 CONTAINERD_ADDRESS = "/run/containerd/containerd.sock"  # containerd's own default grpc.address
+SCOPE_ANNOTATION = "addlower.io/cache-scope"  # the scope of a pod's caches; .<cache> for one of them
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class PodContainer:
     pod: str
     container: str
     request: tuple[str, str] | None  # (annotation key, value)
+    scopes: Mapping[str | None, str] = field(default_factory=dict)  # cache (None: every cache) -> scope
 
     def describe(self) -> str:
         return f"namespace {self.namespace!r} pod {self.pod!r} container {self.container!r}"
@@ -143,6 +145,17 @@ def pod_sandbox(sandbox_extensions: Mapping[str, bytes]) -> PodSandbox | None:
     return PodSandbox(namespace, name, _strings(config.get("annotations")))
 
 
+def requested_scopes(container: AppContainer, pod: Mapping[str, str]) -> dict[str | None, str]:
+    """The caches' scopes the pod's (or the container's own) annotations ask for: SCOPE_ANNOTATION
+    for every cache, SCOPE_ANNOTATION.<cache> for one; the container's win over the pod's."""
+    annotations = {**pod, **container.annotations}
+    prefix = SCOPE_ANNOTATION + "."
+    scopes: dict[str | None, str] = {k[len(prefix) :]: v for k, v in annotations.items() if k.startswith(prefix)}
+    if SCOPE_ANNOTATION in annotations:
+        scopes[None] = annotations[SCOPE_ANNOTATION]
+    return scopes
+
+
 def requested_lowers(container: AppContainer, pod: Mapping[str, str], annotation: str) -> tuple[str, str] | None:
     """(annotation key, value) that applies to the container: its own key wins over the pod's."""
     annotations = {**pod, **container.annotations}
@@ -158,9 +171,10 @@ def normalised_value(value: str) -> str:
 
 
 def check_for_pod(found: PodContainer, source: str, value: str, policy: LowerPolicy) -> tuple[Lower, ...]:
-    """The entries of `value` (from `source`) that the pod's policy allows; the refusal names the
-    namespace, pod, container, source and entry."""
+    """The entries of `value` (from `source`) that the pod's policy allows, with the scopes its
+    annotations ask for (held to its namespace); the refusal names the namespace, pod,
+    container, source and entry."""
     try:
-        return parse_lowers(value, policy, source)
+        return with_scopes(parse_lowers(value, policy, source), found.scopes, found.namespace, policy.named)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{found.describe()}: {exc}") from None

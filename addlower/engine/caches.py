@@ -19,7 +19,8 @@ import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,13 +170,17 @@ class Caches:
                 tx.set_chain(name, [1])
             log.info("seeded cache %s from %s", name, policy.seed, extra=fields(cache=name, bytes=tree.bytes))
 
-    def chain(self, tx: Tx, sid: int, name: str, target: str) -> list[str]:
+    def chain(self, tx: Tx, sid: int, name: str, target: str, scope: str | None = None, most: int = 0) -> list[str]:
         """The generations snapshot `sid` sees of cache `name`, newest first: the ones recorded
-        with it, or (recorded now) the cache's current chain."""
+        with it, or (recorded now) the cache's current chain, with `scope`'s on top (a scope is
+        made at its first use, unless the cache holds `most` scopes already)."""
         gens = tx.cache_use(sid, name)
         if gens is None:
             gens = tx.cache_chain(name)
-            tx.use_cache(sid, name, target, gens)
+            if scope:
+                tx.use_scope(name, scope, most)
+                gens = [*gens, *tx.cache_chain(name, scope)]
+            tx.use_cache(sid, name, target, gens, scope)
         return self.dirs(name, gens)
 
     def park(self, name: str, upper: str, sid: int) -> str:
@@ -187,27 +192,53 @@ class Caches:
         return parked
 
     def promote(
-        self, tx: Tx, name: str, upper: str, source: str, policy: CachePolicy, pod: str | None = None
+        self,
+        tx: Tx,
+        name: str,
+        upper: str,
+        source: str,
+        policy: CachePolicy,
+        pod: str | None = None,
+        scope: str | None = None,
     ) -> int | None:
         """Make `upper` (no longer mounted) the next generation of cache `name`, on top of its
-        chain, in `tx`, recorded as the writes of snapshot `source` (of `pod`): the generation's
-        number, or None when it holds nothing. Raises Refused."""
+        chain (of `scope`, on top of the default chain), in `tx`, recorded as the writes of
+        snapshot `source` (of `pod`): the generation's number, or None when it holds nothing.
+        Raises Refused."""
         if not os.path.isdir(upper) or not os.listdir(upper):
             return None
-        chain = tx.cache_chain(name)
-        tree = measure(upper, self.dirs(name, chain))
+        chain = tx.cache_chain(name, scope or "")
+        below = [*tx.cache_chain(name), *chain] if scope else chain
+        tree = measure(upper, self.dirs(name, below))
+        if scope and len(chain) >= policy.max_generations:  # a scope's chain is never squashed
+            raise Refused(f"its scope {scope!r} has {len(chain)} generations, its max_generations")
         if len(chain) >= policy.max_generations * SQUASH_SLACK:
             raise Refused(f"its chain has {len(chain)} generations and its squash has not caught up")
         if policy.max_bytes is not None:
-            held = tx.cache_bytes(name)
+            held = tx.cache_bytes(name, scope or "")
             if held + tree.bytes > policy.max_bytes:
                 raise Refused(f"{held} + {tree.bytes} bytes would exceed its max_bytes of {policy.max_bytes}")
         gen = tx.next_generation(name)
         os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
         os.rename(upper, self.generation(name, gen))
-        tx.add_generation(name, gen, source, tree, pod)
-        tx.set_chain(name, [*chain, gen])
+        tx.add_generation(name, gen, source, tree, pod, scope or "")
+        tx.set_chain(name, [*chain, gen], scope or "")
         return gen
+
+    def expire_scopes(self, ttls: Mapping[str, int]) -> list[tuple[str, str]]:
+        """Forget the scopes (of the caches in `ttls`: cache -> seconds) no container got for that
+        long and none uses now; their generations go at the next collect."""
+        now = time.time_ns()
+        with self.store.transaction() as tx:
+            used = tx.scopes_in_use()
+            gone = [
+                (cache, scope)
+                for cache, scope, _, last_used, _ in tx.cache_scopes()
+                if cache in ttls and (cache, scope) not in used and now - last_used > ttls[cache] * 1_000_000_000
+            ]
+            for cache, scope in gone:
+                tx.drop_scope(cache, scope)
+        return gone
 
     def squash(self, name: str) -> int | None:
         """Copy out a read-only overlay of cache `name`'s chain into one generation with the same
@@ -259,7 +290,7 @@ class Caches:
         """Delete the generations no chain has and no snapshot got (nor a squash reads): their
         rows are marked in one transaction, then their dirs go (start-up finishes a kill's)."""
         with self.store.transaction() as tx:
-            keep = {(c, g) for c, gens in tx.cache_chains().items() for g in gens} | tx.cache_gens_in_use()
+            keep = {(c, g) for (c, _), gens in tx.cache_chains().items() for g in gens} | tx.cache_gens_in_use()
             with self._lock:
                 keep |= {(c, g) for c, gens in self._squashing.items() for g in gens}
             doomed = sorted(tx.cache_generations() - keep)

@@ -183,7 +183,8 @@ class StoreView:
     db: Path
     root: Path  # the snapshotter's root: its filesystem's free room
     host_mounts: Callable[[], tuple[int, int]]  # pins and target mounts of extra lowers, and their budget
-    caches: Callable[[], list[tuple[str, int, int, int]]] = list  # (cache, generations, bytes, containers)
+    # (cache, scope, generations, bytes, containers, hits) of each chain
+    caches: Callable[[], list[tuple[str, str, int, int, int, int]]] = list
 
 
 def lower_users(values: Iterable[str]) -> dict[str, int]:
@@ -212,18 +213,27 @@ class StoreCollector:
         yield CACHE_SQUASH_SECONDS.family(core)
         gauges = {
             "generations": core.GaugeMetricFamily(
-                "addlower_cache_generations", "Generations in each managed cache's chain.", labels=["cache"]
+                "addlower_cache_generations",
+                'Generations in each managed cache\'s chain (scope: "" for its default chain).',
+                labels=["cache", "scope"],
             ),
             "bytes": core.GaugeMetricFamily(
-                "addlower_cache_bytes", "Bytes of regular files in each managed cache's chain.", labels=["cache"]
+                "addlower_cache_bytes",
+                "Bytes of regular files in each managed cache's chain.",
+                labels=["cache", "scope"],
             ),
             "containers": core.GaugeMetricFamily(
-                "addlower_cache_containers", "Snapshots (containers) using each managed cache.", labels=["cache"]
+                "addlower_cache_containers", "Snapshots (containers) using each chain.", labels=["cache", "scope"]
+            ),
+            "hits": core.GaugeMetricFamily(
+                "addlower_cache_scope_hits",
+                "Containers created with each scope since it was made.",
+                labels=["cache", "scope"],
             ),
         }
-        for name, generations, size, containers in self._view.caches():
-            for gauge, value in zip(gauges.values(), (generations, size, containers), strict=True):
-                gauge.add_metric([name], value)
+        for name, scope, generations, size, containers, hits in self._view.caches():
+            for gauge, value in zip(gauges.values(), (generations, size, containers, hits), strict=True):
+                gauge.add_metric([name, scope], value)
         yield from gauges.values()
         build = core.InfoMetricFamily("addlower_build", "The running daemon's version.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})

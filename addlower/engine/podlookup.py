@@ -21,6 +21,7 @@ from addlower.core.pods import (
     container_id,
     pod_sandbox,
     requested_lowers,
+    requested_scopes,
 )
 
 log = logging.getLogger(__name__)
@@ -103,4 +104,5 @@ class PodLowers:
             pod.name,
             container.name,
             requested_lowers(container, pod.annotations, self.config.annotation),
+            requested_scopes(container, pod.annotations),
         )

@@ -13,11 +13,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from addlower.core.caches import parse_scopes, scopes_label
 from addlower.core.config import Config
 from addlower.core.errors import InvalidArgument
-from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL
+from addlower.core.labels import EXTRA_LOWERS_LABEL, POD_LABEL, SCOPE_LABEL
 from addlower.core.logformat import fields
-from addlower.core.lowers import Lower, LowerPolicy, parse_lowers
+from addlower.core.lowers import Lower, LowerPolicy, parse_lowers, with_scopes
 from addlower.core.model import Kind
 from addlower.core.pods import KubernetesConfig, Lookup, check_for_pod, in_namespace, normalised_value
 from addlower.engine import metrics
@@ -71,6 +72,12 @@ class Policy:
         """The entries of `value` that pods of `namespace` may use (None: some pod may)."""
         return self._remembered((True, namespace), value, source, lambda: self.for_pods(namespace))
 
+    def scoped(self, lowers: tuple[Lower, ...], value: str, namespace: str | None) -> tuple[Lower, ...]:
+        """`lowers` with the caches' scopes the scope label's `value` asks for, checked."""
+        if not value or not any(lower.cache for lower in lowers):
+            return lowers
+        return with_scopes(lowers, parse_scopes(value, f"label {SCOPE_LABEL}"), namespace, self.lowers.named)
+
     def _remembered(
         self, whose: object, value: str, source: str, policy: Callable[[], LowerPolicy]
     ) -> tuple[Lower, ...]:
@@ -120,7 +127,7 @@ class Resolver:
     def _created(self, kind: Kind, key: str, labels: Mapping[str, str]) -> tuple[Lower, ...]:
         value = labels.get(EXTRA_LOWERS_LABEL, "")
         if not self.held_for_pods(key):
-            return self.policy.parse(value, LABEL_SOURCE)
+            return self.policy.scoped(self.policy.parse(value, LABEL_SOURCE), labels.get(SCOPE_LABEL, ""), None)
         if value and kind != Kind.ACTIVE:
             raise InvalidArgument(
                 f"{LABEL_SOURCE}: a {kind.label} in containerd's CRI namespace cannot "
@@ -164,15 +171,19 @@ class Resolver:
         """How the label's lowers are checked when the labels hold all it takes (a containerd
         client's, or a pod's container whose pod is recorded): (source, the pod's fields, the
         check); None when the pod is still to be found."""
-        value, policy = labels.get(EXTRA_LOWERS_LABEL, ""), self.policy
+        value, policy, scope = labels.get(EXTRA_LOWERS_LABEL, ""), self.policy, labels.get(SCOPE_LABEL, "")
         if not self.held_for_pods(key):
-            return LABEL_SOURCE, {}, lambda: policy.parse(value, LABEL_SOURCE)
+            return LABEL_SOURCE, {}, lambda: policy.scoped(policy.parse(value, LABEL_SOURCE), scope, None)
         recorded = labels.get(POD_LABEL)
         if recorded is None:
             return None
         source = f"pod {recorded}: {LABEL_SOURCE}"
         namespace, _, pod = recorded.partition("/")
-        return source, {"namespace": namespace, "pod": pod}, lambda: policy.parse_for_pods(namespace, value, source)
+        return (
+            source,
+            {"namespace": namespace, "pod": pod},
+            lambda: policy.scoped(policy.parse_for_pods(namespace, value, source), scope, namespace),
+        )
 
     def _pod_lowers(self, key: str, labels: Mapping[str, str]) -> Request:
         """A CRI-namespace snapshot's lowers, its pod not recorded yet: held to its pod's
@@ -194,10 +205,8 @@ class Resolver:
         who = {"namespace": found.namespace, "pod": found.pod, "container": found.container}
         policy = self.policy.for_pods(found.namespace)
         lowers = counted("annotation", lambda: check_for_pod(found, source, value, policy), key=key, **who)
-        return Request(
-            lowers,
-            f"{found.describe()}: {source}",
-            "annotation",
-            {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"},
-            who,
-        )
+        record = {EXTRA_LOWERS_LABEL: normalised_value(value), POD_LABEL: f"{found.namespace}/{found.pod}"}
+        scopes = {lower.name: lower.scope for lower in lowers if lower.name and lower.scope}
+        if scopes:
+            record[SCOPE_LABEL] = scopes_label(scopes)
+        return Request(lowers, f"{found.describe()}: {source}", "annotation", record, who)

@@ -90,6 +90,7 @@ class Awaited:
     cache: str
     pod: str | None  # namespace/name of its pod, for the policy and the record
     parked: str
+    scope: str | None = None  # the scope whose chain the writes would join
 
     @property
     def namespace(self) -> str | None:
@@ -109,6 +110,7 @@ class Moved:
     upper: str
     to: str
     awaits: Awaited | None = None
+    scope: str | None = None
 
 
 class _Awaiting:
@@ -392,7 +394,11 @@ class Snapshotter:
                 with contextlib.ExitStack() as stack:
                     tx = tx or stack.enter_context(self.store.transaction())
                     for lower in caches:
-                        chains[lower.name or ""] = self.caches.chain(tx, snap.id, lower.name or "", lower.target)
+                        policy = self._cache_policy(lower)
+                        most = policy.max_scopes if policy is not None else 0
+                        chains[lower.name or ""] = self.caches.chain(
+                            tx, snap.id, lower.name or "", lower.target, lower.scope, most
+                        )
             return self._compute(snap, opened.lowers, pins, chains, source)
         except BaseException:
             self.pins.release(snap.id)
@@ -620,8 +626,12 @@ class Snapshotter:
             raise
         for m in moved:
             if m.awaits is None:
-                log.info("promoted a job's writes", extra=fields(key=key, cache=m.cache, generation=m.to))
-                self._squash_when_long(m.cache)
+                log.info(
+                    "promoted a job's writes",
+                    extra=fields(key=key, cache=m.cache, generation=m.to, **({"scope": m.scope} if m.scope else {})),
+                )
+                if m.scope is None:
+                    self._squash_when_long(m.cache)
             else:
                 log.info(
                     "awaiting the exit of a job whose writes may be promoted", extra=fields(key=key, cache=m.cache)
@@ -637,11 +647,11 @@ class Snapshotter:
             return
         pod = info.labels.get(POD_LABEL)
         namespace = pod.partition("/")[0] if pod is not None else None
-        for name, target, status in tx.cache_uses(sid):
+        for name, target, status, scope in tx.cache_uses(sid):
             policy = self._cache_policy_named(name)
             if policy is None or policy.promote is Promote.NEVER:
                 continue
-            if not policy.may_promote(namespace, 0):  # a pod of a namespace that may not
+            if not policy.may_promote(namespace, 0, scope):  # a pod of a namespace that may not
                 metrics.CACHE_PROMOTIONS.inc(name, "denied")
                 log.info(
                     "not promoting a job's writes: its namespace may not promote to this cache",
@@ -656,11 +666,11 @@ class Snapshotter:
                     if not (os.path.isdir(upper) and os.listdir(upper)):
                         metrics.CACHE_PROMOTIONS.inc(name, "empty")
                         continue
-                    awaits = Awaited(key, name, pod, self.caches.park(name, upper, sid))
+                    awaits = Awaited(key, name, pod, self.caches.park(name, upper, sid), scope)
                     moved.append(Moved(name, upper, awaits.parked, awaits))
                     self._awaiting.add(awaits, self._settle)
                     continue
-                if not policy.may_promote(namespace, status):
+                if not policy.may_promote(namespace, status, scope):
                     metrics.CACHE_PROMOTIONS.inc(name, "failed")
                     log.info(
                         "not promoting a job's writes: it exited with status %s",
@@ -668,14 +678,14 @@ class Snapshotter:
                         extra=fields(key=key, cache=name),
                     )
                     continue
-                gen = self.caches.promote(tx, name, upper, key, policy, pod)
+                gen = self.caches.promote(tx, name, upper, key, policy, pod, scope)
             except Refused as exc:
                 metrics.CACHE_PROMOTIONS.inc(name, "refused")
                 log.warning("did not promote a job's writes to cache %s: %s", name, exc, extra=fields(key=key))
                 continue
             metrics.CACHE_PROMOTIONS.inc(name, "promoted" if gen is not None else "empty")
             if gen is not None:
-                moved.append(Moved(name, upper, self.caches.generation(name, gen)))
+                moved.append(Moved(name, upper, self.caches.generation(name, gen), scope=scope))
 
     def _cache_policy_named(self, name: str) -> CachePolicy | None:
         named = self.config.named_lowers.get(name)
@@ -702,7 +712,7 @@ class Snapshotter:
         """A parked upper whose job's exit is known (`status`; None: not seen in time): the next
         generation, or deleted."""
         policy = self._cache_policy_named(awaits.cache)
-        if status is None or policy is None or not policy.may_promote(awaits.namespace, status):
+        if status is None or policy is None or not policy.may_promote(awaits.namespace, status, awaits.scope):
             why = "its exit was not seen in time" if status is None else f"it exited with status {status}"
             metrics.CACHE_PROMOTIONS.inc(awaits.cache, "unseen" if status is None else "failed")
             log.info("not promoting a job's writes: %s", why, extra=fields(key=awaits.key, cache=awaits.cache))
@@ -710,7 +720,7 @@ class Snapshotter:
             return
         try:
             with self.store.transaction() as tx:
-                gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy, awaits.pod)
+                gen = self.caches.promote(tx, awaits.cache, awaits.parked, awaits.key, policy, awaits.pod, awaits.scope)
         except Refused as exc:
             metrics.CACHE_PROMOTIONS.inc(awaits.cache, "refused")
             log.warning(
@@ -720,7 +730,8 @@ class Snapshotter:
             return
         metrics.CACHE_PROMOTIONS.inc(awaits.cache, "promoted")
         log.info("promoted a job's writes", extra=fields(key=awaits.key, cache=awaits.cache, generation=gen))
-        self._squash_when_long(awaits.cache)
+        if awaits.scope is None:
+            self._squash_when_long(awaits.cache)
 
     # --- the operator's hand on caches (addlower cache ...) -----------------------------------
 
@@ -750,7 +761,7 @@ class Snapshotter:
                 uses = tx.cache_uses(sid) if info.kind == Kind.ACTIVE else []
                 if not uses:
                     raise FailedPrecondition(f"snapshot {key!r} is no container using a cache")
-                for name, target, _ in uses:
+                for name, target, _, scope in uses:
                     policy = self._cache_policy_named(name)
                     if policy is None:
                         raise FailedPrecondition(f"cache {name!r} is no longer configured")
@@ -760,13 +771,13 @@ class Snapshotter:
                             f"{key!r}: its writes to cache {name!r} are still mounted; stop it first"
                         )
                     try:
-                        gen = self.caches.promote(tx, name, upper, key, policy, info.labels.get(POD_LABEL))
+                        gen = self.caches.promote(tx, name, upper, key, policy, info.labels.get(POD_LABEL), scope)
                     except Refused as exc:
                         raise FailedPrecondition(f"cache {name!r}: {exc}") from None
                     if gen is None:
                         done.append(f"cache {name}: nothing written")
                         continue
-                    moved.append(Moved(name, upper, self.caches.generation(name, gen)))
+                    moved.append(Moved(name, upper, self.caches.generation(name, gen), scope=scope))
                     os.mkdir(upper, 0o755)
                     done.append(f"cache {name}: generation {gen}")
         except BaseException:
@@ -778,7 +789,27 @@ class Snapshotter:
         for m in moved:
             metrics.CACHE_PROMOTIONS.inc(m.cache, "promoted")
             log.info("promoted a job's writes by hand", extra=fields(key=key, cache=m.cache, generation=m.to))
-            self._squash_when_long(m.cache)
+            if m.scope is None:
+                self._squash_when_long(m.cache)
+        return "\n".join(done)
+
+    def promote_to_default(self, key: str) -> str:
+        """An operator's (or a trusted step's) hand: the chains of the scopes `key`'s container
+        got move onto their caches' default chains, for containers created afterwards."""
+        done = []
+        with self.store.transaction() as tx:
+            sid, _ = tx.info(key)
+            scoped = [(name, scope) for name, _, _, scope in tx.cache_uses(sid) if scope]
+            if not scoped:
+                raise FailedPrecondition(f"snapshot {key!r} got no cache scope")
+            for name, scope in scoped:
+                moving = tx.cache_chain(name, scope)
+                tx.set_chain(name, [*tx.cache_chain(name), *moving])
+                tx.set_chain(name, [], scope)
+                done.append(f"cache {name}: scope {scope}'s generations {moving} moved to the default chain")
+        for name, scope in scoped:
+            log.warning("moved a scope's generations to the default chain", extra=fields(cache=name, scope=scope))
+            self._squash_when_long(name)
         return "\n".join(done)
 
     def _squash_when_long(self, name: str) -> None:
@@ -878,6 +909,9 @@ class Snapshotter:
                     removed.append(name)
                 except Exception as exc:  # left for the next Cleanup, and for the operator to look at
                     log.error("cleanup could not remove %s: %s", path, exc)
+            ttls = {n: named.cache.scope_ttl for n, named in self.config.named_lowers.items() if named.cache}
+            for cache, scope in self.caches.expire_scopes({n: t for n, t in ttls.items() if t}):
+                log.info("a cache's scope expired, unused for its scope_ttl", extra=fields(cache=cache, scope=scope))
             for gone in self.caches.collect():  # generations no chain has and no container got
                 log.info("removed generation %s, which no container uses", gone)
                 removed.append(f"caches/{gone}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.filters import parse_filters
 from addlower.core.model import Info, Kind, Usage
 
@@ -65,6 +65,7 @@ _CACHES = (
     created_at  INTEGER NOT NULL,   -- nanoseconds since the epoch, UTC
     source      TEXT    NOT NULL,   -- "seed", "squash of A-B", or the key of the snapshot whose writes it holds
     pod         TEXT,               -- that snapshot's pod (namespace/name), for a pod's container
+    scope       TEXT    NOT NULL DEFAULT '',  -- the chain it was made for ("": the default)
     bytes       INTEGER NOT NULL,   -- of its regular files
     added       INTEGER NOT NULL,   -- entries new to the chain below it
     changed     INTEGER NOT NULL,   -- entries there below too (files rewritten, dirs replaced)
@@ -74,15 +75,25 @@ _CACHES = (
 )""",
     """CREATE TABLE IF NOT EXISTS cache_chains (
     cache       TEXT    NOT NULL,
+    scope       TEXT    NOT NULL,   -- "" for the cache's default chain
     pos         INTEGER NOT NULL,   -- 0 at the bottom
     gen         INTEGER NOT NULL,
-    PRIMARY KEY (cache, pos)
+    PRIMARY KEY (cache, scope, pos)
+)""",
+    """CREATE TABLE IF NOT EXISTS cache_scopes (
+    cache       TEXT    NOT NULL,
+    scope       TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    last_used   INTEGER NOT NULL,   -- when a container last got it
+    hits        INTEGER NOT NULL,   -- containers that got it
+    PRIMARY KEY (cache, scope)
 )""",
     """CREATE TABLE IF NOT EXISTS cache_uses (
     snapshot_id INTEGER NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
     cache       TEXT    NOT NULL,
     target      TEXT    NOT NULL,
     gens        TEXT    NOT NULL,
+    scope       TEXT,               -- the scope whose chain it got on top of the default one
     exit_status INTEGER,            -- of its container's task, once containerd said it exited
     PRIMARY KEY (snapshot_id, cache)
 )""",
@@ -99,6 +110,7 @@ class Generation(NamedTuple):
     created_at: int  # ns since the epoch
     source: str
     pod: str | None
+    scope: str  # the chain it was made for ("": the default)
     bytes: int
     added: int
     changed: int
@@ -232,17 +244,26 @@ class _Queries:
 
     # --- managed caches ---
 
-    def cache_chain(self, name: str) -> list[int]:
-        """Cache `name`'s chain, the generations new containers get: bottom first."""
+    def cache_chain(self, name: str, scope: str = "") -> list[int]:
+        """Cache `name`'s chain (of `scope`; "": its default one): bottom first."""
         with self._conn() as db:
-            return [r[0] for r in db.execute("SELECT gen FROM cache_chains WHERE cache = ? ORDER BY pos", (name,))]
+            rows = db.execute("SELECT gen FROM cache_chains WHERE cache = ? AND scope = ? ORDER BY pos", (name, scope))
+            return [r[0] for r in rows]
 
-    def cache_chains(self) -> dict[str, list[int]]:
-        chains: dict[str, list[int]] = {}
+    def cache_chains(self) -> dict[tuple[str, str], list[int]]:
+        """(cache, scope) -> its chain, bottom first."""
+        chains: dict[tuple[str, str], list[int]] = {}
         with self._conn() as db:
-            for cache, gen in db.execute("SELECT cache, gen FROM cache_chains ORDER BY cache, pos"):
-                chains.setdefault(cache, []).append(gen)
+            for cache, scope, gen in db.execute(
+                "SELECT cache, scope, gen FROM cache_chains ORDER BY cache, scope, pos"
+            ):
+                chains.setdefault((cache, scope), []).append(gen)
         return chains
+
+    def cache_scopes(self) -> list[tuple[str, str, int, int, int]]:
+        """(cache, scope, created_at, last_used, hits) of every scope."""
+        with self._conn() as db:
+            return list(db.execute("SELECT cache, scope, created_at, last_used, hits FROM cache_scopes ORDER BY 1, 2"))
 
     def cache_gens_in_use(self) -> set[tuple[str, int]]:
         """(cache, gen) of every generation some snapshot got."""
@@ -257,10 +278,12 @@ class _Queries:
         row = self._one("SELECT gens FROM cache_uses WHERE snapshot_id = ? AND cache = ?", (sid, name))
         return None if row is None else [int(g) for g in row[0].split(",") if g]
 
-    def cache_uses(self, sid: int) -> list[tuple[str, str, int | None]]:
-        """(cache, target, its task's exit status or None) of each cache snapshot `sid` uses."""
+    def cache_uses(self, sid: int) -> list[tuple[str, str, int | None, str | None]]:
+        """(cache, target, its task's exit status or None, its scope or None) of each cache
+        snapshot `sid` uses."""
         with self._conn() as db:
-            return list(db.execute("SELECT cache, target, exit_status FROM cache_uses WHERE snapshot_id = ?", (sid,)))
+            sql = "SELECT cache, target, exit_status, scope FROM cache_uses WHERE snapshot_id = ?"
+            return list(db.execute(sql, (sid,)))
 
     def cache_users_named(self, namespace: str, name: str) -> list[tuple[int, str]]:
         """(id, key) of the snapshots using a cache whose key is `<namespace>/<anything>/<name>`
@@ -273,12 +296,12 @@ class _Queries:
         with self._conn() as db:
             return list(db.execute(sql, (f"{escaped[0]}/%/{escaped[1]}",)))
 
-    def cache_bytes(self, name: str) -> int:
-        """What cache `name`'s chain holds."""
+    def cache_bytes(self, name: str, scope: str = "") -> int:
+        """What cache `name`'s chain (of `scope`) holds."""
         row = self._one(
             "SELECT COALESCE(SUM(g.bytes), 0) FROM cache_chains c JOIN cache_generations g"
-            " ON g.cache = c.cache AND g.gen = c.gen WHERE c.cache = ?",
-            (name,),
+            " ON g.cache = c.cache AND g.gen = c.gen WHERE c.cache = ? AND c.scope = ?",
+            (name, scope),
         )
         return int(row[0])
 
@@ -295,10 +318,11 @@ class _Queries:
                 return [Generation(*row) for row in db.execute(sql + " ORDER BY cache, gen")]
             return [Generation(*row) for row in db.execute(sql + " WHERE cache = ? ORDER BY gen", (name,))]
 
-    def cache_users(self) -> dict[str, int]:
-        """Cache -> how many snapshots use it."""
+    def cache_users(self) -> dict[tuple[str, str], int]:
+        """(cache, scope: "" for none) -> how many snapshots use it."""
         with self._conn() as db:
-            return dict(db.execute("SELECT cache, COUNT(*) FROM cache_uses GROUP BY cache"))
+            sql = "SELECT cache, COALESCE(scope, ''), COUNT(*) FROM cache_uses GROUP BY 1, 2"
+            return {(c, scope): n for c, scope, n in db.execute(sql)}
 
     def last_id(self) -> int:
         """The highest id ever handed out (committed), live or removed (AUTOINCREMENT's record)."""
@@ -578,11 +602,40 @@ class Tx(_Queries):
         self.changes.append(_Change(key, rec.id))
         return rec.id, rec.info.kind
 
-    def use_cache(self, sid: int, name: str, target: str, gens: list[int]) -> None:
+    def use_cache(self, sid: int, name: str, target: str, gens: list[int], scope: str | None = None) -> None:
         self._db.execute(
-            "INSERT INTO cache_uses (snapshot_id, cache, target, gens) VALUES (?, ?, ?, ?)",
-            (sid, name, target, ",".join(map(str, gens))),
+            "INSERT INTO cache_uses (snapshot_id, cache, target, gens, scope) VALUES (?, ?, ?, ?, ?)",
+            (sid, name, target, ",".join(map(str, gens)), scope),
         )
+
+    def use_scope(self, name: str, scope: str, most: int) -> None:
+        """Count a container getting `scope` of cache `name`, made now unless the cache has `most`
+        scopes already (ResourceExhausted)."""
+        now = time.time_ns()
+        done = self._db.execute(
+            "UPDATE cache_scopes SET last_used = ?, hits = hits + 1 WHERE cache = ? AND scope = ?", (now, name, scope)
+        )
+        if done.rowcount:
+            return
+        held = self._one("SELECT COUNT(*) FROM cache_scopes WHERE cache = ?", (name,))[0]
+        if held >= most:
+            raise ResourceExhausted(
+                f"cache {name!r} has {held} scopes, its max_scopes: scope {scope!r} cannot be made (unused "
+                "scopes go after scope_ttl; or raise max_scopes in the snapshotter's config)"
+            )
+        self._db.execute(
+            "INSERT INTO cache_scopes (cache, scope, created_at, last_used, hits) VALUES (?, ?, ?, ?, 1)",
+            (name, scope, now, now),
+        )
+
+    def drop_scope(self, name: str, scope: str) -> None:
+        """Forget `scope` of cache `name` and its chain (its generations go once unused)."""
+        self._db.execute("DELETE FROM cache_chains WHERE cache = ? AND scope = ?", (name, scope))
+        self._db.execute("DELETE FROM cache_scopes WHERE cache = ? AND scope = ?", (name, scope))
+
+    def scopes_in_use(self) -> set[tuple[str, str]]:
+        with self._conn() as db:
+            return set(db.execute("SELECT DISTINCT cache, scope FROM cache_uses WHERE scope IS NOT NULL"))
 
     def set_exit(self, sids: Sequence[int], status: int) -> None:
         self._db.executemany("UPDATE cache_uses SET exit_status = ? WHERE snapshot_id = ?", [(status, i) for i in sids])
@@ -591,19 +644,23 @@ class Tx(_Queries):
         row = self._one("SELECT COALESCE(MAX(gen), 0) FROM cache_generations WHERE cache = ?", (name,))
         return int(row[0]) + 1
 
-    def add_generation(self, name: str, gen: int, source: str, tree: Any, pod: str | None = None) -> None:
+    def add_generation(
+        self, name: str, gen: int, source: str, tree: Any, pod: str | None = None, scope: str = ""
+    ) -> None:
         """Record generation `gen` of cache `name`; `tree` has bytes, added, changed, deleted."""
         self._db.execute(
-            "INSERT INTO cache_generations (cache, gen, created_at, source, pod, bytes, added, changed, deleted)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, gen, time.time_ns(), source, pod, tree.bytes, tree.added, tree.changed, tree.deleted),
+            "INSERT INTO cache_generations"
+            " (cache, gen, created_at, source, pod, scope, bytes, added, changed, deleted)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, gen, time.time_ns(), source, pod, scope, tree.bytes, tree.added, tree.changed, tree.deleted),
         )
 
-    def set_chain(self, name: str, gens: Sequence[int]) -> None:
-        """Make `gens` (bottom first) cache `name`'s chain."""
-        self._db.execute("DELETE FROM cache_chains WHERE cache = ?", (name,))
+    def set_chain(self, name: str, gens: Sequence[int], scope: str = "") -> None:
+        """Make `gens` (bottom first) cache `name`'s chain (of `scope`)."""
+        self._db.execute("DELETE FROM cache_chains WHERE cache = ? AND scope = ?", (name, scope))
         self._db.executemany(
-            "INSERT INTO cache_chains (cache, pos, gen) VALUES (?, ?, ?)", [(name, i, g) for i, g in enumerate(gens)]
+            "INSERT INTO cache_chains (cache, scope, pos, gen) VALUES (?, ?, ?, ?)",
+            [(name, scope, i, g) for i, g in enumerate(gens)],
         )
 
     def remove_generations(self, doomed: Iterable[tuple[str, int]]) -> None:
@@ -776,15 +833,17 @@ class MetaStore:
                 counts[Kind(kind).label] = count
         return counts
 
-    def cache_figures(self) -> list[tuple[str, int, int, int]]:
-        """(cache, generations in its chain, their bytes, snapshots using it) of each cache."""
+    def cache_figures(self) -> list[tuple[str, str, int, int, int, int]]:
+        """(cache, scope, generations in its chain, their bytes, snapshots using it, containers that
+        got it) of each cache's default chain ("") and each scope."""
         with self._pool.lend() as db:
             return list(
                 db.execute(
-                    "SELECT c.cache, COUNT(*), SUM(g.bytes),"
-                    " (SELECT COUNT(*) FROM cache_uses u WHERE u.cache = c.cache)"
+                    "SELECT c.cache, c.scope, COUNT(*), SUM(g.bytes),"
+                    " (SELECT COUNT(*) FROM cache_uses u WHERE u.cache = c.cache AND COALESCE(u.scope, '') = c.scope),"
+                    " COALESCE((SELECT hits FROM cache_scopes s WHERE s.cache = c.cache AND s.scope = c.scope), 0)"
                     " FROM cache_chains c JOIN cache_generations g ON g.cache = c.cache AND g.gen = c.gen"
-                    " GROUP BY c.cache ORDER BY c.cache"
+                    " GROUP BY c.cache, c.scope ORDER BY c.cache, c.scope"
                 )
             )
 

@@ -25,6 +25,7 @@ from addlower.ops.sources import Invocation, admin_command, read_only_store
 
 LS_COLUMNS = (
     Column("CACHE", flexible=True),
+    Column("SCOPE", flexible=True),
     Column("TARGET", flexible=True),
     Column("PROMOTE"),
     Column("GENERATIONS", right=True),
@@ -45,6 +46,7 @@ LOG_COLUMNS = (
 @dataclass(frozen=True)
 class CacheRow:
     cache: str
+    scope: str  # "" for the cache's default chain
     target: str | None  # None: generations of a cache no longer configured
     promote: str | None
     generations: int
@@ -55,31 +57,37 @@ class CacheRow:
 
 @admin_command("ls")
 def cache_ls(inv: Invocation) -> None:
-    """List the managed caches: generations, size, containers using each, last promotion."""
+    """List the managed caches and their scopes: generations, size, containers using each, last
+    promotion."""
     config = inv.load()
     caches = {name: named for name, named in config.named_lowers.items() if named.cache is not None}
     with read_only_store(inv.target().db) as reader:
         log = reader.cache_log()
         users = reader.cache_users()
         chains = reader.cache_chains()
+        scopes = {(c, scope) for c, scope, *_ in reader.cache_scopes()}
     rows = []
-    for name in sorted({*caches, *(g.cache for g in log)}):
-        gens = [g for g in log if g.cache == name and g.gen in chains.get(name, ())]
+    for name, scope in sorted({*((c, "") for c in caches), *((g.cache, "") for g in log), *chains, *scopes}):
+        gens = [g for g in log if g.cache == name and g.gen in chains.get((name, scope), ())]
         promoted = [
             g.created_at
             for g in log
-            if g.cache == name and g.source != SEED_SOURCE and not g.source.startswith(SQUASH_SOURCE)
+            if g.cache == name
+            and g.scope == scope
+            and g.source != SEED_SOURCE
+            and not g.source.startswith(SQUASH_SOURCE)
         ]
         named = caches.get(name)
         policy = named.cache if named is not None else None
         rows.append(
             CacheRow(
                 name,
+                scope,
                 named.target if named is not None else None,
                 policy.promote.value if policy is not None else None,
                 len(gens),
                 sum(g.bytes for g in gens),
-                users.get(name, 0),
+                users.get((name, scope), 0),
                 promoted[-1] if promoted else None,
             )
         )
@@ -89,6 +97,7 @@ def cache_ls(inv: Invocation) -> None:
     table = [
         [
             r.cache,
+            r.scope or "-",
             r.target or "(not configured)",
             r.promote or "-",
             str(r.generations),
@@ -116,12 +125,13 @@ class GenerationRow:
 
 @admin_command("log")
 @click.argument("name")
-def cache_log(inv: Invocation, name: str) -> None:
+@click.option("--scope", default="", help="Show which generations are in this scope's chain.")
+def cache_log(inv: Invocation, name: str, scope: str) -> None:
     """Show a cache's generations, oldest first: when, from which container, size, and whether
     new containers get it (chain), only containers that got it earlier (kept), or it is gone."""
     with read_only_store(inv.target().db) as reader:
         gens = reader.cache_log(name)
-        chain = set(reader.cache_chain(name))
+        chain = set(reader.cache_chain(name, scope))
     if not gens:
         raise click.ClickException(f"cache {name!r} has no generations")
     rows = [
@@ -191,12 +201,16 @@ def cache_rollback(inv: Invocation, name: str, generation: int) -> None:
 @admin_command("promote")
 @click.argument("container")
 @namespace_option
-def cache_promote(inv: Invocation, container: str, namespace: str | None) -> None:
+@click.option(
+    "--to-default", is_flag=True, help="Move the generations of the scopes it got onto the caches' default chains."
+)
+def cache_promote(inv: Invocation, container: str, namespace: str | None, to_default: bool) -> None:
     """Make a stopped container's writes to its caches their next generations now, whatever the
-    caches' promote says. CONTAINER is a snapshot key or containerd's name for it."""
+    caches' promote says; or, with --to-default, move its scopes' results into the caches'
+    default chains. CONTAINER is a snapshot key or containerd's name for it."""
     with read_only_store(inv.target().db) as reader:
         key = _key(reader, container, namespace)
-    _ask(inv, "PromoteWrites", admin_pb2.PromoteRequest(key=key))
+    _ask(inv, "PromoteWrites", admin_pb2.PromoteRequest(key=key, to_default=to_default))
 
 
 @dataclass(frozen=True)
@@ -221,7 +235,7 @@ def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
             key = None
         if key is not None:
             sid = reader.get_info(key)[0]
-            for name, at, _ in reader.cache_uses(sid):
+            for name, at, _, _ in reader.cache_uses(sid):
                 lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(reader.cache_use(sid, name) or [])]
                 upper = f"{target.layout.target_dir(sid, at)}/fs"
                 rows += [ChangeRow(name, kind, f"{at}/{rel}") for kind, rel, _ in _changes(upper, lowers)]

@@ -191,7 +191,9 @@ class Daemon:
         return admin_pb2.CacheReply(message=self.snapshotter.rollback(request.cache, request.generation))
 
     def PromoteWrites(self, request: admin_pb2.PromoteRequest) -> admin_pb2.CacheReply:
-        """`addlower cache promote CONTAINER`."""
+        """`addlower cache promote [--to-default] CONTAINER`."""
+        if request.to_default:
+            return admin_pb2.CacheReply(message=self.snapshotter.promote_to_default(request.key))
         return admin_pb2.CacheReply(message=self.snapshotter.promote_writes(request.key))
 
     def _hup(self) -> None:

@@ -17,6 +17,7 @@ from addlower.cli import admin
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.core.labels import POD_LABEL
+from addlower.core.pods import SCOPE_ANNOTATION
 from addlower.dev import ociimage
 from addlower.dev.devcontainerd import Binaries
 from addlower.dev.ociimage import OciImage
@@ -47,6 +48,8 @@ def cri_target(
         f'teamb = {{ path = "{work / "teamb"}", namespaces = ["team-b"] }}\n'
         f'm2 = {{ path = "{work / "maven"}", target = "/root/.m2" }}\n'
         'ci-m2 = { cache = true, target = "/root/.m2", promote = "on-success", promote_namespaces = ["ci"] }\n'
+        'scoped-m2 = { cache = true, target = "/root/.m2", promote = "on-success", promote_namespaces = ["ci-main"],'
+        ' scopes = { "ci-pr" = "pr-*", "ci-main" = "*" } }\n'
         f'[kubernetes]\nenabled = true\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
         f'allowed_roots = ["{work / "allowed"}"]\n'
         f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
@@ -293,11 +296,19 @@ def test_only_pods_of_the_runtime_class_use_the_snapshotter(
         cri.close()
 
 
-def run_job(cri: CriClient, t: Target, namespace: str, name: str, image: OciImage, script: str) -> str:
-    """A CI job as a pod with the cache `ci-m2`: its container runs `script` to its end and is
-    removed; returns what the daemon said of its writes to the cache once it said it (containerd
-    removes the snapshot in its own time)."""
-    with cri.pod(name, namespace=namespace, annotations={ANNOTATION: "ci-m2"}) as pod:
+def run_job(
+    cri: CriClient,
+    t: Target,
+    namespace: str,
+    name: str,
+    image: OciImage,
+    script: str,
+    annotations: dict[str, str] | None = None,
+) -> str:
+    """A CI job as a pod with the cache `ci-m2` (or `annotations`): its container runs `script` to
+    its end and is removed; returns what the daemon said of its writes to the cache once it said
+    it (containerd removes the snapshot in its own time)."""
+    with cri.pod(name, namespace=namespace, annotations=annotations or {ANNOTATION: "ci-m2"}) as pod:
         cid = cri.create_container(pod.id, pod.config, "job", image.ref, ["sh", "-c", script])
         cri.start(cid)
         deadline = time.monotonic() + 60
@@ -336,3 +347,32 @@ def test_a_cache_grows_from_trusted_namespaces_jobs_only(
     with cri.pod("check", namespace="ci", annotations={ANNOTATION: "ci-m2"}) as pod:
         app = start(cri, pod, "app", busybox_image)
         assert cri.exec_sync(app, ["ls", "/root/.m2"]) == (0, "built.jar\n", "")
+
+
+def scoped(scope: str | None = None) -> dict[str, str]:
+    return {ANNOTATION: "scoped-m2", **({SCOPE_ANNOTATION: scope} if scope else {})}
+
+
+def test_a_pr_scope_sees_mains_cache_and_keeps_its_writes_to_itself(
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
+    if binaries.version < (1, 7):  # no mount targets: a cache is refused, scope or not
+        with cri.pod("scoped-16", namespace="ci-pr", annotations=scoped("pr-1")) as pod:
+            assert "a target needs containerd >= 1.7" in refused_start(cri, pod, busybox_image)
+        return
+    said = run_job(cri, cri_target, "ci-main", "main-1", busybox_image, "echo main > /root/.m2/main.jar", scoped())
+    assert said == "promoted a job's writes"
+    said = run_job(cri, cri_target, "ci-pr", "pr-1", busybox_image, "echo one > /root/.m2/pr1.jar", scoped("pr-1"))
+    assert said == "promoted a job's writes"  # into its scope: ci-pr may not promote to the default chain
+    for namespace, scope, sees in (
+        ("ci-pr", "pr-1", "main.jar\npr1.jar\n"),
+        ("ci-pr", "pr-2", "main.jar\n"),  # another PR never sees pr-1's writes
+        ("ci-main", None, "main.jar\n"),  # nor does main
+    ):
+        with cri.pod(f"check-{scope or 'main'}", namespace=namespace, annotations=scoped(scope)) as pod:
+            app = start(cri, pod, "app", busybox_image)
+            assert cri.exec_sync(app, ["ls", "/root/.m2"]) == (0, sees, ""), (namespace, scope)
+    with cri.pod("sneaky", namespace="ci-pr", annotations=scoped("main")) as pod:
+        assert "scope 'main' is not one namespace 'ci-pr' may use ('pr-*')" in refused_start(cri, pod, busybox_image)
+    with cri.pod("outsider", namespace="other", annotations=scoped("pr-1")) as pod:
+        assert "pods of namespace 'other' may not use scopes" in refused_start(cri, pod, busybox_image)

@@ -21,11 +21,14 @@ from typing import Any
 import grpc
 import pytest
 from click.testing import CliRunner
+from grpc import StatusCode as Code
 
 from addlower.cli import admin
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
+from addlower.core.labels import SCOPE_LABEL as SCOPE
 from addlower.dev.mounting import mounted
 from addlower.ops.client import SnapshotsClient
+from tests.integration.layers import expect_code
 from tests.support.daemon import Daemon, config_args
 
 TARGET = "/root/.m2"
@@ -369,3 +372,58 @@ def test_two_jobs_that_end_together_both_count_stacked_in_the_order_they_end(tmp
         with mounted(job(c, "next"), tmp_path / "next") as m:
             assert (m / "a.jar").exists() and (m / "b.jar").exists()
             assert (m / "both.jar").read_text() == f"{order[-1]}\n"  # the one that ended last is on top
+
+
+def scoped_job(c: SnapshotsClient, key: str, scope: str | None) -> list[Any]:
+    labels = {LOWERS: "m2", **({SCOPE: scope} if scope else {})}
+    return at_target(c.prepare(key, labels=labels))
+
+
+def run_scoped(c: SnapshotsClient, tmp_path: Path, key: str, scope: str | None, script: str) -> str:
+    """A job with the cache (in `scope`): runs `script` in its view, then is removed; what it saw."""
+    with mounted(scoped_job(c, key, scope), tmp_path / key) as m:
+        seen = subprocess.run(["sh", "-c", f"ls; {script}"], cwd=m, check=True, capture_output=True, text=True)
+    c.remove(key)
+    return seen.stdout
+
+
+def test_scopes_stack_on_the_default_chain_and_keep_their_writes_to_themselves(tmp_path: Path):
+    args = cache_config(tmp_path, extra="scope_ttl = 1\nmax_scopes = 2\n")
+    with serving(tmp_path, args) as (d, c):
+        run_scoped(c, tmp_path, "main-1", None, "echo main > main.jar")
+        assert run_scoped(c, tmp_path, "pr1-a", "pr-1", "echo one > pr1.jar; rm seeded.jar").split() == [
+            "main.jar",
+            "old",
+            "seeded.jar",
+        ]
+        assert run_scoped(c, tmp_path, "pr2-a", "pr-2", "echo two > pr2.jar").split() == [
+            "main.jar",
+            "old",
+            "seeded.jar",
+        ]
+        assert run_scoped(c, tmp_path, "pr1-b", "pr-1", "true").split() == ["main.jar", "old", "pr1.jar"]
+        assert run_scoped(c, tmp_path, "main-2", None, "true").split() == ["main.jar", "old", "seeded.jar"]
+        refused = expect_code(Code.RESOURCE_EXHAUSTED, c.prepare, "pr3", labels={LOWERS: "m2", SCOPE: "pr-3"})
+        assert "cache 'm2' has 2 scopes, its max_scopes: scope 'pr-3' cannot be made" in refused.details()
+        bad = expect_code(Code.INVALID_ARGUMENT, c.prepare, "bad", labels={LOWERS: "m2", SCOPE: "../main"})
+        assert "scope '../main' is no scope name" in bad.details()
+
+        cli = ["--root-dir", str(d.root), "--config", str(tmp_path / "config.toml")]
+        shown = json.loads(CliRunner().invoke(admin, ["cache", "ls", "--json", *cli]).output)
+        assert [(r["scope"], r["generations"]) for r in shown] == [("", 2), ("pr-1", 1), ("pr-2", 1)]
+
+        scoped_job(c, "holder", "pr-1")  # a live container keeps pr-1 from expiring
+        time.sleep(1.5)
+        c.cleanup()  # pr-2 is past its scope_ttl, unused: it goes, and its generation with it
+        shown = json.loads(CliRunner().invoke(admin, ["cache", "ls", "--json", *cli]).output)
+        assert [(r["scope"], r["containers"]) for r in shown] == [("", 0), ("pr-1", 1)]
+        assert "pr-2" not in {
+            g["source"]
+            for g in json.loads(CliRunner().invoke(admin, ["cache", "log", "m2", "--json", *cli]).output)
+            if g["state"] != "removed"
+        }
+
+        moved = CliRunner().invoke(admin, ["cache", "promote", "--to-default", "holder", *cli])
+        assert moved.exit_code == 0 and "moved to the default chain" in moved.output, moved.output
+        assert run_scoped(c, tmp_path, "main-3", None, "true").split() == ["main.jar", "old", "pr1.jar"]
+    assert "a cache's scope expired" in d.log() and "scope=pr-2" in d.log()

@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from addlower.core.caches import CachePolicy, Promote, parse_size
+from addlower.core.caches import CachePolicy, Promote, parse_duration, parse_scopes, parse_size, scopes_label
 from addlower.core.config import ConfigError, parse_config
 from addlower.core.errors import InvalidArgument
 
@@ -79,3 +79,78 @@ def test_what_a_container_creator_named_reaches_the_operators_terminal_escaped()
 
     [_, row] = render_table([Column("KEY"), Column("FROM")], [["ns/1/\x1b[2Jjob", "a\u202eb\nc"]], None)
     assert row == "ns/1/\\x1b[2Jjob  a\\u202eb\\nc"
+
+
+SCOPED = CachePolicy(Promote.ON_SUCCESS, ("ci-main",), scopes={"ci-pr": "pr-*", "ci-main": "*"})
+
+
+@pytest.mark.parametrize(
+    ("namespace", "scope", "promotes"),
+    [
+        ("ci-main", None, True),  # the default chain: promote_namespaces
+        ("ci-pr", None, False),
+        ("ci-pr", "pr-7", True),  # its own scope
+        ("ci-pr", "main", False),  # not its pattern
+        ("other", "pr-7", False),  # no scope rights
+        (None, "anything", True),  # a label user
+    ],
+)
+def test_who_may_promote_into_a_scope(namespace: str | None, scope: str | None, promotes: bool):
+    assert SCOPED.may_promote(namespace, 0, scope) is promotes
+    assert SCOPED.may_promote(namespace, 1, scope) is False
+
+
+@pytest.mark.parametrize(
+    ("namespace", "scope", "says"),
+    [
+        ("ci-pr", "main", "scope 'main' is not one namespace 'ci-pr' may use ('pr-*')"),
+        ("other", "pr-1", "pods of namespace 'other' may not use scopes"),
+        ("ci-pr", "pr-1/../x", "is no scope name"),
+        ("ci-pr", "-pr", "is no scope name"),
+        ("ci-pr", "pr-" + "x" * 70, "is no scope name"),
+        (None, "pr\n1", "is no scope name"),
+    ],
+)
+def test_a_scope_outside_the_namespaces_pattern_or_no_scope_name_is_refused(
+    namespace: str | None, scope: str, says: str
+):
+    with pytest.raises(InvalidArgument, match=None) as refused:
+        SCOPED.check_scope("m2", namespace, scope)
+    assert says in str(refused.value)
+
+
+def test_scope_labels_and_durations():
+    assert parse_scopes("pr-1", "label") == {None: "pr-1"}
+    assert parse_scopes("m2=pr-1,npm=pr-2", "label") == {"m2": "pr-1", "npm": "pr-2"}
+    assert parse_scopes(scopes_label({"npm": "b", "m2": "a"}), "label") == {"m2": "a", "npm": "b"}
+    with pytest.raises(InvalidArgument, match="is no scope name"):
+        parse_scopes("m2=../x", "label")
+    assert [parse_duration("ttl", v) for v in ("7d", "12h", "30m", "45s", 90)] == [604800, 43200, 1800, 45, 90]
+    for bad in ("0d", "1w", "-1h", True, None):
+        with pytest.raises(InvalidArgument, match="ttl"):
+            parse_duration("ttl", bad)
+
+
+def test_a_scoped_cache_table():
+    config = parse_config(
+        tomllib.loads(
+            '[lowers.named.m2]\ncache = true\ntarget = "/root/.m2"\npromote = "on-success"\n'
+            'promote_namespaces = ["ci-main"]\nscopes = { "ci-pr" = "pr-*", "ci-main" = "*" }\n'
+            'scope_ttl = "7d"\nmax_scopes = 200\n'
+        )
+    )
+    policy = config.named_lowers["m2"].cache
+    assert policy is not None and (policy.scopes, policy.scope_ttl, policy.max_scopes) == (
+        {"ci-pr": "pr-*", "ci-main": "*"},
+        7 * 86400,
+        200,
+    )
+    for table, says in (
+        ('scopes = { "ci-pr" = "pr/*" }', "a pattern of scope names"),
+        ('scopes = { "Bad_NS" = "*" }', "is not a Kubernetes namespace name"),
+        ("max_scopes = 0", "max_scopes: a positive number"),
+        ('scope_ttl = "soon"', "scope_ttl: a duration"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(tomllib.loads(f'[lowers.named.m2]\ncache = true\ntarget = "/m2"\n{table}\n'))
+        assert says in str(refused.value)
