@@ -4,6 +4,7 @@ finds the pod through containerd's Containers API at container start."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -50,6 +51,8 @@ def cri_target(
         'ci-m2 = { cache = true, target = "/root/.m2", promote = "on-success", promote_namespaces = ["ci"] }\n'
         'scoped-m2 = { cache = true, target = "/root/.m2", promote = "on-success", promote_namespaces = ["ci-main"],'
         ' scopes = { "ci-pr" = "pr-*", "ci-main" = "*" } }\n'
+        'brief-m2 = { cache = true, target = "/root/.m2", promote = "always", scopes = { "ci-pr" = "pr-*" },'
+        " scope_ttl = 1 }\n"
         f'[kubernetes]\nenabled = true\ncontainerd_address = "{work / "containerd" / "containerd.sock"}"\n'
         f'allowed_roots = ["{work / "allowed"}"]\n'
         f'[kubernetes.namespaces.team-a]\nallowed_roots = ["{work / "team-a"}"]\n'
@@ -376,3 +379,34 @@ def test_a_pr_scope_sees_mains_cache_and_keeps_its_writes_to_itself(
         assert "scope 'main' is not one namespace 'ci-pr' may use ('pr-*')" in refused_start(cri, pod, busybox_image)
     with cri.pod("outsider", namespace="other", annotations=scoped("pr-1")) as pod:
         assert "pods of namespace 'other' may not use scopes" in refused_start(cri, pod, busybox_image)
+
+
+def test_an_expired_scopes_generations_go_once_unused(
+    cri_target: Target, cri: CriClient, busybox_image: OciImage, binaries: Binaries
+):
+    """scope_ttl 1 s: once no container got the scope for that long, the next Cleanup (which
+    containerd calls after its garbage collection) drops it and deletes its generations."""
+    brief = {ANNOTATION: "brief-m2", SCOPE_ANNOTATION: "pr-9"}
+    if binaries.version < (1, 7):  # no mount targets: refused
+        with cri.pod("brief-16", namespace="ci-pr", annotations=brief) as pod:
+            assert "a target needs containerd >= 1.7" in refused_start(cri, pod, busybox_image)
+        return
+    said = run_job(cri, cri_target, "ci-pr", "brief-1", busybox_image, "echo x > /root/.m2/x.jar", brief)
+    assert said == "promoted a job's writes"
+    assert cri_target.daemon is not None
+    generations = cri_target.daemon.root / "caches" / "brief-m2"
+    assert os.listdir(generations) == ["1"]
+    time.sleep(1.5)
+    with cri.pod("after", namespace="ci") as pod:  # a container's removal makes containerd collect
+        cid = cri.create_container(pod.id, pod.config, "app", busybox_image.ref, ["true"])
+        cri.start(cid)
+        deadline = time.monotonic() + 60
+        while cri.container_state(cid) != "CONTAINER_EXITED":
+            assert time.monotonic() < deadline, "the container never ended"
+            time.sleep(0.1)
+        cri.remove(cid)
+    deadline = time.monotonic() + 60
+    while "a cache's scope expired" not in cri_target.daemon.log():
+        assert time.monotonic() < deadline, "the scope never expired"
+        time.sleep(0.1)
+    assert os.listdir(generations) == []
