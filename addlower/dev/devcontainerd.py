@@ -365,6 +365,9 @@ class SnapshotterProcess:
     args: Sequence[str] = ()
     command: Sequence[str] = (sys.executable, "-m", "addlower.cli")
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # A listening socket handed over as systemd's socket activation does (fd 3, LISTEN_FDS=1,
+    # LISTEN_PID the daemon's own): the caller holds it across the daemon's restarts.
+    listening: socket.socket | None = field(default=None, repr=False)
 
     @property
     def socket(self) -> Path:
@@ -377,18 +380,24 @@ class SnapshotterProcess:
     def start(self, timeout: float = 30) -> Self:
         """Start it and wait until its socket accepts connections."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
+        command = [*self.command, "--root-dir", str(self.root), *self.args]
+        fds: tuple[int, ...] = ()
+        if self.listening is not None:  # bash's exec keeps its pid: LISTEN_PID names the daemon
+            fd = self.listening.fileno()
+            fds = (fd,)
+            moved = f" 3<&{fd} {fd}<&-" if fd != 3 else ""
+            command = ["bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"{moved}', "bash", *command]
+        served = self.log().count("msg=serving")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [*self.command, "--root-dir", str(self.root), *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=fds
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.command[-1]} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            if self._accepts():
+            # With a socket handed over, connect() succeeds before the daemon serves: its log says when.
+            if (self.log().count("msg=serving") > served) if self.listening is not None else self._accepts():
                 return self
             time.sleep(0.05)
         self.kill()

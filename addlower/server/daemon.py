@@ -86,6 +86,32 @@ def notify_systemd(state: bytes) -> None:
             log.warning("could not notify systemd at %s: %s", address, exc)
 
 
+SD_LISTEN_FDS_START = 3  # the first fd systemd passes (sd_listen_fds(3))
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation: LISTEN_FDS, LISTEN_PID naming this
+    process), or None; the variables are unset so that nothing this process starts takes it."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    count = os.environ.get("LISTEN_FDS", "0")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if not count.isdigit() or int(count) < 1:
+        return None
+    if int(count) > 1:
+        log.warning("systemd passed %s sockets: serving on the first, ignoring the rest", count)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    os.set_inheritable(SD_LISTEN_FDS_START, False)
+    if (
+        sock.family != socket.AF_UNIX
+        or sock.type != socket.SOCK_STREAM
+        or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    ):
+        raise StartupError("the socket systemd passed is no listening unix stream socket: check the .socket unit")
+    return sock
+
+
 class Daemon:
     """The snapshotter and its server; serve() runs until SIGTERM or SIGINT, and applies a
     re-read config (`reread`) on SIGHUP."""
@@ -97,10 +123,18 @@ class Daemon:
             self.snapshotter = Snapshotter(config.root_dir, config)
         except (OSError, RuntimeError, SnapshotError) as exc:
             raise StartupError(f"root {config.root_dir} is unusable: {exc}") from exc
-        try:
-            _claim_socket(config.socket_path)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
+        self.inherited = inherited_socket()
+        if self.inherited is None:
+            try:
+                _claim_socket(config.socket_path)
+            except OSError as exc:
+                raise StartupError(f"cannot listen on {config.socket_path}: {exc}") from exc
+        elif self.inherited.getsockname() != str(config.socket_path):
+            log.warning(
+                "systemd's socket is %s, the config says %s: serving on systemd's",
+                self.inherited.getsockname(),
+                config.socket_path,
+            )
         self.pools = {
             BLOCKING: futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking"),
             KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
@@ -213,8 +247,12 @@ class Daemon:
     async def serve(self) -> None:
         path = self.config.socket_path
         try:
-            await self.server.listen(str(path))
-            os.chmod(path, SOCKET_MODE)
+            if self.inherited is not None:  # systemd holds it, and its mode: calls wait in its backlog across restarts
+                path = Path(self.inherited.getsockname())
+                await self.server.listen(sock=self.inherited)
+            else:
+                await self.server.listen(str(path))
+                os.chmod(path, SOCKET_MODE)
         except OSError as exc:
             raise StartupError(f"cannot listen on {path}: {exc}") from exc
         stopping = asyncio.Event()
@@ -230,6 +268,7 @@ class Daemon:
                 version=__version__,
                 root=str(c.root_dir),
                 socket=str(path),
+                socket_from="systemd" if self.inherited is not None else "itself",
                 async_remove=c.async_remove,
                 upperdir_label=c.upperdir_label,
                 mount_options=",".join(self.snapshotter.overlay_options) or "-",
@@ -251,8 +290,9 @@ class Daemon:
         for pool in self.pools.values():  # the server has let its calls finish: only reloads may be queued
             pool.shutdown(wait=True, cancel_futures=True)
         self.snapshotter.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.config.socket_path)
+        if self.inherited is None:  # systemd's socket stays, listening, for the next start
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.socket_path)
 
 
 def run(config: Config, reread: Callable[[], Config]) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor, Future
@@ -229,9 +230,10 @@ class GrpcServer:
         self.queued = 0  # calls submitted to the pools and not done
         self._server: asyncio.AbstractServer | None = None
 
-    async def listen(self, path: str) -> None:
+    async def listen(self, path: str | None = None, sock: socket.socket | None = None) -> None:
+        """Serve on a new socket at `path`, or on the listening `sock` (systemd's)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _Connection(self), path)
+        self._server = await loop.create_unix_server(lambda: _Connection(self), path, sock=sock)
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, tell clients to go away, let calls in flight finish (up to `grace`)."""
