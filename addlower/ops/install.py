@@ -131,6 +131,8 @@ def _check(text: str, socket: str, root: str, version: int, containerd: Version,
 
 UNIT_NAME = f"{PLUGIN_NAME}.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+SOCKET_UNIT = f"{PLUGIN_NAME}.socket"  # holds the daemon's socket across its restarts
+SOCKET_UNIT_PATH = f"/etc/systemd/system/{SOCKET_UNIT}"
 DAEMON_COMMAND = PLUGIN_NAME  # the console script
 DAEMON_CONFIG = str(DEFAULT_CONFIG)
 CONTAINERD_CONFIG = "/etc/containerd/config.toml"
@@ -180,6 +182,13 @@ def render_unit(exec_start: str) -> str:
         raise InstallError(f"the daemon's path {exec_start!r} must be absolute and plain (letters, digits, ._+@-)")
     template = resources.files("addlower.ops").joinpath(UNIT_NAME).read_text()
     return template.replace("@EXEC_START@", exec_start)
+
+
+def render_socket_unit(socket: str) -> str:
+    """The .socket unit listening at `socket` (the daemon's, as containerd's config names it)."""
+    if not _PLAIN_PATH.fullmatch(socket):
+        raise InstallError(f"the socket path {socket!r} must be absolute and plain (letters, digits, ._+@-)")
+    return resources.files("addlower.ops").joinpath(SOCKET_UNIT).read_text().replace("@SOCKET@", socket)
 
 
 def this_installation() -> str:
@@ -485,6 +494,10 @@ def plan_install(host: Host, req: Install) -> Plan:
     if host.read(UNIT_PATH) != unit:
         plan.steps.append(Write(UNIT_PATH, host.read(UNIT_PATH), unit))
         daemon_changed = True
+    socket_unit = render_socket_unit(req.socket)
+    socket_changed = host.read(SOCKET_UNIT_PATH) != socket_unit
+    if socket_changed:
+        plan.steps.append(Write(SOCKET_UNIT_PATH, host.read(SOCKET_UNIT_PATH), socket_unit))
     old = host.read(CONTAINERD_CONFIG)
     new = configure(
         new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd, differ=req.differ
@@ -496,7 +509,9 @@ def plan_install(host: Host, req: Install) -> Plan:
         plan.steps.append(Write(CONTAINERD_CONFIG, old, new, "" if old is None else f" (the original is in {BACKUP})"))
     commands = [
         ["systemctl", "daemon-reload"],
-        ["systemctl", "enable", UNIT_NAME],
+        ["systemctl", "enable", SOCKET_UNIT, UNIT_NAME],
+        # A new socket unit takes the path over from a daemon serving its own: stop that one first.
+        *([["systemctl", "stop", UNIT_NAME], ["systemctl", "restart", SOCKET_UNIT]] if socket_changed else []),
         ["systemctl", "restart" if daemon_changed else "start", UNIT_NAME],
     ]
     if req.start:
@@ -560,16 +575,21 @@ def plan_uninstall(host: Host, req: Uninstall) -> Plan:
         )
     unit = host.read(UNIT_PATH)
     wanted = f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}"  # what `systemctl enable` made
-    if unit is not None and req.stop:
+    socket_unit = host.read(SOCKET_UNIT_PATH)
+    socket_wanted = f"/etc/systemd/system/sockets.target.wants/{SOCKET_UNIT}"
+    units = [u for u, text in ((UNIT_NAME, unit), (SOCKET_UNIT, socket_unit)) if text is not None]
+    if units and req.stop:
         plan.steps += [
-            Run(host.command(["systemctl", "disable", "--now", UNIT_NAME], "--stop")),
-            Write(UNIT_PATH, unit, None),
+            Run(host.command(["systemctl", "disable", "--now", *units], "--stop")),
+            *([Write(UNIT_PATH, unit, None)] if unit is not None else []),
+            *([Write(SOCKET_UNIT_PATH, socket_unit, None)] if socket_unit is not None else []),
             Run(host.command(["systemctl", "daemon-reload"], "--stop")),
         ]
-    elif unit is not None:
-        plan.steps += [Write(wanted, None, None)] if os.path.lexists(host.path(wanted)) else []
-        plan.steps.append(Write(UNIT_PATH, unit, None))
-        plan.notes.append(f"next: systemctl stop {UNIT_NAME} && systemctl daemon-reload  (or add --stop)")
+    elif units:
+        plan.steps += [Write(w, None, None) for w in (wanted, socket_wanted) if os.path.lexists(host.path(w))]
+        plan.steps += [Write(UNIT_PATH, unit, None)] if unit is not None else []
+        plan.steps += [Write(SOCKET_UNIT_PATH, socket_unit, None)] if socket_unit is not None else []
+        plan.notes.append(f"next: systemctl stop {' '.join(units)} && systemctl daemon-reload  (or add --stop)")
     if host.path(HOST_PREFIX).exists() and req.stop:
         plan.steps.append(RemoveTree(HOST_PREFIX))
     elif host.path(HOST_PREFIX).exists():

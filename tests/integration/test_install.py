@@ -17,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from addlower.cli import admin
+from addlower.core.config import Config
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.ops.client import SnapshotsClient
-from addlower.ops.install import UNIT_NAME, render_unit, this_installation, venv_commands, wheel_pythons
+from addlower.ops.install import SOCKET_UNIT, UNIT_NAME, render_unit, this_installation, venv_commands, wheel_pythons
 from tests.integration.layers import mount_snapshot
 from tests.support.daemon import Daemon, allowing
 
@@ -86,12 +87,22 @@ def test_enabling_it_never_ties_containerd_to_it(node: Path):
     subprocess.run(["systemctl", f"--root={node}", "enable", UNIT_NAME], check=True, capture_output=True)
     system = node / "etc/systemd/system"
     assert (system / "multi-user.target.wants" / UNIT_NAME).is_symlink()
-    assert sorted(p.name for p in system.iterdir()) == ["multi-user.target.wants", UNIT_NAME]  # no containerd.*
+    assert (system / "sockets.target.wants" / SOCKET_UNIT).is_symlink()  # Also=: the socket comes along
+    assert sorted(p.name for p in system.iterdir()) == [  # no containerd.*
+        "multi-user.target.wants",
+        UNIT_NAME,
+        SOCKET_UNIT,
+        "sockets.target.wants",
+    ]
     unit = (system / UNIT_NAME).read_text()
     assert "\nBefore=containerd.service\n" in unit and "\nWantedBy=multi-user.target\n" in unit
+    assert f"\nRequires={SOCKET_UNIT}\n" in unit
+    socket_unit = (system / SOCKET_UNIT).read_text()
+    assert f"\nListenStream={Config().socket_path}\n" in socket_unit  # the socket containerd's config names
     r = CliRunner().invoke(admin, ["uninstall", "--host-root", str(node), "--containerd-version", "1.7.24"])
     assert r.exit_code == 0, r.output
     assert not (system / UNIT_NAME).exists() and not (system / "multi-user.target.wants" / UNIT_NAME).is_symlink()
+    assert not (system / SOCKET_UNIT).exists() and not (system / "sockets.target.wants" / SOCKET_UNIT).is_symlink()
 
 
 # linux/capability.h, for the capabilities the unit keeps

@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from addlower.cli import admin
-from addlower.core.config import DEFAULT_ROOT, DIFFER_NAME, SOCKET_NAME
+from addlower.core.config import DEFAULT_ROOT, DIFFER_NAME, SOCKET_NAME, Config
 from addlower.ops.doctor import ContainerdFile, check_containerd
 from addlower.ops.install import DAEMON_CONFIG, InstallError, configure, new_config, this_installation, wheel_pythons
 
@@ -144,6 +144,7 @@ def test_doctor_fails_a_plugin_without_exports_root(tmp_path: Path):
 
 DAEMON = "/usr/local/bin/overlay-custom-add-lower-snapshotter"
 UNIT = f"etc/systemd/system/{NAME}.service"
+SOCKET_UNIT = f"etc/systemd/system/{NAME}.socket"
 CONFIG = "etc/containerd/config.toml"
 BACKUP = "etc/containerd/config.toml.bak-addlower"
 
@@ -188,20 +189,22 @@ def test_install_writes_the_unit_the_config_and_the_backup_it_names(node: Path, 
     config.write_text("[kubernetes]\nenabled = true\n")
     first = install(node, "--config", config)
     assert first.exit_code == 0, first.output
-    assert first.output.splitlines()[:4] == [
+    assert first.output.splitlines()[:5] == [
         f"created {DAEMON_CONFIG}",
         f"created /{UNIT}",
+        f"created /{SOCKET_UNIT}",
         f"backed up /{CONFIG} to /{BACKUP}",
         f"wrote /{CONFIG} (the original is in /{BACKUP})",
     ]
     assert "next: systemctl daemon-reload && systemctl enable" in first.output  # nothing started unasked
     assert "next: systemctl restart containerd" in first.output
     assert f"\nExecStart={DAEMON}\n" in (node / UNIT).read_text()
+    assert f"\nListenStream={Config().socket_path}\n" in (node / SOCKET_UNIT).read_text()
     assert (node / BACKUP).read_text() == V2 and (node / BACKUP).stat().st_mode & 0o777 == 0o600
     assert (node / CONFIG).stat().st_mode & 0o777 == 0o600
     assert NAME in tomllib.loads((node / CONFIG).read_text())["proxy_plugins"]
     assert (node / DAEMON_CONFIG.lstrip("/")).read_text() == config.read_text()
-    assert set(tree(node)) == {UNIT, CONFIG, BACKUP, DAEMON.lstrip("/"), DAEMON_CONFIG.lstrip("/")}
+    assert set(tree(node)) == {UNIT, SOCKET_UNIT, CONFIG, BACKUP, DAEMON.lstrip("/"), DAEMON_CONFIG.lstrip("/")}
     second = install(node, "--config", config)
     assert second.exit_code == 0 and second.output == "nothing to change\n"
 
@@ -250,10 +253,13 @@ def test_dry_run_prints_every_change_and_makes_none(node: Path, tmp_path: Path):
         f"would run {nsenter}/opt/addlower/venv/bin/pip install --quiet --disable-pip-version-check --no-index "
         "--only-binary=:all: --find-links /opt/addlower/wheels --force-reinstall addlower",
         f"would create /{UNIT}",
+        f"would create /{SOCKET_UNIT}",
         f"would back up /{CONFIG} to /{BACKUP}",
         f"would write /{CONFIG} (the original is in /{BACKUP})",
         f"would run {nsenter}systemctl daemon-reload",
-        f"would run {nsenter}systemctl enable {NAME}.service",
+        f"would run {nsenter}systemctl enable {NAME}.socket {NAME}.service",
+        f"would run {nsenter}systemctl stop {NAME}.service",  # the socket unit takes its path over
+        f"would run {nsenter}systemctl restart {NAME}.socket",
         f"would run {nsenter}systemctl restart {NAME}.service",  # before containerd, which dials it
         f"would run {nsenter}systemctl restart containerd",
     ]
@@ -311,13 +317,15 @@ def test_uninstall_restores_the_backup_and_removes_the_unit(node: Path):
     wants.symlink_to(f"/{UNIT}")  # as `systemctl enable` leaves it
     r = uninstall(node)
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[:4] == [
+    assert r.output.splitlines()[:5] == [
         f"wrote /{CONFIG} (restored from /{BACKUP})",
         f"removed /{BACKUP}",
         f"removed /{wants.relative_to(node)}",
         f"removed /{UNIT}",
+        f"removed /{SOCKET_UNIT}",
     ]
-    assert "next: systemctl restart containerd" in r.output and f"next: systemctl stop {NAME}" in r.output
+    assert "next: systemctl restart containerd" in r.output
+    assert f"next: systemctl stop {NAME}.service {NAME}.socket" in r.output
     assert (node / CONFIG).read_text() == V2 and (node / CONFIG).stat().st_mode & 0o777 == 0o600
     assert set(tree(node)) == {CONFIG, DAEMON.lstrip("/")}
     assert uninstall(node).output == "nothing to change\n"
@@ -359,8 +367,9 @@ def test_uninstall_with_stop_runs_only_through_nsenter_on_another_root(node: Pat
         f"would write /{CONFIG} (restored from /{BACKUP})",
         f"would remove /{BACKUP}",
         "would run systemctl restart containerd",  # first: containerd lets go of us
-        f"would run systemctl disable --now {NAME}.service",
+        f"would run systemctl disable --now {NAME}.service {NAME}.socket",
         f"would remove /{UNIT}",
+        f"would remove /{SOCKET_UNIT}",
         "would run systemctl daemon-reload",
     ]
 
