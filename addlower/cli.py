@@ -29,13 +29,26 @@ from addlower.core.config import (
     check_metrics_address,
     load_config,
 )
-from addlower.core.logformat import FORMATTERS
+from addlower.core.logformat import FORMATTERS, JournalPrefix
 from addlower.server.daemon import run
+
+EX_CONFIG = 78  # sysexits.h: a configuration error
+
+
+def _to_journal() -> bool:
+    """Whether stderr is systemd's journal stream (JOURNAL_STREAM names its device and inode)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(FORMATTERS[fmt]())
+    formatter = FORMATTERS[fmt]()
+    handler.setFormatter(JournalPrefix(formatter) if _to_journal() else formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("hpack").setLevel(max(logging.INFO, logging.getLogger().level))  # ~20 lines a call
 
@@ -119,7 +132,7 @@ def serve(config_path: Path | None, **flags: Any) -> None:
     except ConfigError as exc:
         _setup_logging("info")
         logging.getLogger("addlower").error("bad configuration: %s", exc)
-        sys.exit(1)
+        sys.exit(EX_CONFIG)  # the unit does not restart on it (RestartPreventExitStatus): fix the file
     _setup_logging(config.log_level, config.log_format)
     sys.exit(run(config, lambda: read(reload=True)))
 

@@ -67,3 +67,20 @@ class JsonFormatter(logging.Formatter):
 
 
 FORMATTERS: dict[str, type[logging.Formatter]] = {"text": LogfmtFormatter, "json": JsonFormatter}
+
+
+# syslog priorities by level, as systemd's journal reads a `<N>` at the start of a line on a
+# unit's stderr (SyslogLevelPrefix=, on by default): `journalctl -p warning` then shows refusals.
+JOURNAL_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalPrefix(logging.Formatter):
+    """Another formatter's line with its record's syslog priority in front (`<4>time=...`)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = JOURNAL_PRIORITIES.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        return f"<{priority}>{self.inner.format(record)}"

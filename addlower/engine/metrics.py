@@ -48,6 +48,12 @@ class Tally:
         self._counts = {(v,) if isinstance(v, str) else tuple(v): 0 for v in expected}
         self._lock = threading.Lock()
 
+    def expect(self, values: Iterable[tuple[str, ...]]) -> None:
+        """Give each of `values` its series at 0, if it has none yet (e.g. the caches configured)."""
+        with self._lock:
+            for v in values:
+                self._counts.setdefault(tuple(v), 0)
+
     def inc(self, *values: str) -> None:
         with self._lock:
             self._counts[values] = self._counts.get(values, 0) + 1
@@ -122,6 +128,17 @@ CACHE_SQUASHES = Tally(
     "Squashes of managed caches' chains, by cache and result (squashed, or failed: logged).",
     ("cache", "result"),
 )
+PROMOTION_RESULTS = ("promoted", "empty", "refused", "failed", "unseen", "denied")
+SQUASH_RESULTS = ("squashed", "failed")
+
+
+def expect_caches(names: Iterable[str]) -> None:
+    """Every series of the caches `names` at 0, from the start (and after a reload adds one)."""
+    names = tuple(names)
+    CACHE_PROMOTIONS.expect((n, r) for n in names for r in PROMOTION_RESULTS)
+    CACHE_SQUASHES.expect((n, r) for n in names for r in SQUASH_RESULTS)
+
+
 CACHE_SQUASH_SECONDS = Seconds(
     "addlower_cache_squash_seconds", "Time to squash a managed cache's chain into one generation.", "cache"
 )
@@ -166,7 +183,12 @@ class CallStats:
             f"{', '.join(sorted(c.name for c in FAILURES))}), by method and code.",
             labels=["method", "code"],
         )
-        for (method, code), n in sorted(dict(self._handled).items()):
+        seen = dict(self._handled)
+        for method in self._buckets:  # every series from the start: a rate() reads 0, not nothing
+            seen.setdefault((method, Code.OK), 0)
+            for code in FAILURES:
+                seen.setdefault((method, code), 0)
+        for (method, code), n in sorted(seen.items(), key=lambda item: (item[0][0], item[0][1].name)):
             handled.add_metric([method, code.name], n)
             if code in FAILURES:
                 errors.add_metric([method, code.name], n)
@@ -185,6 +207,7 @@ class StoreView:
     host_mounts: Callable[[], tuple[int, int]]  # pins and target mounts of extra lowers, and their budget
     # (cache, scope, generations, bytes, containers, hits) of each chain
     caches: Callable[[], list[tuple[str, str, int, int, int, int]]] = list
+    committed: Callable[[], tuple[int, int]] = lambda: (0, 0)  # committed snapshots' bytes, inodes
 
 
 def lower_users(values: Iterable[str]) -> dict[str, int]:
@@ -250,6 +273,16 @@ class StoreCollector:
         for lower, n in lower_users(self._view.lowers()).items():
             users.add_metric([lower], n)
         yield users
+        committed = core.GaugeMetricFamily(
+            "addlower_committed_bytes",
+            "Bytes and inodes of the committed snapshots (layers), as counted at their Commit "
+            "(active snapshots' upper dirs are counted only when asked, by Usage).",
+            labels=["unit"],
+        )
+        size_of, inodes_of = self._view.committed()
+        committed.add_metric(["bytes"], size_of)
+        committed.add_metric(["inodes"], inodes_of)
+        yield committed
         db = self._view.db
         size = sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal")) if p.exists())
         yield core.GaugeMetricFamily("addlower_metadata_bytes", "Size of metadata.db and its WAL.", value=size)

@@ -198,6 +198,7 @@ class Snapshotter:
         self.caches.recover()
         self.exits: TaskExits | None = None
         self._follow_exits(config)
+        metrics.expect_caches(n for n, named in config.named_lowers.items() if named.cache is not None)
         if not self.reserve.keep():
             log.warning(
                 "the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused until it has",
@@ -360,6 +361,7 @@ class Snapshotter:
             self._follow_exits(applied)
             if self.exits is not None:
                 self.exits.start()
+        metrics.expect_caches(n for n, named in applied.named_lowers.items() if named.cache is not None)
         return later
 
     @staticmethod

@@ -847,6 +847,15 @@ class MetaStore:
                 )
             )
 
+    def committed_usage(self) -> tuple[int, int]:
+        """Bytes and inodes of the committed snapshots, as recorded at their Commit."""
+        with self._pool.lend() as db:
+            size, inodes = db.execute(
+                "SELECT COALESCE(SUM(size), 0), COALESCE(SUM(inodes), 0) FROM snapshots WHERE kind = ?",
+                (int(Kind.COMMITTED),),
+            ).fetchone()
+        return int(size), int(inodes)
+
     def active_labels(self, label: str) -> list[str]:
         """The value of `label` on each active snapshot that has it."""
         found = []

@@ -172,6 +172,7 @@ class Daemon:
                         config.root_dir,
                         lambda: (sn.pins.host_mounts, sn.config.max_host_mounts),
                         store.cache_figures,
+                        store.committed_usage,
                     ),
                 )
             except OSError as exc:

@@ -96,7 +96,7 @@ def test_enabling_it_never_ties_containerd_to_it(node: Path):
     ]
     unit = (system / UNIT_NAME).read_text()
     assert "\nBefore=containerd.service\n" in unit and "\nWantedBy=multi-user.target\n" in unit
-    assert f"\nRequires={SOCKET_UNIT}\n" in unit
+    assert f"\nRequires={SOCKET_UNIT}\n" in unit and "\nRestartPreventExitStatus=78\n" in unit  # EX_CONFIG
     socket_unit = (system / SOCKET_UNIT).read_text()
     assert f"\nListenStream={Config().socket_path}\n" in socket_unit  # the socket containerd's config names
     r = CliRunner().invoke(admin, ["uninstall", "--host-root", str(node), "--containerd-version", "1.7.24"])

@@ -56,7 +56,10 @@ def test_metrics_move_with_a_workload(tmp_path: Path):
     assert metric(text, "addlower_rpc_handled_total", method="Stat", code="NOT_FOUND") == 3
     assert metric(text, "addlower_rpc_handled_total", method="Prepare", code="INVALID_ARGUMENT") == 1
     assert metric(text, "addlower_rpc_handled_total", method="Prepare", code="OK") == 2
-    assert "addlower_rpc_errors_total{" not in text  # a missing snapshot or a refusal is an answer
+    errors = re.findall(r"^addlower_rpc_errors_total\{(.*)\} (\S+)$", text, re.M)
+    assert errors and all(float(n) == 0 for _, n in errors)  # a missing snapshot or a refusal is an answer
+    assert 'addlower_rpc_errors_total{code="UNAVAILABLE",method="Mounts"} 0.0' in text  # there before the first
+    assert metric(text, "addlower_committed_bytes", unit="inodes") >= 1  # base's root dir, counted at its Commit
     assert metric(text, "addlower_build_info", python=platform.python_version(), version=__version__) == 1
     assert metric(text, "addlower_extra_lower_containers", lower=str(tmp_path / "cache")) == 1
     assert metric(text, "addlower_snapshots", kind="active") == 1
@@ -97,3 +100,18 @@ def test_every_log_line_is_one_record_with_fields(tmp_path: Path, fmt: str):
     refused = next(e for e in entries if e["level"] == "warning")
     assert refused["msg"].startswith("refused extra lowers") and "'relative'" in refused["msg"]
     assert refused["key"] == "k 2" and refused["source"] == "label"
+
+
+def test_every_caches_series_is_there_at_zero_from_the_start(tmp_path: Path):
+    port = free_port()
+    toml = 'mount_targets = "on"\n[lowers.named.m2]\ncache = true\ntarget = "/root/.m2"\npromote = "always"\n'
+    (tmp_path / "c.toml").write_text(toml)
+    args = ["--config", str(tmp_path / "c.toml"), "--metrics-address", f"127.0.0.1:{port}"]
+    d = Daemon(root=tmp_path / "root", args=args).start()
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        d.kill()
+    for result in ("promoted", "empty", "refused", "failed", "unseen", "denied"):
+        assert f'addlower_cache_promotions_total{{cache="m2",result="{result}"}} 0.0' in text
+    assert 'addlower_cache_squashes_total{cache="m2",result="failed"} 0.0' in text
