@@ -34,7 +34,7 @@ from addlower.core.lowers import Lower, NamedLower
 from addlower.core.pods import CONTAINERD_ADDRESS
 from addlower.engine import fsutil, pinning
 from addlower.engine.ctrdversion import TargetSupport, ask_version
-from addlower.ops.install import plugin_table
+from addlower.ops.install import UNIT_NAME, UNIT_PATH, plugin_table
 from addlower.ops.render import print_json, terminal_columns
 from addlower.ops.sources import PROBE_TIMEOUT, Invocation, Target, admin_command, connect
 
@@ -62,9 +62,24 @@ def check_config(inv: Invocation) -> tuple[Config, Check]:
     try:
         config = inv.load()
     except ConfigError as exc:
-        return inv.override(Config()), Check("config file", FAIL, str(exc), f"fix {shown}: see README.md")
+        return inv.override(Config()), Check(
+            "config file",
+            FAIL,
+            str(exc),
+            f"fix the key the message names in {shown} ({PLUGIN_NAME} --help lists the flags that override it), "
+            f"then {restart_hint()}",
+        )
     found = inv.config_path is not None or DEFAULT_CONFIG.exists()
     return config, Check("config file", PASS, f"{shown} is valid" if found else f"no {shown}: defaults")
+
+
+def restart_hint(by_hand: str = PLUGIN_NAME, start: bool = False, unit: Path = Path(UNIT_PATH)) -> str:
+    """How to (re)start the daemon on this node: through its `unit` when `addlower install` put it
+    there, and where its log is; else the command to run by hand."""
+    if unit.exists():
+        verb = "start" if start else "restart"
+        return f"systemctl {verb} {UNIT_NAME}, and see why it stopped: journalctl -u {UNIT_NAME} -n 50"
+    return f"start the daemon: {by_hand} (its log is on its stderr)"
 
 
 def check_kernel_overlay() -> Check:
@@ -136,12 +151,8 @@ def check_socket(socket: Path, root: Path) -> Check:
         reason = daemon.probe()
     if reason is not None:
         address = "" if socket == root / SOCKET_NAME else f" --address {socket}"
-        return Check(
-            "socket",
-            FAIL,
-            f"the snapshotter does not answer: {reason}",
-            f"start the daemon: {PLUGIN_NAME} --root-dir {root}{address} (and read its log)",
-        )
+        by_hand = f"{PLUGIN_NAME} --root-dir {root}{address}"
+        return Check("socket", FAIL, f"the snapshotter does not answer: {reason}", restart_hint(by_hand, start=True))
     return Check("socket", PASS, f"the snapshotter answers on {socket}")
 
 

@@ -485,3 +485,18 @@ def test_the_differ_goes_first_on_17_and_later_unless_declined(containerd):
 
 def test_containerd_16_gets_no_differ():
     assert "diff" not in configure(new_config(V16), "/s/grpc.socks", "/s", V16)
+
+
+def test_doctor_names_systemctl_where_the_unit_is_installed(tmp_path: Path):
+    from addlower.ops.doctor import restart_hint
+
+    unit = tmp_path / f"{NAME}.service"
+    assert (
+        restart_hint("x --root-dir /r", start=True, unit=unit)
+        == "start the daemon: x --root-dir /r (its log is on its stderr)"
+    )
+    unit.write_text("[Service]\n")
+    assert restart_hint(start=True, unit=unit) == (
+        f"systemctl start {NAME}.service, and see why it stopped: journalctl -u {NAME}.service -n 50"
+    )
+    assert restart_hint(unit=unit).startswith(f"systemctl restart {NAME}.service")
