@@ -25,7 +25,7 @@ import sysconfig
 import tempfile
 import tomllib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,6 +36,8 @@ from tomlkit.exceptions import TOMLKitError
 from addlower.core import ctrdconfig
 from addlower.core.config import DEFAULT_CONFIG, DIFFER_NAME, PLUGIN_NAME, Config, load_config
 from addlower.core.ctrdconfig import get_path, set_path
+from addlower.engine import fsutil, wire
+from addlower.engine.store import DB_NAME, MetaStore
 
 Version = tuple[int, int, int]
 
@@ -367,6 +369,21 @@ class RemoveTree(Step):
 
 
 @dataclass(frozen=True)
+class UnmountUnder(Step):
+    """Detach every mount below a dir of ours (the pins a stopped daemon leaves mounted by design)."""
+
+    path: str
+
+    def text(self, done: bool) -> str:
+        return _say(done, "unmount", "unmounted", f"every mount under {self.path}")
+
+    def apply(self, host: Host) -> None:
+        top = str(host.path(self.path)).rstrip("/") + "/"
+        for point in sorted((p for p in fsutil.mount_points() if p.startswith(top)), key=len, reverse=True):
+            fsutil.unmount(point)
+
+
+@dataclass(frozen=True)
 class Run(Step):
     """A command on the node, as `Host.command` made it."""
 
@@ -540,11 +557,41 @@ class Uninstall:
     force: bool = False
 
 
+def snapshots_in_use(host: Host, root: str) -> dict[str, int]:
+    """Snapshots by kind in the store under `root` on the node (read-only), those there are only."""
+    db = host.path(root) / DB_NAME
+    if not db.is_file():
+        return {}
+    store = MetaStore(db, wire.encode_field, readonly=True)
+    try:
+        return {kind: n for kind, n in store.counts_by_kind().items() if n}
+    finally:
+        store.close()
+
+
+def _counted(kinds: Mapping[str, int]) -> str:
+    names = {"active": "containers (active snapshots)", "committed": "image layers", "view": "views"}
+    return ", ".join(f"{n} {names.get(kind, kind)}" for kind, n in sorted(kinds.items()))
+
+
 def plan_uninstall(host: Host, req: Uninstall) -> Plan:
     """Every change `uninstall` makes: containerd's config restored from the backup install wrote
     (refused, unless forced, when it changed since), containerd restarted if asked, then the unit
     stopped and removed and the venv removed. The daemon's config and its snapshots are kept."""
     plan = Plan()
+    in_use = snapshots_in_use(host, req.root)
+    if in_use and not req.force:
+        raise InstallError(
+            f"{_counted(in_use)} still live on the snapshotter (root {req.root}): once it is gone containerd "
+            "cannot remove them (snapshotter not loaded), and their pinned lowers stay mounted. Remove them "
+            "first (crictl rmp -a, crictl rmi --prune; ctr -n NS containers rm ..., ctr -n NS images rm ...), "
+            "or add --force to leave them behind"
+        )
+    if in_use:
+        plan.notes.append(
+            f"left behind: {_counted(in_use)} under {req.root}, which containerd cannot remove without the "
+            "snapshotter (install it again to remove them)"
+        )
     current, original = host.read(CONTAINERD_CONFIG), host.read(BACKUP)
     if original is not None:
         if current != configure(original, req.socket, req.root, req.containerd) and not req.force:
@@ -581,6 +628,7 @@ def plan_uninstall(host: Host, req: Uninstall) -> Plan:
     if units and req.stop:
         plan.steps += [
             Run(host.command(["systemctl", "disable", "--now", *units], "--stop")),
+            *([UnmountUnder(f"{req.root}/lowers")] if in_use else []),
             *([Write(UNIT_PATH, unit, None)] if unit is not None else []),
             *([Write(SOCKET_UNIT_PATH, socket_unit, None)] if socket_unit is not None else []),
             Run(host.command(["systemctl", "daemon-reload"], "--stop")),

@@ -500,3 +500,30 @@ def test_doctor_names_systemctl_where_the_unit_is_installed(tmp_path: Path):
         f"systemctl start {NAME}.service, and see why it stopped: journalctl -u {NAME}.service -n 50"
     )
     assert restart_hint(unit=unit).startswith(f"systemctl restart {NAME}.service")
+
+
+def test_uninstall_refuses_while_containers_and_images_use_the_snapshotter(node: Path):
+    from addlower.core.model import Kind, Usage
+    from addlower.engine import wire
+    from addlower.engine.store import MetaStore
+
+    assert install(node).exit_code == 0
+    root = node / str(Config().root_dir).lstrip("/")
+    root.mkdir(parents=True)
+    store = MetaStore(root / "metadata.db", wire.encode_field)
+    with store.transaction() as tx:
+        tx.create(Kind.ACTIVE, "default/1/layer", "", {})
+    with store.transaction() as tx:
+        tx.commit_active("default/1/layer", "default/2/sha256:abc", Usage(0, 1), {})
+    with store.transaction() as tx:
+        tx.create(Kind.ACTIVE, "default/3/app", "default/2/sha256:abc", {})
+    store.close()
+    refused = uninstall(node)
+    assert refused.exit_code == 1 and (node / UNIT).exists()
+    assert "1 containers (active snapshots), 1 image layers still live on the snapshotter" in refused.output
+    assert "crictl rmp -a" in refused.output and "--force" in refused.output
+    dry = uninstall(node, "--force", "--stop", "--nsenter", "--dry-run")
+    assert f"would unmount every mount under {Config().root_dir}/lowers" in dry.output  # no pin stays mounted
+    forced = uninstall(node, "--force")
+    assert forced.exit_code == 0 and not (node / UNIT).exists()
+    assert "left behind: 1 containers (active snapshots), 1 image layers" in forced.output
