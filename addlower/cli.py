@@ -288,6 +288,19 @@ def _node_options(command: Callable[..., None]) -> Callable[..., None]:
     help="Make the daemon containerd's first differ (1.7+), so commits of containers never hold their extra "
     "lowers; while the daemon is down, containerd 1.7 then unpacks no image at all.",
 )
+@click.option(
+    "--cri-default/--no-cri-default",
+    default=None,
+    help="Make the snapshotter CRI's default, so every pod uses it (and every image is unpacked again) "
+    "[default: yes, unless --runtime-handler].",
+)
+@click.option(
+    "--runtime-handler",
+    metavar="NAME",
+    default=None,
+    help="Add a CRI runtime handler NAME (runc) whose pods use the snapshotter: pods of a RuntimeClass with "
+    "handler NAME do, others keep containerd's default (1.7+).",
+)
 def install(
     host_root: Path,
     nsenter: bool,
@@ -301,6 +314,8 @@ def install(
     start: bool,
     restart_containerd: bool,
     differ: bool,
+    cri_default: bool | None,
+    runtime_handler: str | None,
 ) -> None:
     """Put the daemon on a node under systemd and point its containerd at it.
 
@@ -322,6 +337,8 @@ def install(
             start,
             restart_containerd,
             differ,
+            cri_default,
+            runtime_handler,
         )
         plan_install(host, request).carry_out(host, dry_run, click.echo)
     except (InstallError, ConfigError, ValueError, OSError) as exc:

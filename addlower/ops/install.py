@@ -57,10 +57,28 @@ def new_config(containerd: Version) -> str:
     return f"version = {ctrdconfig.config_version(containerd)}\n"
 
 
-def configure(text: str, socket: str, root: str, containerd: Version, cri: bool = True, differ: bool = True) -> str:
-    """The config `text` with our proxy plugin (and CRI's snapshotter, Transfer's unpack entries on
-    2.1+ and, with `differ`, our differ first on 1.7+) set for a containerd of version `containerd`;
-    unchanged if already so."""
+# A CRI runtime handler's name, as a RuntimeClass's `handler` is: a DNS label.
+RUNTIME_HANDLER = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def configure(
+    text: str,
+    socket: str,
+    root: str,
+    containerd: Version,
+    cri: bool = True,
+    differ: bool = True,
+    runtime_handler: str | None = None,
+) -> str:
+    """The config `text` with our proxy plugin (and, with `cri`, CRI's default snapshotter; with
+    `runtime_handler`, a runc runtime handler of that name whose pods use us (1.7+); Transfer's
+    unpack entries on 2.1+; with `differ`, our differ first on 1.7+) set for a containerd of
+    version `containerd`; unchanged if already so."""
+    if runtime_handler is not None:
+        if not RUNTIME_HANDLER.fullmatch(runtime_handler):
+            raise InstallError(f"runtime handler {runtime_handler!r}: a DNS label (a-z, 0-9, '-'), as RuntimeClass's")
+        if containerd < (1, 7):
+            raise InstallError("a runtime handler with its own snapshotter needs containerd >= 1.7")
     try:
         doc = tomlkit.parse(text)
     except TOMLKitError as exc:
@@ -83,6 +101,12 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
         runtimes = ctrdconfig.cri_runtimes_table(version)
         if version == 2 and containerd[0] >= 2 and get_path(doc, runtimes) is None:
             set_path(doc, (*runtimes, "runc"), "runtime_type", "io.containerd.runc.v2")
+    if runtime_handler is not None:
+        handler = (*ctrdconfig.cri_runtimes_table(version), runtime_handler)
+        if get_path(doc, (*handler, "runtime_type")) is None:
+            set_path(doc, handler, "runtime_type", "io.containerd.runc.v2")
+        if get_path(doc, (*handler, "snapshotter")) != PLUGIN_NAME:
+            set_path(doc, handler, "snapshotter", PLUGIN_NAME)
     if differ and ctrdconfig.diff_proxy(containerd):  # commits of our containers through our differ
         table = get_path(doc, ("proxy_plugins", DIFFER_NAME))
         if table is None or table.get("address") != socket or table.get("type") != "diff":
@@ -102,6 +126,10 @@ def configure(text: str, socket: str, root: str, containerd: Version, cri: bool 
                 entries.append(entry)
     out = tomlkit.dumps(doc)
     _check(out, socket, root, version, containerd, cri, differ)
+    if runtime_handler is not None:
+        handler = (*ctrdconfig.cri_runtimes_table(version), runtime_handler, "snapshotter")
+        if get_path(tomllib.loads(out), handler) != PLUGIN_NAME:
+            raise InstallError("the edited config would not say what it must; nothing written")
     return out
 
 
@@ -469,6 +497,12 @@ class Install:
     start: bool = False
     restart_containerd: bool = False
     differ: bool = True  # containerd 1.7+ asks our differ first (commits without the extra lowers)
+    cri_default: bool | None = None  # CRI's default snapshotter: None means yes, unless runtime_handler
+    runtime_handler: str | None = None  # a CRI runtime handler whose pods use us (RuntimeClass)
+
+    @property
+    def cri(self) -> bool:
+        return self.cri_default if self.cri_default is not None else self.runtime_handler is None
 
 
 def plan_install(host: Host, req: Install) -> Plan:
@@ -517,7 +551,13 @@ def plan_install(host: Host, req: Install) -> Plan:
         plan.steps.append(Write(SOCKET_UNIT_PATH, host.read(SOCKET_UNIT_PATH), socket_unit))
     old = host.read(CONTAINERD_CONFIG)
     new = configure(
-        new_config(req.containerd) if old is None else old, req.socket, req.root, req.containerd, differ=req.differ
+        new_config(req.containerd) if old is None else old,
+        req.socket,
+        req.root,
+        req.containerd,
+        cri=req.cri,
+        differ=req.differ,
+        runtime_handler=req.runtime_handler,
     )
     containerd_changed = new != old
     if containerd_changed:
@@ -574,6 +614,32 @@ def _counted(kinds: Mapping[str, int]) -> str:
     return ", ".join(f"{n} {names.get(kind, kind)}" for kind, n in sorted(kinds.items()))
 
 
+def _made_by_install(current: str | None, original: str, req: Uninstall) -> bool:
+    """Whether `current` is what some `addlower install` made of `original`: with or without CRI's
+    default, with or without a runtime handler of ours (the one `current` names), with or without
+    the differ."""
+    if current is None:
+        return False
+    try:
+        version = int(tomllib.loads(current).get("version", 1))
+        runtimes = get_path(tomllib.loads(current), ctrdconfig.cri_runtimes_table(version)) or {}
+    except tomllib.TOMLDecodeError:
+        return False
+    ours = [
+        name for name, table in runtimes.items() if isinstance(table, dict) and table.get("snapshotter") == PLUGIN_NAME
+    ]
+    for cri in (True, False):
+        for handler in (None, *ours):
+            for differ in (True, False):
+                try:
+                    made = configure(original, req.socket, req.root, req.containerd, cri, differ, handler)
+                except InstallError:
+                    continue
+                if made == current:
+                    return True
+    return False
+
+
 def plan_uninstall(host: Host, req: Uninstall) -> Plan:
     """Every change `uninstall` makes: containerd's config restored from the backup install wrote
     (refused, unless forced, when it changed since), containerd restarted if asked, then the unit
@@ -594,7 +660,7 @@ def plan_uninstall(host: Host, req: Uninstall) -> Plan:
         )
     current, original = host.read(CONTAINERD_CONFIG), host.read(BACKUP)
     if original is not None:
-        if current != configure(original, req.socket, req.root, req.containerd) and not req.force:
+        if not _made_by_install(current, original, req) and not req.force:
             raise InstallError(
                 f"{CONTAINERD_CONFIG} is not what addlower install made of {BACKUP} (edited since, or another "
                 "containerd version or socket): restoring the backup would undo that. See the difference with "

@@ -527,3 +527,41 @@ def test_uninstall_refuses_while_containers_and_images_use_the_snapshotter(node:
     forced = uninstall(node, "--force")
     assert forced.exit_code == 0 and not (node / UNIT).exists()
     assert "left behind: 1 containers (active snapshots), 1 image layers" in forced.output
+
+
+def test_a_runtime_handler_routes_only_its_pods_and_leaves_crIs_default_alone(node: Path):
+    r = install(node, "--runtime-handler", "addlower", "--dry-run")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert '    +[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.addlower]' in lines
+    assert '    +runtime_type = "io.containerd.runc.v2"' in lines and f'    +snapshotter = "{NAME}"' in lines
+    assert '    -  snapshotter = "overlayfs"' not in lines  # CRI's default stays: other pods do not move
+    assert install(node, "--runtime-handler", "addlower").exit_code == 0
+    written = tomllib.loads((node / CONFIG).read_text())
+    cri = written["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == "overlayfs" and cri["runtimes"]["addlower"]["snapshotter"] == NAME
+    r = uninstall(node)
+    assert r.exit_code == 0 and (node / CONFIG).read_text() == V2, r.output  # recognised as install's: restored
+
+
+def test_the_cri_default_is_switched_unless_asked_not_to(node: Path):
+    both = install(node, "--runtime-handler", "addlower", "--cri-default", "--dry-run").output.splitlines()
+    assert (
+        '    -  snapshotter = "overlayfs"' in both
+        and '    +[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.addlower]' in both
+    )
+    neither = install(node, "--no-cri-default", "--dry-run").output.splitlines()
+    assert '    -  snapshotter = "overlayfs"' not in neither
+    assert not any(line.startswith("    +") and "runtimes." in line for line in neither)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--runtime-handler", "Bad_Name"), "runtime handler 'Bad_Name': a DNS label"),
+        (("--runtime-handler", "addlower", "--containerd-version", "1.6.20"), "needs containerd >= 1.7"),
+    ],
+)
+def test_a_runtime_handler_is_refused_where_it_cannot_work(node: Path, args: tuple[str, ...], says: str):
+    r = run("install", "--host-root", node, "--exec-start", DAEMON, "--containerd-version", "1.7.24", *args)
+    assert r.exit_code == 1 and says in r.output and not (node / UNIT).exists()
