@@ -39,6 +39,7 @@ from addlower.ops.render import print_json, terminal_columns
 from addlower.ops.sources import PROBE_TIMEOUT, Invocation, Target, admin_command, connect
 
 DEFAULT_CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
+DEFAULT_CONTAINERD_ROOT = "/var/lib/containerd"  # containerd's root when its config names none
 SNAPSHOTTER_PLUGIN_TYPE = "io.containerd.snapshotter.v1"  # containerd's plugin type of snapshotters, proxies too
 DIFFER_PLUGIN_TYPE = "io.containerd.differ.v1"  # and of differs
 
@@ -258,6 +259,26 @@ def check_containerd_answers(address: str, version: tuple[int, int, int] | None,
     return Check("containerd", PASS, f"containerd {_version_text(version)} answers at {address}")
 
 
+def guessed_image_fs(guessed: Path, root: Path) -> Check:
+    """containerd 1.6 ignores exports.root: CRI tells kubelet the image filesystem is at `guessed`
+    (its root dir and the plugin's id), where no snapshotter of ours keeps anything. A symlink
+    there to `root` makes the path kubelet stats (image GC, imagefs eviction signals) the root's."""
+    if guessed.is_symlink() and guessed.resolve() == root.resolve():
+        return Check(
+            "image filesystem",
+            PASS,
+            f"containerd 1.6 reports {guessed}, a symlink to {root}: kubelet sees its filesystem",
+        )
+    return Check(
+        "image filesystem",
+        WARN,
+        f"containerd 1.6 ignores exports.root and tells kubelet the image filesystem is {guessed}"
+        + (", which does not exist" if not os.path.lexists(guessed) else ", which is not the snapshotter's root")
+        + ": image GC and imagefs eviction look at the wrong filesystem",
+        f"point that path at the root (containerd 1.7+ honours exports.root):\nln -sfn {root} {guessed}",
+    )
+
+
 def check_containerd(
     file: ContainerdFile, socket: Path, root: Path, containerd: tuple[int, int, int] | None, pods: bool
 ) -> tuple[str, list[Check]]:
@@ -278,8 +299,11 @@ def check_containerd(
     name, plugin = found[0]
     checks = [Check("containerd config", PASS, f"{path}: [proxy_plugins.{name}] is this snapshotter")]
     exported = ctrdconfig.get_path(plugin, ("exports", "root"))
+    guessed = Path(str(file.document.get("root", DEFAULT_CONTAINERD_ROOT))) / f"{SNAPSHOTTER_PLUGIN_TYPE}.{name}"
     checks.append(
-        Check("image filesystem", PASS, f"exports.root is {root}: kubelet's ImageFsInfo sees the layers")
+        guessed_image_fs(guessed, root)
+        if exported == str(root) and containerd is not None and containerd < (1, 7)
+        else Check("image filesystem", PASS, f"exports.root is {root}: kubelet's ImageFsInfo sees the layers")
         if exported == str(root)
         else Check(
             "image filesystem",

@@ -6,6 +6,8 @@ since its config gained it); and `addlower info` of a container by the id ctr kn
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from addlower.core.config import DIFFER_NAME, PLUGIN_NAME
 from addlower.dev.devcontainerd import Binaries, CriSettings, PrivateContainerd
 from addlower.dev.ociimage import OciImage
 from addlower.ops.install import plugin_table
+from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon
 
 pytestmark = pytest.mark.e2e
@@ -114,7 +117,8 @@ def fails(checks: Mapping[str, Mapping[str, str]]) -> set[str]:
 def test_doctor_passes_a_good_node(node: Node, binaries: Binaries):
     checks = node.doctor(0)
     version = ".".join(map(str, binaries.version))
-    limits = {} if ctrdconfig.diff_proxy(binaries.version) else {"commits": "WARN"}  # 1.6: no diff proxy
+    # 1.6: no diff proxy, and a guessed image filesystem (test_doctor_tells_1_6s_guessed_image_filesystem)
+    limits = {} if ctrdconfig.diff_proxy(binaries.version) else {"commits": "WARN", "image filesystem": "WARN"}
     assert {n: c["status"] for n, c in checks.items() if c["status"] != "PASS"} == {
         **{n: "INFO" for n in INFO_ONLY},
         "named lower npm": "INFO",
@@ -200,3 +204,31 @@ def test_info_takes_the_container_id_as_ctr_snapshots_info_does(node: Node, busy
     assert ours["name"].startswith(f"{namespace}/") and ours["name"].endswith("/c1")
     assert (ours["kind"], ctr["Kind"].lower()) == ("active", "active")
     assert ours["parent"].endswith("/" + ctr["Parent"])
+
+
+def test_doctor_tells_1_6s_guessed_image_filesystem_and_the_symlink_fixes_it(node: Node, binaries: Binaries):
+    """containerd 1.6 ignores exports.root: CRI reports a guessed path kubelet stats for image GC
+    and eviction. doctor says so, and its fix (a symlink to the root) makes that path the root's."""
+    cri = CriClient(node.containerd.address)
+    try:
+        [mountpoint] = cri.image_fs_mountpoints()
+    finally:
+        cri.close()
+    checks = node.doctor(0)
+    root = node.daemon.root
+    if binaries.version >= (1, 7):
+        assert mountpoint == str(root) and checks["image filesystem"]["status"] == "PASS"
+        return
+    guessed = Path(mountpoint)
+    assert checks["image filesystem"]["status"] == "WARN"
+    assert (
+        f"tells kubelet the image filesystem is {guessed}, which does not exist" in checks["image filesystem"]["detail"]
+    )
+    fix = checks["image filesystem"]["hint"].splitlines()[-1]
+    assert fix == f"ln -sfn {root} {guessed}"
+    subprocess.run(["sh", "-c", fix], check=True)
+    try:
+        assert node.doctor(0)["image filesystem"]["status"] == "PASS"
+        assert os.statvfs(guessed).f_fsid == os.statvfs(root).f_fsid  # what kubelet stats is the root's filesystem
+    finally:
+        guessed.unlink()
