@@ -175,14 +175,14 @@ def run_daemon(*args: str) -> subprocess.CompletedProcess:
 
 def test_missing_explicit_config_file_is_a_startup_error(tmp_path: Path):
     r = run_daemon("--root-dir", str(tmp_path / "root"), "--config", str(tmp_path / "nope.toml"))
-    assert r.returncode == 1 and "nope.toml: No such file or directory" in r.stderr
+    assert r.returncode == 78 and "nope.toml: No such file or directory" in r.stderr  # EX_CONFIG
 
 
 def test_bad_config_key_is_a_startup_error_naming_it(tmp_path: Path):
     config = tmp_path / "config.toml"
     config.write_text('[lowers]\nallowed_roots = "/srv"\n')
     r = run_daemon("--root-dir", str(tmp_path / "root"), "--config", str(config))
-    assert r.returncode == 1 and "lowers.allowed_roots: expected a list" in r.stderr
+    assert r.returncode == 78 and "lowers.allowed_roots: expected a list" in r.stderr
 
 
 def test_flags_override_the_config_file(tmp_path: Path):
