@@ -280,9 +280,15 @@ class Snapshotter:
         writes to a cache are checked before they are promoted."""
         if not self.config.async_remove:
             return True
+        if not self._caches_configured():
+            return False
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
             return info.kind == Kind.ACTIVE and bool(reader.cache_uses(sid))
+
+    def _caches_configured(self) -> bool:
+        """Whether any named lower is a managed cache (else a Remove has nothing to promote)."""
+        return any(named.cache is not None for named in self.config.named_lowers.values())
 
     def walks_upper(self, key: str) -> bool:
         """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
@@ -644,6 +650,8 @@ class Snapshotter:
         cache's next generation, in `tx` (its Remove's): its uppers are mounted no more. One whose
         job's exit is still to be seen is parked for it (settled by record_exit). A refusal is
         logged and counted; the Remove goes on."""
+        if not self._caches_configured():
+            return
         sid, info = tx.info(key)
         if info.kind != Kind.ACTIVE:
             return
@@ -737,19 +745,22 @@ class Snapshotter:
 
     # --- the operator's hand on caches (addlower cache ...) -----------------------------------
 
-    def rollback(self, name: str, gen: int) -> str:
-        """Make cache `name`'s chain end at generation `gen` (0: drop its newest) for containers
-        created from now on; running ones keep theirs, and Cleanup deletes what nobody uses."""
+    def rollback(self, name: str, gen: int, scope: str = "") -> str:
+        """Make cache `name`'s chain (of `scope`) end at generation `gen` (0: drop its newest) for
+        containers created from now on; running ones keep theirs, and Cleanup deletes what nobody uses."""
+        which = f"cache {name!r}" + (f" scope {scope!r}" if scope else "")
         with self.store.transaction() as tx:
-            chain = tx.cache_chain(name)
+            chain = tx.cache_chain(name, scope)
             if not chain and not tx.cache_log(name):
                 raise NotFound(f"cache {name!r} has no generations")
             if gen and gen not in chain:
-                raise InvalidArgument(f"generation {gen} is not in the chain of cache {name!r}: {chain}")
+                raise InvalidArgument(f"generation {gen} is not in the chain of {which}: {chain}")
             kept = chain[: chain.index(gen) + 1] if gen else chain[:-1]
-            tx.set_chain(name, kept)
-        log.warning("rolled a cache back", extra=fields(cache=name, chain=",".join(map(str, kept)) or "-"))
-        return f"cache {name}: chain {chain} -> {kept}"
+            tx.set_chain(name, kept, scope)
+        log.warning(
+            "rolled a cache back", extra=fields(cache=name, scope=scope or "-", chain=",".join(map(str, kept)) or "-")
+        )
+        return f"{which.replace(repr(name), name)}: chain {chain} -> {kept}"
 
     def promote_writes(self, key: str) -> str:
         """An operator's hand: the writes of `key`'s container (stopped: its uppers mounted no

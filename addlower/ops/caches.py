@@ -192,10 +192,11 @@ def cache_squash(inv: Invocation, name: str) -> None:
 @admin_command("rollback")
 @click.argument("name")
 @click.argument("generation", type=int, required=False, default=0)
-def cache_rollback(inv: Invocation, name: str, generation: int) -> None:
-    """End a cache's chain at GENERATION (default: drop its newest) for containers created
-    afterwards; running ones keep theirs."""
-    _ask(inv, "RollbackCache", admin_pb2.CacheRequest(cache=name, generation=generation))
+@click.option("--scope", default="", help="Roll this scope's chain back, not the default one.")
+def cache_rollback(inv: Invocation, name: str, generation: int, scope: str) -> None:
+    """End a cache's chain (or a scope's) at GENERATION (default: drop its newest) for containers
+    created afterwards; running ones keep theirs."""
+    _ask(inv, "RollbackCache", admin_pb2.CacheRequest(cache=name, generation=generation, scope=scope))
 
 
 @admin_command("promote")

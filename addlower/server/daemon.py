@@ -222,8 +222,8 @@ class Daemon:
         return admin_pb2.CacheReply(message=said)
 
     def RollbackCache(self, request: admin_pb2.CacheRequest) -> admin_pb2.CacheReply:
-        """`addlower cache rollback NAME [GEN]`."""
-        return admin_pb2.CacheReply(message=self.snapshotter.rollback(request.cache, request.generation))
+        """`addlower cache rollback NAME [GEN] [--scope S]`."""
+        return admin_pb2.CacheReply(message=self.snapshotter.rollback(request.cache, request.generation, request.scope))
 
     def PromoteWrites(self, request: admin_pb2.PromoteRequest) -> admin_pb2.CacheReply:
         """`addlower cache promote [--to-default] CONTAINER`."""

@@ -411,17 +411,17 @@ def test_scopes_stack_on_the_default_chain_and_keep_their_writes_to_themselves(t
         cli = ["--root-dir", str(d.root), "--config", str(tmp_path / "config.toml")]
         shown = json.loads(CliRunner().invoke(admin, ["cache", "ls", "--json", *cli]).output)
         assert [(r["scope"], r["generations"]) for r in shown] == [("", 2), ("pr-1", 1), ("pr-2", 1)]
+        rolled = CliRunner().invoke(admin, ["cache", "rollback", "m2", "--scope", "pr-2", *cli])
+        assert rolled.exit_code == 0 and "cache m2 scope 'pr-2': chain [" in rolled.output, rolled.output
+        assert run_scoped(c, tmp_path, "pr2-b", "pr-2", "true").split() == ["main.jar", "old", "seeded.jar"]
 
         scoped_job(c, "holder", "pr-1")  # a live container keeps pr-1 from expiring
         time.sleep(1.5)
         c.cleanup()  # pr-2 is past its scope_ttl, unused: it goes, and its generation with it
         shown = json.loads(CliRunner().invoke(admin, ["cache", "ls", "--json", *cli]).output)
         assert [(r["scope"], r["containers"]) for r in shown] == [("", 0), ("pr-1", 1)]
-        assert "pr-2" not in {
-            g["source"]
-            for g in json.loads(CliRunner().invoke(admin, ["cache", "log", "m2", "--json", *cli]).output)
-            if g["state"] != "removed"
-        }
+        log = json.loads(CliRunner().invoke(admin, ["cache", "log", "m2", "--json", *cli]).output)
+        assert [g["state"] for g in log if g["source"] == "pr2-a"] == ["removed"]  # pr-2's generation went
 
         moved = CliRunner().invoke(admin, ["cache", "promote", "--to-default", "holder", *cli])
         assert moved.exit_code == 0 and "moved to the default chain" in moved.output, moved.output
