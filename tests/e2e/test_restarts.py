@@ -94,7 +94,8 @@ def test_no_container_start_fails_across_a_socket_activated_restart(
             assert failed == [], f"{len(failed)} container starts failed across {RESTARTS} restarts: {failed[:3]}"
         else:  # a crash loses the calls in flight at that instant, and no more: none waits for a daemon in vain
             assert len(failed) <= RESTARTS, f"{len(failed)} container starts failed across {RESTARTS} crashes"
-            assert all("connection reset" in f or "transport is closing" in f for f in failed), failed
+            waited = [f for f in failed if "connection refused" in f or "handshake" in f]
+            assert waited == [], failed  # a call that found no daemon (the own-socket failures)
         assert daemon.log().count("socket_from=systemd") == RESTARTS + 1
     finally:
         daemon.stop()
