@@ -6,6 +6,7 @@ start anything or know about snapshots beyond the option names.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -57,6 +58,11 @@ class Config:
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     max_host_mounts: int = DEFAULT_MAX_HOST_MOUNTS
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @functools.cached_property
+    def caches(self) -> dict[str, CachePolicy]:
+        """The managed caches among the named lowers, by name."""
+        return {name: named.cache for name, named in self.named_lowers.items() if named.cache is not None}
 
     @property
     def socket_path(self) -> Path:

@@ -106,11 +106,22 @@ def measure(upper: str, lowers: Sequence[str] = ()) -> Tree:
     return Tree(size, counts[ADDED], counts[CHANGED] + counts[REPLACED], counts[DELETED])
 
 
+def generation_dir(root: str, name: str, gen: int) -> str:
+    """Where generation `gen` of cache `name` lives under the snapshotter's `root`."""
+    return f"{root}/{CACHES_DIR}/{name}/{gen}"
+
+
+def chain_dirs(root: str, name: str, gens: Sequence[int]) -> list[str]:
+    """The lowerdirs of a chain given bottom first: the newest on top."""
+    return [generation_dir(root, name, g) for g in reversed(gens)]
+
+
 class Caches:
     """The generations of every cache under `root`, recorded in `store`; `options` are the
     overlay options a squash mounts a chain with."""
 
     def __init__(self, root: str, store: MetaStore, options: Sequence[str]):
+        self.root = root
         self.dir = f"{root}/{CACHES_DIR}"
         self.store = store
         self.options = tuple(options)
@@ -120,11 +131,16 @@ class Caches:
         self._lock = threading.Lock()
 
     def generation(self, name: str, gen: int) -> str:
-        return f"{self.dir}/{name}/{gen}"
+        return generation_dir(self.root, name, gen)
 
     def dirs(self, name: str, gens: Sequence[int]) -> list[str]:
-        """The lowerdirs of a chain given bottom first: the newest on top."""
-        return [self.generation(name, g) for g in reversed(gens)]
+        return chain_dirs(self.root, name, gens)
+
+    def _base(self, name: str) -> str:
+        """Cache `name`'s dir, made if it is not there yet."""
+        base = f"{self.dir}/{name}"
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        return base
 
     def recover(self) -> list[str]:
         """At start-up: unmount and delete what a kill left (a squash's mount, a generation being
@@ -186,8 +202,7 @@ class Caches:
     def park(self, name: str, upper: str, sid: int) -> str:
         """Move a removed snapshot's upper aside while its job's exit status is awaited (a temp
         name: start-up deletes it, as an exit not seen is no success)."""
-        os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
-        parked = f"{self.dir}/{name}/{TEMP_PREFIX}exit-{sid}"
+        parked = f"{self._base(name)}/{TEMP_PREFIX}exit-{sid}"
         os.rename(upper, parked)
         return parked
 
@@ -219,7 +234,7 @@ class Caches:
             if held + tree.bytes > policy.max_bytes:
                 raise Refused(f"{held} + {tree.bytes} bytes would exceed its max_bytes of {policy.max_bytes}")
         gen = tx.next_generation(name)
-        os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
+        self._base(name)
         os.rename(upper, self.generation(name, gen))
         tx.add_generation(name, gen, source, tree, pod, scope or "")
         tx.set_chain(name, [*chain, gen], scope or "")
@@ -300,8 +315,7 @@ class Caches:
         return [f"{name}/{gen}" for name, gen in doomed]
 
     def _temp(self, name: str, what: str, prefix: str = TEMP_PREFIX) -> str:
-        os.makedirs(f"{self.dir}/{name}", mode=0o700, exist_ok=True)
-        temp = tempfile.mkdtemp(prefix=f"{prefix}{what}-", dir=f"{self.dir}/{name}")
+        temp = tempfile.mkdtemp(prefix=f"{prefix}{what}-", dir=self._base(name))
         os.chmod(temp, 0o755)
         return temp
 

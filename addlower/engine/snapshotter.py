@@ -24,7 +24,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
-from addlower.core.caches import CachePolicy, Promote
+from addlower.core.caches import Promote
 from addlower.core.config import Config, reloaded
 from addlower.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.keys import split_key
@@ -198,7 +198,7 @@ class Snapshotter:
         self.caches.recover()
         self.exits: TaskExits | None = None
         self._follow_exits(config)
-        metrics.expect_caches(n for n, named in config.named_lowers.items() if named.cache is not None)
+        metrics.expect_caches(config.caches)
         if not self.reserve.keep():
             log.warning(
                 "the filesystem of %s has no room for its reserve (%d bytes): new snapshots are refused until it has",
@@ -214,9 +214,7 @@ class Snapshotter:
     def _follow_exits(self, config: Config) -> None:
         """Subscribe to containerd's task exits once a cache promotes on success (started when
         the daemon listens, or at once after a reload)."""
-        wanted = any(
-            n.cache is not None and n.cache.promote is Promote.ON_SUCCESS for n in config.named_lowers.values()
-        )
+        wanted = any(policy.promote is Promote.ON_SUCCESS for policy in config.caches.values())
         if wanted and self.exits is None:
             self.exits = TaskExits(config.kubernetes.containerd_address, self.record_exit)
 
@@ -280,15 +278,11 @@ class Snapshotter:
         writes to a cache are checked before they are promoted."""
         if not self.config.async_remove:
             return True
-        if not self._caches_configured():
+        if not self.config.caches:
             return False
         with self.store.read() as reader:
             sid, info, _ = reader.get_info(key)
             return info.kind == Kind.ACTIVE and bool(reader.cache_uses(sid))
-
-    def _caches_configured(self) -> bool:
-        """Whether any named lower is a managed cache (else a Remove has nothing to promote)."""
-        return any(named.cache is not None for named in self.config.named_lowers.values())
 
     def walks_upper(self, key: str) -> bool:
         """Whether a Usage of `key` counts a tree (an active snapshot's); the rest is stored."""
@@ -367,7 +361,7 @@ class Snapshotter:
             self._follow_exits(applied)
             if self.exits is not None:
                 self.exits.start()
-        metrics.expect_caches(n for n, named in applied.named_lowers.items() if named.cache is not None)
+        metrics.expect_caches(applied.caches)
         return later
 
     @staticmethod
@@ -381,14 +375,10 @@ class Snapshotter:
         if any(lower.target != ROOT_TARGET for lower in lowers):
             self.targets.check(source)
         for lower in lowers:  # a first use copies its seed in
-            policy = self._cache_policy(lower)
+            policy = self.config.caches.get(lower.name or "") if lower.cache else None
             if policy is not None:
                 self.caches.seed(lower.name or "", policy)
         return self.pins.open(lowers, f"{source}: entry", key)
-
-    def _cache_policy(self, lower: Lower) -> CachePolicy | None:
-        named = self.config.named_lowers.get(lower.name or "") if lower.cache else None
-        return named.cache if named is not None else None
 
     def _mounts(self, snap: Snapshot, opened: Opened, source: str, tx: Tx | None = None) -> list[Mount]:
         """The mounts of `snap` with the `opened` lowers pinned; drops pins of entries it no longer
@@ -402,7 +392,7 @@ class Snapshotter:
                 with contextlib.ExitStack() as stack:
                     tx = tx or stack.enter_context(self.store.transaction())
                     for lower in caches:
-                        policy = self._cache_policy(lower)
+                        policy = self.config.caches.get(lower.name or "")
                         most = policy.max_scopes if policy is not None else 0
                         chains[lower.name or ""] = self.caches.chain(
                             tx, snap.id, lower.name or "", lower.target, lower.scope, most
@@ -650,7 +640,7 @@ class Snapshotter:
         cache's next generation, in `tx` (its Remove's): its uppers are mounted no more. One whose
         job's exit is still to be seen is parked for it (settled by record_exit). A refusal is
         logged and counted; the Remove goes on."""
-        if not self._caches_configured():
+        if not self.config.caches:  # nothing to promote into
             return
         sid, info = tx.info(key)
         if info.kind != Kind.ACTIVE:
@@ -658,7 +648,7 @@ class Snapshotter:
         pod = info.labels.get(POD_LABEL)
         namespace = pod.partition("/")[0] if pod is not None else None
         for name, target, status, scope in tx.cache_uses(sid):
-            policy = self._cache_policy_named(name)
+            policy = self.config.caches.get(name)
             if policy is None or policy.promote is Promote.NEVER:
                 continue
             if not policy.may_promote(namespace, 0, scope):  # a pod of a namespace that may not
@@ -697,10 +687,6 @@ class Snapshotter:
             if gen is not None:
                 moved.append(Moved(name, upper, self.caches.generation(name, gen), scope=scope))
 
-    def _cache_policy_named(self, name: str) -> CachePolicy | None:
-        named = self.config.named_lowers.get(name)
-        return named.cache if named is not None else None
-
     def record_exit(self, namespace: str, container: str, status: int) -> None:
         """containerd said container `container` of `namespace` exited with `status`: kept with
         the snapshots using caches whose key is its (containerd's `<namespace>/<n>/<id>`), and a
@@ -721,7 +707,7 @@ class Snapshotter:
     def _settle(self, awaits: Awaited, status: int | None) -> None:
         """A parked upper whose job's exit is known (`status`; None: not seen in time): the next
         generation, or deleted."""
-        policy = self._cache_policy_named(awaits.cache)
+        policy = self.config.caches.get(awaits.cache)
         if status is None or policy is None or not policy.may_promote(awaits.namespace, status, awaits.scope):
             why = "its exit was not seen in time" if status is None else f"it exited with status {status}"
             metrics.CACHE_PROMOTIONS.inc(awaits.cache, "unseen" if status is None else "failed")
@@ -748,19 +734,19 @@ class Snapshotter:
     def rollback(self, name: str, gen: int, scope: str = "") -> str:
         """Make cache `name`'s chain (of `scope`) end at generation `gen` (0: drop its newest) for
         containers created from now on; running ones keep theirs, and Cleanup deletes what nobody uses."""
-        which = f"cache {name!r}" + (f" scope {scope!r}" if scope else "")
+        scoped = f" scope {scope!r}" if scope else ""
         with self.store.transaction() as tx:
             chain = tx.cache_chain(name, scope)
             if not chain and not tx.cache_log(name):
                 raise NotFound(f"cache {name!r} has no generations")
             if gen and gen not in chain:
-                raise InvalidArgument(f"generation {gen} is not in the chain of {which}: {chain}")
+                raise InvalidArgument(f"generation {gen} is not in the chain of cache {name!r}{scoped}: {chain}")
             kept = chain[: chain.index(gen) + 1] if gen else chain[:-1]
             tx.set_chain(name, kept, scope)
         log.warning(
             "rolled a cache back", extra=fields(cache=name, scope=scope or "-", chain=",".join(map(str, kept)) or "-")
         )
-        return f"{which.replace(repr(name), name)}: chain {chain} -> {kept}"
+        return f"cache {name}{scoped}: chain {chain} -> {kept}"
 
     def promote_writes(self, key: str) -> str:
         """An operator's hand: the writes of `key`'s container (stopped: its uppers mounted no
@@ -775,7 +761,7 @@ class Snapshotter:
                 if not uses:
                     raise FailedPrecondition(f"snapshot {key!r} is no container using a cache")
                 for name, target, _, scope in uses:
-                    policy = self._cache_policy_named(name)
+                    policy = self.config.caches.get(name)
                     if policy is None:
                         raise FailedPrecondition(f"cache {name!r} is no longer configured")
                     upper = f"{self.layout.target_dir(sid, target)}/fs"
@@ -827,7 +813,7 @@ class Snapshotter:
 
     def _squash_when_long(self, name: str) -> None:
         """Squash cache `name` in the background once its chain is longer than its max_generations."""
-        policy = self._cache_policy_named(name)
+        policy = self.config.caches.get(name)
         with self.store.read() as reader:
             long = policy is not None and len(reader.cache_chain(name)) > policy.max_generations
         if long:
@@ -835,7 +821,7 @@ class Snapshotter:
 
     def squash(self, name: str) -> int | None:
         """Squash cache `name`'s chain into one generation now; its number, or None (nothing to do)."""
-        if self._cache_policy_named(name) is None:
+        if self.config.caches.get(name) is None:
             raise NotFound(f"cache {name!r} is not configured")
         started = time.monotonic()
         try:
@@ -922,8 +908,8 @@ class Snapshotter:
                     removed.append(name)
                 except Exception as exc:  # left for the next Cleanup, and for the operator to look at
                     log.error("cleanup could not remove %s: %s", path, exc)
-            ttls = {n: named.cache.scope_ttl for n, named in self.config.named_lowers.items() if named.cache}
-            for cache, scope in self.caches.expire_scopes({n: t for n, t in ttls.items() if t}):
+            ttls = {name: policy.scope_ttl for name, policy in self.config.caches.items() if policy.scope_ttl}
+            for cache, scope in self.caches.expire_scopes(ttls):
                 log.info("a cache's scope expired, unused for its scope_ttl", extra=fields(cache=cache, scope=scope))
             for gone in self.caches.collect():  # generations no chain has and no container got
                 log.info("removed generation %s, which no container uses", gone)

@@ -17,7 +17,7 @@ from addlower.api import admin_pb2
 from addlower.core.caches import SEED_SOURCE, SQUASH_SOURCE
 from addlower.core.errors import SnapshotError
 from addlower.core.keys import resolve_key
-from addlower.engine.caches import CACHES_DIR, Refused, changes
+from addlower.engine.caches import Refused, chain_dirs, changes, generation_dir
 from addlower.engine.store import Reader
 from addlower.ops import client
 from addlower.ops.render import Column, age_text, human_size, iso_time, print_json, render_table, shown
@@ -60,7 +60,7 @@ def cache_ls(inv: Invocation) -> None:
     """List the managed caches and their scopes: generations, size, containers using each, last
     promotion."""
     config = inv.load()
-    caches = {name: named for name, named in config.named_lowers.items() if named.cache is not None}
+    caches = {name: config.named_lowers[name] for name in config.caches}
     with read_only_store(inv.target().db) as reader:
         log = reader.cache_log()
         users = reader.cache_users()
@@ -237,7 +237,7 @@ def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
         if key is not None:
             sid = reader.get_info(key)[0]
             for name, at, _, _ in reader.cache_uses(sid):
-                lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(reader.cache_use(sid, name) or [])]
+                lowers = chain_dirs(str(target.root), name, reader.cache_use(sid, name) or [])
                 upper = f"{target.layout.target_dir(sid, at)}/fs"
                 rows += [ChangeRow(name, kind, f"{at}/{rel}") for kind, rel, _ in _changes(upper, lowers)]
         else:  # removed: the generations its writes became
@@ -247,8 +247,8 @@ def cache_diff(inv: Invocation, container: str, namespace: str | None) -> None:
             for g in made:
                 name, gen = g.cache, g.gen
                 below = [b.gen for b in reader.cache_log(name) if b.gen < gen and b.removed_at is None]
-                lowers = [f"{target.root}/{CACHES_DIR}/{name}/{g}" for g in reversed(below)]
-                generation = f"{target.root}/{CACHES_DIR}/{name}/{gen}"
+                lowers = chain_dirs(str(target.root), name, below)
+                generation = generation_dir(str(target.root), name, gen)
                 rows += [ChangeRow(name, kind, rel) for kind, rel, _ in _changes(generation, lowers)]
     if inv.as_json:
         print_json([asdict(r) for r in rows])

@@ -42,7 +42,6 @@ STOP_GRACE_SECONDS = 30.0
 BLOCKING_WORKERS = 16
 KUBERNETES_WORKERS = 4  # Mounts calls waiting for containerd's answer about a pod
 RELOAD = "reload"  # one thread for reloads: one at a time, and never a blocking-pool thread
-ADMIN_METHODS = ("Reload", "SquashCache", "RollbackCache", "PromoteWrites")
 
 
 def _named(config: Config) -> str:
@@ -142,7 +141,6 @@ class Daemon:
         }
         self._hup_pending = False
         differ = DiffService(self.snapshotter, ContentStore(config.kubernetes.containerd_address))
-        calls = metrics.CallStats([*METHODS, *ADMIN_METHODS, differ.Diff.__name__, differ.Apply.__name__])
         service = SnapshotsService(self.snapshotter)
         admin = {
             f"/{ADMIN_SERVICE}/Reload": Route(request=empty_pb2.Empty, handler=self.Reload, pool=RELOAD),
@@ -155,6 +153,9 @@ class Daemon:
                 )
             },
         }
+        calls = metrics.CallStats(
+            [*METHODS, *(route.name for route in admin.values()), differ.Diff.__name__, differ.Apply.__name__]
+        )
         self.server = GrpcServer(
             {**routes(service), **diff_routes(differ, BLOCKING), **admin}, self.pools, service.map_error, calls.observe
         )
