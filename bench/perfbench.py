@@ -98,12 +98,19 @@ import tomlkit  # noqa: E402
 from addlower.core import ctrdconfig  # noqa: E402
 from addlower.core.config import PLUGIN_NAME  # noqa: E402
 from addlower.dev import ociimage  # noqa: E402
-from addlower.dev.devcontainerd import CriSettings, PrivateContainerd, SnapshotterProcess, unmount_under  # noqa: E402
+from addlower.dev.devcontainerd import (  # noqa: E402
+    GO_ORIGINAL,
+    GO_ORIGINAL_BUILD,
+    CriSettings,
+    PrivateContainerd,
+    SnapshotterProcess,
+    unmount_under,
+)
 from tests.support.cri.client import CriClient  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-GO_BIN = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
-GO_BUILD = "bash /work/shared/peers/seedsnap/build.sh"
+GO_BIN = GO_ORIGINAL
+GO_BUILD = f"bash {GO_ORIGINAL_BUILD}"
 BUILTIN = ctrdconfig.BUILTIN_SNAPSHOTTER
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONCURRENCY = (1, 8)

@@ -3,7 +3,8 @@
 # busybox, a registry (docker-registry), systemd (systemd-analyze checks the unit) and e2fsprogs (a
 # full filesystem is a small loop-mounted ext4) from Debian,
 # the containerd of Debian's trixie (1.7) and sid (2.x) unpacked beside it for the e2e matrix
-# (scripts/containerd-versions.sh), then this project (editable) with its test extras. Idempotent.
+# (scripts/containerd-versions.sh), the Go original built from ../shared/peers (tests take over its
+# root), then this project (editable) with its test extras. Idempotent.
 #
 # It installs into $PYTHON (default: the python3 first on PATH) and says which; it stops if that is
 # not the python3 the README's commands run or if the `addlower` on PATH would be another
@@ -27,6 +28,9 @@ if ! command -v containerd >/dev/null || ! command -v runc >/dev/null || ! comma
   apt-get install -y -qq containerd runc busybox-static docker-registry systemd e2fsprogs >/dev/null
 fi
 scripts/containerd-versions.sh >/dev/null
+# The Go original, which tests take a root over from (built offline with Debian's Go packages).
+go_original=/tmp/peers-bin/overlay-custom-add-lower-snapshotter
+[ -x "$go_original" ] || bash ../shared/peers/seedsnap/build.sh "" "$go_original" >/dev/null
 # A distribution's own python3 (PEP 668) refuses pip installs unless told this is wanted.
 "$python" -m pip install -q --disable-pip-version-check -e '.[test]' 2>/dev/null \
   || "$python" -m pip install -q --disable-pip-version-check --break-system-packages -e '.[test]'

@@ -32,6 +32,9 @@ from addlower.engine import fsutil
 # sun_path is 108 bytes including the trailing NUL.
 MAX_SOCKET_PATH = 107
 BIN_DIR_ENV = "ADDLOWER_CONTAINERD_BIN_DIR"
+# The Go original, as ../shared/peers/seedsnap/build.sh builds it (scripts/setup.sh does, once).
+GO_ORIGINAL = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
+GO_ORIGINAL_BUILD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "seedsnap" / "build.sh"
 # ctr 2.2+ warns about cgroup v1 on stderr, which would mix into what tests read.
 CTR_ENV = {"CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS": "1"}
 

@@ -33,7 +33,7 @@ from addlower.core.logformat import fields
 from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_count
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
-from addlower.engine import fsutil, metrics, wire
+from addlower.engine import adopt, fsutil, metrics, wire
 from addlower.engine.caches import Caches, Refused
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
@@ -174,6 +174,8 @@ class Snapshotter:
                 f"{root}: the filesystem does not support d_type, which overlayfs needs "
                 "(for xfs, format it with ftype=1)"
             )
+        if adopt.holds_bolt(root):
+            self._adopt()
         self.snapshots_dir = Path(self.layout.snapshots)
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         Path(self.layout.empty).mkdir(mode=0o755, exist_ok=True)
@@ -917,6 +919,22 @@ class Snapshotter:
         if removed and not self.reserve.kept:
             self.reserve.keep()
         return removed
+
+    def _adopt(self) -> None:
+        """Take over the Go original's root: its bolt record becomes ours, no dir changes."""
+        adopted = adopt.adopt(self.root)
+        log.info(
+            "took over the Go snapshotter's root: %s; its bolt database is kept as %s",
+            adopted.summary(),
+            adopt.KEPT_NAME,
+        )
+        asking = sum(1 for snap in adopted.storage.snapshots if snap.labels.get(EXTRA_LOWERS_LABEL))
+        if asking:
+            log.warning(
+                "%d adopted snapshots ask for extra lowers: their next Mounts are checked against this "
+                "daemon's lowers policy, which the Go program did not have",
+                asking,
+            )
 
     def _refuse_lost_metadata(self) -> None:
         """Refuse a root whose snapshots/ holds directories while metadata.db is missing, empty or

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.filters import parse_filters
+from addlower.core.gostorage import Storage
 from addlower.core.model import Info, Kind, Usage
 
 SCHEMA_VERSION = 1
@@ -137,6 +138,45 @@ def stored_schema_version(path: Path) -> int:
             db.close()
     except sqlite3.DatabaseError:
         return -1
+
+
+def write_adopted(path: Path, storage: Storage) -> None:
+    """A new database at `path` holding `storage`'s snapshots with the same ids, keys, parents,
+    kinds, labels, times and usage, and its last id as the last handed out (a removed snapshot's
+    dir may still be there: its id is never given again). One transaction, with a rollback
+    journal, so the file is whole and alone once this returns; the caller renames it into place.
+    Replies are left to start-up, which encodes those missing."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("BEGIN IMMEDIATE")
+        for statement in (*_SCHEMA, *_REPLIES, *_CACHES):
+            db.execute(statement)
+        ids = {snap.key: snap.id for snap in storage.snapshots}
+        db.executemany(
+            "INSERT INTO snapshots(id, key, kind, parent_id, created_at, updated_at, size, inodes, labels)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    s.id,
+                    s.key,
+                    int(s.kind),
+                    ids.get(s.parent),
+                    s.created_at,
+                    s.updated_at,
+                    s.size,
+                    s.inodes,
+                    json.dumps(dict(s.labels)),
+                )
+                for s in storage.snapshots
+            ],
+        )
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'snapshots'")
+        db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('snapshots', ?)", (storage.last_id,))
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    finally:
+        db.close()
 
 
 @dataclass(frozen=True)
@@ -733,8 +773,8 @@ class MetaStore:
             if disk_full(exc):
                 raise
             raise RuntimeError(
-                f"{path}: {exc}; if this root was the Go original's (a bolt database), "
-                "move it aside or use another root: its snapshots cannot be read"
+                f"{path}: {exc}; it is neither this daemon's database nor the Go original's: "
+                "restore it from a backup, or move the root aside and start on an empty one"
             ) from None
 
     def _open(self, readonly: bool) -> None:

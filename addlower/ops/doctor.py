@@ -32,7 +32,7 @@ from addlower.core.config import (
 from addlower.core.errors import InvalidArgument
 from addlower.core.lowers import Lower, NamedLower
 from addlower.core.pods import CONTAINERD_ADDRESS
-from addlower.engine import fsutil, pinning
+from addlower.engine import adopt, fsutil, pinning
 from addlower.engine.ctrdversion import TargetSupport, ask_version
 from addlower.ops.install import UNIT_NAME, UNIT_PATH, plugin_table
 from addlower.ops.render import print_json, terminal_columns
@@ -145,6 +145,27 @@ def check_root(root: Path) -> Check:
     if problems:
         return Check("root dir", FAIL, f"{root}: {'; '.join(problems)}", f"chown root:root {root} && chmod 0700 {root}")
     return Check("root dir", PASS, f"{root} exists, mode 0700, owned by root")
+
+
+def check_go_root(root: Path) -> list[Check]:
+    """A root the Go original left: what start-up will take over, read without its lock (the Go
+    program may still run), or why it cannot."""
+    if not adopt.holds_bolt(root):
+        return []
+    what = "Go original's root"
+    try:
+        found = adopt.read(root, locked=False)
+    except (OSError, adopt.AdoptError) as exc:
+        hint = f"stop the Go program, run doctor again; if it still fails, restore {adopt.DB_NAME} from a backup"
+        return [Check(what, FAIL, str(exc), hint)]
+    return [
+        Check(
+            what,
+            INFO,
+            f"{root / adopt.DB_NAME} is the Go program's bolt database: {found.summary()}; the daemon takes it "
+            f"over at its next start (same snapshots, no dir changes) and keeps it as {adopt.KEPT_NAME}",
+        )
+    ]
 
 
 def check_socket(socket: Path, root: Path) -> Check:
@@ -568,6 +589,7 @@ def doctor(inv: Invocation, containerd_config: Path, containerd_address: str | N
         check_dtype(target.root),
         *check_overlay_options(config),
         check_root(target.root),
+        *check_go_root(target.root),
         check_socket(target.socket, target.root),
         check_containerd_answers(address, version, why),
         *containerd_checks,

@@ -53,9 +53,10 @@ class StartupError(Exception):
 
 
 def _claim_socket(path: Path) -> None:
-    """Remove a stale socket file; refuse when a live process still answers on it."""
+    """Remove a stale socket file; refuse when a live process still answers on it. Called before
+    the root is touched: another daemon serving (ours, or the Go original on a root it is to hand
+    over) must not see its root recovered or converted under it."""
     if not os.path.lexists(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         return
     if not stat.S_ISSOCK(os.lstat(path).st_mode):
         raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
@@ -118,10 +119,6 @@ class Daemon:
     def __init__(self, config: Config, reread: Callable[[], Config]):
         self.config = config
         self.reread = reread
-        try:
-            self.snapshotter = Snapshotter(config.root_dir, config)
-        except (OSError, RuntimeError, SnapshotError) as exc:
-            raise StartupError(f"root {config.root_dir} is unusable: {exc}") from exc
         self.inherited = inherited_socket()
         if self.inherited is None:
             try:
@@ -134,6 +131,12 @@ class Daemon:
                 self.inherited.getsockname(),
                 config.socket_path,
             )
+        try:
+            self.snapshotter = Snapshotter(config.root_dir, config)
+        except (OSError, RuntimeError, SnapshotError) as exc:
+            raise StartupError(f"root {config.root_dir} is unusable: {exc}") from exc
+        if self.inherited is None:
+            config.socket_path.parent.mkdir(parents=True, exist_ok=True)
         self.pools = {
             BLOCKING: futures.ThreadPoolExecutor(max_workers=BLOCKING_WORKERS, thread_name_prefix="blocking"),
             KUBERNETES: futures.ThreadPoolExecutor(max_workers=KUBERNETES_WORKERS, thread_name_prefix="kubernetes"),
