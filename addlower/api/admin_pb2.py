@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64\x64lower/api/admin.proto\x12\x0b\x61\x64\x64lower.v1\"@\n\x0c\x43\x61\x63heRequest\x12\r\n\x05\x63\x61\x63he\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\r\n\x05scope\x18\x03 \x01(\t\"1\n\x0ePromoteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nto_default\x18\x02 \x01(\x08\"\x1d\n\nCacheReply\x12\x0f\n\x07message\x18\x01 \x01(\t2\xd6\x01\n\x05\x41\x64min\x12\x41\n\x0bSquashCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReply\x12\x43\n\rRollbackCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReply\x12\x45\n\rPromoteWrites\x12\x1b.addlower.v1.PromoteRequest\x1a\x17.addlower.v1.CacheReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61\x64\x64lower/api/admin.proto\x12\x0b\x61\x64\x64lower.v1\"O\n\x0c\x43\x61\x63heRequest\x12\r\n\x05\x63\x61\x63he\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\x04\x12\r\n\x05scope\x18\x03 \x01(\t\x12\r\n\x05image\x18\x04 \x01(\t\"1\n\x0ePromoteRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nto_default\x18\x02 \x01(\x08\"\x1d\n\nCacheReply\x12\x0f\n\x07message\x18\x01 \x01(\t2\xd8\x02\n\x05\x41\x64min\x12\x41\n\x0bSquashCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReply\x12\x43\n\rRollbackCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReply\x12\x45\n\rPromoteWrites\x12\x1b.addlower.v1.PromoteRequest\x1a\x17.addlower.v1.CacheReply\x12?\n\tPushCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReply\x12?\n\tPullCache\x12\x19.addlower.v1.CacheRequest\x1a\x17.addlower.v1.CacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'addlower.api.admin_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CACHEREQUEST']._serialized_start=41
-  _globals['_CACHEREQUEST']._serialized_end=105
-  _globals['_PROMOTEREQUEST']._serialized_start=107
-  _globals['_PROMOTEREQUEST']._serialized_end=156
-  _globals['_CACHEREPLY']._serialized_start=158
-  _globals['_CACHEREPLY']._serialized_end=187
-  _globals['_ADMIN']._serialized_start=190
-  _globals['_ADMIN']._serialized_end=404
+  _globals['_CACHEREQUEST']._serialized_end=120
+  _globals['_PROMOTEREQUEST']._serialized_start=122
+  _globals['_PROMOTEREQUEST']._serialized_end=171
+  _globals['_CACHEREPLY']._serialized_start=173
+  _globals['_CACHEREPLY']._serialized_end=202
+  _globals['_ADMIN']._serialized_start=205
+  _globals['_ADMIN']._serialized_end=549
 # @@protoc_insertion_point(module_scope)

@@ -5,14 +5,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CacheRequest(_message.Message):
-    __slots__ = ("cache", "generation", "scope")
+    __slots__ = ("cache", "generation", "scope", "image")
     CACHE_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     cache: str
     generation: int
     scope: str
-    def __init__(self, cache: _Optional[str] = ..., generation: _Optional[int] = ..., scope: _Optional[str] = ...) -> None: ...
+    image: str
+    def __init__(self, cache: _Optional[str] = ..., generation: _Optional[int] = ..., scope: _Optional[str] = ..., image: _Optional[str] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
     __slots__ = ("key", "to_default")

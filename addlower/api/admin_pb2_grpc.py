@@ -49,6 +49,16 @@ class AdminStub:
                 request_serializer=addlower_dot_api_dot_admin__pb2.PromoteRequest.SerializeToString,
                 response_deserializer=addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
                 _registered_method=True)
+        self.PushCache = channel.unary_unary(
+                '/addlower.v1.Admin/PushCache',
+                request_serializer=addlower_dot_api_dot_admin__pb2.CacheRequest.SerializeToString,
+                response_deserializer=addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
+                _registered_method=True)
+        self.PullCache = channel.unary_unary(
+                '/addlower.v1.Admin/PullCache',
+                request_serializer=addlower_dot_api_dot_admin__pb2.CacheRequest.SerializeToString,
+                response_deserializer=addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -72,6 +82,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullCache(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -88,6 +110,16 @@ def add_AdminServicer_to_server(servicer, server):
             'PromoteWrites': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteWrites,
                     request_deserializer=addlower_dot_api_dot_admin__pb2.PromoteRequest.FromString,
+                    response_serializer=addlower_dot_api_dot_admin__pb2.CacheReply.SerializeToString,
+            ),
+            'PushCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushCache,
+                    request_deserializer=addlower_dot_api_dot_admin__pb2.CacheRequest.FromString,
+                    response_serializer=addlower_dot_api_dot_admin__pb2.CacheReply.SerializeToString,
+            ),
+            'PullCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullCache,
+                    request_deserializer=addlower_dot_api_dot_admin__pb2.CacheRequest.FromString,
                     response_serializer=addlower_dot_api_dot_admin__pb2.CacheReply.SerializeToString,
             ),
     }
@@ -171,6 +203,60 @@ class Admin:
             target,
             '/addlower.v1.Admin/PromoteWrites',
             addlower_dot_api_dot_admin__pb2.PromoteRequest.SerializeToString,
+            addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/addlower.v1.Admin/PushCache',
+            addlower_dot_api_dot_admin__pb2.CacheRequest.SerializeToString,
+            addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/addlower.v1.Admin/PullCache',
+            addlower_dot_api_dot_admin__pb2.CacheRequest.SerializeToString,
             addlower_dot_api_dot_admin__pb2.CacheReply.FromString,
             options,
             channel_credentials,

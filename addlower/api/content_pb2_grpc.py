@@ -45,6 +45,11 @@ class ContentStub:
                 request_serializer=addlower_dot_api_dot_content__pb2.UpdateRequest.SerializeToString,
                 response_deserializer=addlower_dot_api_dot_content__pb2.UpdateResponse.FromString,
                 _registered_method=True)
+        self.Read = channel.unary_stream(
+                '/containerd.services.content.v1.Content/Read',
+                request_serializer=addlower_dot_api_dot_content__pb2.ReadContentRequest.SerializeToString,
+                response_deserializer=addlower_dot_api_dot_content__pb2.ReadContentResponse.FromString,
+                _registered_method=True)
         self.Write = channel.stream_stream(
                 '/containerd.services.content.v1.Content/Write',
                 request_serializer=addlower_dot_api_dot_content__pb2.WriteContentRequest.SerializeToString,
@@ -67,6 +72,12 @@ class ContentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Update(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Read(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +107,11 @@ def add_ContentServicer_to_server(servicer, server):
                     servicer.Update,
                     request_deserializer=addlower_dot_api_dot_content__pb2.UpdateRequest.FromString,
                     response_serializer=addlower_dot_api_dot_content__pb2.UpdateResponse.SerializeToString,
+            ),
+            'Read': grpc.unary_stream_rpc_method_handler(
+                    servicer.Read,
+                    request_deserializer=addlower_dot_api_dot_content__pb2.ReadContentRequest.FromString,
+                    response_serializer=addlower_dot_api_dot_content__pb2.ReadContentResponse.SerializeToString,
             ),
             'Write': grpc.stream_stream_rpc_method_handler(
                     servicer.Write,
@@ -162,6 +178,33 @@ class Content:
             '/containerd.services.content.v1.Content/Update',
             addlower_dot_api_dot_content__pb2.UpdateRequest.SerializeToString,
             addlower_dot_api_dot_content__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Read(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/containerd.services.content.v1.Content/Read',
+            addlower_dot_api_dot_content__pb2.ReadContentRequest.SerializeToString,
+            addlower_dot_api_dot_content__pb2.ReadContentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from addlower.core.cacheimage import DEFAULT_EXCLUDE, check_reference
 from addlower.core.errors import InvalidArgument
 
 # Beyond this many generations a chain is squashed into one (a cache's own max_generations is
@@ -58,6 +59,9 @@ class CachePolicy:
     scopes: Mapping[str, str] = field(default_factory=dict)  # namespace -> the scope names its pods may use
     scope_ttl: int | None = None  # seconds an unused scope lives (None: for ever)
     max_scopes: int = DEFAULT_MAX_SCOPES
+    image: str | None = None  # an image (pushed by `cache push`) whose layers are the base
+    push: str | None = None  # where each promotion and squash pushes the chain
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # paths a pushed layer never holds
 
     def may_promote(self, pod_namespace: str | None, exit_status: int | None, scope: str | None = None) -> bool:
         """Whether a job's writes become a generation: `pod_namespace` is its pod's (None: a
@@ -173,4 +177,27 @@ def policy_of(key: str, table: Mapping[str, object], namespaces: Sequence[str]) 
     most = table.get("max_scopes", DEFAULT_MAX_SCOPES)
     if not isinstance(most, int) or isinstance(most, bool) or most < 1:
         raise InvalidArgument(f"{key}.max_scopes: a positive number, not {most!r}")
-    return CachePolicy(promote, tuple(namespaces), generations, budget, seed, dict(scopes), ttl, most)
+    refs = {}
+    for k in ("image", "push"):
+        value = table.get(k)
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument(f"{key}.{k}: an image reference, not {value!r}")
+        refs[k] = check_reference(value, f"{key}.{k}") if value is not None else None
+    exclude = table.get("exclude", list(DEFAULT_EXCLUDE))
+    if not isinstance(exclude, list) or not all(isinstance(p, str) and p.strip("/") for p in exclude):
+        raise InvalidArgument(
+            f'{key}.exclude: a list of paths such as ".npmrc" or ".docker/config.json", not {exclude!r}'
+        )
+    return CachePolicy(
+        promote,
+        tuple(namespaces),
+        generations,
+        budget,
+        seed,
+        dict(scopes),
+        ttl,
+        most,
+        refs["image"],
+        refs["push"],
+        tuple(exclude),
+    )

@@ -36,6 +36,7 @@ TARGET_SETTINGS = ("auto", "on", "off")  # mount_targets; see addlower.engine.ct
 # most fs.mount-max mounts (100,000 by default) and containerd, runc and every other mount of the
 # node share the host's: this leaves them nine tenths.
 DEFAULT_MAX_HOST_MOUNTS = 10_000
+DEFAULT_REGISTRY_CONFIG_PATH = Path("/etc/containerd/certs.d")
 
 
 class ConfigError(Exception):
@@ -58,6 +59,10 @@ class Config:
     named_lowers: Mapping[str, NamedLower] = field(default_factory=dict)
     max_host_mounts: int = DEFAULT_MAX_HOST_MOUNTS
     kubernetes: KubernetesConfig = KubernetesConfig()
+    # containerd's registry host configuration (hosts.toml per registry: mirrors, TLS, plain HTTP,
+    # auth headers), what caches' pushes and pulls go by, as CRI's registry.config_path
+    registry_config_path: Path = DEFAULT_REGISTRY_CONFIG_PATH
+    ctr_path: str = "ctr"  # containerd's client, which pushes and pulls caches' images
 
     @functools.cached_property
     def caches(self) -> dict[str, CachePolicy]:
@@ -81,6 +86,8 @@ _TOP = {
     "mount_options": (list, tuple),
     "mount_targets": (str, str),
     "parallel_unpack": (bool, bool),
+    "registry_config_path": (str, Path),
+    "ctr_path": (str, str),
 }
 
 
@@ -167,6 +174,9 @@ _CACHE_KEYS = (
     "scopes",
     "scope_ttl",
     "max_scopes",
+    "image",
+    "push",
+    "exclude",
 )
 
 

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from addlower.core.cacheimage import oci_architecture
+
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_REF = "localhost/addlower/busybox:latest"
 PAUSE_REF = "localhost/addlower/pause:latest"
@@ -264,5 +266,4 @@ def _tag(ref: str) -> str:
 
 
 def _oci_arch() -> str:
-    machine = platform.machine()
-    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+    return oci_architecture(platform.machine())

@@ -158,7 +158,7 @@ class Caches:
                 if entry.startswith(MOUNT_PREFIX):
                     fsutil.unmount(path)
                 log.warning("removing %s, which no generation of cache %s accounts for", path, name)
-                fsutil.remove_tree(Path(path))
+                _remove_generation(path)
                 gone.append(f"{name}/{entry}")
         return gone
 
@@ -311,13 +311,22 @@ class Caches:
             doomed = sorted(tx.cache_generations() - keep)
             tx.remove_generations(doomed)
         for name, gen in doomed:
-            fsutil.remove_tree(Path(self.generation(name, gen)))
+            _remove_generation(self.generation(name, gen))
         return [f"{name}/{gen}" for name, gen in doomed]
 
     def _temp(self, name: str, what: str, prefix: str = TEMP_PREFIX) -> str:
         temp = tempfile.mkdtemp(prefix=f"{prefix}{what}-", dir=self._base(name))
         os.chmod(temp, 0o755)
         return temp
+
+
+def _remove_generation(path: str) -> None:
+    """A generation's dir, or the link to the snapshot a pulled one is (the snapshot is
+    containerd's to remove, once the store no longer keeps it)."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        fsutil.remove_tree(Path(path))
 
 
 def _copy_tree(source: str, into: str, fd: int | None = None) -> None:

@@ -105,6 +105,41 @@ class ContentStore:
                 f"writing {digest} to containerd's content store: {exc.code().name}: {exc.details()}"
             ) from None
 
+    def exists(self, digest: str, namespace: str) -> bool:
+        """Whether the blob is in the content store (of `namespace`)."""
+        import grpc
+
+        from addlower.api import content_pb2 as pb
+
+        content, _ = self._stubs()
+        try:
+            content.Info(pb.InfoRequest(digest=digest), timeout=self.timeout, metadata=[(NAMESPACE_HEADER, namespace)])
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise Unavailable(f"containerd's content store at {self.address}: {exc.details()}") from None
+        return True
+
+    def read(self, digest: str, namespace: str, limit: int) -> bytes:
+        """A whole blob of at most `limit` bytes (a manifest, a config: what a peer wrote)."""
+        import grpc
+
+        from addlower.api import content_pb2 as pb
+
+        content, _ = self._stubs()
+        metadata = [(NAMESPACE_HEADER, namespace)]
+        try:
+            size = content.Info(pb.InfoRequest(digest=digest), timeout=self.timeout, metadata=metadata).info.size
+            if size > limit:
+                raise FailedPrecondition(f"blob {digest} is {size} bytes, more than {limit}")
+            chunks = content.Read(pb.ReadContentRequest(digest=digest), timeout=self.timeout, metadata=metadata)
+            data = b"".join(chunk.data for chunk in chunks)
+        except grpc.RpcError as exc:
+            raise FailedPrecondition(f"reading {digest} from containerd: {exc.code().name}: {exc.details()}") from None
+        if len(data) != size:
+            raise FailedPrecondition(f"blob {digest}: read {len(data)} of its {size} bytes")
+        return data
+
     @staticmethod
     def _label_existing(content: Any, digest: str, labels: Mapping[str, str], metadata: list[tuple[str, str]]) -> None:
         """As containerd's differ: an existing blob gets the uncompressed label if it has none."""

@@ -21,7 +21,7 @@ import hashlib
 import os
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import BinaryIO
@@ -398,14 +398,21 @@ class Layer:
 
 
 def write_layer(
-    layers: Layers, out: BinaryIO, media_type: str, whiteout_time: int = 0, mtime_bound: int | None = None
+    layers: Layers,
+    out: BinaryIO,
+    media_type: str,
+    whiteout_time: int = 0,
+    mtime_bound: int | None = None,
+    exclude: Callable[[bytes], bool] | None = None,
 ) -> Layer:
-    """The layer of `layers` as `media_type` (one of MEDIA_TYPES) into `out`."""
+    """The layer of `layers` as `media_type` (one of MEDIA_TYPES) into `out`, without the paths
+    `exclude` names (a cache's credentials: neither they nor their deletion go in)."""
     sink = _Digesting(out, MEDIA_TYPES[media_type])
     dirs: Dirs = {}
     writer = ChangeWriter(sink, dirs, whiteout_time, mtime_bound)  # type: ignore[arg-type]
     for kind, path, at in changes(layers, dirs):
-        writer.handle(kind, path, at)
+        if exclude is None or not exclude(path):
+            writer.handle(kind, path, at)
     writer.close()
     sink.finish()
     return Layer(f"sha256:{sink.blob.hexdigest()}", sink.size, f"sha256:{sink.tar.hexdigest()}")

@@ -24,7 +24,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import TypeVar
 
-from addlower.core.caches import Promote
+from addlower.core.cacheimage import check_reference
+from addlower.core.caches import CachePolicy, Promote
 from addlower.core.config import Config, reloaded
 from addlower.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.keys import split_key
@@ -34,6 +35,7 @@ from addlower.core.lowers import ROOT_TARGET, Lower, check_mount_limits, target_
 from addlower.core.model import Info, Kind, Usage
 from addlower.core.mounts import Layout, Mount, compute_mounts, layer_dirs
 from addlower.engine import adopt, fsutil, metrics, wire
+from addlower.engine.cacheimage import CacheImages
 from addlower.engine.caches import Caches, Refused
 from addlower.engine.ctrdversion import TargetSupport
 from addlower.engine.differ import Layers
@@ -198,6 +200,15 @@ class Snapshotter:
         self._with_reserve(self._set_aside_unrecorded, "start")
         self.caches = Caches(str(root), self.store, self.overlay_options)
         self.caches.recover()
+        self.images = CacheImages(
+            str(root),
+            self.store,
+            self.caches,
+            config.kubernetes.containerd_address,
+            str(config.registry_config_path),
+            config.ctr_path,
+        )
+        self._registry = ThreadPoolExecutor(1, thread_name_prefix="registry")  # pushes and pulls, one at a time
         self.exits: TaskExits | None = None
         self._follow_exits(config)
         metrics.expect_caches(config.caches)
@@ -631,7 +642,7 @@ class Snapshotter:
                     extra=fields(key=key, cache=m.cache, generation=m.to, **({"scope": m.scope} if m.scope else {})),
                 )
                 if m.scope is None:
-                    self._squash_when_long(m.cache)
+                    self._grown(m.cache)
             else:
                 log.info(
                     "awaiting the exit of a job whose writes may be promoted", extra=fields(key=key, cache=m.cache)
@@ -729,7 +740,7 @@ class Snapshotter:
         metrics.CACHE_PROMOTIONS.inc(awaits.cache, "promoted")
         log.info("promoted a job's writes", extra=fields(key=awaits.key, cache=awaits.cache, generation=gen))
         if awaits.scope is None:
-            self._squash_when_long(awaits.cache)
+            self._grown(awaits.cache)
 
     # --- the operator's hand on caches (addlower cache ...) -----------------------------------
 
@@ -749,6 +760,36 @@ class Snapshotter:
             "rolled a cache back", extra=fields(cache=name, scope=scope or "-", chain=",".join(map(str, kept)) or "-")
         )
         return f"cache {name}{scoped}: chain {chain} -> {kept}"
+
+    def _policy(self, name: str) -> CachePolicy:
+        policy = self.config.caches.get(name)
+        if policy is None:
+            raise NotFound(f"cache {name!r} is not configured")
+        return policy
+
+    def push_cache(self, name: str, ref: str = "") -> str:
+        """Push cache `name`'s chain as an image to `ref` (default: its `push`), one push or pull
+        at a time."""
+        policy = self._policy(name)
+        ref = check_reference(ref or policy.push or "", f"cache {name!r}: the image to push to (or its push key)")
+        return self._registry.submit(self.images.push, name, ref, policy).result()
+
+    def pull_cache(self, name: str, ref: str = "") -> str:
+        """Make the layers of image `ref` (default: its `image`) cache `name`'s chain for the
+        containers created from now on; running ones keep theirs."""
+        policy = self._policy(name)
+        ref = check_reference(ref or policy.image or "", f"cache {name!r}: the image to pull (or its image key)")
+        gens, digest = self._registry.submit(self.images.pull, name, ref).result()
+        return f"cache {name}: chain {gens} from {ref}@{digest}"
+
+    def _in_background(self, call: Callable[[str], str], name: str) -> None:
+        def run() -> None:
+            try:
+                log.info(call(name))
+            except Exception as exc:  # the cache keeps what it has
+                log.error("%s of cache %s failed: %s", call.__name__, name, exc, extra=fields(cache=name))
+
+        threading.Thread(target=run, name=f"{call.__name__}-{name}", daemon=True).start()
 
     def promote_writes(self, key: str) -> str:
         """An operator's hand: the writes of `key`'s container (stopped: its uppers mounted no
@@ -791,7 +832,7 @@ class Snapshotter:
             metrics.CACHE_PROMOTIONS.inc(m.cache, "promoted")
             log.info("promoted a job's writes by hand", extra=fields(key=key, cache=m.cache, generation=m.to))
             if m.scope is None:
-                self._squash_when_long(m.cache)
+                self._grown(m.cache)
         return "\n".join(done)
 
     def promote_to_default(self, key: str) -> str:
@@ -810,16 +851,21 @@ class Snapshotter:
                 done.append(f"cache {name}: scope {scope}'s generations {moving} moved to the default chain")
         for name, scope in scoped:
             log.warning("moved a scope's generations to the default chain", extra=fields(cache=name, scope=scope))
-            self._squash_when_long(name)
+            self._grown(name)
         return "\n".join(done)
 
-    def _squash_when_long(self, name: str) -> None:
-        """Squash cache `name` in the background once its chain is longer than its max_generations."""
+    def _grown(self, name: str) -> None:
+        """Cache `name`'s default chain grew: squash it in the background once it is longer than
+        its max_generations, and push it when its table says where (after the squash, if one)."""
         policy = self.config.caches.get(name)
+        if policy is None:
+            return
         with self.store.read() as reader:
-            long = policy is not None and len(reader.cache_chain(name)) > policy.max_generations
+            long = len(reader.cache_chain(name)) > policy.max_generations
         if long:
             self._squasher.submit(self.squash, name)
+        elif policy.push is not None:
+            self._in_background(self.push_cache, name)
 
     def squash(self, name: str) -> int | None:
         """Squash cache `name`'s chain into one generation now; its number, or None (nothing to do)."""
@@ -837,6 +883,8 @@ class Snapshotter:
             metrics.CACHE_SQUASHES.inc(name, "squashed")
             metrics.CACHE_SQUASH_SECONDS.observe(name, seconds)
             log.info("squashed a cache", extra=fields(cache=name, generation=gen, duration_s=round(seconds, 3)))
+            if self.config.caches[name].push is not None:
+                self._in_background(self.push_cache, name)
         return gen
 
     def _remove_promoting(self, key: str, uppers: builtins.list[Moved]) -> None:
@@ -1022,6 +1070,9 @@ class Snapshotter:
         answered meanwhile, from the store): missing dirs reported, rows' replies kept."""
         if self.exits is not None:
             self.exits.start()
+        for name, policy in self.config.caches.items():  # containerd unpacks into us: only once we listen
+            if policy.image is not None:
+                self._in_background(self.pull_cache, name)
         try:
             self.report_missing_dirs()
             filled = self.store.fill_replies()

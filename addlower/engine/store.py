@@ -99,8 +99,34 @@ _CACHES = (
     PRIMARY KEY (snapshot_id, cache)
 )""",
 )
+# The OCI layer of each generation a cache image holds: a pulled image's layers (the generation's
+# dir is then the committed snapshot containerd unpacked the layer into: kept while the generation
+# is), and the layers a push wrote once for local generations. Added to schema 1 as the caches were.
+_LAYERS = (
+    """CREATE TABLE IF NOT EXISTS cache_layers (
+    cache       TEXT    NOT NULL,
+    gen         INTEGER NOT NULL,
+    media_type  TEXT    NOT NULL,
+    digest      TEXT    NOT NULL,
+    size        INTEGER NOT NULL,
+    diff_id     TEXT    NOT NULL,
+    snapshot_id INTEGER,            -- a pulled layer's snapshot (not a foreign key: kept apart from its row)
+    made_with   TEXT,               -- a written layer's: the digest of the exclude list it left out
+    PRIMARY KEY (cache, gen)
+)""",
+    "CREATE INDEX IF NOT EXISTS cache_layers_snapshot ON cache_layers(snapshot_id)",
+)
 # Replies made per transaction when start-up encodes the rows that have none.
 FILL_BATCH = 500
+
+
+class Layer(NamedTuple):
+    """An OCI layer: its descriptor and the digest of its uncompressed tar."""
+
+    media_type: str
+    digest: str
+    size: int
+    diff_id: str
 
 
 class Generation(NamedTuple):
@@ -150,7 +176,7 @@ def write_adopted(path: Path, storage: Storage) -> None:
     try:
         db.execute("PRAGMA synchronous = FULL")
         db.execute("BEGIN IMMEDIATE")
-        for statement in (*_SCHEMA, *_REPLIES, *_CACHES):
+        for statement in (*_SCHEMA, *_REPLIES, *_CACHES, *_LAYERS):
             db.execute(statement)
         ids = {snap.key: snap.id for snap in storage.snapshots}
         db.executemany(
@@ -349,6 +375,16 @@ class _Queries:
         """(cache, gen) of every generation whose dir is kept (not removed)."""
         with self._conn() as db:
             return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations WHERE removed_at IS NULL")}
+
+    def cache_layers(self, name: str) -> dict[int, tuple[Layer, int | None, str | None]]:
+        """gen -> (its OCI layer, the snapshot a pulled one lives in, what a written one left out)."""
+        with self._conn() as db:
+            rows = db.execute(
+                "SELECT gen, media_type, digest, size, diff_id, snapshot_id, made_with"
+                " FROM cache_layers WHERE cache = ?",
+                (name,),
+            )
+            return {row[0]: (Layer(*row[1:5]), row[5], row[6]) for row in rows}
 
     def cache_log(self, name: str | None = None) -> list[Generation]:
         """Every generation, or one cache's, oldest first."""
@@ -638,6 +674,16 @@ class Tx(_Queries):
         rec = self._get(key)
         if self._one("SELECT 1 FROM snapshots WHERE parent_id = ? LIMIT 1", (rec.id,)) is not None:
             raise FailedPrecondition(f"cannot remove snapshot {key!r}: it has children")
+        held = self._one(
+            "SELECT l.cache, l.gen FROM cache_layers l JOIN cache_generations g USING (cache, gen)"
+            " WHERE l.snapshot_id = ? AND g.removed_at IS NULL LIMIT 1",
+            (rec.id,),
+        )
+        if held is not None:
+            raise FailedPrecondition(
+                f"cannot remove snapshot {key!r}: it is generation {held[1]} of cache {held[0]!r} (a layer of its "
+                "image), which containers or the cache's chain still use"
+            )
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (rec.id,))
         self.changes.append(_Change(key, rec.id))
         return rec.id, rec.info.kind
@@ -694,6 +740,28 @@ class Tx(_Queries):
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, gen, time.time_ns(), source, pod, scope, tree.bytes, tree.added, tree.changed, tree.deleted),
         )
+
+    def set_layer(
+        self, name: str, gen: int, layer: Layer, snapshot_id: int | None = None, made_with: str | None = None
+    ) -> None:
+        """Record the OCI layer generation `gen` of cache `name` is: pulled into snapshot
+        `snapshot_id`, or written from the generation by a push leaving out what `made_with` says."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO cache_layers"
+            " (cache, gen, media_type, digest, size, diff_id, snapshot_id, made_with) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, gen, *layer, snapshot_id, made_with),
+        )
+
+    def committed_named(self, namespace: str, name: str) -> tuple[int, int | None] | None:
+        """(id, parent id) of the committed snapshot containerd named `name` in `namespace` (its
+        key is `<namespace>/<n>/<name>`), the newest if there are several."""
+        escaped = [re.sub(r"([\\%_])", r"\\\1", part) for part in (namespace, name)]
+        rows = self._db.execute(
+            "SELECT id, parent_id, key FROM snapshots WHERE kind = ? AND key LIKE ? ESCAPE '\\' ORDER BY id DESC",
+            (int(Kind.COMMITTED), f"{escaped[0]}/%/{escaped[1]}"),
+        )
+        middle = len(namespace) + 1, -len(name) - 1
+        return next(((sid, parent) for sid, parent, key in rows if key[middle[0] : middle[1]].isdigit()), None)
 
     def set_chain(self, name: str, gens: Sequence[int], scope: str = "") -> None:
         """Make `gens` (bottom first) cache `name`'s chain (of `scope`)."""
@@ -820,7 +888,11 @@ class MetaStore:
     def _keep_replies(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        added = [*(_REPLIES if "reply" not in columns else ()), *(_CACHES if "cache_uses" not in tables else ())]
+        added = [
+            *(_REPLIES if "reply" not in columns else ()),
+            *(_CACHES if "cache_uses" not in tables else ()),
+            *(_LAYERS if "cache_layers" not in tables else ()),
+        ]
         if added:
             self._db.execute("BEGIN IMMEDIATE")
             for statement in added:

@@ -189,6 +189,24 @@ def cache_squash(inv: Invocation, name: str) -> None:
     _ask(inv, "SquashCache", admin_pb2.CacheRequest(cache=name))
 
 
+@admin_command("push")
+@click.argument("name")
+@click.argument("image", required=False, default="")
+def cache_push(inv: Invocation, name: str, image: str) -> None:
+    """Push a cache's chain to the registry as IMAGE (default: the cache's push), one layer per
+    generation; layers the registry has are not sent again. Credential files (its exclude) stay out."""
+    _ask(inv, "PushCache", admin_pb2.CacheRequest(cache=name, image=image))
+
+
+@admin_command("pull")
+@click.argument("name")
+@click.argument("image", required=False, default="")
+def cache_pull(inv: Invocation, name: str, image: str) -> None:
+    """Pull IMAGE (default: the cache's image) and make its layers the cache's chain for
+    containers created afterwards; running ones keep theirs."""
+    _ask(inv, "PullCache", admin_pb2.CacheRequest(cache=name, image=image))
+
+
 @admin_command("rollback")
 @click.argument("name")
 @click.argument("generation", type=int, required=False, default=0)
@@ -273,6 +291,8 @@ cache = click.Group(
         "promote": cache_promote,
         "rollback": cache_rollback,
         "squash": cache_squash,
+        "push": cache_push,
+        "pull": cache_pull,
     },
     help="Managed caches: their generations, and an operator's hand on them.",
 )

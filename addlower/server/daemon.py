@@ -153,6 +153,8 @@ class Daemon:
                     (self.SquashCache, admin_pb2.CacheRequest),
                     (self.RollbackCache, admin_pb2.CacheRequest),
                     (self.PromoteWrites, admin_pb2.PromoteRequest),
+                    (self.PushCache, admin_pb2.CacheRequest),
+                    (self.PullCache, admin_pb2.CacheRequest),
                 )
             },
         }
@@ -234,6 +236,14 @@ class Daemon:
         if request.to_default:
             return admin_pb2.CacheReply(message=self.snapshotter.promote_to_default(request.key))
         return admin_pb2.CacheReply(message=self.snapshotter.promote_writes(request.key))
+
+    def PushCache(self, request: admin_pb2.CacheRequest) -> admin_pb2.CacheReply:
+        """`addlower cache push NAME [IMAGE]`."""
+        return admin_pb2.CacheReply(message=self.snapshotter.push_cache(request.cache, request.image))
+
+    def PullCache(self, request: admin_pb2.CacheRequest) -> admin_pb2.CacheReply:
+        """`addlower cache pull NAME [IMAGE]`."""
+        return admin_pb2.CacheReply(message=self.snapshotter.pull_cache(request.cache, request.image))
 
     def _hup(self) -> None:
         """SIGHUP (on the loop): a reload in the RELOAD pool, its refusal in the log and the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -39,6 +40,7 @@ class Registry:
     """`docker-registry serve` on 127.0.0.1 with a free port; config, storage and log under `work_dir`."""
 
     work_dir: Path
+    access_log: bool = False  # each request in the log (what tests count uploads and fetches by)
     port: int = field(default=0, init=False)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -78,7 +80,7 @@ class Registry:
     def _config(self) -> dict:
         return {
             "version": 0.1,
-            "log": {"level": "info", "accesslog": {"disabled": True}},
+            "log": {"level": "info", "accesslog": {"disabled": not self.access_log}},
             "storage": {"filesystem": {"rootdirectory": str(self.work_dir / "storage")}},
             "http": {"addr": self.host},
         }
@@ -92,6 +94,17 @@ class Registry:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def requests(self) -> list[tuple[str, str]]:
+        """(method, path) of every request so far, from the access log."""
+        return re.findall(r'"(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP/', self.log())
+
+    def blobs(self) -> dict[str, bytes]:
+        """Every blob the registry stores, by digest."""
+        found = {}
+        for data in (self.work_dir / "storage").glob("docker/registry/v2/blobs/sha256/*/*/data"):
+            found[f"sha256:{data.parent.name}"] = data.read_bytes()
+        return found
 
     def stop(self, timeout: float = 10) -> None:
         """SIGTERM, then SIGKILL if it does not exit in time."""
