@@ -60,6 +60,7 @@ class CachePolicy:
     scope_ttl: int | None = None  # seconds an unused scope lives (None: for ever)
     max_scopes: int = DEFAULT_MAX_SCOPES
     image: str | None = None  # an image (pushed by `cache push`) whose layers are the base
+    refresh: int | None = None  # seconds between pulls of the image (None: at start and by hand)
     push: str | None = None  # where each promotion and squash pushes the chain
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # paths a pushed layer never holds
 
@@ -183,6 +184,9 @@ def policy_of(key: str, table: Mapping[str, object], namespaces: Sequence[str]) 
         if value is not None and not isinstance(value, str):
             raise InvalidArgument(f"{key}.{k}: an image reference, not {value!r}")
         refs[k] = check_reference(value, f"{key}.{k}") if value is not None else None
+    refresh = parse_duration(f"{key}.refresh", table["refresh"]) if "refresh" in table else None
+    if refresh is not None and refs["image"] is None:
+        raise InvalidArgument(f"{key}.refresh: how often the cache's image is pulled again, but it names no image")
     exclude = table.get("exclude", list(DEFAULT_EXCLUDE))
     if not isinstance(exclude, list) or not all(isinstance(p, str) and p.strip("/") for p in exclude):
         raise InvalidArgument(
@@ -198,6 +202,7 @@ def policy_of(key: str, table: Mapping[str, object], namespaces: Sequence[str]) 
         ttl,
         most,
         refs["image"],
+        refresh,
         refs["push"],
         tuple(exclude),
     )

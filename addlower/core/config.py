@@ -175,6 +175,7 @@ _CACHE_KEYS = (
     "scope_ttl",
     "max_scopes",
     "image",
+    "refresh",
     "push",
     "exclude",
 )

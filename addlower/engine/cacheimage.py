@@ -146,8 +146,10 @@ class CacheImages:
 
     def pull(self, name: str, ref: str) -> tuple[list[int], str]:
         """Have containerd pull `ref` into this snapshotter and make its layers cache `name`'s
-        chain, for containers created from now on; (the new chain, the manifest's digest). The
-        chain stays as it was if anything fails."""
+        chain, for containers created from now on; (the chain, the manifest's digest). An image
+        that is the chain's base already changes nothing; a new one replaces the whole chain
+        (generations promoted here on the old base do not carry over: the image is the fleet's
+        state). The chain stays as it was if anything fails."""
         self._ctr("images", "pull", "--snapshotter", PLUGIN_NAME, *self._hosts(), ref)
         target = self._image_target(ref)
         try:
@@ -160,8 +162,8 @@ class CacheImages:
         snapshots = self._unpacked(ref, cacheimage.chain_ids(diff_ids))
         with self.store.read() as reader:
             chain, known = reader.cache_chain(name), reader.cache_layers(name)
-        if [known.get(gen, (None, None, None))[1] for gen in chain] == snapshots:
-            return chain, target  # this image is the chain already
+        if [known.get(gen, (None, None, None))[1] for gen in chain[: len(snapshots)]] == snapshots:
+            return chain, target  # this image is the chain's base already (what was promoted since stays on it)
         dirs = [f"{self.root}/snapshots/{sid}/fs" for sid in snapshots]
         trees = [measure(top, list(reversed(dirs[:n]))) for n, top in enumerate(dirs)]
         with self.store.transaction() as tx:

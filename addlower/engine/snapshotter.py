@@ -209,6 +209,7 @@ class Snapshotter:
             config.ctr_path,
         )
         self._registry = ThreadPoolExecutor(1, thread_name_prefix="registry")  # pushes and pulls, one at a time
+        self._closed = threading.Event()
         self.exits: TaskExits | None = None
         self._follow_exits(config)
         metrics.expect_caches(config.caches)
@@ -220,6 +221,7 @@ class Snapshotter:
             )
 
     def close(self) -> None:
+        self._closed.set()
         if self.exits is not None:
             self.exits.stop()
         self.store.close()
@@ -782,6 +784,17 @@ class Snapshotter:
         gens, digest = self._registry.submit(self.images.pull, name, ref).result()
         return f"cache {name}: chain {gens} from {ref}@{digest}"
 
+    def _keep_pulling(self, name: str) -> None:
+        """Pull cache `name`'s image now, and again every `refresh` while its table asks (a
+        reload may change both); an image unchanged costs a manifest request."""
+        while (policy := self.config.caches.get(name)) is not None and policy.image is not None:
+            try:
+                log.info(self.pull_cache(name))
+            except Exception as exc:  # the cache keeps what it has
+                log.error("pulling the image of cache %s failed: %s", name, exc, extra=fields(cache=name))
+            if policy.refresh is None or self._closed.wait(policy.refresh):
+                return
+
     def _in_background(self, call: Callable[[str], str], name: str) -> None:
         def run() -> None:
             try:
@@ -1072,7 +1085,7 @@ class Snapshotter:
             self.exits.start()
         for name, policy in self.config.caches.items():  # containerd unpacks into us: only once we listen
             if policy.image is not None:
-                self._in_background(self.pull_cache, name)
+                threading.Thread(target=self._keep_pulling, args=(name,), name=f"pull-{name}", daemon=True).start()
         try:
             self.report_missing_dirs()
             filled = self.store.fill_replies()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -22,7 +23,7 @@ from addlower.dev.devcontainerd import Binaries
 from addlower.dev.ociimage import OciImage
 from tests.support.registry import Registry
 
-from .conftest import Target, running_target
+from .conftest import Target, eventually, running_target
 from .test_caches import NS, job, settled
 
 pytestmark = pytest.mark.e2e
@@ -211,7 +212,7 @@ def test_a_replaced_base_is_kept_while_a_job_uses_it_then_collected(fleet, busyb
     assert cache_command(b, "pull", "m2").returncode == 0
     b.containerd.collect_garbage(NS)
     b.containerd.collect_garbage("addlower-caches")
-    refused = "failed to remove snapshot\" error=\"cannot remove snapshot 'addlower-caches/"
+    refused = 'failed to remove snapshot" error="cannot remove snapshot \'addlower-caches/'
     assert refused in b.containerd.log_tail(1000) and one.is_dir()  # refused to containerd's collector
     running = b.ctr("tasks", "exec", "--exec-id", "ls", "b-running", "ls", "/root/.m2", namespace=NS)
     assert running.stdout.split() == ["one.jar", "repository"]
@@ -224,3 +225,32 @@ def test_a_replaced_base_is_kept_while_a_job_uses_it_then_collected(fleet, busyb
     job(b, busybox_image, "b2", "true")  # a later removal has containerd's collector try again
     b.containerd.collect_garbage("addlower-caches")
     assert not one.exists()
+
+
+def test_a_node_refreshes_its_cache_from_the_image(
+    tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries
+):
+    """`refresh`: a node pulls the cache's image again on its own; what it promoted meanwhile on
+    the same base stays, a new image replaces it."""
+    if binaries.version < (1, 7):
+        pytest.skip("caches need mount targets: containerd 1.7 or later (1.6 refuses them, test_caches checks)")
+    work = tmp_path_factory.mktemp("refresh")
+    with ExitStack() as stack:
+        registry = stack.enter_context(Registry(work / "registry"))
+        hosts = hosts_dir(work / "certs.d", registry)
+        ref = f"{registry.host}/ci/m2:main"
+        a = node(stack, work / "a", binaries, hosts, busybox_image, {})
+        b = node(stack, work / "b", binaries, hosts, busybox_image, {"image": ref, "refresh": "1s"})
+        assert job(a, busybox_image, "a1", "echo one > /root/.m2/one.jar").returncode == 0
+        assert "promoted a job's writes" in settled(a, "a1")
+        assert cache_command(a, "push", "m2", ref).returncode == 0
+        assert eventually(lambda: "one.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
+        assert job(b, busybox_image, "b1", "echo local > /root/.m2/local.jar").returncode == 0
+        assert "promoted a job's writes" in settled(b, "b1")
+        time.sleep(2.5)  # refreshes of an unchanged image
+        assert job(b, busybox_image, "b2", "ls /root/.m2").stdout.split() == ["local.jar", "one.jar"]
+        assert job(a, busybox_image, "a2", "echo two > /root/.m2/two.jar").returncode == 0
+        assert "promoted a job's writes" in settled(a, "a2")
+        assert cache_command(a, "push", "m2", ref).returncode == 0
+        assert eventually(lambda: "two.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
+        assert job(b, busybox_image, "b3", "ls /root/.m2").stdout.split() == ["one.jar", "two.jar"]
