@@ -50,6 +50,9 @@ def containerd_lines(config: pytest.Config) -> list[Binaries]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "binaries" in metafunc.fixturenames:
         lines = containerd_lines(metafunc.config)
+        since = metafunc.definition.get_closest_marker("containerd_from")
+        if since is not None:  # a feature older lines do not have (their refusal is tested elsewhere)
+            lines = [b for b in lines if b.version[:2] >= since.args[0]]
         metafunc.parametrize("binaries", lines, ids=[b.label for b in lines], scope="session", indirect=True)
 
 

@@ -26,7 +26,8 @@ from tests.support.registry import Registry
 from .conftest import Target, eventually, running_target
 from .test_caches import NS, job, settled
 
-pytestmark = pytest.mark.e2e
+# Caches need mount targets: containerd 1.6 refuses them (test_caches checks that).
+pytestmark = [pytest.mark.e2e, pytest.mark.containerd_from((1, 7))]
 
 SECRET = "s3cr3t-token-7f1d"
 # What a job sees of the cache: every entry with its type, mode, owner, size and link, and every
@@ -82,8 +83,6 @@ def tree(t: Target, image: OciImage, cid: str) -> str:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries
 ) -> Iterator[tuple[Registry, Target, Target, str]]:
-    if binaries.version < (1, 7):
-        pytest.skip("caches need mount targets: containerd 1.7 or later (1.6 refuses them, test_caches checks)")
     work = tmp_path_factory.mktemp("fleet")
     seed = work / "seed"
     (seed / "repository" / "org").mkdir(parents=True)
@@ -232,8 +231,6 @@ def test_a_node_refreshes_its_cache_from_the_image(
 ):
     """`refresh`: a node pulls the cache's image again on its own; what it promoted meanwhile on
     the same base stays, a new image replaces it."""
-    if binaries.version < (1, 7):
-        pytest.skip("caches need mount targets: containerd 1.7 or later (1.6 refuses them, test_caches checks)")
     work = tmp_path_factory.mktemp("refresh")
     with ExitStack() as stack:
         registry = stack.enter_context(Registry(work / "registry"))
@@ -254,3 +251,25 @@ def test_a_node_refreshes_its_cache_from_the_image(
         assert cache_command(a, "push", "m2", ref).returncode == 0
         assert eventually(lambda: "two.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
         assert job(b, busybox_image, "b3", "ls /root/.m2").stdout.split() == ["one.jar", "two.jar"]
+
+
+def test_an_image_volumes_blobs_are_not_fetched_again(fleet, busybox_image: OciImage):
+    """What README says of ImageVolume: kubelet has CRI pull the image into namespace k8s.io (as
+    `ctr -n k8s.io images pull` does here); the cache's own pull then fetches none of its layers."""
+    registry, a, b, ref = fleet
+    assert job(a, busybox_image, "a1", "echo one > /root/.m2/one.jar").returncode == 0
+    assert "promoted a job's writes" in settled(a, "a1")
+    assert cache_command(a, "push", "m2", ref).returncode == 0
+    layers = set(registry.blobs())
+    b.containerd.ctr("images", "pull", "--hosts-dir", str(hosts_of(b)), ref, namespace="k8s.io")
+    before = len(registry.requests())
+    assert cache_command(b, "pull", "m2").returncode == 0
+    fetched = {path.rsplit("/", 1)[1] for method, path in registry.requests()[before:] if method == "GET"}
+    assert not fetched & layers
+    assert "one.jar" in job(b, busybox_image, "b1", "ls /root/.m2").stdout
+
+
+def hosts_of(t: Target) -> Path:
+    assert t.daemon is not None
+    config = tomlkit.parse((t.daemon.root.parent / "config.toml").read_text())
+    return Path(str(config["registry_config_path"]))
