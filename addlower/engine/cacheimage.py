@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class CacheImages:
             known = reader.cache_layers(name)
         if not chain:
             raise FailedPrecondition(f"cache {name!r} has no generations to push")
+        started = time.monotonic()
         made_with = hashlib.sha256("\0".join(policy.exclude).encode()).hexdigest()
         layers: list[Layer] = []
         written = 0
@@ -86,8 +88,20 @@ class CacheImages:
                 written += 1
             layers.append(layer)
         manifest = self._record_image(name, ref, layers)
+        written_s = time.monotonic() - started
         self._ctr("images", "push", *self._hosts(), ref)
-        log.info("pushed a cache", extra=fields(cache=name, image=ref, manifest=manifest.digest, layers=len(layers)))
+        log.info(
+            "pushed a cache",
+            extra=fields(
+                cache=name,
+                image=ref,
+                manifest=manifest.digest,
+                layers=len(layers),
+                written=written,
+                write_s=round(written_s, 3),
+                push_s=round(time.monotonic() - started - written_s, 3),
+            ),
+        )
         return (
             f"cache {name}: pushed {len(layers)} layers (generations {', '.join(map(str, chain))}; "
             f"{written} written now) to {ref} as {manifest.digest}"
@@ -150,7 +164,9 @@ class CacheImages:
         that is the chain's base already changes nothing; a new one replaces the whole chain
         (generations promoted here on the old base do not carry over: the image is the fleet's
         state). The chain stays as it was if anything fails."""
+        started = time.monotonic()
         self._ctr("images", "pull", "--snapshotter", PLUGIN_NAME, *self._hosts(), ref)
+        pulled_s = time.monotonic() - started
         target = self._image_target(ref)
         try:
             manifest = cacheimage.parse_manifest(self.content.read(target, NAMESPACE, cacheimage.MAX_MANIFEST_BYTES))
@@ -176,7 +192,17 @@ class CacheImages:
                 tx.set_layer(name, gen, Layer(layer.media_type, layer.digest, layer.size, diff_id), sid)
                 gens.append(gen)
             tx.set_chain(name, gens)
-        log.info("pulled a cache's image", extra=fields(cache=name, image=ref, manifest=target, layers=len(gens)))
+        log.info(
+            "pulled a cache's image",
+            extra=fields(
+                cache=name,
+                image=ref,
+                manifest=target,
+                layers=len(gens),
+                pull_s=round(pulled_s, 3),
+                measure_s=round(time.monotonic() - started - pulled_s, 3),
+            ),
+        )
         return gens, target
 
     def _image_target(self, ref: str) -> str:
