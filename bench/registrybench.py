@@ -29,6 +29,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -186,6 +187,10 @@ class Round:
             job_writes(self.a_root, 1000)
         root = self.a_root if step.startswith("push") else self.b_root
         self.figures[f"ours {step}"] = cache(root, step.split()[0], "m2", self.ref)
+        log = (root.parent / "snapshotter.log").read_text()
+        said = re.findall(r'msg="(?:pushed a cache|pulled a cache\'s image)".*', log)[-1]
+        for phase, seconds in re.findall(r"\b(write_s|push_s|pull_s|measure_s)=([0-9.]+)", said):
+            self.figures[f"phase {step} {phase}"] = float(seconds)
 
     def tarball(self, step: str) -> None:
         if step == "push again":
@@ -241,6 +246,11 @@ def main() -> int:
         print(
             f"{step:<12} {perfbench.Spread.of(series['ours']).show(perfbench.num):>24}"
             f" {perfbench.Spread.of(series['tar']).show(perfbench.num):>24} {shown:>24}"
+        )
+    phases = sorted({k for sample in samples for k in sample if k.startswith("phase ")})
+    for key in phases:  # where ours spends it (the daemon's log)
+        print(
+            f"  {key.removeprefix('phase '):<28} {perfbench.Spread.of([s[key] for s in samples]).show(perfbench.num)}"
         )
     if args.json:
         args.json.write_text(json.dumps(samples, indent=2))

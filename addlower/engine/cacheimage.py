@@ -37,7 +37,7 @@ from addlower.core.config import PLUGIN_NAME
 from addlower.core.errors import FailedPrecondition, NotFound, Unavailable
 from addlower.core.logformat import fields
 
-from .caches import Caches, measure
+from .caches import Caches, Tree, measure
 from .content import NAMESPACE_HEADER, UNCOMPRESSED_LABEL, ContentStore
 from .differ import LAYER_TAR, Layers, write_layer
 from .store import Layer, MetaStore
@@ -177,11 +177,17 @@ class CacheImages:
             raise FailedPrecondition(f"image {ref}: {exc}") from None
         snapshots = self._unpacked(ref, cacheimage.chain_ids(diff_ids))
         with self.store.read() as reader:
-            chain, known = reader.cache_chain(name), reader.cache_layers(name)
+            chain, known, log_rows = reader.cache_chain(name), reader.cache_layers(name), reader.cache_log(name)
         if [known.get(gen, (None, None, None))[1] for gen in chain[: len(snapshots)]] == snapshots:
             return chain, target  # this image is the chain's base already (what was promoted since stays on it)
+        # A layer's snapshot holds the same over the same layers below (its chain id says so):
+        # what an earlier pull measured of it stands.
+        measured = {known[g.gen][1]: Tree(g.bytes, g.added, g.changed, g.deleted) for g in log_rows if g.gen in known}
         dirs = [f"{self.root}/snapshots/{sid}/fs" for sid in snapshots]
-        trees = [measure(top, list(reversed(dirs[:n]))) for n, top in enumerate(dirs)]
+        trees = [
+            measured.get(sid) or measure(top, list(reversed(dirs[:n])))
+            for n, (sid, top) in enumerate(zip(snapshots, dirs, strict=True))
+        ]
         with self.store.transaction() as tx:
             gens = []
             for n, (sid, layer, diff_id) in enumerate(zip(snapshots, manifest.layers, diff_ids, strict=True)):
