@@ -25,6 +25,7 @@ Usage: python3 bench/registrybench.py [--quick] [--rounds R] [--json OUT]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import json
@@ -114,8 +115,8 @@ def job_writes(root: Path, files: int) -> None:
 def http_blob(host: str, method: str, path: str, body: Path | None = None, out: Path | None = None) -> str:
     conn = http.client.HTTPConnection(host, timeout=600)
     headers = {"Content-Length": str(body.stat().st_size)} if body else {}
-    with open(body, "rb") if body else open(os.devnull, "rb") as data:
-        conn.request(method, path, body=data if body else None, headers=headers)
+    with open(body, "rb") if body else contextlib.nullcontext() as data:
+        conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         if out is not None:
             with open(out, "wb") as sink:

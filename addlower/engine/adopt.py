@@ -13,11 +13,12 @@ over metadata.db. A kill before that rename leaves the bolt file in place and ad
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,25 +63,27 @@ def read(root: Path, locked: bool = True) -> Adopted:
     """Decode <root>/metadata.db, a bolt file. `locked`: take bbolt's own lock first, refusing
     while the Go program has it open; without it (a dry run beside a running Go program) the
     read may see a write in progress and fail, never change anything."""
+    with _opened(root, locked) as fd:
+        return _decode(fd, root / DB_NAME)
+
+
+@contextmanager
+def _opened(root: Path, locked: bool) -> Iterator[int]:
+    """<root>/metadata.db opened (never through a symlink), under bbolt's exclusive lock if
+    `locked`, until the block ends."""
     path = root / DB_NAME
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if locked:
-            _lock(fd, path)
-        return _decode(fd, path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AdoptError(
+                    f"{path} is open in another process (the Go snapshotter still running?): stop it first"
+                ) from None
+        yield fd
     finally:
         os.close(fd)
-
-
-def _lock(fd: int, path: Path) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise AdoptError(
-                f"{path} is open in another process (the Go snapshotter still running?): stop it first"
-            ) from None
-        raise
 
 
 def _decode(fd: int, path: Path) -> Adopted:
@@ -100,9 +103,7 @@ def adopt(root: Path) -> Adopted:
     snapshots; the bolt file stays as <root>/metadata.db.bolt."""
     path = root / DB_NAME
     new, kept = root / NEW_NAME, root / KEPT_NAME
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _lock(fd, path)  # held until the rename: a Go program started meanwhile waits for it
+    with _opened(root, locked=True) as fd:  # held until the rename: a Go program started meanwhile waits
         adopted = _decode(fd, path)
         for stale in (new, root / f"{NEW_NAME}-journal", root / f"{KEPT_NAME}.new"):
             stale.unlink(missing_ok=True)  # a killed adoption's
@@ -112,8 +113,6 @@ def adopt(root: Path) -> Adopted:
         os.replace(root / f"{KEPT_NAME}.new", kept)
         os.replace(new, path)
         _sync(root)
-    finally:
-        os.close(fd)
     return adopted
 
 

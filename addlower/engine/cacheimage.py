@@ -230,9 +230,9 @@ class CacheImages:
     def _unpacked(self, ref: str, chain: Sequence[str]) -> list[int]:
         """Our snapshot ids of the image's layers, bottom first, each the next one's parent."""
         found: list[int] = []
-        with self.store.transaction() as tx:
+        with self.store.read() as reader:
             for n, chain_id in enumerate(chain):
-                row = tx.committed_named(NAMESPACE, chain_id)
+                row = reader.committed_named(NAMESPACE, chain_id)
                 if row is None:
                     raise FailedPrecondition(
                         f"image {ref}: layer {n + 1} is not unpacked into {PLUGIN_NAME} (chain id {chain_id})"

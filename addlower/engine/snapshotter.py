@@ -788,8 +788,8 @@ class Snapshotter:
         """Pull cache `name`'s image now, and again every `refresh` while its table asks (a
         reload may change both); an image unchanged costs a manifest request."""
         while (policy := self.config.caches.get(name)) is not None and policy.image is not None:
-            try:
-                log.info(self.pull_cache(name))
+            try:  # a new image is logged where it is pulled; an unchanged one says nothing
+                self.pull_cache(name)
             except Exception as exc:  # the cache keeps what it has
                 log.error("pulling the image of cache %s failed: %s", name, exc, extra=fields(cache=name))
             if policy.refresh is None or self._closed.wait(policy.refresh):
@@ -797,8 +797,8 @@ class Snapshotter:
 
     def _in_background(self, call: Callable[[str], str], name: str) -> None:
         def run() -> None:
-            try:
-                log.info(call(name))
+            try:  # what it did is logged where it is done
+                call(name)
             except Exception as exc:  # the cache keeps what it has
                 log.error("%s of cache %s failed: %s", call.__name__, name, exc, extra=fields(cache=name))
 
@@ -882,8 +882,7 @@ class Snapshotter:
 
     def squash(self, name: str) -> int | None:
         """Squash cache `name`'s chain into one generation now; its number, or None (nothing to do)."""
-        if self.config.caches.get(name) is None:
-            raise NotFound(f"cache {name!r} is not configured")
+        policy = self._policy(name)
         started = time.monotonic()
         try:
             gen = self.caches.squash(name)
@@ -896,7 +895,7 @@ class Snapshotter:
             metrics.CACHE_SQUASHES.inc(name, "squashed")
             metrics.CACHE_SQUASH_SECONDS.observe(name, seconds)
             log.info("squashed a cache", extra=fields(cache=name, generation=gen, duration_s=round(seconds, 3)))
-            if self.config.caches[name].push is not None:
+            if policy.push is not None:
                 self._in_background(self.push_cache, name)
         return gen
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from addlower.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from addlower.core.filters import parse_filters
 from addlower.core.gostorage import Storage
+from addlower.core.keys import split_key
 from addlower.core.model import Info, Kind, Usage
 
 SCHEMA_VERSION = 1
@@ -166,6 +167,13 @@ def stored_schema_version(path: Path) -> int:
         return -1
 
 
+def _create(db: sqlite3.Connection) -> None:
+    """Every table of the current schema, in a new database (inside the caller's transaction)."""
+    for statement in (*_SCHEMA, *_REPLIES, *_CACHES, *_LAYERS):
+        db.execute(statement)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
 def write_adopted(path: Path, storage: Storage) -> None:
     """A new database at `path` holding `storage`'s snapshots with the same ids, keys, parents,
     kinds, labels, times and usage, and its last id as the last handed out (a removed snapshot's
@@ -176,8 +184,7 @@ def write_adopted(path: Path, storage: Storage) -> None:
     try:
         db.execute("PRAGMA synchronous = FULL")
         db.execute("BEGIN IMMEDIATE")
-        for statement in (*_SCHEMA, *_REPLIES, *_CACHES, *_LAYERS):
-            db.execute(statement)
+        _create(db)
         ids = {snap.key: snap.id for snap in storage.snapshots}
         db.executemany(
             "INSERT INTO snapshots(id, key, kind, parent_id, created_at, updated_at, size, inodes, labels)"
@@ -199,7 +206,6 @@ def write_adopted(path: Path, storage: Storage) -> None:
         )
         db.execute("DELETE FROM sqlite_sequence WHERE name = 'snapshots'")
         db.execute("INSERT INTO sqlite_sequence(name, seq) VALUES ('snapshots', ?)", (storage.last_id,))
-        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     finally:
         db.close()
@@ -250,6 +256,12 @@ _MOUNTABLE = f"kind IN ({int(Kind.ACTIVE)}, {int(Kind.VIEW)})"
 
 
 Encode = Callable[[Info], bytes]
+
+
+def _named_pattern(namespace: str, name: str) -> str:
+    """A LIKE pattern (escape \\) for the keys `<namespace>/<anything>/<name>`."""
+    escaped = [re.sub(r"([\\%_])", r"\\\1", part) for part in (namespace, name)]
+    return f"{escaped[0]}/%/{escaped[1]}"
 
 
 def _now() -> int:
@@ -354,13 +366,20 @@ class _Queries:
     def cache_users_named(self, namespace: str, name: str) -> list[tuple[int, str]]:
         """(id, key) of the snapshots using a cache whose key is `<namespace>/<anything>/<name>`
         (a superset of containerd's `<namespace>/<n>/<name>`: the caller checks the middle)."""
-        escaped = [re.sub(r"([\\%_])", r"\\\1", part) for part in (namespace, name)]
         sql = (
             "SELECT DISTINCT s.id, s.key FROM cache_uses u JOIN snapshots s ON s.id = u.snapshot_id"
             " WHERE s.key LIKE ? ESCAPE '\\'"
         )
         with self._conn() as db:
-            return list(db.execute(sql, (f"{escaped[0]}/%/{escaped[1]}",)))
+            return list(db.execute(sql, (_named_pattern(namespace, name),)))
+
+    def committed_named(self, namespace: str, name: str) -> tuple[int, int | None] | None:
+        """(id, parent id) of the committed snapshot containerd named `name` in `namespace` (its
+        key is `<namespace>/<n>/<name>`), the newest if there are several."""
+        sql = "SELECT id, parent_id, key FROM snapshots WHERE kind = ? AND key LIKE ? ESCAPE '\\' ORDER BY id DESC"
+        with self._conn() as db:
+            rows = db.execute(sql, (int(Kind.COMMITTED), _named_pattern(namespace, name)))
+            return next(((sid, parent) for sid, parent, key in rows if split_key(key) == (namespace, name)), None)
 
     def cache_bytes(self, name: str, scope: str = "") -> int:
         """What cache `name`'s chain (of `scope`) holds."""
@@ -752,17 +771,6 @@ class Tx(_Queries):
             (name, gen, *layer, snapshot_id, made_with),
         )
 
-    def committed_named(self, namespace: str, name: str) -> tuple[int, int | None] | None:
-        """(id, parent id) of the committed snapshot containerd named `name` in `namespace` (its
-        key is `<namespace>/<n>/<name>`), the newest if there are several."""
-        escaped = [re.sub(r"([\\%_])", r"\\\1", part) for part in (namespace, name)]
-        rows = self._db.execute(
-            "SELECT id, parent_id, key FROM snapshots WHERE kind = ? AND key LIKE ? ESCAPE '\\' ORDER BY id DESC",
-            (int(Kind.COMMITTED), f"{escaped[0]}/%/{escaped[1]}"),
-        )
-        middle = len(namespace) + 1, -len(name) - 1
-        return next(((sid, parent) for sid, parent, key in rows if key[middle[0] : middle[1]].isdigit()), None)
-
     def set_chain(self, name: str, gens: Sequence[int], scope: str = "") -> None:
         """Make `gens` (bottom first) cache `name`'s chain (of `scope`)."""
         self._db.execute("DELETE FROM cache_chains WHERE cache = ? AND scope = ?", (name, scope))
@@ -879,11 +887,8 @@ class MetaStore:
         if readonly:
             raise RuntimeError(f"{self.path}: schema version {version}, not {SCHEMA_VERSION}: start the daemon once")
         self._db.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            self._db.execute(statement)
-        self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        _create(self._db)
         self._db.execute("COMMIT")
-        self._keep_replies()
 
     def _keep_replies(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
