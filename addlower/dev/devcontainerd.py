@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -35,6 +36,9 @@ BIN_DIR_ENV = "ADDLOWER_CONTAINERD_BIN_DIR"
 # The Go original, as ../shared/peers/seedsnap/build.sh builds it (scripts/setup.sh does, once).
 GO_ORIGINAL = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
 GO_ORIGINAL_BUILD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "seedsnap" / "build.sh"
+# The line our daemon logs once it serves, in the text (msg=serving) or the JSON format.
+SERVING = re.compile(r'\bmsg"?\s*[=:]\s*"?serving\b')
+
 # ctr 2.2+ warns about cgroup v1 on stderr, which would mix into what tests read.
 CTR_ENV = {"CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS": "1"}
 
@@ -390,7 +394,7 @@ class SnapshotterProcess:
             fds = (fd,)
             moved = f" 3<&{fd} {fd}<&-" if fd != 3 else ""
             command = ["bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"{moved}', "bash", *command]
-        served = self.log().count("msg=serving")
+        served = self._served()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=fds
@@ -399,12 +403,21 @@ class SnapshotterProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.command[-1]} exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            # With a socket handed over, connect() succeeds before the daemon serves: its log says when.
-            if (self.log().count("msg=serving") > served) if self.listening is not None else self._accepts():
+            # connect() succeeds before the daemon serves (a handed-over socket listens all along; its
+            # own, before the mode is set): ours says when in its log, the Go original does not.
+            if self._served() > served if self._ours else self._accepts():
                 return self
             time.sleep(0.05)
         self.kill()
         raise TimeoutError(f"{self.command[-1]} did not listen on {self.socket}:\n{self.log()[-3000:]}")
+
+    @property
+    def _ours(self) -> bool:
+        return tuple(self.command) == SnapshotterProcess.command
+
+    def _served(self) -> int:
+        """How many times its log says it started serving, in the text or the JSON format."""
+        return len(SERVING.findall(self.log()))
 
     def _accepts(self) -> bool:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
