@@ -12,6 +12,7 @@ header with what fits. Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,11 +22,12 @@ END = b"\0" * (2 * BLOCK)  # Go's Writer.Close: two zero blocks, no padding to a
 REG, LINK, SYMLINK, CHAR, BLOCKDEV, DIR, FIFO, XHEADER = b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"x"
 
 NAME_SIZE, PREFIX_SIZE = 100, 155
-# (offset, size) of each field of a USTAR header block
-_NAME, _MODE, _UID, _GID = (0, 100), (100, 8), (108, 8), (116, 8)
-_SIZE, _MTIME, _CHKSUM = (124, 12), (136, 12), (148, 8)
-_TYPE, _LINK, _MAGIC, _VERSION = (156, 1), (157, 100), (257, 6), (263, 2)
-_UNAME, _GNAME, _DEVMAJOR, _DEVMINOR, _PREFIX = (265, 32), (297, 32), (329, 8), (337, 8), (345, 155)
+# A USTAR header block: name, mode, uid, gid, size, mtime, checksum, typeflag, linkname, magic,
+# version, uname, gname, devmajor, devminor, prefix, 12 unused bytes. One struct packs it: a
+# layer has a header per file, and this is the differ's hot loop.
+_USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12x")
+_CHKSUM_AT, _CHKSUM_SPACES = 148, b" " * 8
+_MAGIC, _VERSION = b"ustar\0", b"00"
 
 
 @dataclass(frozen=True)
@@ -77,54 +79,44 @@ def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:
     return name[:i], name[i + 1 :]
 
 
-def _put_string(block: bytearray, where: tuple[int, int], s: bytes) -> None:
-    """Go's formatString: copied, cut to the field, NUL-terminated when shorter; a cut that ends
-    in '/' loses its trailing slashes."""
-    offset, size = where
-    block[offset : offset + min(len(s), size)] = s[:size]
-    if len(s) < size:
-        block[offset + len(s)] = 0
-    elif len(s) > size and s[size - 1 : size] == b"/":
-        block[offset + len(s[: size - 1].rstrip(b"/"))] = 0
+def _string(s: bytes, size: int) -> bytes:
+    """Go's formatString for a `size`-byte field (the struct pads with NULs): cut to the field;
+    a cut that ends in '/' has its first trailing slash made a NUL."""
+    if len(s) > size and s[size - 1 : size] == b"/":
+        n = len(s[:size].rstrip(b"/"))
+        return s[:n] + b"\0" + s[n + 1 : size]
+    return s
 
 
-def _put_octal(block: bytearray, where: tuple[int, int], n: int) -> None:
+def _octal(size: int, n: int) -> bytes:
     """Go's formatOctal: zero-padded octal with room for a NUL; 0 when it does not fit."""
-    size = where[1]
-    if not _fits_octal(size, n):
-        n = 0
-    _put_string(block, where, format(n, "o").rjust(size - 1, "0").encode())
+    return b"%0*o" % (size - 1, n if _fits_octal(size, n) else 0)
 
 
-def _finish(block: bytearray) -> bytes:
-    """USTAR magic and version, then the checksum (6 octal digits, NUL, space)."""
-    block[_MAGIC[0] : _MAGIC[0] + 6] = b"ustar\0"
-    block[_VERSION[0] : _VERSION[0] + 2] = b"00"
-    block[_CHKSUM[0] : _CHKSUM[0] + 8] = b" " * 8
-    _put_string(block, (_CHKSUM[0], 7), format(sum(block), "o").rjust(6, "0").encode())
-    block[_CHKSUM[0] + 7] = 0x20
-    return bytes(block)
-
-
-def _main_block(h: Header, name: bytes, linkname: bytes, fit: bool) -> bytearray:
-    """Go's templateV7Plus; `fit`: numbers that do not fit are written as 0 (a PAX main header)."""
-    block = bytearray(BLOCK)
-    block[_TYPE[0] : _TYPE[0] + 1] = h.typeflag
-    _put_string(block, _NAME, name)
-    _put_string(block, _LINK, linkname)
-    for where, n in (
-        (_MODE, h.mode),
-        (_UID, h.uid),
-        (_GID, h.gid),
-        (_SIZE, h.size),
-        (_MTIME, h.mtime),
-        (_DEVMAJOR, h.devmajor),
-        (_DEVMINOR, h.devminor),
-    ):
-        _put_octal(block, where, 0 if fit and not _fits_octal(where[1], n) else n)
-    _put_string(block, _UNAME, b"")
-    _put_string(block, _GNAME, b"")
-    return block
+def _block(h: Header, name: bytes, linkname: bytes, size: int, typeflag: bytes, prefix: bytes = b"") -> bytes:
+    """Go's templateV7Plus filled in, then the checksum (6 octal digits, NUL, space) over the
+    block with the checksum field as spaces. A PAX extended header's block leaves the device
+    numbers empty, as Go's writer does."""
+    devices = typeflag != XHEADER
+    block = _USTAR.pack(
+        _string(name, NAME_SIZE),
+        _octal(8, h.mode),
+        _octal(8, h.uid),
+        _octal(8, h.gid),
+        _octal(12, size),
+        _octal(12, h.mtime),
+        _CHKSUM_SPACES,
+        typeflag,
+        _string(linkname, NAME_SIZE),
+        _MAGIC,
+        _VERSION,
+        b"",
+        b"",
+        _octal(8, h.devmajor) if devices else b"",
+        _octal(8, h.devminor) if devices else b"",
+        _string(prefix, PREFIX_SIZE),
+    )
+    return b"%s%06o\0 %s" % (block[:_CHKSUM_AT], sum(block), block[_CHKSUM_AT + 8 :])
 
 
 def _pax_record(key: str, value: bytes) -> bytes:
@@ -159,22 +151,16 @@ def header(h: Header) -> bytes:
     """The header block(s) of one entry (its data follows, then padding(h.size))."""
     records = _pax_records(h)
     if not records:
-        split = _split_ustar(h.name)
-        block = _main_block(h, split[1] if split else h.name, h.linkname, fit=False)
-        _put_string(block, _PREFIX, split[0] if split else b"")
-        return _finish(block)
+        prefix, name = _split_ustar(h.name) or (b"", h.name)
+        return _block(h, name, h.linkname, h.size, h.typeflag, prefix)
     data = b"".join(_pax_record(k, records[k]) for k in sorted(records))
     cut = h.name.rfind(b"/") + 1  # Go's path.Split, then path.Join (which cleans: no empty parts)
     parts = (h.name[:cut], b"PaxHeaders.0", h.name[cut:])
     xname = b"/".join(p for part in parts for p in part.split(b"/") if p)
     xname = _to_ascii(xname)[:NAME_SIZE].rstrip(b"/")
-    xblock = bytearray(BLOCK)
-    xblock[_TYPE[0] : _TYPE[0] + 1] = XHEADER
-    _put_string(xblock, _NAME, xname)
-    for where, n in ((_MODE, 0), (_UID, 0), (_GID, 0), (_SIZE, len(data)), (_MTIME, 0)):
-        _put_octal(xblock, where, n)
-    main = _main_block(h, _to_ascii(h.name), _to_ascii(h.linkname), fit=True)
-    return _finish(xblock) + data + _padding(len(data)) + _finish(main)
+    xheader = _block(Header(xname, XHEADER), xname, b"", len(data), XHEADER)
+    main = _block(h, _to_ascii(h.name), _to_ascii(h.linkname), h.size, h.typeflag)
+    return xheader + data + _padding(len(data)) + main
 
 
 def padding(size: int) -> bytes:

@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from addlower.core.errors import FailedPrecondition, NotFound, Unavailable
 from addlower.core.logformat import fields
 
 from .caches import Caches, Tree, measure
-from .content import NAMESPACE_HEADER, UNCOMPRESSED_LABEL, ContentStore
+from .content import NAMESPACE_HEADER, UNCOMPRESSED_LABEL, Blob, BlobWriter, ContentStore
 from .differ import LAYER_TAR, Layers, write_layer
 from .store import Layer, MetaStore
 
@@ -110,16 +109,14 @@ class CacheImages:
     def _write_layer(self, name: str, chain: Sequence[int], exclude: Sequence[str]) -> Layer:
         """The top of `chain` as a layer over the rest, into containerd's content store."""
         upper, *lowers = self.caches.dirs(name, chain)  # newest first
-        with tempfile.TemporaryFile(dir=self.caches.dir) as out:
-            written = write_layer(
-                Layers(os.fsencode(upper), tuple(map(os.fsencode, lowers))),
-                out,
-                LAYER_TAR,
-                exclude=lambda path: cacheimage.excluded(path, exclude),
-            )
-            out.seek(0)
-            self.content.put(out, written.digest, written.size, {UNCOMPRESSED_LABEL: written.diff_id}, NAMESPACE, None)
-        return Layer(LAYER_TAR, written.digest, written.size, written.diff_id)
+        layers = Layers(os.fsencode(upper), tuple(map(os.fsencode, lowers)))
+
+        def produce(out: BlobWriter) -> Blob:
+            written = write_layer(layers, out, LAYER_TAR, exclude=lambda path: cacheimage.excluded(path, exclude))
+            return Blob(written.digest, written.size, {UNCOMPRESSED_LABEL: written.diff_id})
+
+        blob = self.content.write(produce, NAMESPACE, None)
+        return Layer(LAYER_TAR, blob.digest, blob.size, blob.labels[UNCOMPRESSED_LABEL])
 
     def _record_image(self, name: str, ref: str, layers: Sequence[Layer]) -> Descriptor:
         """The config and manifest into the content store, and image `ref` pointing at them."""
@@ -131,10 +128,7 @@ class CacheImages:
         manifest_desc = cacheimage.descriptor_of(cacheimage.MANIFEST, manifest)
         gc_refs = {GC_CONFIG: config_desc.digest, **{GC_LAYER.format(n): d.digest for n, d in enumerate(descs)}}
         for blob, desc, labels in ((config, config_desc, {}), (manifest, manifest_desc, gc_refs)):
-            with tempfile.TemporaryFile() as data:
-                data.write(blob)
-                data.seek(0)
-                self.content.put(data, desc.digest, desc.size, labels, NAMESPACE, None)
+            self.content.put(blob, desc.digest, labels, NAMESPACE, None)
         self._set_image(ref, manifest_desc, name)
         return manifest_desc
 

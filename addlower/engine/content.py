@@ -9,11 +9,15 @@ containerd's garbage collector may take it. I/O at the edge: grpcio, loaded when
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import queue
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO
+from typing import Any
 
 from addlower.core.errors import FailedPrecondition, Unavailable
 
@@ -21,12 +25,76 @@ UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 EXPIRE_LABEL = "containerd.io/gc.expire"
 LEASE_SECONDS = 3600  # how long a blob written without the caller's lease is kept unreferenced
 CHUNK = 1 << 20  # containerd accepts messages up to 16 MiB
+QUEUED = 8  # chunks a producer may run ahead of containerd
 NAMESPACE_HEADER, LEASE_HEADER = "containerd-namespace", "containerd-lease"
 
 
 def unique_ref() -> str:
     """A content ingest ref as containerd's differ makes one: nanoseconds and 3 random bytes."""
     return f"{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+
+
+class Stalled(Exception):
+    """containerd stopped taking a blob: raised into its producer, which stops."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """What a producer wrote: the digest and size containerd checks at the commit, and the labels
+    the blob gets."""
+
+    digest: str
+    size: int
+    labels: Mapping[str, str]
+
+
+class BlobWriter:
+    """The file a producer writes a blob into: bytes gathered into CHUNK-sized messages, at most
+    QUEUED of them ahead of containerd (bounded memory), taken by the Write stream's thread."""
+
+    _END = b""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._queue: queue.Queue[bytes] = queue.Queue(QUEUED)
+        self._buffer = bytearray()
+        self._closed = threading.Event()
+
+    def write(self, data: bytes) -> int:
+        self._buffer += data
+        if len(self._buffer) >= CHUNK:
+            self._send(bytes(self._buffer))
+            self._buffer.clear()
+        return len(data)
+
+    def finish(self) -> None:
+        """All written: the rest, then the end."""
+        if self._buffer:
+            self._send(bytes(self._buffer))
+        self._send(self._END)
+
+    def close(self) -> None:
+        """The stream ended (committed or failed): writes from now on raise Stalled, and a
+        stream thread still waiting for data is let go."""
+        self._closed.set()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(self._END)
+
+    def _send(self, item: bytes) -> None:
+        deadline = time.monotonic() + self.timeout
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                return
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    break
+        raise Stalled()
+
+    def chunks(self) -> Iterator[bytes]:
+        """The stream's side: messages until the end (or until the stream is closed)."""
+        while (item := self._queue.get()) != self._END:
+            yield item
 
 
 class ContentStore:
@@ -49,61 +117,105 @@ class ContentStore:
             )
         return content_pb2_grpc.ContentStub(self._channel), leases_pb2_grpc.LeasesStub(self._channel)
 
-    def put(
-        self,
-        blob: BinaryIO,
-        digest: str,
-        size: int,
-        labels: Mapping[str, str],
-        namespace: str,
-        lease: str | None,
-        ref: str = "",
-    ) -> None:
-        """Write `blob` (at its start, `size` bytes, `digest`) with `labels`; a blob that is there
-        already keeps its labels and gets the uncompressed one if it lacks it."""
+    def put(self, blob: bytes, digest: str, labels: Mapping[str, str], namespace: str, lease: str | None) -> None:
+        """Write a small document (a config, a manifest) already in memory."""
+
+        def produce(out: BlobWriter) -> Blob:
+            out.write(blob)
+            return Blob(digest, len(blob), labels)
+
+        self.write(produce, namespace, lease)
+
+    def write(self, produce: Callable[[BlobWriter], Blob], namespace: str, lease: str | None, ref: str = "") -> Blob:
+        """Stream what `produce` writes into the content store as it writes it (a layer is made and
+        taken in at once, on two cores, with no copy on disk), then commit it with the digest,
+        size and labels `produce` returns. A blob that is there already keeps its labels and gets
+        the uncompressed one if it lacks it. `produce`'s own errors come out unchanged."""
         import grpc
 
         from addlower.api import content_pb2 as pb
-        from addlower.api import leases_pb2
 
-        content, leases = self._stubs()
-        try:
-            if not lease:
-                expires = datetime.now(UTC) + timedelta(seconds=LEASE_SECONDS)
-                lease = f"addlower-differ-{unique_ref()}"
-                leases.Create(
-                    leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")}),
-                    timeout=self.timeout,
-                    metadata=[(NAMESPACE_HEADER, namespace)],
-                )
-            metadata = [(NAMESPACE_HEADER, namespace), (LEASE_HEADER, lease)]
+        content, _ = self._stubs()
+        metadata = [(NAMESPACE_HEADER, namespace), (LEASE_HEADER, lease or self._lease(namespace))]
+        out = BlobWriter(self.timeout)
+        made: list[Blob] = []
 
-            def requests() -> Iterator[Any]:
-                yield pb.WriteContentRequest(action=pb.STAT, ref=ref or unique_ref())
-                offset = 0
-                while offset < size:
-                    data = blob.read(min(CHUNK, size - offset))
-                    if not data:
-                        raise OSError(f"the layer file ended at {offset} of {size} bytes")
-                    yield pb.WriteContentRequest(action=pb.WRITE, offset=offset, data=data)
-                    offset += len(data)
+        ref = ref or unique_ref()
+
+        def requests() -> Iterator[Any]:
+            yield pb.WriteContentRequest(action=pb.STAT, ref=ref)
+            offset = 0
+            for data in out.chunks():
+                yield pb.WriteContentRequest(action=pb.WRITE, offset=offset, data=data)
+                offset += len(data)
+            if made:  # else the producer failed and the call is cancelled: nothing is committed
+                blob = made[0]
                 yield pb.WriteContentRequest(
-                    action=pb.COMMIT, offset=offset, total=size, expected=digest, labels=labels
+                    action=pb.COMMIT, offset=offset, total=blob.size, expected=blob.digest, labels=blob.labels
                 )
 
+        call = content.Write(requests(), metadata=metadata)  # no deadline: BlobWriter times out a stall
+        failed: list[grpc.RpcError] = []
+
+        def take() -> None:
             try:
-                for _ in content.Write(requests(), timeout=self.timeout, metadata=metadata):
+                for _ in call:
                     pass
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise
-                self._label_existing(content, digest, labels, metadata)
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"containerd's content store at {self.address}: {exc.details()}") from None
-            raise FailedPrecondition(
-                f"writing {digest} to containerd's content store: {exc.code().name}: {exc.details()}"
-            ) from None
+                failed.append(exc)
+            finally:
+                out.close()
+
+        taker = threading.Thread(target=take, name="content-write", daemon=True)
+        taker.start()
+        try:
+            try:
+                made.append(produce(out))
+            except Stalled:
+                raise
+            except BaseException:
+                call.cancel()
+                out.close()
+                taker.join(self.timeout)
+                with contextlib.suppress(grpc.RpcError):  # what was written is no garbage to leave
+                    content.Abort(pb.AbortRequest(ref=ref), timeout=self.timeout, metadata=metadata)
+                raise
+            out.finish()
+        except Stalled:
+            pass  # the stream ended early or stopped taking data: `failed` or the join says which
+        taker.join(self.timeout)
+        if taker.is_alive():
+            call.cancel()
+            raise Unavailable(f"containerd's content store at {self.address} took nothing for {self.timeout} s")
+        if not failed:
+            return made[0]
+        exc = failed[0]
+        if made and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+            self._label_existing(content, made[0].digest, made[0].labels, metadata)
+            return made[0]
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise Unavailable(f"containerd's content store at {self.address}: {exc.details()}") from None
+        raise FailedPrecondition(
+            f"writing {made[0].digest if made else 'a blob'} to containerd's content store: "
+            f"{exc.code().name}: {exc.details()}"
+        ) from None
+
+    def _lease(self, namespace: str) -> str:
+        """A lease of our own that expires, for a blob written without the caller's."""
+        from addlower.api import leases_pb2
+
+        _, leases = self._stubs()
+        expires = datetime.now(UTC) + timedelta(seconds=LEASE_SECONDS)
+        lease = f"addlower-differ-{unique_ref()}"
+        try:
+            leases.Create(
+                leases_pb2.CreateRequest(id=lease, labels={EXPIRE_LABEL: expires.strftime("%Y-%m-%dT%H:%M:%SZ")}),
+                timeout=self.timeout,
+                metadata=[(NAMESPACE_HEADER, namespace)],
+            )
+        except Exception as exc:  # grpc.RpcError, loaded lazily
+            raise Unavailable(f"containerd's lease service at {self.address}: {exc}") from None
+        return lease
 
     def exists(self, digest: str, namespace: str) -> bool:
         """Whether the blob is in the content store (of `namespace`)."""

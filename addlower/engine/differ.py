@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from addlower.core import gotar
 from addlower.core.gotar import Header
@@ -39,6 +39,12 @@ LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 MEDIA_TYPES = {LAYER_TAR: False, LAYER_GZIP: True}
 GZIP_LEVEL = 6  # Go's gzip.DefaultCompression
+
+
+class Sink(Protocol):
+    """Where a layer goes: a file, or containerd's content store as it is written."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 class Change(Enum):
@@ -277,7 +283,7 @@ class ChangeWriter:
     nothing is looked up again by path). `whiteout_time`: containerd 2.x writes 0, 1.7 the
     SOURCE_DATE_EPOCH or now; `mtime_bound`: SOURCE_DATE_EPOCH, which no mtime may pass (ns)."""
 
-    out: BinaryIO
+    out: Sink
     dirs: Dirs
     whiteout_time: int = 0
     mtime_bound: int | None = None
@@ -335,17 +341,20 @@ class ChangeWriter:
 
     def _write(self, header: Header, data: At | None = None) -> None:
         self._include_parents(header)
-        self.out.write(gotar.header(header))
-        if data is not None:
-            left = header.size
-            with data.open() as f:  # the very inode the walk listed, or an error
-                while left:
-                    chunk = f.read(min(COPY_CHUNK, left))
-                    if not chunk:
-                        raise OSError(errno.EIO, f"short write copying file {header.name.decode(errors='replace')}")
-                    self.out.write(chunk)
-                    left -= len(chunk)
-            self.out.write(gotar.padding(header.size))
+        head = gotar.header(header)
+        if data is None:
+            self.out.write(head)
+            return
+        left = header.size
+        with data.open() as f:  # the very inode the walk listed, or an error
+            while left:
+                chunk = f.read(min(COPY_CHUNK, left))
+                if not chunk:
+                    raise OSError(errno.EIO, f"short write copying file {header.name.decode(errors='replace')}")
+                left -= len(chunk)
+                if head:  # a small file is one write: header, data and padding
+                    chunk, head = head + chunk, b""
+                self.out.write(chunk + gotar.padding(header.size) if not left else chunk)
 
     def _include_parents(self, header: Header) -> None:
         name = header.name.rstrip(b"/")
@@ -365,19 +374,24 @@ class _Digesting:
     """Writes the tar through: its digest (the diffID), then compressed (or not) into `out`,
     with the blob's digest and size."""
 
-    def __init__(self, out: BinaryIO, compress: bool):
+    def __init__(self, out: Sink, compress: bool):
         self.out = out
         self.tar = hashlib.sha256()
-        self.blob = hashlib.sha256()
-        self.size = 0
         self._zip = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if compress else None
+        self.blob = hashlib.sha256() if compress else self.tar  # a plain tar is its own blob
+        self.size = 0
 
     def write(self, data: bytes) -> int:
         self.tar.update(data)
-        self._put(self._zip.compress(data) if self._zip else data)
+        if self._zip:
+            self._put(self._zip.compress(data))
+        else:
+            self.size += len(data)
+            self.out.write(data)
         return len(data)
 
     def _put(self, data: bytes) -> None:
+        """Compressed bytes out."""
         if data:
             self.blob.update(data)
             self.size += len(data)
@@ -399,7 +413,7 @@ class Layer:
 
 def write_layer(
     layers: Layers,
-    out: BinaryIO,
+    out: Sink,
     media_type: str,
     whiteout_time: int = 0,
     mtime_bound: int | None = None,
@@ -409,7 +423,7 @@ def write_layer(
     `exclude` names (a cache's credentials: neither they nor their deletion go in)."""
     sink = _Digesting(out, MEDIA_TYPES[media_type])
     dirs: Dirs = {}
-    writer = ChangeWriter(sink, dirs, whiteout_time, mtime_bound)  # type: ignore[arg-type]
+    writer = ChangeWriter(sink, dirs, whiteout_time, mtime_bound)
     for kind, path, at in changes(layers, dirs):
         if exclude is None or not exclude(path):
             writer.handle(kind, path, at)

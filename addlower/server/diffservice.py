@@ -13,7 +13,6 @@ layer: protobuf to plain values and back.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from typing import Any
 
@@ -26,6 +25,8 @@ from addlower.engine.content import (
     LEASE_HEADER,
     NAMESPACE_HEADER,
     UNCOMPRESSED_LABEL,
+    Blob,
+    BlobWriter,
     ContentStore,
 )
 from addlower.engine.differ import LAYER_GZIP, MEDIA_TYPES, write_layer
@@ -67,13 +68,16 @@ class DiffService:
         # proxy snapshotter's snapshots <namespace>/<id>/<name>.
         namespace = metadata.get(NAMESPACE_HEADER) or key.partition("/")[0]
         epoch = request.source_date_epoch.ToNanoseconds() if request.HasField("source_date_epoch") else None
-        with tempfile.TemporaryFile(dir=self.sn.root) as blob:
-            layer = write_layer(layers, blob, media_type, self._whiteout_time(epoch), epoch)
-            blob.seek(0)
+        whiteout_time = self._whiteout_time(epoch)
+
+        def produce(out: BlobWriter) -> Blob:
+            layer = write_layer(layers, out, media_type, whiteout_time, epoch)
             labels = dict(request.labels)
             if MEDIA_TYPES[media_type]:
                 labels[UNCOMPRESSED_LABEL] = layer.diff_id
-            self.content.put(blob, layer.digest, layer.size, labels, namespace, metadata.get(LEASE_HEADER), request.ref)
+            return Blob(layer.digest, layer.size, labels)
+
+        layer = self.content.write(produce, namespace, metadata.get(LEASE_HEADER), request.ref)
         log.info(
             "wrote a layer from the snapshot's own dir",
             extra=fields(
