@@ -59,8 +59,11 @@ def _to_ascii(s: bytes) -> bytes:
     return bytes(c for c in s.decode("utf-8", "replace").encode("utf-8") if c < 0x80 and c != 0)
 
 
+_OCTAL_LIMIT = {8: 8**7, 12: 8**11}  # a field of 8 or 12 bytes holds that many octal digits, then NUL
+
+
 def _fits_octal(size: int, n: int) -> bool:
-    return 0 <= n < 8 ** (size - 1)
+    return 0 <= n < _OCTAL_LIMIT[size]
 
 
 def _split_ustar(name: bytes) -> tuple[bytes, bytes] | None:

@@ -57,20 +57,23 @@ class BlobWriter:
     def __init__(self, timeout: float):
         self.timeout = timeout
         self._queue: queue.Queue[bytes] = queue.Queue(QUEUED)
-        self._buffer = bytearray()
+        self._held: list[bytes] = []  # joined once into a message: a growing bytearray copies again and again
+        self._size = 0
         self._closed = threading.Event()
 
     def write(self, data: bytes) -> int:
-        self._buffer += data
-        if len(self._buffer) >= CHUNK:
-            self._send(bytes(self._buffer))
-            self._buffer.clear()
+        self._held.append(data)
+        self._size += len(data)
+        if self._size >= CHUNK:
+            self._send(b"".join(self._held))
+            self._held.clear()
+            self._size = 0
         return len(data)
 
     def finish(self) -> None:
         """All written: the rest, then the end."""
-        if self._buffer:
-            self._send(bytes(self._buffer))
+        if self._held:
+            self._send(b"".join(self._held))
         self._send(self._END)
 
     def close(self) -> None:

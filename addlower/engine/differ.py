@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from addlower.core import gotar
 from addlower.core.gotar import Header
@@ -176,13 +176,15 @@ class At:
     def readlink(self) -> bytes:
         return os.readlink(self.name, dir_fd=self.dirfd)
 
-    def open(self) -> BinaryIO:
+    def fd(self) -> int:
+        """The file open for reading, if it is still the inode listed (a bare fd: a layer reads
+        one per file, and a file object costs more than the read of a small one)."""
         fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd)
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (self.st.st_dev, self.st.st_ino):
             os.close(fd)
             raise OSError(errno.EBUSY, f"{os.fsdecode(self.name)} changed while the layer was written")
-        return os.fdopen(fd, "rb")
+        return fd
 
 
 def same_file(lower: tuple[bytes, os.stat_result], upper: At) -> bool:
@@ -205,7 +207,7 @@ def same_file(lower: tuple[bytes, os.stat_result], upper: At) -> bool:
         return os.readlink(lpath) == upper.readlink()
     if a.st_size == 0:
         return True
-    with open(lpath, "rb") as fa, upper.open() as fb:
+    with open(lpath, "rb") as fa, os.fdopen(upper.fd(), "rb") as fb:
         while True:
             ca, cb = fa.read(COPY_CHUNK), fb.read(COPY_CHUNK)
             if ca != cb:
@@ -346,15 +348,18 @@ class ChangeWriter:
             self.out.write(head)
             return
         left = header.size
-        with data.open() as f:  # the very inode the walk listed, or an error
+        fd = data.fd()  # the very inode the walk listed, or an error
+        try:
             while left:
-                chunk = f.read(min(COPY_CHUNK, left))
+                chunk = os.read(fd, min(COPY_CHUNK, left))
                 if not chunk:
                     raise OSError(errno.EIO, f"short write copying file {header.name.decode(errors='replace')}")
                 left -= len(chunk)
-                if head:  # a small file is one write: header, data and padding
-                    chunk, head = head + chunk, b""
-                self.out.write(chunk + gotar.padding(header.size) if not left else chunk)
+                # A small file is one write: header, data and padding.
+                self.out.write(b"".join((head, chunk, b"" if left else gotar.padding(header.size))))
+                head = b""
+        finally:
+            os.close(fd)
 
     def _include_parents(self, header: Header) -> None:
         name = header.name.rstrip(b"/")
