@@ -182,6 +182,7 @@ class Round:
                 node(self.fs / "a", self.bins, self.hosts, {"seed": str(self.tree)})
             )[0]
             job_writes(self.a_root, 0)  # the first use copies the seed in (untimed)
+            os.sync()  # and its writeback is not the push's
         elif step == "pull":
             self.b_root = self.stack.enter_context(node(self.fs / "b", self.bins, self.hosts, {}))[0]
         elif step == "push again":

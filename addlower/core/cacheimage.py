@@ -92,16 +92,39 @@ def check_reference(ref: str, what: str) -> str:
     return ref
 
 
-def excluded(path: bytes, patterns: Sequence[str]) -> bool:
-    """Whether `path` (relative, '/'-separated) or a dir above it ends with one of `patterns`'
-    components: ".npmrc" matches every .npmrc, ".docker/config.json" that file in any .docker."""
-    parts = [p.decode(errors="surrogateescape") for p in path.strip(b"/").split(b"/") if p]
-    for pattern in patterns:
-        want = [p for p in pattern.strip("/").split("/") if p]
-        for end in range(len(want), len(parts) + 1):
-            if all(fnmatch.fnmatchcase(part, w) for part, w in zip(parts[end - len(want) : end], want, strict=True)):
-                return True
-    return False
+class Exclusions:
+    """Whether a path (relative, '/'-separated) or a dir above it ends with one of `patterns`'
+    components: ".npmrc" matches every .npmrc, ".docker/config.json" that file in any .docker.
+    A layer asks for each of its paths, parents first: each dir is decided once and remembered,
+    and a path is matched only at its own end (0.1 ms a file otherwise, 40% of a push)."""
+
+    def __init__(self, patterns: Sequence[str]):
+        self._wanted = [tuple(p for p in pattern.strip("/").split("/") if p) for pattern in patterns]
+        self._depth = max((len(w) for w in self._wanted), default=0)
+        # Any pattern's last component, as one regex: most names match none, and that is all they cost.
+        self._last = re.compile("|".join(fnmatch.translate(w[-1]) for w in self._wanted) or "(?!)")
+        self._dirs: dict[bytes, bool] = {}
+
+    def __call__(self, path: bytes) -> bool:
+        path = path.strip(b"/")
+        parent, _, name = path.rpartition(b"/")
+        return self._ends(path, name) or (bool(parent) and self._dir(parent))
+
+    def _dir(self, path: bytes) -> bool:
+        known = self._dirs.get(path)
+        if known is None:
+            known = self._dirs[path] = self(path)
+        return known
+
+    def _ends(self, path: bytes, name: bytes) -> bool:
+        if not self._last.match(name.decode(errors="surrogateescape")):
+            return False
+        parts = [p.decode(errors="surrogateescape") for p in path.rsplit(b"/", self._depth)[-self._depth :] if p]
+        return any(
+            len(want) <= len(parts)
+            and all(fnmatch.fnmatchcase(part, w) for part, w in zip(parts[len(parts) - len(want) :], want, strict=True))
+            for want in self._wanted
+        )
 
 
 def chain_ids(diff_ids: Sequence[str]) -> list[str]:

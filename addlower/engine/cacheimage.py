@@ -112,7 +112,7 @@ class CacheImages:
         layers = Layers(os.fsencode(upper), tuple(map(os.fsencode, lowers)))
 
         def produce(out: BlobWriter) -> Blob:
-            written = write_layer(layers, out, LAYER_TAR, exclude=lambda path: cacheimage.excluded(path, exclude))
+            written = write_layer(layers, out, LAYER_TAR, exclude=cacheimage.Exclusions(exclude))
             return Blob(written.digest, written.size, {UNCOMPRESSED_LABEL: written.diff_id})
 
         blob = self.content.write(produce, NAMESPACE, None)

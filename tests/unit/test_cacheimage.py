@@ -34,10 +34,20 @@ DIGEST = "sha256:" + "a" * 64
         (b"repository/org/one.jar", cacheimage.DEFAULT_EXCLUDE, False),
         (b".m2/settings-security.xml", cacheimage.DEFAULT_EXCLUDE, True),
         (b"x/.git-credentials", cacheimage.DEFAULT_EXCLUDE, True),
+        (b"h/.docker/config.json/a/b", (".docker/config.json",), True),  # under a two-part match
+        (b"h/.docker/a/config.json", (".docker/config.json",), False),
+        (b"a/b", (), False),
     ],
 )
 def test_excluded(path, patterns, out):
-    assert cacheimage.excluded(path, patterns) is out
+    assert cacheimage.Exclusions(patterns)(path) is out
+
+
+def test_exclusions_remember_dirs_whatever_order_paths_come_in():
+    exclusions = cacheimage.Exclusions(("secrets", ".docker/config.json"))
+    asked = [b"a/secrets/x/y", b"a/secrets", b"a/b", b"a/secrets/z", b"c/.docker/config.json/k", b"c/.docker/k"]
+    assert [exclusions(p) for p in asked] == [True, True, False, True, True, False]
+    assert [exclusions(p) for p in reversed(asked)] == [False, True, True, False, True, True]
 
 
 def test_chain_ids_are_containerds(tmp_path: Path):
