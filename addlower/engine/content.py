@@ -1,6 +1,8 @@
 """Writing a blob into containerd's content store, as containerd's own content writer does through
 its Content API: a Write stream (STAT, WRITE at offsets, COMMIT with the expected digest and the
-labels), in the caller's namespace. containerd does not pass a client's lease on to a proxy
+labels), in the caller's namespace. A layer streams in as it is made (its digest is known only at
+the end, which is when the COMMIT needs it): no copy on disk, and the walk and containerd's
+ingest run on two cores. containerd does not pass a client's lease on to a proxy
 plugin, so without one the blob is written under a lease of our own that expires
 (containerd.io/gc.expire): its caller has that long to reference it (an image, a gc root) before
 containerd's garbage collector may take it. I/O at the edge: grpcio, loaded when first used.
@@ -130,9 +132,8 @@ class ContentStore:
         self.write(produce, namespace, lease)
 
     def write(self, produce: Callable[[BlobWriter], Blob], namespace: str, lease: str | None, ref: str = "") -> Blob:
-        """Stream what `produce` writes into the content store as it writes it (a layer is made and
-        taken in at once, on two cores, with no copy on disk), then commit it with the digest,
-        size and labels `produce` returns. A blob that is there already keeps its labels and gets
+        """Stream what `produce` writes into the content store as it writes it, then commit it
+        with the digest, size and labels `produce` returns. A blob that is there already keeps its labels and gets
         the uncompressed one if it lacks it. `produce`'s own errors come out unchanged."""
         import grpc
 
@@ -142,7 +143,6 @@ class ContentStore:
         metadata = [(NAMESPACE_HEADER, namespace), (LEASE_HEADER, lease or self._lease(namespace))]
         out = BlobWriter(self.timeout)
         made: list[Blob] = []
-
         ref = ref or unique_ref()
 
         def requests() -> Iterator[Any]:
@@ -190,21 +190,29 @@ class ContentStore:
         if taker.is_alive():
             call.cancel()
             raise Unavailable(f"containerd's content store at {self.address} took nothing for {self.timeout} s")
+        what = f"writing {made[0].digest if made else 'a blob'} to containerd's content store"
         if not failed:
             return made[0]
-        exc = failed[0]
-        if made and exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+        if not made or failed[0].code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise self._error(failed[0], what)
+        try:
             self._label_existing(content, made[0].digest, made[0].labels, metadata)
-            return made[0]
+        except grpc.RpcError as exc:
+            raise self._error(exc, what) from None
+        return made[0]
+
+    def _error(self, exc: Any, what: str) -> Exception:
+        """Our error for containerd's answer `exc` (a grpc.RpcError) to `what`."""
+        import grpc
+
         if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            raise Unavailable(f"containerd's content store at {self.address}: {exc.details()}") from None
-        raise FailedPrecondition(
-            f"writing {made[0].digest if made else 'a blob'} to containerd's content store: "
-            f"{exc.code().name}: {exc.details()}"
-        ) from None
+            return Unavailable(f"containerd's content store at {self.address}: {exc.details()}")
+        return FailedPrecondition(f"{what}: {exc.code().name}: {exc.details()}")
 
     def _lease(self, namespace: str) -> str:
         """A lease of our own that expires, for a blob written without the caller's."""
+        import grpc
+
         from addlower.api import leases_pb2
 
         _, leases = self._stubs()
@@ -216,8 +224,8 @@ class ContentStore:
                 timeout=self.timeout,
                 metadata=[(NAMESPACE_HEADER, namespace)],
             )
-        except Exception as exc:  # grpc.RpcError, loaded lazily
-            raise Unavailable(f"containerd's lease service at {self.address}: {exc}") from None
+        except grpc.RpcError as exc:
+            raise self._error(exc, f"creating lease {lease} in containerd") from None
         return lease
 
     def exists(self, digest: str, namespace: str) -> bool:
