@@ -210,6 +210,9 @@ class Snapshotter:
         )
         self._registry = ThreadPoolExecutor(1, thread_name_prefix="registry")  # pushes and pulls, one at a time
         self._closed = threading.Event()
+        # The caches whose image a loop pulls (now and every `refresh`), each with its wake-up.
+        self._pulls: dict[str, threading.Event] = {}
+        self._pulls_lock = threading.Lock()
         self.exits: TaskExits | None = None
         self._follow_exits(config)
         metrics.expect_caches(config.caches)
@@ -222,6 +225,9 @@ class Snapshotter:
 
     def close(self) -> None:
         self._closed.set()
+        with self._pulls_lock:
+            for wake in self._pulls.values():
+                wake.set()
         if self.exits is not None:
             self.exits.stop()
         self.store.close()
@@ -371,7 +377,11 @@ class Snapshotter:
         one, whole); returns the changed keys that need a restart."""
         applied, later = reloaded(self.config, config)
         self.resolver.reload(applied)
-        self.config = applied
+        before, self.config = self.config.caches, applied
+        for name in applied.caches.keys() | before.keys():
+            old, new = before.get(name), applied.caches.get(name)
+            if (old and (old.image, old.refresh)) != (new and (new.image, new.refresh)):
+                self._pull_soon(name)  # a new image (or refresh) is pulled now, a dropped one stops
         if self.exits is None:
             self._follow_exits(applied)
             if self.exits is not None:
@@ -784,16 +794,39 @@ class Snapshotter:
         gens, digest = self._registry.submit(self.images.pull, name, ref).result()
         return f"cache {name}: chain {gens} from {ref}@{digest}"
 
-    def _keep_pulling(self, name: str) -> None:
-        """Pull cache `name`'s image now, and again every `refresh` while its table asks (a
-        reload may change both); an image unchanged costs a manifest request."""
-        while (policy := self.config.caches.get(name)) is not None and policy.image is not None:
+    def _pull_soon(self, name: str) -> None:
+        """Wake cache `name`'s pull loop, or start one if its table names an image."""
+        with self._pulls_lock:
+            wake = self._pulls.get(name)
+            if wake is not None:
+                wake.set()
+                return
+            policy = self.config.caches.get(name)
+            if self._closed.is_set() or policy is None or policy.image is None:
+                return
+            wake = self._pulls[name] = threading.Event()
+        threading.Thread(target=self._keep_pulling, args=(name, wake), name=f"pull-{name}", daemon=True).start()
+
+    def _keep_pulling(self, name: str, wake: threading.Event) -> None:
+        """Pull cache `name`'s image now, and again every `refresh` or when woken (a reload
+        changed them), while its table names one; an image unchanged costs a manifest request."""
+        while True:
+            with self._pulls_lock:  # a reload swaps the config before it wakes: no wake-up is lost
+                policy = self.config.caches.get(name)
+                if self._closed.is_set() or policy is None or policy.image is None:
+                    del self._pulls[name]
+                    return
+                wake.clear()
             try:  # a new image is logged where it is pulled; an unchanged one says nothing
                 self.pull_cache(name)
             except Exception as exc:  # the cache keeps what it has
                 log.error("pulling the image of cache %s failed: %s", name, exc, extra=fields(cache=name))
-            if policy.refresh is None or self._closed.wait(policy.refresh):
-                return
+            if policy.refresh is not None:
+                wake.wait(policy.refresh)
+            with self._pulls_lock:
+                if policy.refresh is None and not wake.is_set():
+                    del self._pulls[name]
+                    return
 
     def _in_background(self, call: Callable[[str], str], name: str) -> None:
         def run() -> None:
@@ -1082,9 +1115,8 @@ class Snapshotter:
         answered meanwhile, from the store): missing dirs reported, rows' replies kept."""
         if self.exits is not None:
             self.exits.start()
-        for name, policy in self.config.caches.items():  # containerd unpacks into us: only once we listen
-            if policy.image is not None:
-                threading.Thread(target=self._keep_pulling, args=(name,), name=f"pull-{name}", daemon=True).start()
+        for name in self.config.caches:  # containerd unpacks into us: only once we listen
+            self._pull_soon(name)
         try:
             self.report_missing_dirs()
             filled = self.store.fill_replies()

@@ -48,12 +48,10 @@ def hosts_dir(where: Path, registry: Registry) -> Path:
     return where
 
 
-def node(
-    stack: ExitStack, work: Path, binaries: Binaries, hosts: Path, image: OciImage, cache: dict[str, object]
-) -> Target:
-    """A node whose cache m2 at /root/.m2 promotes on success, with `cache`'s other keys."""
+def configure(work: Path, binaries: Binaries, hosts: Path, cache: dict[str, object]) -> Path:
+    """The config file of the node at `work` (written again by a later call: then SIGHUP)."""
     config = work / "config.toml"
-    config.parent.mkdir(parents=True)
+    config.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "containerd_address": str(work / "containerd" / "containerd.sock"),
         "registry_config_path": str(hosts),
@@ -61,6 +59,14 @@ def node(
         "lowers": {"named": {"m2": {"cache": True, "target": "/root/.m2", "promote": "on-success", **cache}}},
     }
     config.write_text(tomlkit.dumps(doc))
+    return config
+
+
+def node(
+    stack: ExitStack, work: Path, binaries: Binaries, hosts: Path, image: OciImage, cache: dict[str, object]
+) -> Target:
+    """A node whose cache m2 at /root/.m2 promotes on success, with `cache`'s other keys."""
+    config = configure(work, binaries, hosts, cache)
     target = stack.enter_context(running_target(work, binaries, builtin=False, daemon_args=["--config", str(config)]))
     target.import_image(image, NS)
     return target
@@ -249,6 +255,38 @@ def test_a_node_refreshes_its_cache_from_the_image(
         assert job(a, busybox_image, "a2", "echo two > /root/.m2/two.jar").returncode == 0
         assert "promoted a job's writes" in settled(a, "a2")
         assert cache_command(a, "push", "m2", ref).returncode == 0
+        assert eventually(lambda: "two.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
+        assert job(b, busybox_image, "b3", "ls /root/.m2").stdout.split() == ["one.jar", "two.jar"]
+
+
+def test_a_reload_that_names_an_image_pulls_it_at_once(
+    tmp_path_factory: pytest.TempPathFactory, busybox_image: OciImage, binaries: Binaries
+):
+    """`systemctl reload` with a cache's first `image`, then with another one (no `refresh`
+    either time): each is pulled when the reload is handled, not at the next start."""
+    work = tmp_path_factory.mktemp("reload")
+    with ExitStack() as stack:
+        registry = stack.enter_context(Registry(work / "registry"))
+        hosts = hosts_dir(work / "certs.d", registry)
+        main, next_ = f"{registry.host}/ci/m2:main", f"{registry.host}/ci/m2:next"
+        a = node(stack, work / "a", binaries, hosts, busybox_image, {})
+        b = node(stack, work / "b", binaries, hosts, busybox_image, {})
+        assert b.daemon is not None
+        assert job(a, busybox_image, "a1", "echo one > /root/.m2/one.jar").returncode == 0
+        assert "promoted a job's writes" in settled(a, "a1")
+        assert cache_command(a, "push", "m2", main).returncode == 0
+        assert job(a, busybox_image, "a2", "echo two > /root/.m2/two.jar").returncode == 0
+        assert "promoted a job's writes" in settled(a, "a2")
+        assert cache_command(a, "push", "m2", next_).returncode == 0
+        assert job(b, busybox_image, "b1", "ls /root/.m2").stdout.split() == []
+
+        configure(work / "b", binaries, hosts, {"image": main})
+        b.daemon.hup("reloaded the config")
+        assert eventually(lambda: "one.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
+        assert job(b, busybox_image, "b2", "ls /root/.m2").stdout.split() == ["one.jar"]
+
+        configure(work / "b", binaries, hosts, {"image": next_})
+        b.daemon.hup("reloaded the config")
         assert eventually(lambda: "two.jar" in job(b, busybox_image, "b-wait", "ls /root/.m2").stdout, 30)
         assert job(b, busybox_image, "b3", "ls /root/.m2").stdout.split() == ["one.jar", "two.jar"]
 

@@ -15,7 +15,6 @@ import pytest
 from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.ops.client import SnapshotsClient
 from tests.integration.test_observability import free_port, metric
-from tests.integration.test_reload import hup
 from tests.support.daemon import Daemon
 
 
@@ -91,7 +90,7 @@ def test_the_budget_counts_shared_pins_once_refuses_by_name_gives_back_on_remove
             assert used() == 4 and len(os.listdir(pins)) == 3
             assert "4 of the node's budget of 4 are in use" in refusal(cl.prepare, "later", labels={LOWERS: d_})
             write(5)  # the budget is reloaded with the policy
-            hup(d, "reloaded the config")
+            d.hup("reloaded the config")
             cl.prepare("later", labels={LOWERS: d_})
             assert metric(scrape(port), "addlower_host_mounts_budget") == 5 and used() == 5
     finally:

@@ -19,18 +19,6 @@ from addlower.ops.client import SnapshotsClient
 from tests.support.daemon import Daemon, config_args
 
 
-def hup(d: Daemon, until: str) -> None:
-    """Send SIGHUP and wait for the log line that says it was handled."""
-    seen = d.log().count(until)
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while d.log().count(until) == seen:
-        assert time.monotonic() < deadline, d.log()[-2000:]
-        assert d.proc.poll() is None, d.log()[-2000:]
-        time.sleep(0.05)
-
-
 def roots(*dirs: Path) -> str:
     return "[lowers]\nallowed_roots = [" + ", ".join(f'"{d}"' for d in dirs) + "]\n"
 
@@ -50,7 +38,7 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             config.write_text(roots(team_b))
-            hup(d, "reloaded the config")
+            d.hup("reloaded the config")
             c.prepare("b2", labels={LOWERS: str(team_b)})
             with pytest.raises(grpc.RpcError) as refused:
                 c.prepare("a2", labels={LOWERS: str(team_a)})
@@ -60,18 +48,18 @@ def test_sighup_swaps_the_policy_and_a_bad_file_keeps_the_running_one(tmp_path: 
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             config.write_text(roots(team_a) + '[lowers.named]\nbad = "/etc"\n')
-            hup(d, "reload refused")
+            d.hup("reload refused")
             c.prepare("b3", labels={LOWERS: str(team_b)})  # the policy before the bad file
             config.write_text("[lowers\n")
-            hup(d, "reload refused")
+            d.hup("reload refused")
             config.unlink()
-            hup(d, "reload refused")
+            d.hup("reload refused")
             c.prepare("b4", labels={LOWERS: str(team_b)})
 
             config.write_text(
                 f'root_dir = "{tmp_path / "elsewhere"}"\nasync_remove = false\nlog_level = "debug"\n' + roots(team_b)
             )
-            hup(d, "reloaded the config")
+            d.hup("reloaded the config")
             c.stat("b4")
     finally:
         d.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -14,6 +16,17 @@ class Daemon(SnapshotterProcess):
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(f"unix://{self.socket}")
+
+    def hup(self, until: str) -> None:
+        """Send SIGHUP and wait for the log line that says it was handled."""
+        seen = self.log().count(until)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while self.log().count(until) == seen:
+            assert time.monotonic() < deadline, self.log()[-2000:]
+            assert self.proc.poll() is None, self.log()[-2000:]
+            time.sleep(0.05)
 
 
 def config_args(path: Path, toml: str) -> list[str]:
