@@ -96,20 +96,20 @@ def _octal(size: int, n: int) -> bytes:
     return b"%0*o" % (size - 1, n if _fits_octal(size, n) else 0)
 
 
-def _block(h: Header, name: bytes, linkname: bytes, size: int, typeflag: bytes, prefix: bytes = b"") -> bytes:
+def _block(h: Header, name: bytes, linkname: bytes, prefix: bytes = b"") -> bytes:
     """Go's templateV7Plus filled in, then the checksum (6 octal digits, NUL, space) over the
     block with the checksum field as spaces. A PAX extended header's block leaves the device
     numbers empty, as Go's writer does."""
-    devices = typeflag != XHEADER
+    devices = h.typeflag != XHEADER
     block = _USTAR.pack(
         _string(name, NAME_SIZE),
         _octal(8, h.mode),
         _octal(8, h.uid),
         _octal(8, h.gid),
-        _octal(12, size),
+        _octal(12, h.size),
         _octal(12, h.mtime),
         _CHKSUM_SPACES,
-        typeflag,
+        h.typeflag,
         _string(linkname, NAME_SIZE),
         _MAGIC,
         _VERSION,
@@ -155,14 +155,14 @@ def header(h: Header) -> bytes:
     records = _pax_records(h)
     if not records:
         prefix, name = _split_ustar(h.name) or (b"", h.name)
-        return _block(h, name, h.linkname, h.size, h.typeflag, prefix)
+        return _block(h, name, h.linkname, prefix)
     data = b"".join(_pax_record(k, records[k]) for k in sorted(records))
     cut = h.name.rfind(b"/") + 1  # Go's path.Split, then path.Join (which cleans: no empty parts)
     parts = (h.name[:cut], b"PaxHeaders.0", h.name[cut:])
     xname = b"/".join(p for part in parts for p in part.split(b"/") if p)
     xname = _to_ascii(xname)[:NAME_SIZE].rstrip(b"/")
-    xheader = _block(Header(xname, XHEADER), xname, b"", len(data), XHEADER)
-    main = _block(h, _to_ascii(h.name), _to_ascii(h.linkname), h.size, h.typeflag)
+    xheader = _block(Header(xname, XHEADER, size=len(data)), xname, b"")
+    main = _block(h, _to_ascii(h.name), _to_ascii(h.linkname))
     return xheader + data + _padding(len(data)) + main
 
 
