@@ -62,7 +62,6 @@ class CacheImages:
         self.registry_config = registry_config
         self.ctr = ctr
         self.content = ContentStore(address)
-        self._channel: Any = None
 
     # --- push ------------------------------------------------------------------------------
 
@@ -240,13 +239,9 @@ class CacheImages:
     # --- containerd ------------------------------------------------------------------------
 
     def _images(self) -> tuple[Any, list[tuple[str, str]]]:
-        import grpc
-
         from addlower.api import images_pb2_grpc
 
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(f"unix://{self.address}")
-        return images_pb2_grpc.ImagesStub(self._channel), [(NAMESPACE_HEADER, NAMESPACE)]
+        return images_pb2_grpc.ImagesStub(self.content.channel()), [(NAMESPACE_HEADER, NAMESPACE)]
 
     def _hosts(self) -> list[str]:
         return ["--hosts-dir", self.registry_config] if Path(self.registry_config).is_dir() else []

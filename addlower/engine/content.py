@@ -110,17 +110,21 @@ class ContentStore:
         self.timeout = timeout
         self._channel: Any = None
 
-    def _stubs(self) -> tuple[Any, Any]:
+    def channel(self) -> Any:
+        """The gRPC channel to containerd (made on first use), for its other services too."""
         import grpc
-
-        from addlower.api import content_pb2_grpc, leases_pb2_grpc
 
         if self._channel is None:
             self._channel = grpc.insecure_channel(
                 f"unix://{self.address}",
                 options=[("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)],
             )
-        return content_pb2_grpc.ContentStub(self._channel), leases_pb2_grpc.LeasesStub(self._channel)
+        return self._channel
+
+    def _stubs(self) -> tuple[Any, Any]:
+        from addlower.api import content_pb2_grpc, leases_pb2_grpc
+
+        return content_pb2_grpc.ContentStub(self.channel()), leases_pb2_grpc.LeasesStub(self.channel())
 
     def put(self, blob: bytes, digest: str, labels: Mapping[str, str], namespace: str, lease: str | None) -> None:
         """Write a small document (a config, a manifest) already in memory."""
