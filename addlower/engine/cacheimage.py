@@ -77,13 +77,16 @@ class CacheImages:
         layers: list[Layer] = []
         written = 0
         for n, gen in enumerate(chain):
-            layer, snapshot, with_what = known.get(gen, (None, None, None))
-            reusable = layer is not None and (snapshot is not None or with_what == made_with)
-            if layer is None or not reusable or not self.content.exists(layer.digest, NAMESPACE):
-                layer = self._write_layer(name, chain[: n + 1], policy.exclude)
-                with self.store.transaction() as tx:
-                    tx.set_layer(name, gen, layer, snapshot, None if snapshot is not None else made_with)
-                written += 1
+            had = known.get(gen)
+            snapshot = had.snapshot_id if had is not None else None
+            reusable = had is not None and (snapshot is not None or had.made_with == made_with)
+            if had is not None and reusable and self.content.exists(had.layer.digest, NAMESPACE):
+                layers.append(had.layer)
+                continue
+            layer = self._write_layer(name, chain[: n + 1], policy.exclude)
+            with self.store.transaction() as tx:
+                tx.set_layer(name, gen, layer, snapshot, None if snapshot is not None else made_with)
+            written += 1
             layers.append(layer)
         manifest = self._record_image(name, ref, layers)
         written_s = time.monotonic() - started
@@ -171,11 +174,13 @@ class CacheImages:
         snapshots = self._unpacked(ref, cacheimage.chain_ids(diff_ids))
         with self.store.read() as reader:
             chain, known, log_rows = reader.cache_chain(name), reader.cache_layers(name), reader.cache_log(name)
-        if [known.get(gen, (None, None, None))[1] for gen in chain[: len(snapshots)]] == snapshots:
+        if [known[gen].snapshot_id if gen in known else None for gen in chain[: len(snapshots)]] == snapshots:
             return chain, target  # this image is the chain's base already (what was promoted since stays on it)
         # A layer's snapshot holds the same over the same layers below (its chain id says so):
         # what an earlier pull measured of it stands.
-        measured = {known[g.gen][1]: Tree(g.bytes, g.added, g.changed, g.deleted) for g in log_rows if g.gen in known}
+        measured = {
+            known[g.gen].snapshot_id: Tree(g.bytes, g.added, g.changed, g.deleted) for g in log_rows if g.gen in known
+        }
         dirs = [f"{self.root}/snapshots/{sid}/fs" for sid in snapshots]
         trees = [
             measured.get(sid) or measure(top, list(reversed(dirs[:n])))

@@ -130,6 +130,15 @@ class Layer(NamedTuple):
     diff_id: str
 
 
+class CacheLayer(NamedTuple):
+    """The OCI layer a cache's generation is (cache_layers' row): pulled into `snapshot_id`, or
+    written by a push that left out what `made_with` (the exclude list's digest) says."""
+
+    layer: Layer
+    snapshot_id: int | None
+    made_with: str | None
+
+
 class Generation(NamedTuple):
     """A managed cache's generation as the store records it (cache_generations' columns)."""
 
@@ -395,15 +404,15 @@ class _Queries:
         with self._conn() as db:
             return {(c, g) for c, g in db.execute("SELECT cache, gen FROM cache_generations WHERE removed_at IS NULL")}
 
-    def cache_layers(self, name: str) -> dict[int, tuple[Layer, int | None, str | None]]:
-        """gen -> (its OCI layer, the snapshot a pulled one lives in, what a written one left out)."""
+    def cache_layers(self, name: str) -> dict[int, CacheLayer]:
+        """Cache `name`'s recorded layers, by generation."""
         with self._conn() as db:
             rows = db.execute(
                 "SELECT gen, media_type, digest, size, diff_id, snapshot_id, made_with"
                 " FROM cache_layers WHERE cache = ?",
                 (name,),
             )
-            return {row[0]: (Layer(*row[1:5]), row[5], row[6]) for row in rows}
+            return {row[0]: CacheLayer(Layer(*row[1:5]), row[5], row[6]) for row in rows}
 
     def cache_log(self, name: str | None = None) -> list[Generation]:
         """Every generation, or one cache's, oldest first."""
