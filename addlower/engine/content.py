@@ -73,8 +73,8 @@ class BlobWriter:
         return len(data)
 
     def finish(self) -> None:
-        """All written: the rest, then the end."""
-        if self._held:
+        """All written: the rest, then the end (an empty message is the end, so none is sent)."""
+        if self._size:
             self._send(b"".join(self._held))
         self._send(self._END)
 
@@ -137,8 +137,9 @@ class ContentStore:
 
     def write(self, produce: Callable[[BlobWriter], Blob], namespace: str, lease: str | None, ref: str = "") -> Blob:
         """Stream what `produce` writes into the content store as it writes it, then commit it
-        with the digest, size and labels `produce` returns. A blob that is there already keeps its labels and gets
-        the uncompressed one if it lacks it. `produce`'s own errors come out unchanged."""
+        with the digest, size and labels `produce` returns. A blob that is there already keeps its
+        labels and gets the uncompressed one if it lacks it. `produce`'s own errors come out
+        unchanged."""
         import grpc
 
         from addlower.api import content_pb2 as pb
