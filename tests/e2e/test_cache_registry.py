@@ -17,14 +17,12 @@ from pathlib import Path
 import pytest
 import tomlkit
 
-from addlower.core.config import PLUGIN_NAME
-from addlower.core.labels import EXTRA_LOWERS_LABEL as LOWERS
 from addlower.dev.devcontainerd import Binaries
 from addlower.dev.ociimage import OciImage
 from tests.support.registry import Registry
 
 from .conftest import Target, eventually, running_target
-from .test_caches import NS, job, settled
+from .test_caches import NS, job, settled, start_job
 
 # Caches need mount targets: containerd 1.6 refuses them (test_caches checks that).
 pytestmark = [pytest.mark.e2e, pytest.mark.containerd_from((1, 7))]
@@ -137,16 +135,7 @@ def test_a_cache_pushed_by_one_node_is_the_next_nodes_base(fleet, busybox_image:
     failed = job(b, busybox_image, "b2", "rm -r /root/.m2/repository; exit 1")
     assert failed.returncode == 1
     assert "it exited with status 1" in settled(b, "b2")
-    b.containerd.run(
-        busybox_image.ref,
-        "b-running",
-        "sleep",
-        "3600",
-        rm=False,
-        namespace=NS,
-        snapshotter=PLUGIN_NAME,
-        options=["-d", "--snapshotter-label", f"{LOWERS}=m2"],
-    )
+    start_job(b, busybox_image, "b-running")
 
     # A warms again and pushes: one new layer goes up, and B's pull fetches it alone.
     again = job(a, busybox_image, "a3", "echo two > /root/.m2/repository/org/two.jar")
@@ -195,16 +184,7 @@ def test_a_replaced_base_is_kept_while_a_job_uses_it_then_collected(fleet, busyb
     assert "promoted a job's writes" in settled(a, "a1")
     assert cache_command(a, "push", "m2", ref).returncode == 0
     assert cache_command(b, "pull", "m2").returncode == 0
-    b.containerd.run(
-        busybox_image.ref,
-        "b-running",
-        "sleep",
-        "3600",
-        rm=False,
-        namespace=NS,
-        snapshotter=PLUGIN_NAME,
-        options=["-d", "--snapshotter-label", f"{LOWERS}=m2"],
-    )
+    start_job(b, busybox_image, "b-running")
     assert b.daemon is not None
     layer_dirs = {p.name: p.resolve() for p in (b.daemon.root / "caches" / "m2").iterdir()}
     one = next(path for path in layer_dirs.values() if (path / "one.jar").exists())

@@ -62,6 +62,20 @@ def job(t: Target, image: OciImage, cid: str, script: str) -> subprocess.Complet
     return done
 
 
+def start_job(t: Target, image: OciImage, cid: str) -> None:
+    """A job left running on the cache (`sleep 3600`, detached), for tests of what it keeps seeing."""
+    t.containerd.run(
+        image.ref,
+        cid,
+        "sleep",
+        "3600",
+        rm=False,
+        namespace=NS,
+        snapshotter=PLUGIN_NAME,
+        options=["-d", "--snapshotter-label", f"{LOWERS}=m2"],
+    )
+
+
 def settled(t: Target, cid: str) -> str:
     """Wait for the daemon to say what became of job `cid`'s writes; that line of its log."""
     assert t.daemon is not None
@@ -82,16 +96,7 @@ def test_a_successful_job_warms_the_cache_for_the_next_and_a_failed_one_does_not
         refused = job(node, busybox_image, "job1", "true")
         assert refused.returncode != 0 and "a target needs containerd >= 1.7" in refused.stderr
         return
-    node.containerd.run(  # a job that runs while the others come and go
-        busybox_image.ref,
-        "running",
-        "sleep",
-        "3600",
-        rm=False,
-        namespace=NS,
-        snapshotter=PLUGIN_NAME,
-        options=["-d", "--snapshotter-label", f"{LOWERS}=m2"],
-    )
+    start_job(node, busybox_image, "running")  # a job that runs while the others come and go
     first = job(
         node,
         busybox_image,
