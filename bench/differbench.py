@@ -79,10 +79,8 @@ from addlower.core import ctrdconfig
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.labels import EXTRA_LOWERS_LABEL
 from addlower.dev import ociimage
-from addlower.dev.devcontainerd import Binaries, PrivateContainerd, SnapshotterProcess
+from addlower.dev.devcontainerd import VERSIONS_CACHE, Binaries, PrivateContainerd, SnapshotterProcess
 
-# Where scripts/containerd-versions.sh unpacks other Debian suites' containerd.
-VERSIONS_CACHE = Path(os.environ.get("ADDLOWER_CONTAINERD_CACHE", "/var/cache/addlower-ci/containerd"))
 CONTAINERD_LINES = {"1.7": "trixie", "2.1": "sid"}
 NAMESPACE = "differbench"
 DIFFS = 5  # timed diffs per target and round

@@ -49,13 +49,12 @@ from cachebench import target_mount  # noqa: E402
 
 from addlower.core.config import PLUGIN_NAME  # noqa: E402
 from addlower.core.labels import EXTRA_LOWERS_LABEL  # noqa: E402
-from addlower.dev.devcontainerd import Binaries, PrivateContainerd, SnapshotterProcess  # noqa: E402
+from addlower.dev.devcontainerd import Binaries, PrivateContainerd, SnapshotterProcess, unpacked_lines  # noqa: E402
 from addlower.ops.client import SnapshotsClient  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
 
 FS_SIZE = 12 << 30
 FILE_BYTES = 10 << 10
-VERSIONS = Path("/var/cache/addlower-ci/containerd")
 REPO = "ci/m2"
 STEPS = ("push", "pull", "push again", "pull again")
 
@@ -69,7 +68,7 @@ def make_tree(top: Path, files: int, tag: str = "f") -> None:
 
 
 def binaries() -> Binaries:
-    lines = sorted(d for d in VERSIONS.glob("*/usr/bin") if (d / "containerd").exists())
+    lines = unpacked_lines()
     newest = max(lines, key=lambda d: Binaries(d).version) if lines else None
     return Binaries(newest) if newest else Binaries()
 

@@ -33,6 +33,8 @@ from addlower.engine import fsutil
 # sun_path is 108 bytes including the trailing NUL.
 MAX_SOCKET_PATH = 107
 BIN_DIR_ENV = "ADDLOWER_CONTAINERD_BIN_DIR"
+# Where scripts/containerd-versions.sh unpacks other Debian suites' containerd.
+VERSIONS_CACHE = Path(os.environ.get("ADDLOWER_CONTAINERD_CACHE", "/var/cache/addlower-ci/containerd"))
 # The Go original, as ../shared/peers/seedsnap/build.sh builds it (scripts/setup.sh does, once).
 GO_ORIGINAL = Path("/tmp/peers-bin/overlay-custom-add-lower-snapshotter")
 GO_ORIGINAL_BUILD = Path(__file__).resolve().parents[3] / "shared" / "peers" / "seedsnap" / "build.sh"
@@ -41,6 +43,11 @@ SERVING = re.compile(r'\bmsg"?\s*[=:]\s*"?serving\b')
 
 # ctr 2.2+ warns about cgroup v1 on stderr, which would mix into what tests read.
 CTR_ENV = {"CONTAINERD_SUPPRESS_DEPRECATION_WARNINGS": "1"}
+
+
+def unpacked_lines() -> list[Path]:
+    """The bin dirs of the containerd lines unpacked under VERSIONS_CACHE, by suite name."""
+    return sorted(d for d in VERSIONS_CACHE.glob("*/usr/bin") if (d / "containerd").exists())
 
 
 @dataclass(frozen=True)

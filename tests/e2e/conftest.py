@@ -26,23 +26,19 @@ import pytest
 from addlower.core.config import PLUGIN_NAME
 from addlower.core.lowers import DEFAULT_ALLOWED_ROOTS
 from addlower.dev import ociimage
-from addlower.dev.devcontainerd import BIN_DIR_ENV, Binaries, CriSettings, PrivateContainerd
+from addlower.dev.devcontainerd import BIN_DIR_ENV, Binaries, CriSettings, PrivateContainerd, unpacked_lines
 from tests.support.cri.client import CriClient
 from tests.support.daemon import Daemon, allowing
 
 BUILTIN = "overlayfs"
 MAX_NAMESPACE = 76  # containerd's identifier limit
 REQUIRED_BINARIES = ("containerd", "ctr", "runc")
-# Where scripts/containerd-versions.sh unpacks other Debian suites' containerd.
-VERSIONS_CACHE = Path(os.environ.get("ADDLOWER_CONTAINERD_CACHE", "/var/cache/addlower-ci/containerd"))
 
 
 def containerd_lines(config: pytest.Config) -> list[Binaries]:
     """The containerd lines to test against (see tests/conftest.py's --containerd-bin-dir)."""
     dirs = config.getoption("--containerd-bin-dir") or (
-        [os.environ[BIN_DIR_ENV]]
-        if os.environ.get(BIN_DIR_ENV)
-        else ["system", *sorted(str(d) for d in VERSIONS_CACHE.glob("*/usr/bin") if (d / "containerd").exists())]
+        [os.environ[BIN_DIR_ENV]] if os.environ.get(BIN_DIR_ENV) else ["system", *map(str, unpacked_lines())]
     )
     return [Binaries() if d == "system" else Binaries(Path(d)) for d in dirs]
 
