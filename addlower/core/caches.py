@@ -193,16 +193,16 @@ def policy_of(key: str, table: Mapping[str, object], namespaces: Sequence[str]) 
             f'{key}.exclude: a list of paths such as ".npmrc" or ".docker/config.json", not {exclude!r}'
         )
     return CachePolicy(
-        promote,
-        tuple(namespaces),
-        generations,
-        budget,
-        seed,
-        dict(scopes),
-        ttl,
-        most,
-        refs["image"],
-        refresh,
-        refs["push"],
-        tuple(exclude),
+        promote=promote,
+        promote_namespaces=tuple(namespaces),
+        max_generations=generations,
+        max_bytes=budget,
+        seed=seed,
+        scopes=dict(scopes),
+        scope_ttl=ttl,
+        max_scopes=most,
+        image=refs["image"],
+        refresh=refresh,
+        push=refs["push"],
+        exclude=tuple(exclude),
     )
